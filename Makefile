@@ -1,0 +1,38 @@
+# Two entry points, both creating (or reusing) $(VENV):
+#   make demo  - run the main job (jobs/benchmark.py) on the embedded synthetic road suite
+#   make test  - run the test suite
+# The ordinary PyPI torch is installed (a CUDA build that also runs on CPU). To keep a torch you already have
+# (e.g. on a GPU node), use: make VENV_FLAGS=--system-site-packages test  (pip keeps any torch>=2.4 it finds).
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.oodseg-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/benchmark.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/metrics.py
+	$(PY) benchmarks/models.py
+	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) results .cache

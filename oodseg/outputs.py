@@ -1,0 +1,56 @@
+"""The two model output kinds every model returns and every scorer accepts.
+
+* ``PixelLogits``: per-pixel class logits ``[B, C, h, w]`` (ERFNet, timm per-pixel models).
+* ``MaskOutputs``: per-query class logits ``[N, Q, C+1]`` (last column = no-object) and mask logits ``[N, Q, h, w]``
+  (EoMT / Mask2Former). When a model runs sliding windows, each of the ``N`` rows is one crop: ``crops[n]`` is
+  ``(image_index, top, left, height, width)`` in a frame of ``frame_size`` (the resized image), and the scoring
+  layer stitches per-crop class scores back into ``batch_size`` full images.
+
+``size`` is the label resolution ``(H, W)`` that scores are finally upsampled to (``None``: keep the output size).
+Both are plain dataclasses of tensors so they cross process boundaries (Ray) cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class PixelLogits:
+    logits: torch.Tensor
+    size: tuple[int, int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.logits.shape[0])
+
+    def to(self, *args, **kwargs) -> PixelLogits:
+        return replace(self, logits=self.logits.to(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class MaskOutputs:
+    class_logits: torch.Tensor
+    mask_logits: torch.Tensor
+    size: tuple[int, int] | None = None
+    crops: torch.Tensor | None = None
+    frame_size: tuple[int, int] | None = None
+    n_images: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        if self.crops is None:
+            return int(self.class_logits.shape[0])
+        return int(self.n_images if self.n_images is not None else int(self.crops[:, 0].max()) + 1)
+
+    def to(self, *args, **kwargs) -> MaskOutputs:
+        return replace(
+            self,
+            class_logits=self.class_logits.to(*args, **kwargs),
+            mask_logits=self.mask_logits.to(*args, **kwargs),
+        )
+
+
+ModelOutputs = PixelLogits | MaskOutputs
