@@ -1,0 +1,138 @@
+"""Benchmark: streaming PixelMetrics vs sklearn (average_precision_score + roc_auc_score) on many pixels.
+
+Synthetic but realistic data, generated in image-sized chunks (default 1024×2048): Gaussian inlier scores,
+one or a few rectangular anomalies per image (~2 % of pixels) whose scores are shifted up, 1 % ignore pixels.
+
+Measured in one run (tracemalloc is on for both sides, so both pay its small per-allocation overhead):
+* time: PixelMetrics.update over all chunks + compute(); sklearn average_precision_score + roc_auc_score (+ the
+  exact FPR95 from roc_curve, timed separately) on the concatenated non-ignored pixels;
+* peak memory: tracemalloc peak above the baseline while the metric works (numpy allocations are traced). For
+  PixelMetrics the chunk being scored is excluded (it exists anyway); sklearn additionally needs every pixel's score
+  and label in memory at once, reported as "inputs held" (5 bytes/pixel here).
+
+    python benchmarks/metrics.py --pixels 1e8
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import tracemalloc
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from oodseg.scoring.metrics import PixelMetrics
+
+MB = 2**20
+
+
+def make_chunk(rng: np.random.Generator, h: int, w: int, frac: float, offset: float):
+    """One image: N(offset, 1) scores, rectangular anomalies covering ~frac of the image scored +1.5, 1 % ignore."""
+    labels = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        area = frac * h * w / 2 * rng.uniform(0.5, 1.5)
+        rh = int(np.clip(np.sqrt(area * rng.uniform(0.5, 2)), 1, h))
+        rw = int(np.clip(area / rh, 1, w))
+        top, left = int(rng.integers(0, h - rh + 1)), int(rng.integers(0, w - rw + 1))
+        labels[top : top + rh, left : left + rw] = 1
+    labels[rng.random((h, w)) < 0.01] = 255
+    scores = rng.standard_normal((h, w), dtype=np.float32) + np.float32(offset) + np.float32(1.5) * (labels == 1)
+    return scores, labels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pixels", type=float, default=1e8, help="total pixels (default 1e8)")
+    ap.add_argument("--height", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--anomaly-fraction", type=float, default=0.02)
+    ap.add_argument("--offset", type=float, default=0.0, help="add to all scores (e.g. -15 for energy-like scores)")
+    ap.add_argument("--bits", type=int, default=24, help="PixelMetrics bin bits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-sklearn", action="store_true")
+    args = ap.parse_args()
+
+    chunk = args.height * args.width
+    n_chunks = max(1, int(round(args.pixels / chunk)))
+    n_total = n_chunks * chunk
+    print(f"{n_chunks} chunks of {args.height}x{args.width} = {n_total:.3g} pixels, "
+          f"anomaly fraction ~{args.anomaly_fraction}, offset {args.offset}, bits {args.bits}")
+
+    tracemalloc.start()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # ---- ours: streaming, one chunk at a time -------------------------------------------------------------------
+    rng = np.random.default_rng(args.seed)
+    metric = PixelMetrics(bits=args.bits)
+    t_ours, peak_ours = 0.0, 0
+    keep_scores = None if args.skip_sklearn else np.empty(n_total, np.float32)
+    keep_labels = None if args.skip_sklearn else np.empty(n_total, np.uint8)
+    n_kept = 0
+    for _ in range(n_chunks):
+        scores, labels = make_chunk(rng, args.height, args.width, args.anomaly_fraction, args.offset)
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        t0 = time.perf_counter()
+        metric.update(scores, labels)
+        t_ours += time.perf_counter() - t0
+        peak_ours = max(peak_ours, tracemalloc.get_traced_memory()[1] - base)
+        if keep_scores is not None:
+            valid = labels.reshape(-1) != 255
+            k = int(valid.sum())
+            keep_scores[n_kept : n_kept + k] = scores.reshape(-1)[valid]
+            keep_labels[n_kept : n_kept + k] = labels.reshape(-1)[valid]
+            n_kept += k
+        del scores, labels
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    ours = metric.compute()
+    t_ours += time.perf_counter() - t0
+    peak_ours = max(peak_ours, tracemalloc.get_traced_memory()[1] - base)
+    state_mb = sum(p.nbytes for p in metric._pages.values()) / MB
+    print(f"ours: {t_ours:.2f} s, peak {peak_ours / MB:.0f} MB (state {state_mb:.0f} MB, "
+          f"{len(metric._pages)} pages)", flush=True)
+
+    rows = [("AuPRC", "auprc"), ("AUROC", "auroc"), ("FPR95", "fpr95")]
+    if keep_scores is None:
+        for label, key in rows:
+            print(f"{label:8s} {ours[key]:.6f}")
+        return
+
+    # ---- sklearn: everything in memory ------------------------------------------------------------------------
+    y, s = keep_labels[:n_kept], keep_scores[:n_kept]
+    inputs_mb = (y.nbytes + s.nbytes) / MB
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    ref_ap = average_precision_score(y, s)
+    ref_auroc = roc_auc_score(y, s)
+    t_sk = time.perf_counter() - t0
+    peak_sk = tracemalloc.get_traced_memory()[1] - base
+    print(f"sklearn AP+AUROC: {t_sk:.2f} s, peak {peak_sk / MB:.0f} MB", flush=True)
+    t0 = time.perf_counter()
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    ref_fpr95 = float(fpr[np.argmax(tpr >= 0.95)])
+    t_fpr = time.perf_counter() - t0
+    del fpr, tpr
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ref = {"auprc": ref_ap, "auroc": ref_auroc, "fpr95": ref_fpr95}
+
+    print()
+    print(f"{'':28s} {'PixelMetrics':>14s} {'sklearn':>14s} {'ratio sk/ours':>14s}")
+    print(f"{'time AP+AUROC (s)':28s} {t_ours:14.2f} {t_sk:14.2f} {t_sk / t_ours:14.1f}")
+    print(f"{'time FPR95 roc_curve (s)':28s} {'(included)':>14s} {t_fpr:14.2f}")
+    print(f"{'peak working memory (MB)':28s} {peak_ours / MB:14.0f} {peak_sk / MB:14.0f} {peak_sk / peak_ours:14.1f}")
+    print(f"{'inputs held at once (MB)':28s} {chunk * 5 / MB:14.0f} {inputs_mb:14.0f}")
+    print(f"{'process max RSS (MB)':28s} {'':14s} {'':14s} (start {rss0:.0f}, end {rss1:.0f})")
+    print()
+    print(f"{'metric':8s} {'PixelMetrics':>14s} {'sklearn':>14s} {'|diff|':>10s}")
+    for label, key in rows:
+        print(f"{label:8s} {ours[key]:14.8f} {ref[key]:14.8f} {abs(ours[key] - ref[key]):10.2e}")
+    print(f"pixels scored: {ours['n_pixels']} (sklearn {n_kept}), anomaly fraction {ours['anomaly_fraction']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Data contracts shared by every reader: ``DataError``, ``SampleRef``, ``Sample``, the dataset registry, image IO.
+
+A dataset lists its files once (``.samples``, a list of small picklable ``SampleRef``) and decodes one sample per
+``load(ref)`` call, so Ray workers receive only paths and read files themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from oodseg.registry import Registry
+
+DATASETS: Registry[Any] = Registry("dataset")
+
+
+class DataError(Exception):
+    """Bad input data: ``path`` names the offending file (or folder), ``problem`` says what is wrong."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across Ray workers
+        return (type(self), (self.path, self.problem))
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One image (and its label file, ``None`` for unlabeled frames); plain strings so it pickles cheaply."""
+
+    id: str
+    image_path: str
+    label_path: str | None
+
+
+class Sample(dict):
+    """Dict with keys ``image`` (uint8 HxWx3 RGB), ``label`` (uint8 HxW), ``id``, ``image_path``, ``label_path``."""
+
+    @property
+    def image(self) -> np.ndarray:
+        return self["image"]
+
+    @property
+    def label(self) -> np.ndarray:
+        return self["label"]
+
+    @property
+    def id(self) -> str:
+        return self["id"]
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode any PIL-readable image (png/jpg/webp) to uint8 HxWx3 RGB; ``DataError`` if missing or corrupt."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DataError(path, "image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"unreadable or corrupt image ({exc})") from None
+
+
+def read_label(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a single-channel label map (mode L/P/I, or RGB(A) with equal channels) to uint8/int HxW."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(path, "label file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(path, f"unreadable or corrupt label map ({exc})") from None
+    if arr.ndim == 3:
+        rgb = arr[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataError(path, f"label map must be single-channel, got mode {mode} with differing channels")
+        arr = rgb[..., 0]
+    if arr.dtype == bool:
+        raise DataError(path, "label map is 1-bit; ids cannot be represented")
+    return arr
+
+
+def value_lut(mapping: Mapping[int, int]) -> np.ndarray:
+    """A 256-entry lookup table ``raw value → label``; raw values absent from ``mapping`` map to -1 (invalid)."""
+    lut = np.full(256, -1, dtype=np.int16)
+    for raw, out in mapping.items():
+        if not 0 <= int(raw) <= 255 or not 0 <= int(out) <= 255:
+            raise ValueError(f"value mapping {raw}->{out} outside 0..255")
+        lut[int(raw)] = int(out)
+    return lut
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike[str], convention: str) -> np.ndarray:
+    """Map ``raw`` through ``lut``; any value outside the convention raises ``DataError`` listing the bad values."""
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            bad = np.unique(raw[(raw < 0) | (raw > 255)])[:8].tolist()
+            raise DataError(path, f"label values {bad} outside the {convention} convention")
+        raw = raw.astype(np.uint8)
+    out = lut[raw]
+    if (out < 0).any():
+        bad = np.unique(raw[out < 0])[:8].tolist()
+        raise DataError(path, f"label values {bad} outside the {convention} convention")
+    return out.astype(np.uint8)
+
+
+def resolve_root(root: str | os.PathLike[str] | None, subdir: str, marker: str) -> Path:
+    """Dataset folder from ``root`` (argument, else ``$OODSEG_DATA``).
+
+    Rule: if ``root/subdir`` exists it is used (``root`` is a data root holding many datasets, like the synthetic
+    suite); otherwise ``root`` itself must be the dataset folder (it contains ``marker``).
+    """
+    if root is None:
+        env = os.environ.get("OODSEG_DATA")
+        if not env:
+            raise DataError("<root>", "no dataset root given and $OODSEG_DATA is not set")
+        root = env
+    base = Path(root).expanduser()
+    if (base / subdir).is_dir():
+        return base / subdir
+    if (base / marker).is_dir():
+        return base
+    if not base.exists():
+        raise DataError(base, "dataset root does not exist")
+    raise DataError(base, f"dataset root holds neither {subdir}/ nor {marker}/")
+
+
+class ListedDataset:
+    """Common behaviour: ``samples`` list, ``load``, indexing, and strict/lenient listing errors.
+
+    Listing problems (missing pairs, empty root) go through ``_problem``: raised at construction when
+    ``strict=True`` (default), else recorded in ``.errors`` and the offending file skipped.
+    """
+
+    name: str = ""
+    kind: str = ""
+    track: str | None = None
+    num_classes: int = 2
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.errors: list[DataError] = []
+        self.samples: list[SampleRef] = []
+
+    def _problem(self, path: str | os.PathLike[str], problem: str) -> None:
+        err = DataError(path, problem)
+        if self.strict:
+            raise err
+        self.errors.append(err)
+
+    def _decode_label(self, ref: SampleRef) -> np.ndarray:
+        raise NotImplementedError
+
+    def load(self, ref: SampleRef) -> Sample:
+        """Decode one sample; raises ``DataError`` (naming the file) on corrupt files or size mismatch."""
+        image = read_image(ref.image_path)
+        if ref.label_path is None:
+            raise DataError(ref.image_path, "image has no label file")
+        label = self._decode_label(ref)
+        if label.shape != image.shape[:2]:
+            raise DataError(
+                ref.label_path, f"label size {label.shape[::-1]} differs from image size {image.shape[1::-1]}"
+            )
+        return Sample(image=image, label=label, id=ref.id, image_path=ref.image_path, label_path=ref.label_path)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.load(self.samples[i])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, errors={len(self.errors)})"
+
+
+def register_dataset(name: str | None = None, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a dataset factory/class under ``name`` (timm-style decorator)."""
+    return DATASETS.register(name, **meta)
+
+
+def create_dataset(name: str, /, root: str | os.PathLike[str] | None = None, **cfg: Any) -> Any:
+    """Build dataset ``name`` from ``root`` (``None`` → ``$OODSEG_DATA``) with reader-specific ``cfg``
+    (``cfg`` may itself hold a ``name``, e.g. the display name of a ``folder`` dataset)."""
+    return DATASETS.get(name)(root=root, **cfg)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.list()

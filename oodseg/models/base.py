@@ -1,0 +1,95 @@
+"""The one model contract every segmentation model implements (see ``docs/architecture.md``).
+
+A ``SegModel`` is an ``nn.Module`` with
+
+* ``output_kind``: ``"pixel"`` (returns :class:`~oodseg.outputs.PixelLogits`) or ``"mask"`` (returns
+  :class:`~oodseg.outputs.MaskOutputs`);
+* ``num_classes``: number of scored classes ``C``;
+* ``preprocess(images_uint8)``: uint8 ``[B,H,W,3]`` or ``[B,3,H,W]`` RGB → normalised float ``[B,3,H,W]`` on the
+  model's device (each model applies the input convention it was trained with);
+* ``forward(x)``: training path on preprocessed input;
+* ``predict(images_uint8)``: inference (no grad, preprocessing, resizing / sliding windows) with ``size`` = input size;
+* ``param_groups()``: ``name → list[Parameter]`` with names among ``backbone``, ``decoder``, ``head``, ``queries``
+  (these top-level groups partition the trainable parameters) and ``blocks.<i>`` (finer, possibly overlapping the
+  top-level groups; ordered from input (``0``) to output, so the highest indices are the blocks next to the head);
+* ``export_cfg()``: JSON-able keyword arguments that rebuild the same architecture through ``create_model(name, ...)``
+  without downloading or reading any pretrained file (``save_safetensors`` stores it in the file's metadata).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from oodseg.outputs import MaskOutputs, PixelLogits
+
+
+def to_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Accept uint8 images ``[B,H,W,3]``, ``[B,3,H,W]`` (or one ``[H,W,3]`` / ``[3,H,W]``) and return ``[B,3,H,W]``.
+
+    A tensor whose last and second dimensions are both 3 is ambiguous; it is read as channels-last (the data layer's
+    ``HxWx3`` convention).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 RGB in [0, 255], got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [B,H,W,3] or [B,3,H,W], got {tuple(images.shape)}")
+    if images.shape[-1] == 3:
+        return images.permute(0, 3, 1, 2)
+    if images.shape[1] == 3:
+        return images
+    raise ValueError(f"images must have 3 channels ([B,H,W,3] or [B,3,H,W]), got {tuple(images.shape)}")
+
+
+class SegModel(nn.Module):
+    """Base class of every oodseg segmentation model (contract in the module docstring)."""
+
+    output_kind: ClassVar[str] = "pixel"
+    #: registry name, set by ``create_model`` (used by ``save_safetensors``)
+    model_name: str = ""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> PixelLogits | MaskOutputs:  # noqa: D102
+        raise NotImplementedError
+
+    def predict(self, images_uint8: torch.Tensor) -> PixelLogits | MaskOutputs:
+        raise NotImplementedError
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        raise NotImplementedError
+
+    def export_cfg(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def check_partition(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> None:
+    """Raise if the top-level groups (all but ``blocks.<i>``) do not partition ``model``'s trainable parameters."""
+    seen: dict[int, str] = {}
+    for name, params in groups.items():
+        if name.startswith("blocks."):
+            continue
+        for p in params:
+            if id(p) in seen:
+                raise AssertionError(f"parameter in both {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise AssertionError(f"trainable parameters in no group: {missing[:5]}")

@@ -1,0 +1,186 @@
+"""Checkpoint I/O: ``.pth``/``.pt`` through ``torch.load(weights_only=True)`` and ``.safetensors``.
+
+* ``load_checkpoint(model, path, strict=True)`` unwraps nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts and
+  strips the ``module.`` prefix that ``nn.DataParallel`` / DDP add (and the ``_orig_mod.`` prefix of
+  ``torch.compile``). BatchNorm ``num_batches_tracked`` counters may be absent (checkpoints saved by PyTorch < 0.4,
+  such as the public ``erfnet_pretrained.pth``, have none; the counter only matters for momentum=None BN).
+  Any missing / unexpected key or shape mismatch raises :class:`CheckpointError` naming the file and the keys.
+* ``save_safetensors(model, path, metadata)`` stores the weights plus ``oodseg.model`` (registry name) and
+  ``oodseg.cfg`` (``model.export_cfg()`` as JSON) in the safetensors header, so ``model_from_safetensors(path)``
+  rebuilds the model without any other file (fine-tuning exports this, the benchmark loads it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_PREFIXES = ("module.", "_orig_mod.")
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+META_MODEL = "oodseg.model"
+META_CFG = "oodseg.cfg"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_checkpoint`` did not load (empty lists when everything matched)."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat ``name → tensor`` dict from ``path`` (unwrapped, prefixes stripped); CheckpointError on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            raw: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
+            raise CheckpointError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+    else:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip / pickle, or a pickle that is not weights-only
+            raise CheckpointError(
+                path, f"cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})"
+            ) from e
+    return _flatten(path, raw)
+
+
+def _flatten(path: Path, raw: Any) -> dict[str, torch.Tensor]:
+    while isinstance(raw, Mapping):
+        nested = [k for k in ("state_dict", "model") if isinstance(raw.get(k), Mapping)]
+        if not nested:
+            break
+        raw = raw[nested[0]]
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointError(path, f"expected a (possibly nested) state dict, got {type(raw).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
+        name = str(key)
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, stripped = name[len(prefix) :], True
+        out[name] = value
+    return out
+
+
+def _fmt(keys: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    allow_missing: Sequence[str] = (),
+) -> LoadReport:
+    """Load ``path`` into ``model`` in place.
+
+    ``strict=True``: every model key must be present with the same shape and the file may hold no other key, except
+    model keys starting with one of ``allow_missing`` (freshly initialised parts, e.g. a new head) and BatchNorm
+    ``num_batches_tracked`` counters. ``strict=False``: load the keys whose names and shapes match, report the rest.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [
+        k
+        for k in own
+        if k not in state and not k.endswith(_OPTIONAL_SUFFIXES) and not any(k.startswith(p) for p in allow_missing)
+    ]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} (file {list(state[k].shape)} vs model {list(own[k].shape)})"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {_fmt(mismatched)}")
+        raise CheckpointError(path, f"does not fit {type(model).__name__}: " + "; ".join(parts))
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return LoadReport(missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
+def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model``'s state dict to ``path`` with the registry name + ``export_cfg()`` (and ``metadata``) in the header.
+
+    Non-string metadata values are stored as JSON. Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    name = getattr(model, "model_name", "")
+    export = getattr(model, "export_cfg", None)
+    if not name or export is None:
+        raise TypeError(f"{type(model).__name__} was not built by create_model (no model_name / export_cfg)")
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta[META_MODEL] = name
+    meta[META_CFG] = json.dumps(export())
+    # clone: safetensors refuses tensors that share storage (views), and wants contiguous CPU data
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` if it has none)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def model_from_safetensors(path: str | Path, **overrides: Any) -> nn.Module:
+    """Rebuild the model saved by ``save_safetensors`` (name + cfg from the header) and load its weights strictly.
+
+    ``overrides`` replace entries of the stored cfg (e.g. ``keep_void=True``) that do not change the weights' layout.
+    """
+    from oodseg.models import create_model
+
+    meta = read_safetensors_metadata(path)
+    if META_MODEL not in meta or META_CFG not in meta:
+        raise CheckpointError(path, f"no {META_MODEL!r}/{META_CFG!r} metadata; not written by save_safetensors")
+    cfg = {**json.loads(meta[META_CFG]), **overrides}
+    model = create_model(meta[META_MODEL], **cfg)
+    load_checkpoint(model, path, strict=True)
+    return model

@@ -1,0 +1,73 @@
+"""Device and precision in one place.
+
+``Runtime(device="auto", precision="auto", compile=False)``:
+
+* ``device="auto"`` → ``cuda`` when available, else ``cpu``;
+* ``precision="auto"`` → fp32 on CPU, bf16 autocast on CUDA (fp16 autocast on GPUs without bf16 support);
+  explicit ``"fp32" | "bf16" | "fp16"`` are honoured (weights stay fp32; autocast casts the matmuls/convs);
+* ``compile=True`` wraps the model's ``forward`` with ``torch.compile`` in ``prepare`` (the module, its state dict
+  keys and its other methods stay as they are).
+
+Usage::
+
+    rt = Runtime()
+    model = rt.prepare(model)          # moved to rt.device
+    with rt.autocast():
+        out = model.predict(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", *_DTYPES):
+            raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {self.precision!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast compute dtype (``float32`` means no autocast)."""
+        if self.precision != "auto":
+            return _DTYPES[self.precision]
+        dev = self.torch_device
+        if dev.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def prepare(self, model: M) -> M:
+        """Move ``model`` to the device (fp32 weights) and optionally compile its forward; returns the model."""
+        model = model.to(self.torch_device)
+        if self.compile:
+            model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+        return model
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast to ``self.dtype`` on ``self.device`` (a no-op for fp32)."""
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(device_type=self.torch_device.type, dtype=self.dtype):
+            yield

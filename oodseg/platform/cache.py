@@ -1,0 +1,171 @@
+"""Per-run on-disk caches of model outputs and score maps, in fp16 shards next to the results.
+
+Layout: ``<results>/cache/<run_id>/<model>/<dataset>/<kind>/shard-<writer>-<n>.npz`` (local path or any
+``pyarrow.fs`` URI, so on a cluster every actor and task sees the same cache on shared/cloud storage).
+
+* ``kind="outputs"`` — the *output cache*: each image's raw model outputs at the model's output resolution, fp16,
+  with its label. Per-pixel models store ``logits [C,h,w]``; mask models store ``class_logits [n,Q,C+1]`` and
+  ``mask_logits [n,Q,h,w]`` (``n`` sliding-window crops, with ``crops [n,5]`` and ``frame_size``). Ray Tune trials
+  score temperatures/scorers from here and never run the model (:meth:`ShardCache.outputs`).
+* ``kind="scores"`` — the benchmark's scratch cache of per-scorer fp16 score maps ``[S,H,W]`` at label resolution,
+  read back by the component pass once the pixel-level best-F1 thresholds are known.
+
+A shard is one ``.npz`` holding several images (keys ``<i>.<field>``, plus ``ids``); it is written to a hidden
+temporary name and renamed, so readers never see a partial shard.
+
+Bytes per image (fp16 = 2 bytes): ``C·h·w·2`` for per-pixel logits (ERFNet, 20 classes at 512×1024: 20 MiB) and
+``n·Q·(h·w + C+1)·2`` for mask outputs (:func:`output_nbytes`).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.platform.results import resolve_fs, safe_key
+
+ModelOutputs = PixelLogits | MaskOutputs
+
+
+def output_nbytes(
+    kind: str, num_classes: int, out_hw: tuple[int, int], num_queries: int = 0, n_crops: int = 1, itemsize: int = 2
+) -> int:
+    """Bytes one image's outputs take in the output cache.
+
+    ``kind="pixel"``: ``C·h·w·itemsize``. ``kind="mask"``: ``n_crops·Q·(h·w + C + 1)·itemsize`` (mask logits plus
+    class logits with the no-object column).
+    """
+    h, w = out_hw
+    if kind == "pixel":
+        return num_classes * h * w * itemsize
+    if kind == "mask":
+        return n_crops * num_queries * (h * w + num_classes + 1) * itemsize
+    raise ValueError(f"kind must be 'pixel' or 'mask', got {kind!r}")
+
+
+def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
+    """One record of fp16 numpy arrays per image of a batched output (crops re-indexed to image 0)."""
+    if isinstance(outputs, PixelLogits):
+        logits = outputs.logits.detach().to("cpu", torch.float16).numpy()
+        return [{"logits": logits[b]} for b in range(logits.shape[0])]
+    cls = outputs.class_logits.detach().to("cpu", torch.float16).numpy()
+    masks = outputs.mask_logits.detach().to("cpu", torch.float16).numpy()
+    if outputs.crops is None:
+        return [{"class_logits": cls[b : b + 1], "mask_logits": masks[b : b + 1]} for b in range(cls.shape[0])]
+    crops = outputs.crops.detach().to("cpu", torch.long).numpy()
+    records = []
+    for b in range(outputs.batch_size):
+        rows = np.nonzero(crops[:, 0] == b)[0]
+        own = crops[rows].copy()
+        own[:, 0] = 0
+        records.append(
+            {
+                "class_logits": cls[rows],
+                "mask_logits": masks[rows],
+                "crops": own.astype(np.int32),
+                "frame_size": np.asarray(outputs.frame_size, dtype=np.int32),
+            }
+        )
+    return records
+
+
+def record_outputs(record: dict[str, np.ndarray], size: tuple[int, int] | None = None) -> ModelOutputs:
+    """Rebuild a single-image ``PixelLogits``/``MaskOutputs`` (fp16 tensors) from a cached record."""
+    if "logits" in record:
+        return PixelLogits(torch.from_numpy(np.asarray(record["logits"]))[None], size=size)
+    crops = record.get("crops")
+    return MaskOutputs(
+        class_logits=torch.from_numpy(np.asarray(record["class_logits"])),
+        mask_logits=torch.from_numpy(np.asarray(record["mask_logits"])),
+        size=size,
+        crops=None if crops is None else torch.from_numpy(np.asarray(crops, dtype=np.int64)),
+        frame_size=None if crops is None else tuple(int(s) for s in record["frame_size"]),
+        n_images=None if crops is None else 1,
+    )
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """One cached image: its id, label (uint8 HxW) and either model ``outputs`` or ``scores`` ``[S,H,W]``."""
+
+    id: str
+    label: np.ndarray
+    outputs: ModelOutputs | None = None
+    scores: np.ndarray | None = None
+
+
+class ShardCache:
+    """Shards of one (run, model, dataset, kind); see the module docstring for layout and formats."""
+
+    def __init__(self, results_root: str, run_id: str, model: str, dataset: str, kind: str = "outputs") -> None:
+        if kind not in ("outputs", "scores"):
+            raise ValueError(f"kind must be 'outputs' or 'scores', got {kind!r}")
+        self.kind = kind
+        self.fs, base = resolve_fs(str(results_root))
+        self.dir = "/".join([base, "cache", safe_key(run_id), safe_key(model), safe_key(dataset), kind])
+
+    def write(self, writer: str, records: Sequence[dict[str, np.ndarray]], ids: Sequence[str]) -> str:
+        """Write one shard of ``records`` (one dict of arrays per image, each with a ``label``); returns its path."""
+        if len(records) != len(ids):
+            raise ValueError(f"{len(records)} records but {len(ids)} ids")
+        arrays: dict[str, np.ndarray] = {"ids": np.asarray(list(ids), dtype=str)}
+        for i, rec in enumerate(records):
+            if "label" not in rec:
+                raise KeyError("every cached record needs its 'label'")
+            for k, v in rec.items():
+                arrays[f"{i}.{k}"] = np.asarray(v)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self.fs.create_dir(self.dir, recursive=True)
+        final = f"{self.dir}/shard-{safe_key(writer)}-{uuid.uuid4().hex[:8]}.npz"
+        tmp = f"{self.dir}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as sink:
+            sink.write(buf.getvalue())
+        self.fs.move(tmp, final)
+        return final
+
+    def shards(self) -> list[str]:
+        selector = pafs.FileSelector(self.dir, allow_not_found=True)
+        return sorted(
+            i.path for i in self.fs.get_file_info(selector)
+            if i.type == pafs.FileType.File and i.base_name.startswith("shard-")
+        )
+
+    def read_shard(self, path: str) -> list[tuple[str, dict[str, np.ndarray]]]:
+        """``[(id, record)]`` of one shard, in write order."""
+        with self.fs.open_input_file(path) as src:
+            data = np.load(io.BytesIO(src.read()), allow_pickle=False)
+            ids = [str(x) for x in data["ids"]]
+            records: list[dict[str, np.ndarray]] = [{} for _ in ids]
+            for key in data.files:
+                if key == "ids":
+                    continue
+                i, field = key.split(".", 1)
+                records[int(i)][field] = data[key]
+        return list(zip(ids, records))
+
+    def items(self, shards: Sequence[str] | None = None) -> Iterator[CachedItem]:
+        """Every cached image (outputs rebuilt as fp16 ``PixelLogits``/``MaskOutputs`` sized to the label)."""
+        for path in self.shards() if shards is None else shards:
+            for id_, rec in self.read_shard(path):
+                label = rec.pop("label")
+                if self.kind == "scores":
+                    yield CachedItem(id_, label, scores=rec["scores"])
+                else:
+                    yield CachedItem(id_, label, outputs=record_outputs(rec, size=tuple(label.shape)))
+
+    def nbytes(self) -> int:
+        return sum(self.fs.get_file_info(p).size for p in self.shards())
+
+    def delete(self) -> None:
+        try:
+            self.fs.delete_dir(self.dir)
+        except FileNotFoundError:
+            pass

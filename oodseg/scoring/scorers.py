@@ -1,0 +1,241 @@
+"""Per-pixel anomaly scorers for both model output kinds (higher score = more anomalous).
+
+Every scorer is one function ``fn(z, temperature, **params) -> Tensor[B, H, W]`` over per-pixel class scores
+``z [B, C, H, W]`` plus its registration (``@register_scorer(name, space=...)``). ``create_scorer`` wraps it in a
+:class:`Scorer` that turns any model output into ``z`` (:func:`pixel_class_scores`) and applies the temperature.
+
+Temperature placements (``T = temperature``):
+
+* per-pixel logits (tensor / :class:`PixelLogits`): ``z = logits / T`` for both placements.
+* :class:`MaskOutputs`, ``placement="cl"``: ``T`` divides the class logits before the per-query softmax,
+  ``L = Σ_q softmax(class_logits_q / T)[:C] · sigmoid(mask_logits_q)``; the scorer then sees ``z = L`` (T_pl = 1).
+* :class:`MaskOutputs`, ``placement="pl"``: ``L`` is built with ``T_cl = 1`` and the scorer sees ``z = L / T``.
+
+The scorer function receives ``z`` and the temperature that divided it (``T_pl``: ``T`` or 1), which only ``energy``
+uses (``−T_pl·logsumexp(z)``). Consequences worth knowing: for ``maxlogit``/``eim`` a pixel-level ``T`` is a positive
+rescaling of the score (``−max_c L_c / T``), so it never changes a ranking metric; it only matters for mask outputs
+with ``placement="cl"``. For ``rba`` the pixel-level ``T`` changes the saturation of ``tanh`` and so the ranking.
+All computation is float32, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.registry import Registry
+
+ScorerFn = Callable[..., torch.Tensor]
+Outputs = torch.Tensor | PixelLogits | MaskOutputs
+PLACEMENTS = ("cl", "pl")
+
+SCORERS: Registry[torch.Tensor] = Registry("scorer")
+
+#: Default Tune space (OpenOOD-style postprocessor sweep): temperature log-uniform in [0.05, 20].
+TEMPERATURE_SPACE: dict[str, dict[str, Any]] = {"temperature": {"type": "loguniform", "low": 0.05, "high": 20.0}}
+
+
+def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None):
+    """Decorator registering ``fn(z, temperature, **params) -> [B,H,W]`` with its Tune search ``space``."""
+    return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space))
+
+
+def list_scorers() -> list[str]:
+    return SCORERS.list()
+
+
+def scorer_space(name: str) -> dict[str, dict[str, Any]]:
+    """The hyper-parameter space ``name`` declares: ``{param: {"type": "loguniform"|"choice", ...}}`` (a copy)."""
+    return {k: dict(v) for k, v in SCORERS.meta(name)["space"].items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model outputs → per-pixel class scores
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    if size is None or tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+
+
+def _mask_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, temperature_cl: float) -> torch.Tensor:
+    """``L[n,c] = Σ_q softmax(class_logits[n,q] / T)[c] · sigmoid(mask_logits[n,q])`` with no-object dropped."""
+    if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(
+            f"MaskOutputs: expected class_logits [N,Q,C+1] and mask_logits [N,Q,h,w] with equal N,Q; got "
+            f"{tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
+        )
+    probs = torch.softmax(class_logits.float() / temperature_cl, dim=-1)[..., :-1]
+    return torch.einsum("nqc,nqhw->nchw", probs, torch.sigmoid(mask_logits.float()))
+
+
+def _stitch_crops(crop_scores: torch.Tensor, out: MaskOutputs) -> torch.Tensor:
+    """Upsample each crop's scores to its box, add into its frame and average where crops overlap."""
+    if out.frame_size is None:
+        raise ValueError("MaskOutputs with crops needs frame_size")
+    crops = out.crops.detach().to("cpu", torch.long)
+    if crops.ndim != 2 or crops.shape[1] != 5 or crops.shape[0] != crop_scores.shape[0]:
+        raise ValueError(f"MaskOutputs.crops must be [N,5] with N={crop_scores.shape[0]}; got {tuple(crops.shape)}")
+    fh, fw = (int(s) for s in out.frame_size)
+    n_img = out.batch_size
+    frame = crop_scores.new_zeros((n_img, crop_scores.shape[1], fh, fw))
+    count = crop_scores.new_zeros((n_img, 1, fh, fw))
+    for n, (img, top, left, h, w) in enumerate(crops.tolist()):
+        if not (0 <= img < n_img and 0 <= top and 0 <= left and top + h <= fh and left + w <= fw and h > 0 and w > 0):
+            raise ValueError(f"crop {n} = {(img, top, left, h, w)} does not fit frame {(fh, fw)} x {n_img} images")
+        frame[img, :, top : top + h, left : left + w] += _resize(crop_scores[n : n + 1], (h, w))[0]
+        count[img, :, top : top + h, left : left + w] += 1
+    if bool((count == 0).any()):
+        raise ValueError("MaskOutputs.crops do not cover every pixel of the frame")
+    return frame / count
+
+
+def pixel_class_scores(
+    outputs: Outputs, temperature_cl: float = 1.0, size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Per-pixel class scores ``[B, C, H, W]`` (float32) for any model output, bilinearly resized to the label size.
+
+    ``size`` defaults to ``outputs.size`` (``None``: keep the output resolution). Per-pixel logits are returned as
+    they are (``temperature_cl`` only concerns mask outputs). For :class:`MaskOutputs`,
+    ``L[c] = Σ_q softmax(class_logits_q / T_cl)[c] · sigmoid(mask_logits_q)`` (Mask2Former / EoMT semantic
+    inference, Cheng et al. CVPR 2022), computed per crop with sliding windows and stitched (overlaps averaged) into
+    ``frame_size`` before the final resize.
+    """
+    if temperature_cl <= 0:
+        raise ValueError(f"temperature_cl must be > 0, got {temperature_cl}")
+    if isinstance(outputs, torch.Tensor):
+        outputs = PixelLogits(outputs)
+    if isinstance(outputs, PixelLogits):
+        if outputs.logits.ndim != 4:
+            raise ValueError(f"per-pixel logits must be [B,C,H,W]; got {tuple(outputs.logits.shape)}")
+        return _resize(outputs.logits.float(), size if size is not None else outputs.size)
+    if not isinstance(outputs, MaskOutputs):
+        raise TypeError(f"expected a Tensor, PixelLogits or MaskOutputs; got {type(outputs).__name__}")
+    scores = _mask_class_scores(outputs.class_logits, outputs.mask_logits, temperature_cl)
+    if outputs.crops is not None:
+        scores = _stitch_crops(scores, outputs)
+    return _resize(scores, size if size is not None else outputs.size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scorer functions: z = per-pixel class scores already divided by the pixel-level temperature
+# --------------------------------------------------------------------------------------------------------------
+
+
+@register_scorer("msp")
+def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Maximum softmax probability, ``s = −max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017)."""
+    return -torch.softmax(z, dim=1).amax(dim=1)
+
+
+@register_scorer("maxlogit")
+def maxlogit(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Max logit, ``s = −max_c z_c`` (Hendrycks et al., "Scaling OOD detection to real-world settings", ICML 2022)."""
+    return -z.amax(dim=1)
+
+
+@register_scorer("eim")
+def eim(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Enhanced IsoMax+ score, ``s = −max_c z_c`` with ``z_c = −scaled distance to prototype c`` (Macêdo &
+    Ludermir, "Enhanced Isotropy Maximization Loss", 2021): the max-logit function over an IsoMax+ head, kept as
+    its own method so results name it."""
+    return maxlogit(z, temperature)
+
+
+@register_scorer("maxentropy")
+def maxentropy(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax entropy, ``s = −Σ_c p_c log p_c`` with ``p = softmax(z)`` (max-entropy / entropy baseline)."""
+    logp = torch.log_softmax(z, dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+@register_scorer("energy")
+def energy(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Free energy, ``s = −T·logsumexp_c(L_c / T)`` (Liu et al., "Energy-based OOD detection", NeurIPS 2020);
+    ``z = L / T`` so ``s = −T·logsumexp(z)``."""
+    return -temperature * torch.logsumexp(z, dim=1)
+
+
+@register_scorer("rba")
+def rba(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Rejected by All, ``s = −Σ_c tanh(z_c)`` (Nayal et al., "RbA: Segmenting unknown regions rejected by all",
+    ICCV 2023); with ``placement="pl"`` this is ``−Σ_c tanh(L_c / T)``."""
+    return -torch.tanh(z).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scorer objects
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _temperatures(outputs: Outputs, temperature: float, placement: str) -> tuple[float, float]:
+    """``(T_cl, T_pl)`` for this output kind and placement."""
+    if isinstance(outputs, MaskOutputs) and placement == "cl":
+        return temperature, 1.0
+    return 1.0, temperature
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A registered scorer bound to a temperature and placement: ``scorer(outputs, size=None) -> [B, H, W]``."""
+
+    name: str
+    temperature: float = 1.0
+    placement: str = "cl"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"scorer {self.name!r}: temperature must be > 0, got {self.temperature}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"scorer {self.name!r}: placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        fn = SCORERS.get(self.name)
+        accepted = set(inspect.signature(fn).parameters) - {"z", "temperature"}
+        unknown = set(self.params) - accepted
+        if unknown:
+            raise TypeError(f"scorer {self.name!r} got unknown parameters {sorted(unknown)}; accepts {sorted(accepted)}")
+
+    def t_cl(self, outputs: Outputs) -> float:
+        return _temperatures(outputs, self.temperature, self.placement)[0]
+
+    def from_class_scores(self, scores: torch.Tensor, outputs: Outputs) -> torch.Tensor:
+        """Apply the scorer to ``pixel_class_scores(outputs, self.t_cl(outputs))``."""
+        t_pl = _temperatures(outputs, self.temperature, self.placement)[1]
+        z = scores if t_pl == 1.0 else scores / t_pl
+        return SCORERS.get(self.name)(z, t_pl, **self.params)
+
+    def __call__(self, outputs: Outputs, size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.from_class_scores(pixel_class_scores(outputs, self.t_cl(outputs), size), outputs)
+
+
+def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", **params: Any) -> Scorer:
+    """Build scorer ``name`` (see :func:`list_scorers`) with temperature ``T`` and placement ``"cl"``/``"pl"``."""
+    return Scorer(name, float(temperature), placement, dict(params))
+
+
+def score_many(
+    outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int] | None = None
+) -> list[torch.Tensor]:
+    """Apply many scorers to one model output, computing each distinct ``pixel_class_scores`` only once.
+
+    Scorers are grouped by the class-logit temperature they need (``T_cl``: their T for mask outputs with
+    ``placement="cl"``, else 1), so a sweep of S scorers × K temperatures costs at most K+1 mask→pixel
+    combinations instead of S·K. Returns one ``[B, H, W]`` tensor per scorer, in order.
+    """
+    groups: dict[float, list[int]] = {}
+    for i, scorer in enumerate(scorers):
+        groups.setdefault(scorer.t_cl(outputs), []).append(i)
+    results: list[torch.Tensor | None] = [None] * len(scorers)
+    for t_cl, members in groups.items():
+        class_scores = pixel_class_scores(outputs, t_cl, size)  # one group alive at a time
+        for i in members:
+            results[i] = scorers[i].from_class_scores(class_scores, outputs)
+    return results  # type: ignore[return-value]

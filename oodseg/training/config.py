@@ -1,0 +1,61 @@
+"""``TrainConfig``: everything one fine-tuning / training run needs, independent of how it is distributed.
+
+Batch semantics: ``global_batch`` images per optimizer step over all workers; each worker runs
+``accum`` micro-batches of ``global_batch / (workers · accum)`` images. ``steps`` counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _h(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model, data, objective, optimisation and validation settings of a training run."""
+
+    model: str = field(default="erfnet", metadata=_h("registered model name (oodseg.models)"))
+    model_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("create_model keyword arguments"))
+    init: str | None = field(default=None, metadata=_h("checkpoint (.safetensors/.pth) to start from"))
+    data_root: str | None = field(default=None, metadata=_h("data root (the synthetic suite dir or $OODSEG_DATA)"))
+    dataset: str = field(default="cityscapes", metadata=_h("semantic training dataset (Cityscapes format)"))
+    train_split: str = field(default="train", metadata=_h("training split"))
+    val_split: str = field(default="val", metadata=_h("in-distribution validation split (mIoU)"))
+    anomaly_set: str | None = field(default="road_anomaly_21", metadata=_h("held-out anomaly set (AuPRC/FPR95)"))
+    coco_root: str | None = field(default=None, metadata=_h("COCO root for the OE paste (None: no paste)"))
+    coco_ann: str = field(default="annotations/instances_train2017.json", metadata=_h("COCO annotation file"))
+    ood_prob: float = field(default=0.5, metadata=_h("probability that a training crop gets a pasted outlier"))
+    loss: str = field(default="ce", metadata=_h("loss name: ce | oe | logitnorm | eim"))
+    loss_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("create_loss keyword arguments"))
+    params: str = field(default="full", metadata=_h("trainable params: full | head | last_k:N | queries | lora"))
+    lora_rank: int = field(default=8, metadata=_h("LoRA rank r"))
+    lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha (scaling alpha / r)"))
+    lr: float = field(default=1e-3, metadata=_h("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay"))
+    schedule: str = field(default="cosine", metadata=_h("LR decay after warmup: cosine | poly | constant"))
+    warmup: int = field(default=10, metadata=_h("linear warmup steps"))
+    steps: int = field(default=200, metadata=_h("optimizer steps"))
+    global_batch: int = field(default=8, metadata=_h("images per optimizer step over all workers"))
+    accum: int = field(default=1, metadata=_h("gradient accumulation micro-batches per step"))
+    crop: tuple[int, int] = field(default=(128, 256), metadata=_h("training crop (h, w)"))
+    scale: tuple[float, float] = field(default=(0.5, 1.0), metadata=_h("random source rescale range"))
+    hflip: bool = field(default=True, metadata=_h("random horizontal flip"))
+    frozen_stats: bool = field(default=False, metadata=_h("BatchNorm on running stats, dropout off"))
+    grad_clip: float | None = field(default=None, metadata=_h("max gradient norm (None: no clipping)"))
+    seed: int = field(default=0, metadata=_h("seed of init, data order and augmentation"))
+    val_every: int = field(default=0, metadata=_h("validate every N steps (0: only at the end)"))
+    val_images: int = field(default=0, metadata=_h("images per validation set (0: all)"))
+    scorer: str = field(default="rba", metadata=_h("anomaly scorer for validation AuPRC/FPR95"))
+    cache_data: bool = field(default=True, metadata=_h("keep decoded training frames in memory (small sets)"))
+    data_workers: int = field(default=0, metadata=_h("DataLoader worker processes per training worker"))
+    log_every: int = field(default=10, metadata=_h("progress line every N steps"))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.global_batch < 1 or self.accum < 1:
+            raise ValueError("steps, global_batch and accum must be positive")
+        if self.global_batch % self.accum:
+            raise ValueError(f"global_batch {self.global_batch} not divisible by accum {self.accum}")

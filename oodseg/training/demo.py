@@ -1,0 +1,174 @@
+"""The demo model: a small ERFNet trained on the synthetic suite, cached as a self-describing safetensors file.
+
+Contract for the benchmark job (``jobs/benchmark.py``)::
+
+    from oodseg.training.demo import get_demo_checkpoint
+    path = get_demo_checkpoint(suite_root, cache_dir, seed=0)   # -> Path to "<cache_dir>/demo-erfnet-<hash>.safetensors"
+    model = oodseg.models.model_from_safetensors(path)          # name + cfg are in the header
+
+* ``suite_root``: a synthetic suite (``oodseg.data.synthetic.ensure_suite``); training uses its Cityscapes-format
+  ``train`` split (``create_dataset("cityscapes", root=suite_root, split="train")``) only.
+* Cached: the file name carries a hash of the training config, the suite's build parameters
+  (``.oodseg_suite.json``) and ``DEMO_VERSION``; an existing file is returned without training. Writes are
+  atomic (temp file + ``os.replace``) and serialised by a lock file, so concurrent callers train once.
+* Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
+* Budget: ≈2 min on 2 CPU cores (``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops at 128×256, about half the
+  suite's 256×512 resolution). The model's ``input_size`` is (128, 256), so ``predict`` (the benchmark path)
+  runs at the training scale and the scores are upsampled to the label size by the scorer.
+* Header metadata (besides ``oodseg.model`` / ``oodseg.cfg`` from ``save_safetensors``):
+  ``oodseg.demo.hash``, ``oodseg.demo.train_config`` (JSON), ``oodseg.demo.val_miou`` (synthetic val split),
+  ``oodseg.demo.train_seconds``.
+
+Training entry point (the plain single-process loop of ``oodseg.training.loop.train_local``, the same step function
+the Ray trainer runs)::
+
+    python -m oodseg.training.demo --suite DIR --out DIR [--seed 0] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from oodseg.training.config import TrainConfig
+
+DEMO_VERSION = 1
+DEMO_STEPS = 300
+DEMO_BATCH = 8
+DEMO_MODEL_CFG = {"width": 0.25, "input_size": [128, 256], "dropout": [0.0, 0.1]}
+
+
+def demo_config(suite_root: str | os.PathLike[str], seed: int = 0, steps: int = DEMO_STEPS) -> TrainConfig:
+    """The demo training run: plain CE on the suite's Cityscapes train split, no outlier paste."""
+    return TrainConfig(
+        model="erfnet",
+        model_cfg=dict(DEMO_MODEL_CFG),
+        data_root=str(suite_root),
+        dataset="cityscapes",
+        train_split="train",
+        val_split="val",
+        anomaly_set="road_anomaly_21",
+        loss="ce",
+        params="full",
+        lr=4e-3,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup=15,
+        steps=steps,
+        global_batch=DEMO_BATCH,
+        crop=(128, 256),
+        scale=(0.4, 0.65),
+        seed=seed,
+        scorer="msp",
+        log_every=25,
+    )
+
+
+def _suite_params(suite_root: Path) -> dict:
+    from oodseg.data.synthetic import MARKER
+
+    marker = suite_root / MARKER
+    try:
+        params = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{marker}: not a synthetic suite marker ({e})") from None
+    params.pop("build_seconds", None)
+    return params
+
+
+def config_hash(cfg: TrainConfig, suite_root: Path) -> str:
+    """Hash of everything that determines the weights (paths excluded, so a moved suite still hits the cache)."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("data_root", "coco_root", "log_every", "data_workers")}
+    blob = json.dumps({"demo": DEMO_VERSION, "cfg": key, "suite": _suite_params(suite_root)}, sort_keys=True,
+                      default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _print_progress(row: dict[str, float]) -> None:
+    extra = "".join(f" {k}={row[k]:.3f}" for k in ("val_miou", "val_auprc") if k in row)
+    print(f"[demo] step {int(row['step'])} loss={row['loss']:.3f} lr={row['lr']:.2e} "
+          f"({row['steps_per_s']:.2f} steps/s){extra}", file=sys.stderr, flush=True)
+
+
+def get_demo_checkpoint(
+    suite_root: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    steps: int = DEMO_STEPS,
+    progress: Callable[[dict[str, float]], None] | None = _print_progress,
+) -> Path:
+    """Path of the cached demo checkpoint for (suite, seed); trains it first when absent (see module docstring)."""
+    from oodseg.models import save_safetensors
+    from oodseg.training.loop import train_local
+
+    suite_root, cache_dir = Path(suite_root), Path(cache_dir)
+    cfg = demo_config(suite_root, seed=seed, steps=steps)
+    digest = config_hash(cfg, suite_root)
+    out = cache_dir / f"demo-erfnet-{digest}.safetensors"
+    if out.is_file():
+        return out
+    with _locked(cache_dir / ".demo.lock"):
+        if out.is_file():  # trained by a concurrent caller while we waited
+            return out
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
+        try:
+            t0 = time.perf_counter()
+            result = train_local(cfg, progress=progress)
+            seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+        meta = {
+            "oodseg.demo.hash": digest,
+            "oodseg.demo.train_config": json.dumps(asdict(replace(cfg, data_root=None)), default=list),
+            "oodseg.demo.val_miou": f"{result.metrics.get('val_miou', float('nan')):.4f}",
+            "oodseg.demo.train_seconds": f"{seconds:.1f}",
+        }
+        if progress is not None:
+            progress({"step": cfg.steps, "loss": result.history[-1]["loss"], "lr": 0.0,
+                      "steps_per_s": cfg.steps / seconds, **result.metrics})
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        save_safetensors(result.model.cpu(), tmp, meta)
+        os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train (or reuse) the demo ERFNet on a synthetic suite.")
+    p.add_argument("--suite", required=True, help="synthetic suite root (built if missing)")
+    p.add_argument("--out", required=True, help="cache directory for the checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    a = p.parse_args(argv)
+    from oodseg.data.synthetic import ensure_suite
+
+    suite = ensure_suite(a.suite, seed=a.seed)
+    print(get_demo_checkpoint(suite, a.out, seed=a.seed, steps=a.steps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

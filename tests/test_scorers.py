@@ -1,0 +1,255 @@
+"""Scorers vs hand-written numpy references, for both output kinds, both placements and several temperatures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import oodseg.scoring.scorers as scorers_mod
+from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.scoring import (
+    SCORERS,
+    create_scorer,
+    list_scorers,
+    pixel_class_scores,
+    register_scorer,
+    score_many,
+    scorer_space,
+)
+
+TEMPERATURES = [0.1, 0.5, 1.0, 3.0]
+NAMES = ["msp", "maxlogit", "maxentropy", "energy", "rba", "eim"]
+
+
+# ---------------------------------------------------------------- numpy references (float64) -------------------
+def np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_score(name: str, z: np.ndarray, t_pl: float) -> np.ndarray:
+    """Reference formulas over z [B,C,H,W] (already divided by the pixel-level temperature t_pl)."""
+    if name == "msp":
+        return -np_softmax(z, 1).max(1)
+    if name in ("maxlogit", "eim"):
+        return -z.max(1)
+    if name == "maxentropy":
+        p = np_softmax(z, 1)
+        return -(p * np.log(p)).sum(1)
+    if name == "energy":
+        m = z.max(1)
+        return -t_pl * (m + np.log(np.exp(z - m[:, None]).sum(1)))
+    if name == "rba":
+        return -np.tanh(z).sum(1)
+    raise AssertionError(name)
+
+
+def np_mask_scores(cls: np.ndarray, masks: np.ndarray, t_cl: float) -> np.ndarray:
+    """L[n,c,h,w] = Σ_q softmax(cls[n,q]/T)[c] · sigmoid(masks[n,q,h,w]), no-object dropped after the softmax."""
+    p = np_softmax(cls / t_cl, -1)[..., :-1]
+    sig = 1 / (1 + np.exp(-masks))
+    out = np.zeros((cls.shape[0], p.shape[-1]) + masks.shape[-2:])
+    for n in range(cls.shape[0]):
+        for q in range(cls.shape[1]):
+            for c in range(p.shape[-1]):
+                out[n, c] += p[n, q, c] * sig[n, q]
+    return out
+
+
+def np_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two axes with half-pixel centres (PyTorch align_corners=False)."""
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        w = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(np.floor(src)), n_in - 1)
+            i1 = min(i0 + 1, n_in - 1)
+            f = src - i0
+            w[o, i0] += 1 - f
+            w[o, i1] += f
+        return w
+
+    wh, ww = weights(x.shape[-2], size[0]), weights(x.shape[-1], size[1])
+    return np.einsum("oh,...hw,pw->...op", wh, x, ww)
+
+
+@pytest.fixture
+def pixel_logits() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 5, 4, 6, generator=g) * 3
+
+
+@pytest.fixture
+def mask_out() -> MaskOutputs:
+    g = torch.Generator().manual_seed(1)
+    return MaskOutputs(torch.randn(2, 7, 6, generator=g) * 2, torch.randn(2, 7, 5, 4, generator=g) * 3)
+
+
+# ---------------------------------------------------------------- registry / API ----------------------------
+def test_all_scorers_registered_and_spaces_are_plain_dicts():
+    assert set(NAMES) <= set(list_scorers())
+    for name in NAMES:
+        space = scorer_space(name)
+        assert space["temperature"] == {"type": "loguniform", "low": 0.05, "high": 20.0}
+        space["temperature"]["low"] = 99.0  # a copy: mutating it must not change the registry
+        assert scorer_space(name)["temperature"]["low"] == 0.05
+
+
+def test_scorer_attributes_and_bad_arguments():
+    s = create_scorer("energy", temperature=2.5, placement="pl")
+    assert (s.name, s.temperature, s.placement) == ("energy", 2.5, "pl")
+    with pytest.raises(KeyError, match="unknown scorer 'nope'"):
+        create_scorer("nope")
+    with pytest.raises(ValueError, match="placement"):
+        create_scorer("msp", placement="xx")
+    with pytest.raises(ValueError, match="temperature"):
+        create_scorer("msp", temperature=0.0)
+    with pytest.raises(TypeError, match="unknown parameters"):
+        create_scorer("msp", alpha=1.0)
+    with pytest.raises(TypeError, match="Tensor, PixelLogits or MaskOutputs"):
+        create_scorer("msp")(np.zeros((1, 2, 3, 3)))
+
+
+def test_new_scorer_is_one_function_plus_registration(pixel_logits):
+    @register_scorer("test_top2_margin", space={"temperature": {"type": "choice", "values": [1.0]}})
+    def top2_margin(z: torch.Tensor, temperature: float, k: int = 2) -> torch.Tensor:
+        top = z.topk(k, dim=1).values
+        return top[:, -1] - top[:, 0]
+
+    try:
+        assert "test_top2_margin" in list_scorers()
+        assert scorer_space("test_top2_margin") == {"temperature": {"type": "choice", "values": [1.0]}}
+        out = create_scorer("test_top2_margin", k=3)(pixel_logits).numpy()
+        srt = np.sort(pixel_logits.numpy(), axis=1)
+        np.testing.assert_allclose(out, srt[:, -3] - srt[:, -1], rtol=1e-6)
+    finally:
+        SCORERS._entries.pop("test_top2_margin")
+        SCORERS._meta.pop("test_top2_margin")
+
+
+# ---------------------------------------------------------------- formulas ----------------------------------
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("placement", ["cl", "pl"])
+def test_pixel_logits_match_reference(pixel_logits, name, temperature, placement):
+    scorer = create_scorer(name, temperature=temperature, placement=placement)
+    ref = np_score(name, pixel_logits.double().numpy() / temperature, temperature)
+    for out in (pixel_logits, PixelLogits(pixel_logits)):
+        got = scorer(out)
+        assert got.shape == (2, 4, 6) and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_mask_outputs_both_placements_match_reference(mask_out, name, temperature):
+    cls, masks = mask_out.class_logits.double().numpy(), mask_out.mask_logits.double().numpy()
+    ref_cl = np_score(name, np_mask_scores(cls, masks, temperature), 1.0)
+    ref_pl = np_score(name, np_mask_scores(cls, masks, 1.0) / temperature, temperature)
+    got_cl = create_scorer(name, temperature=temperature, placement="cl")(mask_out)
+    got_pl = create_scorer(name, temperature=temperature, placement="pl")(mask_out)
+    assert got_cl.shape == got_pl.shape == (2, 5, 4)
+    np.testing.assert_allclose(got_cl.numpy(), ref_cl, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got_pl.numpy(), ref_pl, rtol=2e-5, atol=2e-5)
+
+
+def test_maxlogit_pixel_temperature_is_monotone_but_class_temperature_is_not(mask_out):
+    base = create_scorer("maxlogit", placement="pl")(mask_out)
+    scaled = create_scorer("maxlogit", temperature=4.0, placement="pl")(mask_out)
+    torch.testing.assert_close(scaled, base / 4.0)
+    cl = create_scorer("maxlogit", temperature=4.0, placement="cl")(mask_out).flatten()
+    rank_base, rank_cl = base.flatten().argsort(), cl.argsort()
+    assert not torch.equal(rank_base, rank_cl)
+
+
+def test_upsampling_is_bilinear_to_label_size(pixel_logits, mask_out):
+    got = create_scorer("rba", temperature=2.0)(PixelLogits(pixel_logits, size=(9, 11)))
+    ref = np_score("rba", np_bilinear(pixel_logits.double().numpy(), (9, 11)) / 2.0, 2.0)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    # explicit size argument overrides outputs.size; mask outputs are upsampled after the query combination
+    got_m = create_scorer("msp", temperature=0.5)(mask_out, size=(10, 7))
+    cls, masks = mask_out.class_logits.double().numpy(), mask_out.mask_logits.double().numpy()
+    ref_m = np_score("msp", np_bilinear(np_mask_scores(cls, masks, 0.5), (10, 7)), 1.0)
+    np.testing.assert_allclose(got_m.numpy(), ref_m, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_are_scored_in_float32(pixel_logits, mask_out, dtype):
+    for out in (pixel_logits, mask_out):
+        ref = create_scorer("energy", temperature=0.5)(out)
+        got = create_scorer("energy", temperature=0.5)(out.to(dtype))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------- sliding-window crops ------------------------
+def test_two_overlapping_crops_are_averaged():
+    g = torch.Generator().manual_seed(2)
+    cls, masks = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    # frame 4x6 of one image: crop A covers columns 0..3, crop B columns 2..5 (overlap: columns 2, 3)
+    crops = torch.tensor([[0, 0, 0, 4, 4], [0, 0, 2, 4, 4]])
+    out = MaskOutputs(cls, masks, crops=crops, frame_size=(4, 6), n_images=1)
+    per_crop = np_mask_scores(cls.double().numpy(), masks.double().numpy(), 1.0)  # [2, 3, 4, 4]
+    frame = np.zeros((3, 4, 6))
+    frame[:, :, 0:2] = per_crop[0][:, :, 0:2]
+    frame[:, :, 2:4] = (per_crop[0][:, :, 2:4] + per_crop[1][:, :, 0:2]) / 2
+    frame[:, :, 4:6] = per_crop[1][:, :, 2:4]
+    np.testing.assert_allclose(pixel_class_scores(out)[0].numpy(), frame, rtol=1e-6, atol=1e-6)
+    got = create_scorer("rba")(out)
+    np.testing.assert_allclose(got.numpy(), np_score("rba", frame[None], 1.0), rtol=1e-5, atol=1e-5)
+    # with a final resize to the label size
+    got_big = pixel_class_scores(out, size=(8, 12))
+    np.testing.assert_allclose(got_big[0].numpy(), np_bilinear(frame, (8, 12)), rtol=1e-5, atol=1e-5)
+
+
+def test_crops_are_resized_to_their_box_and_images_are_separate():
+    g = torch.Generator().manual_seed(3)
+    cls, masks = torch.randn(3, 2, 3, generator=g), torch.randn(3, 2, 2, 3, generator=g)
+    # image 0: one 4x6 crop covering the frame (masks 2x3 → upsampled to 4x6); image 1: two 4x3 crops side by side
+    crops = torch.tensor([[0, 0, 0, 4, 6], [1, 0, 0, 4, 3], [1, 0, 3, 4, 3]])
+    out = MaskOutputs(cls, masks, crops=crops, frame_size=(4, 6), n_images=2, size=(4, 6))
+    per_crop = np_mask_scores(cls.double().numpy(), masks.double().numpy(), 0.7)
+    expect = np.zeros((2, 2, 4, 6))
+    expect[0] = np_bilinear(per_crop[0], (4, 6))
+    expect[1, :, :, :3] = np_bilinear(per_crop[1], (4, 3))
+    expect[1, :, :, 3:] = np_bilinear(per_crop[2], (4, 3))
+    got = pixel_class_scores(out, temperature_cl=0.7)
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_crops_must_cover_and_fit_the_frame():
+    cls, masks = torch.randn(1, 2, 3), torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="cover"):
+        pixel_class_scores(MaskOutputs(cls, masks, crops=torch.tensor([[0, 0, 0, 4, 4]]), frame_size=(4, 6)))
+    with pytest.raises(ValueError, match="does not fit"):
+        pixel_class_scores(MaskOutputs(cls, masks, crops=torch.tensor([[0, 0, 4, 4, 4]]), frame_size=(4, 6)))
+
+
+# ---------------------------------------------------------------- score_many ---------------------------------
+def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_out, pixel_logits, monkeypatch):
+    specs = [
+        create_scorer("msp", 1.0, "cl"),
+        create_scorer("energy", 1.0, "cl"),
+        create_scorer("rba", 2.0, "pl"),
+        create_scorer("msp", 3.0, "pl"),
+        create_scorer("energy", 2.0, "cl"),
+        create_scorer("maxlogit", 2.0, "cl"),
+    ]
+    singles = [s(mask_out, size=(6, 5)) for s in specs]
+    calls = []
+    real = scorers_mod.pixel_class_scores
+
+    def counting(outputs, temperature_cl=1.0, size=None):
+        calls.append(temperature_cl)
+        return real(outputs, temperature_cl, size)
+
+    monkeypatch.setattr(scorers_mod, "pixel_class_scores", counting)
+    many = score_many(mask_out, specs, size=(6, 5))
+    assert sorted(calls) == [1.0, 2.0]  # T_cl=1 (cl T=1 and every pl scorer) and T_cl=2
+    for a, b in zip(many, singles):
+        torch.testing.assert_close(a, b)
+    calls.clear()
+    score_many(pixel_logits, specs)  # per-pixel logits need a single pass whatever the temperatures
+    assert calls == [1.0]
