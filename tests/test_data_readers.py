@@ -122,7 +122,8 @@ def test_smiyc_release_layout(tmp_path, name, folder, ext, track):
     _img(base / "images" / f"validation0000{ext}")
     _img(base / "images" / f"test0001{ext}")  # held-out test frame: no label, skipped
     _lab(base / "labels_masks" / "validation0000_labels_semantic.png", label)
-    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(base / "labels_masks/validation0000_labels_semantic_color.png")
+    color = base / "labels_masks/validation0000_labels_semantic_color.png"  # visualisation file: ignored
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(color)
     ds = create_dataset(name, root=tmp_path)
     assert ds.track == track and len(ds) == 1 and ds.n_unlabeled == 1
     np.testing.assert_array_equal(ds[0]["label"], label)

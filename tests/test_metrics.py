@@ -326,6 +326,8 @@ def test_component_metrics_merge_state_roundtrip_and_batches():
         merged.merge(ComponentMetrics(0.4, "obstacle"))
     with pytest.raises(ValueError, match="track"):
         ComponentMetrics(0.5, "lane")
+    with pytest.raises(ValueError, match="finite threshold"):
+        ComponentMetrics(float("nan"))  # e.g. the NaN threshold of a degenerate PixelMetrics
 
 
 def test_component_metrics_empty_is_nan():

@@ -160,3 +160,12 @@ def test_param_groups(model):
     assert {id(p) for p in groups["blocks.2"]} == {id(p) for p in model.hf.layers[2].parameters()}
     head_ids = {id(p) for p in groups["head"]}
     assert id(model.hf.class_predictor.weight) in head_ids and id(model.hf.mask_head.fc1.weight) in head_ids
+
+
+def test_offline_hub_id_fails_without_network(monkeypatch):
+    """HF_HUB_OFFLINE=1: a hub id that is not cached fails at once (local_files_only) instead of downloading."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError):
+        create_model("eomt", pretrained="tue-mps/cityscapes_semantic_eomt_large_1024")
+    with pytest.raises(ValueError, match="pretrained=.*or config="):
+        create_model("eomt")

@@ -200,6 +200,10 @@ def test_tiny_width_and_safetensors_round_trip(tmp_path: Path):
     assert meta["oodseg.model"] == "erfnet" and meta["step"] == "3" and meta["note"] == "x"
     with pytest.raises(CheckpointError, match="m.safetensors.*does not fit"):
         load_checkpoint(create_model("erfnet", width=0.5), path)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.safetensors.*not a readable safetensors"):
+        load_checkpoint(model, cut)
 
 
 def test_preprocess_and_predict_conventions():
@@ -238,7 +242,9 @@ def test_isomax_erfnet_loads_published_weights(tmp_path: Path):
     path = tmp_path / "erfnet_pretrained.pth"
     torch.save(sd, path)
     model = create_model("erfnet", head="isomax", pretrained=str(path)).eval()
-    torch.testing.assert_close(model.state_dict()["decoder.output_conv.weight"], sd["module.decoder.output_conv.weight"])
+    torch.testing.assert_close(
+        model.state_dict()["decoder.output_conv.weight"], sd["module.decoder.output_conv.weight"]
+    )
     out = model(torch.rand(1, 3, 32, 64)).logits
     assert out.shape == (1, 19, 32, 64) and bool((out <= 0).all())
     groups = model.param_groups()

@@ -31,7 +31,7 @@ def np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
 def np_score(name: str, z: np.ndarray, t_pl: float) -> np.ndarray:
     """Reference formulas over z [B,C,H,W] (already divided by the pixel-level temperature t_pl)."""
     if name == "msp":
-        return -np_softmax(z, 1).max(1)
+        return 1.0 - np_softmax(z, 1).max(1)
     if name in ("maxlogit", "eim"):
         return -z.max(1)
     if name == "maxentropy":
@@ -253,3 +253,14 @@ def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_ou
     calls.clear()
     score_many(pixel_logits, specs)  # per-pixel logits need a single pass whatever the temperatures
     assert calls == [1.0]
+
+
+def test_msp_keeps_resolution_for_confident_pixels():
+    """1 − MSP of very confident pixels stays distinct (and equals the float64 reference), so the histogram-binned
+    pixel metrics can still rank them."""
+    z = torch.zeros(1, 3, 1, 4, dtype=torch.float32)
+    z[0, 0, 0] = torch.tensor([14.0, 15.0, 16.0, 17.0])
+    got = create_scorer("msp")(z).double().flatten().numpy()
+    ref = 1.0 - np_softmax(z.double().numpy(), 1).max(1).flatten()
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert np.all(np.diff(got) < 0) and got.min() > 0

@@ -10,9 +10,16 @@ from oodseg.data.base import (
     read_label,
     register_dataset,
 )
+from oodseg.data.coco import DEFAULT_EXCLUDE, CocoObject, CocoObjects
+from oodseg.data.paste import OUTLIER_ID, OutlierPaste
 from oodseg.data.readers import CityscapesDataset, MaskFolderDataset, cityscapes_id_to_train_id
 
 __all__ = [
+    "DEFAULT_EXCLUDE",
+    "OUTLIER_ID",
+    "CocoObject",
+    "CocoObjects",
+    "OutlierPaste",
     "CityscapesDataset",
     "DataError",
     "MaskFolderDataset",

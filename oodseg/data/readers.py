@@ -211,7 +211,8 @@ smiyc_obstacle = _smiyc("dataset_ObstacleTrack", "smiyc_obstacle", "obstacle")
 
 
 @register_dataset("cityscapes")
-def cityscapes(root: str | os.PathLike[str] | None = None, split: str = "val", strict: bool = True) -> CityscapesDataset:
+def cityscapes(root: str | os.PathLike[str] | None = None, split: str = "val",
+               strict: bool = True) -> CityscapesDataset:
     """Cityscapes ``split`` ("train"/"val") as 19 trainIds."""
     return CityscapesDataset(root, split=split, strict=strict)
 
@@ -220,7 +221,8 @@ def cityscapes(root: str | os.PathLike[str] | None = None, split: str = "val", s
 def folder(root: str | os.PathLike[str] | None = None, *, mapping: Mapping[Any, Any], image_dir: str = "images",
            mask_dir: str = "labels_masks", label_suffix: str = "", label_ext: str = ".png", name: str = "folder",
            track: str = "anomaly", strict: bool = True) -> MaskFolderDataset:
-    """User dataset: ``root/image_dir`` + ``root/mask_dir`` with a raw→{0,1,255} ``mapping`` (e.g. {0:0,2:1,255:255})."""
+    """User dataset: ``root/image_dir`` + ``root/mask_dir/<stem><label_suffix><label_ext>`` with a raw → {0, 1, 255}
+    ``mapping`` (e.g. ``{0: 0, 1: 1, 2: 1, 255: 255}``; YAML string keys are accepted)."""
     if root is None:
         root = os.environ.get("OODSEG_DATA")
         if not root:

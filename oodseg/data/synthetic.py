@@ -67,19 +67,40 @@ def _noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
     return rows[y0] * (1 - fy) + rows[y0 + 1] * fy
 
 
+_BANK: dict[tuple[int, int, float], np.ndarray] = {}
+
+
+def _bank(h: int, w: int, cell: float) -> np.ndarray:
+    """A (2h, 2w) noise field per (size, scale), built once per process from a fixed seed; scenes take random
+    h x w windows of it (a view, no copy), which is what keeps a scene to a few milliseconds."""
+    key = (h, w, cell)
+    if key not in _BANK:
+        rng = np.random.default_rng(np.random.SeedSequence([h, w, int(round(cell * 100))]))
+        _BANK[key] = _noise(rng, 2 * h, 2 * w, cell)
+    return _BANK[key]
+
+
 class _Canvas:
-    """Float RGB image + labelId map painted back to front; smooth noise fields are cached per scale."""
+    """Labels and *materials* painted back to front, composed into a float RGB image once at the end.
+
+    Painting a layer only writes a uint8 material index (cheap); ``compose`` then evaluates every material
+    (``base + amp·noise_cell + grad·y/H``) with a few whole-image gathers instead of per-layer colour writes.
+    After ``compose`` full HxWx3 colour fields can be painted directly (anomaly/object textures).
+    """
 
     def __init__(self, h: int, w: int, rng: np.random.Generator) -> None:
         self.h, self.w, self.rng = h, w, rng
-        self.img = np.zeros((h, w, 3), np.float32)
+        self.img: np.ndarray | None = None
         self.lab = np.zeros((h, w), np.uint8)
+        self.mat = np.zeros((h, w), np.uint8)
+        self.materials: list[_Tex] = [_Tex(np.zeros(3, np.float32), 0.0, 0.0)]
         self.yy, self.xx = np.mgrid[0:h, 0:w].astype(np.float32)
         self._noise: dict[float, np.ndarray] = {}
 
     def noise(self, cell: float) -> np.ndarray:
         if cell not in self._noise:
-            self._noise[cell] = _noise(self.rng, self.h, self.w, cell)
+            oy, ox = self.rng.integers(self.h), self.rng.integers(self.w)
+            self._noise[cell] = _bank(self.h, self.w, cell)[oy:oy + self.h, ox:ox + self.w]
         return self._noise[cell]
 
     def box(self, x0: float, y0: float, x1: float, y1: float) -> tuple[slice, slice]:
@@ -90,28 +111,45 @@ class _Canvas:
 
     def paint(self, mask: np.ndarray, color: Any, label: int | None,
               box: tuple[slice, slice] = (slice(None), slice(None))) -> None:
-        """Set ``color`` (RGB vector, full-size HxWx3 field or ``_Tex``) and ``label`` where box-local ``mask``."""
-        img = self.img[box]
-        if isinstance(color, _Tex):
-            img[mask] = color.base + (color.amp * self.noise(color.cell)[box][mask])[:, None]
+        """Paint ``color`` (``_Tex`` / RGB vector before ``compose``; HxWx3 field after) and ``label`` under the
+        box-local ``mask``."""
+        if self.img is None:
+            tex = color if isinstance(color, _Tex) else _Tex(np.asarray(color, np.float32), 0.0, 0.0)
+            if len(self.materials) == 256:
+                raise RuntimeError("more than 255 materials in one scene")
+            self.materials.append(tex)
+            np.copyto(self.mat[box], np.uint8(len(self.materials) - 1), where=mask)
         else:
-            col = np.asarray(color, np.float32)
-            img[mask] = col[box][mask] if col.ndim == 3 else col
+            np.copyto(self.img[box], np.asarray(color, np.float32)[box], where=mask[..., None])
         if label is not None:
-            self.lab[box][mask] = label
+            np.copyto(self.lab[box], np.uint8(label), where=mask)
 
     def fill(self, shape: tuple[np.ndarray, tuple[slice, slice]], color: Any, label: int) -> None:
         """Paint a box-local ``(mask, box)`` shape from ``_rect`` / ``_ellipse``."""
         self.paint(shape[0], color, label, shape[1])
 
+    def compose(self) -> np.ndarray:
+        mats = self.materials
+        cells = sorted({m.cell for m in mats if m.amp != 0.0}) or [0.0]
+        stack = np.stack([self.noise(c) if c else np.zeros((self.h, self.w), np.float32) for c in cells])
+        base = np.stack([m.base for m in mats]).astype(np.float32)
+        amp = np.array([m.amp for m in mats], np.float32)
+        grad = np.array([m.grad for m in mats], np.float32)
+        cell_idx = np.array([cells.index(m.cell) if m.amp != 0.0 else 0 for m in mats], np.intp)
+        noise = np.take_along_axis(stack, cell_idx[self.mat][None], 0)[0]
+        shade = amp[self.mat] * noise + grad[self.mat] * (self.yy / self.h)
+        self.img = base[self.mat] + shade[..., None]
+        return self.img
+
 
 @dataclass(frozen=True)
 class _Tex:
-    """Lazy texture: RGB ``base`` + ``amp`` × the scene's smooth noise at scale ``cell`` (evaluated under the mask)."""
+    """Material: RGB ``base`` + ``amp`` × the scene's smooth noise at scale ``cell`` px + ``grad`` × y/H."""
 
     base: np.ndarray
     amp: float
     cell: float
+    grad: float = 0.0
 
 
 def _textured(rng: np.random.Generator, c: _Canvas, base: Any, amp: float, cell: float) -> _Tex:
@@ -136,8 +174,7 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
     # sky: blue gradient or overcast grey (overlaps road/building greys); terrain below the horizon
     sky = np.array([rng.uniform(90, 150), rng.uniform(140, 190), rng.uniform(200, 250)]) if rng.random() < 0.6 \
         else _grey(rng, 120, 210, 4)
-    sky_f = sky[None, None, :] + (c.noise(40) * 10 + yy / h * 40)[..., None]
-    c.paint(~ground, sky_f, SKY)
+    c.paint(~ground, _Tex(sky.astype(np.float32), 10.0, 40, grad=40.0), SKY)
     terr = np.array([rng.uniform(70, 120), rng.uniform(90, 140), rng.uniform(40, 80)])
     c.paint(ground, _textured(rng, c, terr, 18, 6), TERRAIN)
     # per side a street-canyon plane; h_rel = (y - yh)/|x - vx| is linear in world height, = k_walk on the ground
@@ -195,10 +232,11 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
         hood = yy > h - rng.uniform(0.06, 0.12) * h + 0.15 * h * ((xx - w / 2) / w) ** 2
         c.paint(hood, _textured(rng, c, _grey(rng, 20, 80), 4, 20), EGO)
     # lighting: global gain + colour cast + smooth shadows
-    gain = rng.uniform(0.65, 1.25) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
-    c.img *= gain[None, None, :]
-    c.img *= (1.0 + 0.18 * c.noise(50))[..., None]
-    return c.img, c.lab, {"yh": yh, "vx": vx, "k_road": k_road, "k_walk": k_walk}
+    gain = (rng.uniform(0.65, 1.25) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
+    img = c.compose()
+    img *= gain[None, None, :]
+    img *= (1.0 + 0.18 * c.noise(50))[..., None]
+    return img, c.lab, {"yh": yh, "vx": vx, "k_road": k_road, "k_walk": k_walk}
 
 
 def _ellipse(c: _Canvas, cx: float, cy: float, rx: float, ry: float) -> tuple[np.ndarray, tuple[slice, slice]]:
@@ -325,7 +363,7 @@ def _paste_anomalies(rng: np.random.Generator, img: np.ndarray, lab_ids: np.ndar
 
 
 def _to_uint8(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    img = img + rng.normal(0, rng.uniform(2, 7), img.shape).astype(np.float32)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2, 7))
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -394,6 +432,7 @@ def _write_coco(out: Path, seed: int, n_images: int) -> None:
         hh, ww = 160, 192
         canvas = _Canvas(hh, ww, rng)
         canvas.paint(np.ones((hh, ww), bool), _textured(rng, canvas, rng.uniform(60, 200, 3), 20, 12), None)
+        canvas.compose()
         image_id = 1000 + i
         for _ in range(rng.integers(1, 4)):
             cat_id = COCO_CATEGORIES[obj % len(COCO_CATEGORIES)][0]

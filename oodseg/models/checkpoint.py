@@ -135,7 +135,7 @@ def load_checkpoint(
 
 
 def save_safetensors(model: nn.Module, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model``'s state dict to ``path`` with the registry name + ``export_cfg()`` (and ``metadata``) in the header.
+    """Write ``model``'s state dict to ``path``; the header holds the registry name, ``export_cfg()`` and ``metadata``.
 
     Non-string metadata values are stored as JSON. Returns the path.
     """

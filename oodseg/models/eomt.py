@@ -12,9 +12,10 @@ default). The network only accepts ``S × S`` inputs, ``S = config.image_size``.
 Semantic inference as the reference does it for Cityscapes (transformers ``EomtImageProcessor`` with
 ``do_split_image=True`` + ``post_process_semantic_segmentation``): resize the image (bilinear, antialiased, on the uint8
 image) so its short side is ``S`` (long side ``int(S · long / short)``); cut ``n = ceil(long / S)`` square windows
-along the long side starting at ``int(i · (S − o))`` with ``o = (n·S − long) / (n − 1)`` (evenly spread overlap, first
-at 0, last ending at the border); run every window. ``predict`` returns them as one :class:`~oodseg.outputs.MaskOutputs`
-row per window: ``class_logits [N,Q,C+1]`` (last = no-object), ``mask_logits [N,Q,S,S]``, ``crops [N,5]`` = ``(image_index, top, left, S, S)`` in the resized frame (CPU int64,
+along the long side starting at ``int(i · (S − o))`` with ``o = (n·S − long) / (n − 1)`` (evenly spread overlap,
+first at 0, last ending at the border); run every window. ``predict`` returns them as one
+:class:`~oodseg.outputs.MaskOutputs` row per window: ``class_logits [N,Q,C+1]`` (last = no-object),
+``mask_logits [N,Q,S,S]``, ``crops [N,5]`` = ``(image_index, top, left, S, S)`` in the resized frame (CPU int64,
 ordered by image then window), ``frame_size`` = resized size, ``size`` = input ``(H, W)``, ``n_images`` = B.
 The reference upsamples each window's mask *logits* to ``S × S`` (bilinear) before the sigmoid, forms
 ``Σ_q softmax(class)[c] · sigmoid(mask)``, averages the windows over their overlaps and bilinearly resizes to the

@@ -204,7 +204,7 @@ class ERFNet(SegModel):
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> PixelLogits:
-        """Inference: [0,1] RGB, resized to ``input_size`` (bilinear, antialiased); logits at that size, ``size`` = input."""
+        """Inference: [0,1] RGB resized to ``input_size`` (bilinear, antialiased); logits there, ``size`` = input."""
         x = self.preprocess(images_uint8)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         target = self.cfg["input_size"]

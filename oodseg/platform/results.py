@@ -15,7 +15,7 @@ single object only becomes visible once fully written, so the guarantee holds th
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -92,8 +92,6 @@ def resolve_fs(root: str) -> tuple[pafs.FileSystem, str]:
     if "://" in root:
         fs, path = pafs.FileSystem.from_uri(root)
         return fs, path.rstrip("/")
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(root)
 
 
@@ -121,8 +119,9 @@ class ResultsStore:
     """Append-only Parquet tables under ``root``; see the module docstring for the commit protocol."""
 
     def __init__(self, root: str) -> None:
-        self.root = str(root)
-        self.fs, self.base = resolve_fs(self.root)
+        self.fs, self.base = resolve_fs(str(root))
+        # absolute, so Ray workers with another working directory resolve the same location
+        self.root = str(root) if "://" in str(root) else self.base
         self.fs.create_dir(self.base, recursive=True)
 
     def table_dir(self, table: str) -> str:
@@ -135,8 +134,7 @@ class ResultsStore:
 
     def uri(self, *parts: str) -> str:
         """A path/URI under the root for other artefacts (plots, cache) on the same filesystem."""
-        base = self.root.rstrip("/") if "://" in self.root else self.base
-        return "/".join([base, *parts])
+        return "/".join([self.root.rstrip("/"), *parts])
 
     # -- writing -------------------------------------------------------------------------------------------------
     def write_part(self, table: str, key: str, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> str:
@@ -150,8 +148,6 @@ class ResultsStore:
             with self.fs.open_output_stream(tmp) as sink:
                 pq.write_table(data, sink, compression="zstd")
             if isinstance(self.fs, pafs.LocalFileSystem):
-                import os
-
                 os.replace(tmp, final)  # atomic on POSIX, also when `final` exists
             else:
                 self.fs.move(tmp, final)
@@ -216,7 +212,3 @@ class ResultsStore:
             sink.write(data)
         self.fs.move(tmp, path)
         return self.uri(relpath)
-
-    def read_json(self, relpath: str) -> Any:
-        with self.fs.open_input_stream(f"{self.base}/{relpath}") as src:
-            return json.loads(src.read().decode())

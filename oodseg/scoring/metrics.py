@@ -24,7 +24,7 @@ _SIGN = np.uint32(0x80000000)
 PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
 
 
-def _numpy(x: Any, name: str) -> np.ndarray:
+def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach()
         if x.is_floating_point() and x.dtype != torch.float64:
@@ -35,7 +35,7 @@ def _numpy(x: Any, name: str) -> np.ndarray:
 
 def _scores_f32(x: Any) -> np.ndarray:
     """Scores as a contiguous float32 array; NaN/inf raise (they have no place in a ranking)."""
-    s = np.ascontiguousarray(_numpy(x, "scores"), dtype=np.float32)
+    s = np.ascontiguousarray(_numpy(x), dtype=np.float32)
     if not np.isfinite(s).all():
         n_nan, n_inf = int(np.isnan(s).sum()), int(np.isinf(s).sum())
         raise ValueError(f"scores contain {n_nan} NaN and {n_inf} inf values; scorers must produce finite scores")
@@ -44,7 +44,7 @@ def _scores_f32(x: Any) -> np.ndarray:
 
 def _anomaly_labels(x: Any, shape: tuple[int, ...]) -> np.ndarray:
     """Labels as uint8 with values in {0 inlier, 1 anomaly, 255 ignore}; anything else is a ValueError."""
-    lab = _numpy(x, "labels")
+    lab = _numpy(x)
     if lab.shape != shape:
         raise ValueError(f"scores shape {shape} and labels shape {lab.shape} differ")
     if lab.dtype == np.bool_:
@@ -86,8 +86,10 @@ class PixelMetrics:
     sklearn ``average_precision_score``; AUROC: trapezoid over the ROC, sklearn ``roc_auc_score``; FPR95: FPR at the
     first threshold, high to low, where TPR ≥ 0.95). The only difference to exact computation comes from distinct
     scores sharing a bin: a bin spans a relative score width of ``2^-(bits-9)`` (the key's top 9 bits are sign and
-    exponent), ≈3e-5 for the default 24 bits; the tests bound the resulting error on realistic maps (≤ 1e-4, typically ~1e-5).
-    Scores are compared as float32 (what models emit); float64 inputs are rounded to float32.
+    exponent), ≈3e-5 at the default 24 bits. Measured on realistic maps (tests, ``benchmarks/metrics.py``) the error
+    is ~1e-6–1e-5, within 1e-4. Limitation: resolution is relative to magnitude, so scores whose common offset is
+    ≫ 100× their spread (e.g. 1000 ± 1, or MSP saturated within 1e-5 of −1) lose resolution; raise bits (26) or
+    feed a better-conditioned equivalent score. Scores are compared as float32 (what models emit).
 
     Memory: counts are stored in lazily allocated pages of 4096 consecutive bins (64 KiB); only pages that received
     a pixel exist, so memory depends on how many distinct score regions occur, never on the pixel count: a
@@ -212,7 +214,8 @@ class PixelMetrics:
         # `score > threshold` selects exactly the bins at or above the best one: the largest float below its floor.
         floor_key = int(c["bins"][best]) << (32 - self.bits)
         threshold = float(keys_to_float32(np.array([max(floor_key - 1, 0)], dtype=np.uint32))[0])
-        return {**out, "auprc": auprc, "auroc": auroc, "fpr95": fpr95, "threshold": threshold, "best_f1": float(f1[best])}
+        best_f1 = float(f1[best])
+        return {**out, "auprc": auprc, "auroc": auroc, "fpr95": fpr95, "threshold": threshold, "best_f1": best_f1}
 
     def curves(self, max_points: int = 1000) -> dict[str, np.ndarray]:
         """PR and ROC curve points for plots (``threshold`` = bin floor, descending), downsampled to ≤ max_points."""
@@ -240,7 +243,7 @@ def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarr
 
     Follows ``segment_metrics`` of the official SMIYC code, via the contingency table ``M[g, s]`` (pixel counts of
     GT component g ∩ predicted segment s, 0 = background). For GT component ``k`` with predicted segments
-    ``P(k) = {s > 0 : M[k,s] > 0}``: ``sIoU = |k ∩ ∪P| / |(k ∪ ∪P) \\ A|`` where the adjustment ``A`` = pixels of
+    ``P(k) = {s > 0 : M[k,s] > 0}``: ``sIoU = |k ∩ ∪P| / |(k ∪ ∪P) \\ A|``, where the adjustment A = pixels of
     other GT components, which reduces to ``Σ_{s∈P} M[k,s] / (|k| + Σ_{s∈P} M[0,s])``. Symmetrically for a
     predicted segment ``s`` (other predicted segments excluded), and PPV(s) = ``Σ_{k∈K(s)} M[k,s] / |s|``.
     """
@@ -273,12 +276,16 @@ class ComponentMetrics:
     the road). Per GT component the adjusted sIoU (see :func:`_component_ious`), per predicted segment its PPV.
     compute(): ``siou`` = mean sIoU over all GT components, ``ppv`` = mean PPV over all predicted segments,
     ``f1`` per τ ∈ linspace(0.25, 0.75, 11) with TP = #GT(sIoU ≥ τ), FN = #GT(sIoU < τ), FP = #pred(PPV < τ),
-    ``F1 = 2TP / (2TP + FN + FP)``, and ``mean_f1`` over τ. Empty sets give NaN.
+    ``F1 = 2TP / (2TP + FN + FP)``, and ``mean_f1`` over τ. Empty sets give NaN. One deliberate deviation: the
+    official size filter also loops over label 0, so an image whose background is smaller than the minimum GT size
+    would be voided entirely; here only real components are filtered.
     """
 
     def __init__(self, threshold: float, track: str = "anomaly") -> None:
         if track not in TRACKS:
             raise ValueError(f"track must be one of {sorted(TRACKS)}, got {track!r}")
+        if not np.isfinite(threshold):
+            raise ValueError(f"ComponentMetrics needs a finite threshold, got {threshold}")
         self.threshold = float(threshold)
         self.track = track
         self.min_pred, self.min_gt = TRACKS[track]
@@ -380,7 +387,7 @@ class ConfusionMatrix:
 
     def update(self, pred: Any, target: Any) -> ConfusionMatrix:
         """Add predicted and target class ids (same shape; target pixels equal to ``ignore_index`` are skipped)."""
-        p, t = _numpy(pred, "pred"), _numpy(target, "target")
+        p, t = _numpy(pred), _numpy(target)
         if p.shape != t.shape:
             raise ValueError(f"pred shape {p.shape} and target shape {t.shape} differ")
         for name, a in (("pred", p), ("target", t)):

@@ -20,6 +20,7 @@ All computation is float32, whatever the input dtype.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def list_scorers() -> list[str]:
 
 def scorer_space(name: str) -> dict[str, dict[str, Any]]:
     """The hyper-parameter space ``name`` declares: ``{param: {"type": "loguniform"|"choice", ...}}`` (a copy)."""
-    return {k: dict(v) for k, v in SCORERS.meta(name)["space"].items()}
+    return copy.deepcopy(SCORERS.meta(name)["space"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,8 +133,13 @@ def pixel_class_scores(
 
 @register_scorer("msp")
 def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Maximum softmax probability, ``s = −max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017)."""
-    return -torch.softmax(z, dim=1).amax(dim=1)
+    """Maximum softmax probability, ``s = 1 − max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017; the
+    ``1 − MSP`` form is the one SMIYC and the ERFNet anomaly-eval code report). It is computed as the softmax mass
+    of the non-maximal classes, ``exp(logsumexp_{c ≠ argmax} log p_c)``, so confident pixels keep their full float32
+    resolution near 0 instead of collapsing onto ``1 − 1e-7`` steps."""
+    logp = torch.log_softmax(z, dim=1)
+    rest = logp.scatter(1, logp.argmax(dim=1, keepdim=True), float("-inf"))
+    return torch.logsumexp(rest, dim=1).exp()
 
 
 @register_scorer("maxlogit")
@@ -201,7 +207,9 @@ class Scorer:
         accepted = set(inspect.signature(fn).parameters) - {"z", "temperature"}
         unknown = set(self.params) - accepted
         if unknown:
-            raise TypeError(f"scorer {self.name!r} got unknown parameters {sorted(unknown)}; accepts {sorted(accepted)}")
+            raise TypeError(
+                f"scorer {self.name!r} got unknown parameters {sorted(unknown)}; accepts {sorted(accepted)}"
+            )
 
     def t_cl(self, outputs: Outputs) -> float:
         return _temperatures(outputs, self.temperature, self.placement)[0]

@@ -1,0 +1,248 @@
+"""End-to-end Ray Data benchmark on a tiny synthetic suite, checked against a plain single-process loop.
+
+The reference loop shares no code with the pipeline beyond the public contracts (dataset ``load``,
+``model.predict``, ``create_scorer``, the metric classes): no batching across images, no ``score_many``, no state
+packing or merging, one metric object updated image by image. Equality of the numbers proves the distributed
+read → score → merge → component pass → commit path is right.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oodseg.data import create_dataset
+from oodseg.models import create_model, model_from_safetensors, save_safetensors
+from oodseg.outputs import PixelLogits
+from oodseg.platform.cache import ShardCache, output_nbytes
+from oodseg.platform.pipeline import BenchmarkConfig, ModelSpec, run_benchmark
+from oodseg.platform.results import ResultsStore
+from oodseg.scoring import create_scorer
+from oodseg.scoring.metrics import ComponentMetrics, ConfusionMatrix, PixelMetrics
+
+SCORERS = ("msp", "energy", "rba")
+TEMPERATURES = (1.0, 2.0)
+DATASETS = ("road_anomaly_21", "road_obstacle_21", "fs_static", "cityscapes")
+N_IMAGES = 4  # per dataset = batch_size, so pipeline and reference run the model on identical batches
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory) -> Path:
+    from oodseg.data.synthetic import build_suite
+
+    return build_suite(tmp_path_factory.mktemp("suite") / "suite", seed=3, size=(96, 192), n_train=2,
+                       n_val=N_IMAGES, n_anomaly=N_IMAGES, n_coco=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("erfnet", channels=[4, 8, 16], input_size=None)
+    return save_safetensors(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def make_cfg(results: Path, data_root: Path, model: Path, **kw) -> BenchmarkConfig:
+    base = dict(
+        results=str(results), data_root=str(data_root), models=(ModelSpec(name="tiny", checkpoint=str(model)),),
+        datasets=DATASETS, scorers=SCORERS, temperatures=TEMPERATURES, batch_size=N_IMAGES,
+        actor_num_cpus=1.0, read_num_cpus=0.5, read_concurrency=1, heatmaps=1, progress=False,
+    )
+    base.update(kw)
+    return BenchmarkConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def benchmark_run(ray_session, tiny_suite, tiny_model, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    run_id = run_benchmark(make_cfg(results, tiny_suite, tiny_model, run_id="e2e"))
+    return ResultsStore(str(results)), run_id
+
+
+def reference_metrics(data_root: Path, model_path: Path, dataset: str, skip: set[str] = frozenset()) -> dict:
+    """Single-process loop: the same numbers computed the obvious way, one image after another."""
+    torch.set_num_threads(1)
+    model = model_from_safetensors(model_path).eval()
+    ds = create_dataset(dataset, root=str(data_root))
+    refs = [r for r in ds.samples if r.id not in skip]
+    samples = [ds.load(r) for r in refs]
+    with torch.inference_mode():
+        outputs = model.predict(torch.from_numpy(np.stack([s["image"] for s in samples])))
+    logits = outputs.logits
+    if ds.kind == "semantic":
+        cm = ConfusionMatrix(19)
+        for b, s in enumerate(samples):
+            cm.update(logits[b].argmax(0).numpy(), s["label"])
+        return {"miou": cm.compute()["miou"], "n_images": len(samples)}
+    out = {}
+    for name in SCORERS:
+        for t in TEMPERATURES:
+            scorer = create_scorer(name, temperature=t)
+            maps = [scorer(PixelLogits(logits[b : b + 1]), size=s["label"].shape)[0].numpy()
+                    for b, s in enumerate(samples)]
+            pm = PixelMetrics()
+            for m, s in zip(maps, samples):
+                pm.update(m, s["label"])
+            px = pm.compute()
+            comp = ComponentMetrics(px["threshold"], track=ds.track)
+            for m, s in zip(maps, samples):
+                comp.update(m.astype(np.float16), s["label"])  # components are defined on fp16 score maps
+            out[(name, t)] = {**px, **comp.compute(), "n_images": len(samples)}
+    return out
+
+
+def same(a: float | None, b: float) -> bool:
+    """Equal up to float rounding of the summation order; NaN (undefined metric) equals NaN / null."""
+    a = math.nan if a is None else float(a)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+
+
+def test_pipeline_matches_single_process_loop(benchmark_run, tiny_suite, tiny_model):
+    store, run_id = benchmark_run
+    df = store.read("metrics")
+    df = df[df.run_id == run_id]
+    assert set(df.dataset) == set(DATASETS)
+    for dataset in DATASETS:
+        ref = reference_metrics(tiny_suite, tiny_model, dataset)
+        rows = df[df.dataset == dataset]
+        if dataset == "cityscapes":
+            (row,) = rows.itertuples()
+            assert row.n_images == ref["n_images"] == N_IMAGES
+            assert row.miou == pytest.approx(ref["miou"], rel=1e-12)
+            continue
+        assert len(rows) == len(SCORERS) * len(TEMPERATURES)
+        for row in rows.itertuples():
+            r = ref[(row.scorer, row.temperature)]
+            assert row.n_images == r["n_images"] == N_IMAGES
+            assert row.n_pixels == r["n_pixels"] and row.n_anomaly_pixels == r["n_anomaly"] > 0
+            for col, key in [("auprc", "auprc"), ("fpr95", "fpr95"), ("auroc", "auroc"),
+                             ("best_threshold", "threshold"), ("siou", "siou"), ("ppv", "ppv"),
+                             ("mean_f1", "mean_f1")]:
+                assert same(getattr(row, col), r[key]), (dataset, row.scorer, row.temperature, col,
+                                                         getattr(row, col), r[key])
+    # component metrics were actually computed for some unit (not all NaN)
+    assert df[df.kind == "anomaly"]["siou"].notna().any()
+
+
+def test_temperature_changes_msp_but_not_maxlogit_ranking(benchmark_run):
+    """Sanity of the sweep bookkeeping: MSP's ranking depends on T, energy/rba rows exist per T."""
+    store, run_id = benchmark_run
+    df = store.read("metrics")
+    msp = df[(df.scorer == "msp") & (df.dataset == "fs_static")].set_index("temperature")["auprc"]
+    assert set(msp.index) == set(TEMPERATURES)
+    assert msp[1.0] != msp[2.0]
+
+
+def test_per_image_and_output_cache(benchmark_run, tiny_suite, tiny_model):
+    store, run_id = benchmark_run
+    per_image = store.read("per_image")
+    fs = per_image[(per_image.dataset == "fs_static") & (per_image.scorer == "msp") & (per_image.temperature == 1.0)]
+    assert len(fs) == N_IMAGES and (fs.n_anomaly > 0).all()
+    # per-image summary against a direct computation for one image
+    model = model_from_safetensors(tiny_model).eval()
+    ds = create_dataset("fs_static", root=str(tiny_suite))
+    samples = [ds.load(r) for r in ds.samples]
+    sample = samples[0]
+    with torch.inference_mode():  # the same 4-image batch the actor ran (conv results depend on the batch)
+        batch_out = model.predict(torch.from_numpy(np.stack([s["image"] for s in samples])))
+    out = PixelLogits(batch_out.logits[:1], size=batch_out.size)
+    score = create_scorer("msp")(out, size=sample["label"].shape)[0].numpy().astype(np.float64)
+    row = fs[fs.image_id == sample["id"]].iloc[0]
+    assert row.score_mean_anomaly == pytest.approx(score[sample["label"] == 1].mean(), rel=1e-9)
+    assert row.score_mean_inlier == pytest.approx(score[sample["label"] == 0].mean(), rel=1e-9)
+    # the output cache holds the model's logits in fp16 with the label, one entry per image
+    cache = ShardCache(store.root, run_id, "tiny", "fs_static", "outputs")
+    items = {it.id: it for it in cache.items()}
+    assert len(items) == N_IMAGES
+    item = items[sample["id"]]
+    np.testing.assert_array_equal(item.label, sample["label"])
+    assert item.outputs.logits.dtype == torch.float16
+    np.testing.assert_allclose(item.outputs.logits.float().numpy(), out.logits.half().float().numpy(), rtol=0, atol=0)
+    c, h, w = out.logits.shape[1:]
+    assert cache.nbytes() >= N_IMAGES * output_nbytes("pixel", c, (h, w))
+    # scratch score maps are gone after commit; heatmaps were drawn
+    assert not ShardCache(store.root, run_id, "tiny", "fs_static", "scores").shards()
+    assert list(Path(store.root, "plots", run_id, "heatmaps").glob("tiny__fs_static__*.png"))
+
+
+def test_bad_inputs_become_failures_and_the_rest_is_intact(ray_session, tiny_suite, tiny_model, tmp_path):
+    data = tmp_path / "data"
+    src = tiny_suite / "Validation_Dataset" / "fs_static"
+    dst = data / "Validation_Dataset" / "fs_static"
+    shutil.copytree(src, dst)
+    ds = create_dataset("fs_static", root=str(data))
+    corrupt, wrong = ds.samples[0], ds.samples[1]
+    Path(corrupt.image_path).write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(wrong.label_path)
+    cfg = make_cfg(tmp_path / "results", data, tiny_model, datasets=("fs_static",), run_id="bad",
+                   component_metrics=False, cache_outputs=False, batch_size=2)
+    run_benchmark(cfg)
+    store = ResultsStore(str(tmp_path / "results"))
+    failures = store.read("failures").set_index("image_id")
+    assert set(failures.index) == {corrupt.id, wrong.id}
+    assert failures.loc[corrupt.id, "stage"] == "read"
+    assert corrupt.image_path in failures.loc[corrupt.id, "error"] and "corrupt" in failures.loc[corrupt.id, "error"]
+    assert wrong.label_path in failures.loc[wrong.id, "error"] and "size" in failures.loc[wrong.id, "error"]
+    metrics = store.read("metrics")
+    assert (metrics.n_images == N_IMAGES - 2).all() and (metrics.n_failures == 2).all()
+    # the other images' metrics are exactly those of a loop over the good images only
+    ref = reference_metrics(data, tiny_model, "fs_static", skip={corrupt.id, wrong.id})
+    for row in metrics.itertuples():
+        assert row.auprc == pytest.approx(ref[(row.scorer, row.temperature)]["auprc"], rel=1e-9)
+
+
+def test_resume_after_killed_run_skips_committed_units(ray_session, tiny_suite, tiny_model, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    cfg = make_cfg(results, tiny_suite, tiny_model, datasets=("fs_static", "road_anomaly_21"), run_id="resume",
+                   scorers=("msp",), temperatures=(1.0,), component_metrics=False, cache_outputs=True, heatmaps=0)
+    real_commit = ResultsStore.commit_unit
+
+    def killed_at_second_unit(self, run_id, model, dataset, tables):
+        if dataset == "road_anomaly_21":
+            # the process dies after writing some parts of the unit but before its metrics part
+            self.write_part("per_image", "resume__tiny__road_anomaly_21", tables["per_image"])
+            raise KeyboardInterrupt("SIGINT while committing")
+        return real_commit(self, run_id, model, dataset, tables)
+
+    monkeypatch.setattr(ResultsStore, "commit_unit", killed_at_second_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(cfg)
+    monkeypatch.undo()
+    store = ResultsStore(str(results))
+    assert store.completed_units("resume") == {("tiny", "fs_static")}
+    first_part = Path(store.part_path("metrics", "resume__tiny__fs_static"))
+    stamp = first_part.stat().st_mtime_ns
+
+    run_benchmark(cfg)
+    assert store.completed_units("resume") == {("tiny", "fs_static"), ("tiny", "road_anomaly_21")}
+    assert first_part.stat().st_mtime_ns == stamp  # the finished unit was skipped, not redone
+    per_image = store.read("per_image")
+    assert len(per_image[per_image.dataset == "road_anomaly_21"]) == N_IMAGES  # redone unit: no duplicate rows
+    cache = ShardCache(store.root, "resume", "tiny", "road_anomaly_21", "outputs")
+    assert len(list(cache.items())) == N_IMAGES  # its cache was cleared before the redo
+    runs = store.read("runs")
+    assert sorted(runs.status) == ["failed", "finished"]
+
+
+def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_suite):
+    from oodseg.report import COLUMNS, heatmaps_from_cache, standard_table
+
+    store, run_id = benchmark_run
+    table, info = standard_table(store, run_id)
+    metrics = store.read("metrics")
+    for r in metrics[(metrics.kind == "anomaly") & (metrics.temperature == 2.0)].itertuples():
+        cell = table.loc[("tiny", f"{r.scorer} (cl, T=2)"), (COLUMNS[r.dataset], "AuPRC")]
+        assert cell == pytest.approx(100 * r.auprc, rel=1e-12)
+    miou = metrics[metrics.dataset == "cityscapes"].miou.iloc[0]
+    assert table[("Cityscapes mIoU", "mIoU")].tolist() == pytest.approx([100 * miou] * len(table))
+    image_id = create_dataset("fs_static", root=str(tiny_suite)).samples[2].id
+    (path,) = heatmaps_from_cache(store, run_id, "tiny", "fs_static", [image_id], scorer="energy")
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,101 @@
+"""The report: standard table from Parquet via DuckDB, plots, CLI (``python -m oodseg report``)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from oodseg.__main__ import main as oodseg_main
+from oodseg.platform.results import ResultsStore
+from oodseg.report import COLUMNS, format_table, plot_curves, save_heatmap, standard_table
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """Two runs; the newer one has two models × two scorers on the five anomaly sets and Cityscapes mIoU."""
+    rng = np.random.default_rng(0)
+    store = ResultsStore(str(tmp_path / "results"))
+    t_old = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    store.write_part("metrics", "old", [{"run_id": "old", "model": "a", "dataset": "fs_static", "kind": "anomaly",
+                                         "scorer": "msp", "placement": "cl", "temperature": 1.0, "auprc": 0.99,
+                                         "committed_at": t_old}])
+    for model in ("erfnet", "eomt"):
+        for dataset in COLUMNS:
+            rows = [
+                {"run_id": "new", "model": model, "dataset": dataset, "kind": "anomaly", "scorer": s,
+                 "placement": "cl", "temperature": 1.0, "auprc": float(rng.uniform()), "fpr95": float(rng.uniform()),
+                 "anomaly_fraction": 0.02, "n_images": 10, "committed_at": t_old + timedelta(days=1)}
+                for s in ("msp", "rba")
+            ]
+            store.write_part("metrics", f"new__{model}__{dataset}", rows)
+            store.write_part("curves", f"new__{model}__{dataset}", [
+                {"run_id": "new", "model": model, "dataset": dataset, "scorer": "msp", "placement": "cl",
+                 "temperature": 1.0, "curve": c, "x": [0.0, 0.5, 1.0], "y": [1.0, 0.6, 0.1]} for c in ("pr", "roc")
+            ])
+        store.write_part("metrics", f"new__{model}__cityscapes", [
+            {"run_id": "new", "model": model, "dataset": "cityscapes", "kind": "semantic",
+             "miou": float(rng.uniform()), "n_images": 5, "committed_at": t_old + timedelta(days=1)}
+        ])
+    return store
+
+
+def test_table_reproduces_parquet_numbers(store):
+    table, info = standard_table(store)
+    assert info["run_id"] == "new"  # the latest run by default
+    raw = pq.read_table(f"{store.root}/metrics").to_pandas()  # independent reader: pyarrow, no DuckDB
+    raw = raw[raw.run_id == "new"]
+    assert list(table.columns.get_level_values(0).unique()) == [*COLUMNS.values(), "Cityscapes mIoU"]
+    assert sorted(table.index) == [("eomt", "msp"), ("eomt", "rba"), ("erfnet", "msp"), ("erfnet", "rba")]
+    for r in raw[raw.kind == "anomaly"].itertuples():
+        assert table.loc[(r.model, r.scorer), (COLUMNS[r.dataset], "AuPRC")] == pytest.approx(100 * r.auprc)
+        assert table.loc[(r.model, r.scorer), (COLUMNS[r.dataset], "FPR95")] == pytest.approx(100 * r.fpr95)
+    for r in raw[raw.kind == "semantic"].itertuples():
+        for method in ("msp", "rba"):
+            assert table.loc[(r.model, method), ("Cityscapes mIoU", "mIoU")] == pytest.approx(100 * r.miou)
+    text = format_table(table, info)
+    first = raw[(raw.model == "eomt") & (raw.scorer == "msp") & (raw.dataset == "road_anomaly_21")].iloc[0]
+    assert f"{100 * first.auprc:5.1f}" in text
+    assert "anomaly pixel fraction" in text and "2.00%" in text
+
+
+def test_table_of_an_older_run_and_temperature_labels(store):
+    table, _ = standard_table(store, run_id="old")
+    assert table.loc[("a", "msp"), ("FS Static", "AuPRC")] == pytest.approx(99.0)
+    assert math.isnan(table.loc[("a", "msp"), ("FS Static", "FPR95")])
+    store.write_part("metrics", "sweep", [
+        {"run_id": "sweep", "model": "m", "dataset": "fs_static", "kind": "anomaly", "scorer": "msp",
+         "placement": p, "temperature": t, "auprc": 0.1 * t, "committed_at": datetime.now(timezone.utc)}
+        for p in ("cl", "pl") for t in (1.0, 2.0)
+    ])
+    table, _ = standard_table(store, run_id="sweep")
+    assert table.loc[("m", "msp (pl, T=2)"), ("FS Static", "AuPRC")] == pytest.approx(20.0)
+    assert len(table) == 4
+
+
+def test_plots_and_heatmap_are_png(store):
+    paths = plot_curves(store, "new")
+    assert len(paths) == len(COLUMNS)
+    for p in paths:
+        with open(p, "rb") as fh:
+            assert fh.read(8) == PNG
+    image = np.zeros((32, 64, 3), np.uint8)
+    score = np.linspace(0, 1, 32 * 64, dtype=np.float32).reshape(32, 64)
+    label = np.zeros((32, 64), np.uint8)
+    label[10:20, 10:20] = 1
+    assert save_heatmap(image, score, label, title="t")[:8] == PNG
+
+
+def test_cli_prints_table_and_runs_sql(store, capsys):
+    assert oodseg_main(["report", "--results", store.root, "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "SMIYC RA-21" in out and "Cityscapes mIoU" in out and "erfnet" in out
+    assert oodseg_main(["report", "--results", store.root, "--sql",
+                        "SELECT count(*) AS n FROM metrics WHERE run_id = 'new'"]) == 0
+    assert "22" in capsys.readouterr().out  # 2 models × (5 datasets × 2 scorers + 1 mIoU row)
+    assert oodseg_main(["report", "--results", str(store.root) + "-empty", "--no-plots"]) == 1
