@@ -103,6 +103,8 @@ def test_validation_sets_round_trip(tmp_path, name, folder, ext, raw, mapped):
         images[f"frame{k}"] = _img(base / "images" / f"frame{k}{ext}", seed=k)
         _lab(base / "labels_masks" / f"frame{k}.png", raw_label)
     ds = create_dataset(name, root=tmp_path)
+    for other_root in (tmp_path / "Validation_Dataset", base):  # the folder above the set, or the set itself
+        assert create_dataset(name, root=other_root).samples == ds.samples
     assert ds.kind == "anomaly" and ds.track == ("obstacle" if name == "road_obstacle_21" else "anomaly")
     assert [r.id for r in ds.samples] == ["frame0", "frame1"]
     for s in ds:

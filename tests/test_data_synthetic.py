@@ -89,7 +89,7 @@ def test_coco_json_loads_with_pycocotools(suite):
 
 
 def test_deterministic_and_seed_dependent(suite, tmp_path):
-    again = _files(syn.build_suite(tmp_path / "again", seed=3, **SMALL))
+    again = _files(syn.build_suite(tmp_path / "again", seed=3, workers=2, **SMALL))  # parallel == serial
     assert again == _files(suite)
     other = _files(syn.build_suite(tmp_path / "other", seed=4, **SMALL))
     assert other.keys() == again.keys()

@@ -169,3 +169,14 @@ def test_offline_hub_id_fails_without_network(monkeypatch):
         create_model("eomt", pretrained="tue-mps/cityscapes_semantic_eomt_large_1024")
     with pytest.raises(ValueError, match="pretrained=.*or config="):
         create_model("eomt")
+
+
+def test_training_forward_reaches_every_group():
+    torch.manual_seed(6)
+    m = create_model("eomt", config=TINY).train()
+    out = m(torch.randn(2, 3, S, S))
+    assert out.class_logits.shape == (2, 6, 20) and out.mask_logits.shape == (2, 6, S // 2, S // 2)
+    (out.class_logits.logsumexp(-1).sum() + out.mask_logits.sigmoid().sum()).backward()
+    groups = m.param_groups()
+    for name in ("queries", "head", "blocks.2"):
+        assert all(p.grad is not None for p in groups[name]), name

@@ -114,11 +114,11 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike[str], co
     return out.astype(np.uint8)
 
 
-def resolve_root(root: str | os.PathLike[str] | None, subdir: str, marker: str) -> Path:
+def resolve_root(root: str | os.PathLike[str] | None, subdirs: str | tuple[str, ...], marker: str) -> Path:
     """Dataset folder from ``root`` (argument, else ``$OODSEG_DATA``).
 
-    Rule: if ``root/subdir`` exists it is used (``root`` is a data root holding many datasets, like the synthetic
-    suite); otherwise ``root`` itself must be the dataset folder (it contains ``marker``).
+    Rule: the first ``root/<subdir>`` that exists is used (``root`` is a data root holding many datasets, like the
+    synthetic suite); otherwise ``root`` itself must be the dataset folder (it contains ``marker``).
     """
     if root is None:
         env = os.environ.get("OODSEG_DATA")
@@ -126,13 +126,15 @@ def resolve_root(root: str | os.PathLike[str] | None, subdir: str, marker: str) 
             raise DataError("<root>", "no dataset root given and $OODSEG_DATA is not set")
         root = env
     base = Path(root).expanduser()
-    if (base / subdir).is_dir():
-        return base / subdir
+    subdirs = (subdirs,) if isinstance(subdirs, str) else subdirs
+    for sub in subdirs:
+        if (base / sub).is_dir():
+            return base / sub
     if (base / marker).is_dir():
         return base
     if not base.exists():
         raise DataError(base, "dataset root does not exist")
-    raise DataError(base, f"dataset root holds neither {subdir}/ nor {marker}/")
+    raise DataError(base, f"dataset root holds none of {[s + '/' for s in subdirs]} and no {marker}/")
 
 
 class ListedDataset:

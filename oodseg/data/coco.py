@@ -70,9 +70,9 @@ class CocoObjects:
         if not (root / ann_file).is_file() and (root / "coco" / ann_file).is_file():
             root = root / "coco"
         self.root = root
-        # ann_file: relative to root, or a path as given (absolute, or already joined with root by the caller)
-        self.ann_path = root / ann_file if (root / ann_file).is_file() or not Path(ann_file).is_file() \
-            else Path(ann_file)
+        self.ann_path = root / ann_file  # an absolute ann_file stays as it is
+        if not self.ann_path.is_file() and Path(ann_file).is_file():
+            self.ann_path = Path(ann_file)  # already joined with root by the caller
         if not self.ann_path.is_file():
             raise DataError(self.ann_path, "COCO annotation file not found")
         split = self.ann_path.stem.removeprefix("instances_")

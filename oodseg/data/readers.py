@@ -7,7 +7,7 @@ Layouts (``root`` is either a data root holding the dataset sub-folder, or the d
   ``<prefix>_gtFine_labelIds.png`` mapped to the 19 trainIds with cityscapesscripts' official label table
   (``cityscapesscripts.helpers.labels``; trainId 255 and -1 → 255).
 * ``Validation_Dataset/<name>/images/<stem>.<ext>`` with ``labels_masks/<stem>.png`` (pairing rule: equal stems),
-  the layout of most public eval code. Raw label conventions: 0 inlier / 1 anomaly / 255 void, except
+  the layout of most public eval code (``root`` may also be ``Validation_Dataset/`` or ``<name>/`` itself). Raw label conventions: 0 inlier / 1 anomaly / 255 void, except
   ``RoadAnomaly`` (anomaly stored as 2, mapped to 1).
 * SegmentMeIfYouCan release (github.com/SegmentMeIfYouCan/road-anomaly-benchmark): ``dataset_AnomalyTrack`` /
   ``dataset_ObstacleTrack`` with ``images/<stem>.{jpg,webp}`` and ``labels_masks/<stem>_labels_semantic.png``
@@ -166,7 +166,7 @@ class MaskFolderDataset(ListedDataset):
         return apply_lut(read_label(ref.label_path), self._lut, ref.label_path, self._convention)
 
 
-def _mask_dataset(root: str | os.PathLike[str] | None, subdir: str, value_map: Mapping[int, int], *,
+def _mask_dataset(root: str | os.PathLike[str] | None, subdir: str | tuple[str, ...], value_map: Mapping[int, int], *,
                   strict: bool, **kw: Any) -> MaskFolderDataset:
     """``images/`` + ``labels_masks/`` under the resolved root; a missing root is a listing problem like any other."""
     try:
@@ -180,7 +180,8 @@ def _mask_dataset(root: str | os.PathLike[str] | None, subdir: str, value_map: M
 
 def _validation_set(folder: str, name: str, track: str, value_map: Mapping[int, int], image_ext: str):
     def factory(root: str | os.PathLike[str] | None = None, strict: bool = True) -> MaskFolderDataset:
-        return _mask_dataset(root, f"Validation_Dataset/{folder}", value_map, name=name, track=track, strict=strict)
+        return _mask_dataset(root, (f"Validation_Dataset/{folder}", folder), value_map, name=name, track=track,
+                             strict=strict)
 
     factory.__name__ = name
     factory.__doc__ = (f"``Validation_Dataset/{folder}``: images ``*{image_ext}``, labels ``<stem>.png`` "

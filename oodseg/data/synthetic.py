@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # bump whenever generated content changes: invalidates cached suites
 MARKER = ".oodseg_suite.json"
 CITIES = {"train": ("synthtown", "synthville"), "val": ("synthburg",)}
 ANOMALY_SETS = {  # folder: (image ext, anomaly value, track)
@@ -152,7 +153,7 @@ class _Tex:
     grad: float = 0.0
 
 
-def _textured(rng: np.random.Generator, c: _Canvas, base: Any, amp: float, cell: float) -> _Tex:
+def _textured(rng: np.random.Generator, base: Any, amp: float, cell: float) -> _Tex:
     return _Tex(np.asarray(base, np.float32), float(amp * rng.choice([-1.0, 1.0])), cell)
 
 
@@ -176,7 +177,7 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
         else _grey(rng, 120, 210, 4)
     c.paint(~ground, _Tex(sky.astype(np.float32), 10.0, 40, grad=40.0), SKY)
     terr = np.array([rng.uniform(70, 120), rng.uniform(90, 140), rng.uniform(40, 80)])
-    c.paint(ground, _textured(rng, c, terr, 18, 6), TERRAIN)
+    c.paint(ground, _textured(rng, terr, 18, 6), TERRAIN)
     # per side a street-canyon plane; h_rel = (y - yh)/|x - vx| is linear in world height, = k_walk on the ground
     for side in (-1, 1):
         dx = np.maximum(side * (xx - vx), 1e-3)
@@ -188,31 +189,31 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
             top = k_walk * (1 - heights[np.clip((u / rng.uniform(1.5, 3.5)).astype(int), 0, 63)])
             facade = region & (h_rel > top)
             base = _grey(rng, 90, 200, 25) if rng.random() < 0.6 else np.array([rng.uniform(130, 180), 80, 60.0])
-            c.paint(facade, _textured(rng, c, base, 10, 3), BUILDING)
+            c.paint(facade, _textured(rng, base, 10, 3), BUILDING)
             storey = h_rel / (0.6 * k_walk)  # storeys compressed vs. a real camera so several fit in view
             win = facade & (np.modf(u * 2.5)[0] < 0.45) & (np.modf(storey + 20)[0] < 0.5) & \
                 (h_rel < 0.1 * k_walk) & (h_rel > top + 0.2 * k_walk)
-            c.paint(win, _textured(rng, c, base * 0.4 + np.array([15, 30, 50]), 12, 2), BUILDING)
+            c.paint(win, _textured(rng, base * 0.4 + np.array([15, 30, 50]), 12, 2), BUILDING)
             if rng.random() < 0.3:  # a low wall (~1.2 m) in front of parts of the facade
                 wall = region & (h_rel > 0.2 * k_walk) & (np.modf(u / 7)[0] < 0.5)
-                c.paint(wall, _textured(rng, c, _grey(rng, 110, 180), 6, 6), WALL)
+                c.paint(wall, _textured(rng, _grey(rng, 110, 180), 6, 6), WALL)
         else:  # tree line above a terrain verge, optionally behind a fence
             crowns = region & (h_rel > k_walk * (1 - rng.uniform(2, 5) + 0.6 * c.noise(12))) & \
                 (h_rel < k_walk * rng.uniform(0.3, 0.7))
             veg = np.array([rng.uniform(30, 90), rng.uniform(80, 140), rng.uniform(20, 70)])
-            c.paint(crowns, _textured(rng, c, veg, 28, 2), VEGETATION)
+            c.paint(crowns, _textured(rng, veg, 28, 2), VEGETATION)
             if rng.random() < 0.6:  # fence (~1.5 m) of vertical bars
                 fence = region & (h_rel > 0.0) & (np.modf(u * 3)[0] < 0.35)
-                c.paint(fence, _textured(rng, c, _grey(rng, 60, 160), 5, 4), FENCE)
+                c.paint(fence, _textured(rng, _grey(rng, 60, 160), 5, 4), FENCE)
     # sidewalk with perspective tile seams, then the road with lane markings (labels stay road)
     walk = ground & (adx <= k_walk * dy)
     wbase = _grey(rng, 110, 190)
-    c.paint(walk, _textured(rng, c, wbase, 8, 3), SIDEWALK)
+    c.paint(walk, _textured(rng, wbase, 8, 3), SIDEWALK)
     depth = 60.0 / np.maximum(dy, 1.0)
     seams = walk & ((np.modf(depth * 3)[0] < 0.08) | (np.modf((xx - vx) / np.maximum(dy, 1) * 4)[0] < 0.06))
-    c.paint(seams, _textured(rng, c, wbase * 0.8, 8, 3), SIDEWALK)
+    c.paint(seams, _textured(rng, wbase * 0.8, 8, 3), SIDEWALK)
     road = ground & (adx <= k_road * dy)
-    c.paint(road, _textured(rng, c, _grey(rng, 70, 150), 10, 1.5), ROAD)
+    c.paint(road, _textured(rng, _grey(rng, 70, 150), 10, 1.5), ROAD)
     rel = adx / np.maximum(k_road * dy, 1e-3)
     marks = road & (((rel < 0.025) & (np.modf(depth)[0] < 0.5)) | ((rel > 0.93) & (rel < 0.97)))
     c.paint(marks, np.full(3, rng.uniform(200, 240), np.float32), ROAD)
@@ -230,7 +231,7 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
             (_draw_person if kind == "person" else _draw_pole)(rng, c, xb, yb, unit)
     if rng.random() < 0.3:  # ego-vehicle hood: Cityscapes labelId 1 (ignored)
         hood = yy > h - rng.uniform(0.06, 0.12) * h + 0.15 * h * ((xx - w / 2) / w) ** 2
-        c.paint(hood, _textured(rng, c, _grey(rng, 20, 80), 4, 20), EGO)
+        c.paint(hood, _textured(rng, _grey(rng, 20, 80), 4, 20), EGO)
     # lighting: global gain + colour cast + smooth shadows
     gain = (rng.uniform(0.65, 1.25) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
     img = c.compose()
@@ -253,7 +254,7 @@ def _rect(c: _Canvas, x0: float, y0: float, x1: float, y1: float) -> tuple[np.nd
 
 def _draw_car(rng: np.random.Generator, c: _Canvas, xc: float, yb: float, cw: float) -> None:
     body = np.array([rng.uniform(20, 230)] * 3) if rng.random() < 0.5 else rng.uniform(20, 220, 3)
-    col = _textured(rng, c, body, 4, 8)
+    col = _textured(rng, body, 4, 8)
     bh, ch = 0.42 * cw, 0.3 * cw
     c.fill(_rect(c, xc - cw / 2, yb - bh - 0.1 * cw, xc + cw / 2, yb - 0.1 * cw), col, CAR)
     c.fill(_rect(c, xc - 0.35 * cw, yb - bh - ch, xc + 0.35 * cw, yb - bh), col, CAR)
@@ -271,13 +272,13 @@ def _draw_person(rng: np.random.Generator, c: _Canvas, xb: float, yb: float, uni
     skin = np.array([rng.uniform(120, 230), rng.uniform(90, 170), rng.uniform(70, 140)])
     for sx in (-0.06, 0.06):
         c.fill(_rect(c, xb + (sx - 0.04) * hgt, yb - 0.47 * hgt, xb + (sx + 0.04) * hgt, yb), pants, PERSON)
-    c.fill(_ellipse(c, xb, yb - 0.65 * hgt, 0.13 * hgt, 0.2 * hgt), _textured(rng, c, shirt, 8, 2), PERSON)
+    c.fill(_ellipse(c, xb, yb - 0.65 * hgt, 0.13 * hgt, 0.2 * hgt), _textured(rng, shirt, 8, 2), PERSON)
     c.fill(_ellipse(c, xb, yb - 0.92 * hgt, 0.065 * hgt, 0.08 * hgt), skin, PERSON)
 
 
 def _draw_pole(rng: np.random.Generator, c: _Canvas, xb: float, yb: float, unit: float) -> None:
     hgt, pw = unit * rng.uniform(1.6, 2.4), max(1.0, 0.05 * unit)
-    c.fill(_rect(c, xb - pw / 2, yb - hgt, xb + pw / 2, yb), _textured(rng, c, _grey(rng, 60, 140), 5, 2), POLE)
+    c.fill(_rect(c, xb - pw / 2, yb - hgt, xb + pw / 2, yb), _textured(rng, _grey(rng, 60, 140), 5, 2), POLE)
     s = 0.25 * unit
     if rng.random() < 0.5:  # traffic sign: white-rimmed disc or square with a coloured centre
         col = [np.array([200, 30, 30.0]), np.array([30, 70, 190.0]), np.array([230, 200, 40.0])][rng.integers(3)]
@@ -384,40 +385,40 @@ def _save(arr: np.ndarray, path: Path) -> None:
         raise ValueError(f"unsupported extension {ext}")
 
 
-def _write_cityscapes(out: Path, seed: int, size: tuple[int, int], n_train: int, n_val: int) -> None:
-    for stream, (split, n) in enumerate((("train", n_train), ("val", n_val)), start=1):
-        cities = CITIES[split]
-        for i in range(n):
-            rng = _rng(seed, stream, i)
-            img, lab, _ = render_scene(rng, *size)
-            city = cities[i % len(cities)]
-            prefix = f"{city}_{i // len(cities):06d}_{(i * 19) % 1000000:06d}"
-            for sub, arr, tail in (("leftImg8bit", _to_uint8(rng, img), "leftImg8bit"),
-                                   ("gtFine", lab, "gtFine_labelIds")):
-                d = out / "cityscapes" / sub / split / city
-                d.mkdir(parents=True, exist_ok=True)
-                _save(arr, d / f"{prefix}_{tail}.png")
+def _city_frame(out: Path, seed: int, size: tuple[int, int], split: str, i: int) -> None:
+    """Cityscapes-format frame ``i`` of ``split`` (streams 1 = train, 2 = val)."""
+    rng = _rng(seed, 1 if split == "train" else 2, i)
+    img, lab, _ = render_scene(rng, *size)
+    cities = CITIES[split]
+    city = cities[i % len(cities)]
+    prefix = f"{city}_{i // len(cities):06d}_{(i * 19) % 1000000:06d}"
+    for sub, arr, tail in (("leftImg8bit", _to_uint8(rng, img), "leftImg8bit"), ("gtFine", lab, "gtFine_labelIds")):
+        d = out / "cityscapes" / sub / split / city
+        d.mkdir(parents=True, exist_ok=True)
+        _save(arr, d / f"{prefix}_{tail}.png")
 
 
-def _write_anomaly_sets(out: Path, seed: int, size: tuple[int, int], n: int) -> None:
-    for stream, (folder, (ext, value, track)) in enumerate(ANOMALY_SETS.items(), start=10):
-        base = out / "Validation_Dataset" / folder
-        (base / "images").mkdir(parents=True, exist_ok=True)
-        (base / "labels_masks").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = _rng(seed, stream, i)
-            img, lab_ids, geom = render_scene(rng, *size)
-            obstacle = track == "obstacle"
-            anomaly = _paste_anomalies(rng, img, lab_ids, geom, obstacle) if i % 5 != 4 else np.zeros_like(lab_ids,
-                                                                                                            bool)
-            label = np.zeros(lab_ids.shape, np.uint8)
-            if obstacle:
-                label[lab_ids != ROAD] = 255
-            label[lab_ids == EGO] = 255
-            label[anomaly] = value
-            stem = f"validation_{i:04d}"
-            _save(_to_uint8(rng, img), base / "images" / f"{stem}{ext}")
-            _save(label, base / "labels_masks" / f"{stem}.png")
+def _anomaly_frame(out: Path, seed: int, size: tuple[int, int], folder: str, i: int) -> None:
+    """Frame ``i`` of anomaly set ``folder`` (streams 10..14); every 5th frame has no anomaly."""
+    ext, value, track = ANOMALY_SETS[folder]
+    rng = _rng(seed, 10 + list(ANOMALY_SETS).index(folder), i)
+    img, lab_ids, geom = render_scene(rng, *size)
+    obstacle = track == "obstacle"
+    anomaly = _paste_anomalies(rng, img, lab_ids, geom, obstacle) if i % 5 != 4 else np.zeros(lab_ids.shape, bool)
+    label = np.zeros(lab_ids.shape, np.uint8)
+    if obstacle:
+        label[lab_ids != ROAD] = 255
+    label[lab_ids == EGO] = 255
+    label[anomaly] = value
+    base = out / "Validation_Dataset" / folder
+    stem = f"validation_{i:04d}"
+    _save(_to_uint8(rng, img), base / "images" / f"{stem}{ext}")
+    _save(label, base / "labels_masks" / f"{stem}.png")
+
+
+def _run_frame(task: tuple[Any, ...]) -> None:
+    kind, *args = task
+    (_city_frame if kind == "city" else _anomaly_frame)(*args)
 
 
 def _write_coco(out: Path, seed: int, n_images: int) -> None:
@@ -431,7 +432,7 @@ def _write_coco(out: Path, seed: int, n_images: int) -> None:
         rng = _rng(seed, 30, i)
         hh, ww = 160, 192
         canvas = _Canvas(hh, ww, rng)
-        canvas.paint(np.ones((hh, ww), bool), _textured(rng, canvas, rng.uniform(60, 200, 3), 20, 12), None)
+        canvas.paint(np.ones((hh, ww), bool), _textured(rng, rng.uniform(60, 200, 3), 20, 12), None)
         canvas.compose()
         image_id = 1000 + i
         for _ in range(rng.integers(1, 4)):
@@ -478,9 +479,10 @@ def _params(seed: int, size: tuple[int, int], n_train: int, n_val: int, n_anomal
 
 
 def build_suite(out: str | os.PathLike[str], seed: int = 0, size: tuple[int, int] = (256, 512), n_train: int = 120,
-                n_val: int = 30, n_anomaly: int = 20, n_coco: int = 24) -> Path:
+                n_val: int = 30, n_anomaly: int = 20, n_coco: int = 24, workers: int = 1) -> Path:
     """Write the whole suite to ``out`` (must be absent or empty); built in a sibling temp dir and renamed atomically,
-    so an interrupted build never leaves a partial suite. Returns ``out``."""
+    so an interrupted build never leaves a partial suite. ``workers`` > 1 renders frames in that many processes
+    (identical output). Returns ``out``."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: suite output folder exists and is not empty")
@@ -490,8 +492,19 @@ def build_suite(out: str | os.PathLike[str], seed: int = 0, size: tuple[int, int
     tmp.mkdir()
     try:
         t0 = time.perf_counter()
-        _write_cityscapes(tmp, seed, tuple(size), n_train, n_val)
-        _write_anomaly_sets(tmp, seed, tuple(size), n_anomaly)
+        size = (int(size[0]), int(size[1]))
+        for folder in ANOMALY_SETS:
+            (tmp / "Validation_Dataset" / folder / "images").mkdir(parents=True)
+            (tmp / "Validation_Dataset" / folder / "labels_masks").mkdir(parents=True)
+        tasks = [("city", tmp, seed, size, split, i) for split, n in (("train", n_train), ("val", n_val))
+                 for i in range(n)]
+        tasks += [("anomaly", tmp, seed, size, folder, i) for folder in ANOMALY_SETS for i in range(n_anomaly)]
+        if workers > 1:  # frames are independent (own SeedSequence), so the output does not depend on workers
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_run_frame, tasks, chunksize=4))
+        else:
+            for task in tasks:
+                _run_frame(task)
         _write_coco(tmp, seed, n_coco)
         (tmp / MARKER).write_text(json.dumps({**params, "build_seconds": round(time.perf_counter() - t0, 2)}))
         if out.exists():
@@ -520,6 +533,7 @@ def ensure_suite(root: str | os.PathLike[str], seed: int = 0, **kw: Any) -> Path
     or has other parameters. A stale suite (our marker, other params) is replaced; a foreign non-empty folder is
     never deleted. Safe under concurrent callers: a loser of the final rename keeps the winner's identical suite."""
     root = Path(root)
+    workers = int(kw.pop("workers", 1))
     defaults = {"size": (256, 512), "n_train": 120, "n_val": 30, "n_anomaly": 20, "n_coco": 24}
     cfg = {**defaults, **kw}
     params = _params(seed, **cfg)
@@ -532,7 +546,7 @@ def ensure_suite(root: str | os.PathLike[str], seed: int = 0, **kw: Any) -> Path
         os.replace(root, stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        return build_suite(root, seed=seed, **cfg)
+        return build_suite(root, seed=seed, workers=workers, **cfg)
     except (FileExistsError, OSError):
         if suite_matches(root, **params):  # a concurrent builder finished first
             return root
@@ -548,10 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=30)
     p.add_argument("--n-anomaly", type=int, default=20)
     p.add_argument("--n-coco", type=int, default=24)
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="rendering processes")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     root = ensure_suite(a.out, seed=a.seed, size=tuple(a.size), n_train=a.n_train, n_val=a.n_val,
-                        n_anomaly=a.n_anomaly, n_coco=a.n_coco)
+                        n_anomaly=a.n_anomaly, n_coco=a.n_coco, workers=a.workers)
     print(f"synthetic suite ready at {root} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 

@@ -21,9 +21,9 @@ The reference upsamples each window's mask *logits* to ``S × S`` (bilinear) bef
 ``Σ_q softmax(class)[c] · sigmoid(mask)``, averages the windows over their overlaps and bilinearly resizes to the
 image size. ``predict`` therefore returns mask logits already upsampled to the window size (``upsample_masks=True``),
 so a scorer that resizes per-crop *scores* to the crop box (a no-op then) matches the reference exactly.
-``upsample_masks=False`` keeps the native ``S/4`` mask resolution (16× less memory / transfer, e.g. 26 MB instead of
-420 MB per 1024² window with 100 queries in fp32); it matches the reference only if the scorer upsamples mask logits
-to the crop size before the sigmoid.
+``upsample_masks=False`` keeps the native mask resolution (4 × the patch grid, S/4 for patch 16: 16× less memory
+and transfer, e.g. 26 MB instead of 420 MB per 1024² window with 100 queries in fp32); it matches the reference only
+if the scorer upsamples mask logits to the crop size before the sigmoid.
 
 ``param_groups()``: ``backbone`` = patch/position embeddings, cls/register tokens, all ViT ``layers`` and the final
 ``layernorm``; ``queries`` = the learned query embeddings; ``head`` = ``class_predictor`` + ``mask_head`` +

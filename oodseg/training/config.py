@@ -29,6 +29,7 @@ class TrainConfig:
     coco_root: str | None = field(default=None, metadata=_h("COCO root for the OE paste (None: no paste)"))
     coco_ann: str = field(default="annotations/instances_train2017.json", metadata=_h("COCO annotation file"))
     ood_prob: float = field(default=0.5, metadata=_h("probability that a training crop gets a pasted outlier"))
+    paste_road_only: bool = field(default=True, metadata=_h("pasted objects stand on road/sidewalk pixels"))
     loss: str = field(default="ce", metadata=_h("loss name: ce | oe | logitnorm | eim"))
     loss_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("create_loss keyword arguments"))
     params: str = field(default="full", metadata=_h("trainable params: full | head | last_k:N | queries | lora"))

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,8 +62,8 @@ def build_samples(cfg: TrainConfig) -> TrainSamples:
         from oodseg.data.coco import CocoObjects
         from oodseg.data.paste import OutlierPaste
 
-        objects = CocoObjects(cfg.coco_root, str(Path(cfg.coco_root) / cfg.coco_ann))
-        paste = OutlierPaste(objects, ood_prob=cfg.ood_prob, seed=cfg.seed)
+        objects = CocoObjects(cfg.coco_root, cfg.coco_ann)
+        paste = OutlierPaste(objects, ood_prob=cfg.ood_prob, road_only=cfg.paste_road_only, seed=cfg.seed)
     aug = SegAugment(crop=tuple(cfg.crop), scale=tuple(cfg.scale), hflip=cfg.hflip)
     return TrainSamples(dataset, aug, seed=cfg.seed, paste=paste, cache=cfg.cache_data)
 
