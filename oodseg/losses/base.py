@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oodseg.data.paste import IGNORE_ID, OUTLIER_ID
 from oodseg.outputs import MaskOutputs, PixelLogits
 from oodseg.registry import Registry
-
-IGNORE_ID = 255
-OUTLIER_ID = 254
 
 LossOutputs = torch.Tensor | PixelLogits | MaskOutputs
 

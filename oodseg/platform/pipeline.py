@@ -489,6 +489,9 @@ class BenchmarkRunner:
         self.run_id = cfg.run_id or new_run_id()
         self.store = ResultsStore(cfg.results)
         self.cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir()
+        #: wall seconds per stage, summed over models (``score_pass``, ``component_pass``, ``commit``)
+        self.timings: dict[str, float] = defaultdict(float)
+        self.n_images = 0
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def data_root(self) -> str:
@@ -617,8 +620,14 @@ class BenchmarkRunner:
                 compute=ActorPoolStrategy(min_size=1, max_size=max_actors),
                 **res,
             )
+            t_pass = time.time()
             self._reduce(ds, results, keys)
+            self.timings["score_pass"] += time.time() - t_pass
+            self.n_images += len(items)
+        t_pass = time.time()
         self._components(ray, spec, results, keys)
+        self.timings["component_pass"] += time.time() - t_pass
+        t_pass = time.time()
         for n, unit in results.items():
             unit.wall_s = time.time() - t0
             self._commit(spec, n, unit, keys)
@@ -626,6 +635,7 @@ class BenchmarkRunner:
                 self._heatmaps(spec, n, datasets[n], keys)
             if not self.cfg.keep_score_cache:
                 ShardCache(self.store.root, self.run_id, spec.name, n, "scores").delete()
+        self.timings["commit"] += time.time() - t_pass
         _log(f"{spec.name}: done in {time.time() - t0:.1f} s")
 
     def _reduce(self, ds, results: dict[str, UnitResult], keys: Sequence[ScorerKey]) -> None:
