@@ -24,13 +24,13 @@ TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_si
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("eomt", config=TINY, window_batch=2).eval()
+    return create_model("eomt", config=TINY, window_batch=2, upsample_masks=True).eval()
 
 
 @pytest.fixture(scope="module")
 def native(model):
-    """The same weights, mask logits kept at their native S/4 resolution."""
-    m = create_model("eomt", config=TINY, upsample_masks=False).eval()
+    """The same weights, mask logits kept at their native S/4 resolution (the default)."""
+    m = create_model("eomt", config=TINY).eval()
     m.load_state_dict(model.state_dict())
     return m
 
@@ -103,14 +103,16 @@ def test_windows_match_image_processor_and_post_process(model, native, hw):
         assert agree > 0.999
 
 
-def test_scoring_layer_stitching_agrees(model):
-    """If the scoring layer is present, its pixel_class_scores on predict() outputs must equal the reference."""
-    scoring = pytest.importorskip("oodseg.scoring")
-    if not hasattr(scoring, "pixel_class_scores"):
-        pytest.skip("oodseg.scoring.pixel_class_scores not available yet")
+def test_scoring_layer_stitching_agrees(model, native):
+    """The scoring layer's pixel_class_scores on predict() outputs equals the reference stitching, whether the model
+    hands over window-size or native-resolution mask logits."""
+    from oodseg.scoring import pixel_class_scores
+
     img = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (1, 40, 100, 3), dtype=np.uint8))
     out = model.predict(img)
-    torch.testing.assert_close(scoring.pixel_class_scores(out).float(), stitch(out), rtol=1e-4, atol=1e-5)
+    ref = stitch(out)
+    torch.testing.assert_close(pixel_class_scores(out).float(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pixel_class_scores(native.predict(img)).float(), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_one_window_equals_plain_forward(model):
@@ -141,8 +143,7 @@ def test_from_pretrained_dir_round_trip(tmp_path: Path):
     with torch.no_grad():
         ref = hf(pixel_values=inputs["pixel_values"])
     torch.testing.assert_close(out.class_logits, ref.class_queries_logits, rtol=1e-4, atol=1e-4)
-    up = F.interpolate(ref.masks_queries_logits, size=(S, S), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out.mask_logits, up, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.mask_logits, ref.masks_queries_logits, rtol=1e-4, atol=1e-4)
     # fine-tuning export → rebuild from the safetensors header alone
     path = save_safetensors(ours, tmp_path / "eomt.safetensors", {"recipe": "queries"})
     again = model_from_safetensors(path).eval()

@@ -207,14 +207,21 @@ def test_two_overlapping_crops_are_averaged():
 def test_crops_are_resized_to_their_box_and_images_are_separate():
     g = torch.Generator().manual_seed(3)
     cls, masks = torch.randn(3, 2, 3, generator=g), torch.randn(3, 2, 2, 3, generator=g)
-    # image 0: one 4x6 crop covering the frame (masks 2x3 → upsampled to 4x6); image 1: two 4x3 crops side by side
+    # image 0: one 4x6 crop covering the frame (masks 2x3 → upsampled to 4x6); image 1: two 4x3 crops side by side.
+    # As in the EoMT reference, a crop's mask *logits* are upsampled to its box before the sigmoid.
     crops = torch.tensor([[0, 0, 0, 4, 6], [1, 0, 0, 4, 3], [1, 0, 3, 4, 3]])
     out = MaskOutputs(cls, masks, crops=crops, frame_size=(4, 6), n_images=2, size=(4, 6))
-    per_crop = np_mask_scores(cls.double().numpy(), masks.double().numpy(), 0.7)
+    c, m = cls.double().numpy(), masks.double().numpy()
+
+    def crop_scores(n: int, box: tuple[int, int]) -> np.ndarray:
+        return np_mask_scores(c[n : n + 1], np_bilinear(m[n], box)[None], 0.7)[0]
+
     expect = np.zeros((2, 2, 4, 6))
-    expect[0] = np_bilinear(per_crop[0], (4, 6))
-    expect[1, :, :, :3] = np_bilinear(per_crop[1], (4, 3))
-    expect[1, :, :, 3:] = np_bilinear(per_crop[2], (4, 3))
+    expect[0] = crop_scores(0, (4, 6))
+    expect[1, :, :, :3] = crop_scores(1, (4, 3))
+    expect[1, :, :, 3:] = crop_scores(2, (4, 3))
+    # the other order (sigmoid at mask resolution, then resize) is measurably different on this input
+    assert np.abs(np_bilinear(np_mask_scores(c, m, 0.7)[0], (4, 6)) - expect[0]).max() > 1e-3
     got = pixel_class_scores(out, temperature_cl=0.7)
     np.testing.assert_allclose(got.numpy(), expect, rtol=1e-5, atol=1e-5)
 

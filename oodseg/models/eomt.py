@@ -19,11 +19,11 @@ first at 0, last ending at the border); run every window. ``predict`` returns th
 ordered by image then window), ``frame_size`` = resized size, ``size`` = input ``(H, W)``, ``n_images`` = B.
 The reference upsamples each window's mask *logits* to ``S × S`` (bilinear) before the sigmoid, forms
 ``Σ_q softmax(class)[c] · sigmoid(mask)``, averages the windows over their overlaps and bilinearly resizes to the
-image size. ``predict`` therefore returns mask logits already upsampled to the window size (``upsample_masks=True``),
-so a scorer that resizes per-crop *scores* to the crop box (a no-op then) matches the reference exactly.
-``upsample_masks=False`` keeps the native mask resolution (4 × the patch grid, S/4 for patch 16: 16× less memory
-and transfer, e.g. 26 MB instead of 420 MB per 1024² window with 100 queries in fp32); it matches the reference only
-if the scorer upsamples mask logits to the crop size before the sigmoid.
+image size. ``predict`` returns mask logits at their native resolution (4 × the patch grid, ``S/4`` for patch 16;
+``upsample_masks=False``, the default): the scoring layer upsamples each crop's mask logits to its box before the
+sigmoid (``oodseg.scoring.scorers._stitch_crops``), which matches the reference exactly while moving 16× less data
+(26 MB instead of 420 MB per 1024² window with 100 queries in fp32) through the object store and the output cache.
+``upsample_masks=True`` hands over window-size logits instead (same scores, more memory).
 
 ``param_groups()``: ``backbone`` = patch/position embeddings, cls/register tokens, all ViT ``layers`` and the final
 ``layernorm``; ``queries`` = the learned query embeddings; ``head`` = ``class_predictor`` + ``mask_head`` +
@@ -82,7 +82,7 @@ class EoMT(SegModel):
         image_mean: tuple[float, float, float] | list[float] | None = None,
         image_std: tuple[float, float, float] | list[float] | None = None,
         window_batch: int = 8,
-        upsample_masks: bool = True,
+        upsample_masks: bool = False,
     ) -> None:
         from transformers import EomtConfig, EomtForUniversalSegmentation
 

@@ -51,7 +51,7 @@ import pyarrow as pa
 
 from oodseg.config import to_json
 from oodseg.platform.cache import ShardCache, split_outputs
-from oodseg.platform.results import ResultsStore
+from oodseg.platform.results import ResultsStore, safe_key
 
 ANOMALY_DATASETS = ("road_anomaly_21", "road_obstacle_21", "fs_lost_found", "fs_static", "road_anomaly")
 DEFAULT_DATASETS = (*ANOMALY_DATASETS, "cityscapes")
@@ -199,8 +199,11 @@ def resolve_checkpoint(spec: ModelSpec, cache_dir: Path | None, data_root: str |
         return spec.checkpoint
     from oodseg.training.demo import get_demo_checkpoint
 
+    from oodseg.data.synthetic import MARKER
+
     cache_dir = cache_dir or default_cache_dir()
-    suite = Path(data_root) if data_root else synthetic_suite(cache_dir, seed)
+    given = Path(data_root) if data_root else None
+    suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache_dir, seed)
     return str(get_demo_checkpoint(suite, cache_dir, seed))
 
 
@@ -265,6 +268,9 @@ _OUT_SCHEMA = pa.schema(
         ("summary", pa.string()), ("state", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()),
     ]
 )
+
+
+_F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
 
 
 @dataclass(frozen=True)
@@ -394,7 +400,8 @@ class ScoreActor:
                                 st.setdefault(key, PixelMetrics()).update(s, labels[b])
                             emit("image", r, summary=_image_summary(per, labels[b], self.keys))
                             if self.write_scores:
-                                records.append({"label": labels[b], "scores": np.stack(per).astype(np.float16)})
+                                maps = np.clip(np.stack(per), -_F16_MAX, _F16_MAX).astype(np.float16)
+                                records.append({"label": labels[b], "scores": maps})
                         if self.write_scores:
                             self._cache(dataset, "scores").write(
                                 f"{self.writer}-{self.calls}-{start}", records, [r["id"] for r in chunk]
@@ -500,11 +507,21 @@ class BenchmarkRunner:
         return str(synthetic_suite(self.cache_dir, self.cfg.seed))
 
     def open_datasets(self, root: str) -> dict[str, Any]:
-        from oodseg.data import create_dataset
+        """Every configured dataset that can be listed; one that cannot (missing folder, …) is recorded in
+        ``failures`` (stage ``open``) and left out, so the rest of the benchmark still runs."""
+        from oodseg.data import DataError, create_dataset
 
         out = {}
         for name in self.cfg.datasets:
-            ds = create_dataset(name, root=root, strict=False)
+            try:
+                ds = create_dataset(name, root=root, strict=False)
+            except DataError as e:
+                _log(f"dataset {name} cannot be opened: {e}")
+                self.store.write_part("failures", safe_key(self.run_id, "open", name), [
+                    {"run_id": self.run_id, "model": "", "dataset": name, "image_id": "", "file": e.path,
+                     "stage": "open", "error": str(e)}
+                ])
+                continue
             if self.cfg.max_images and len(ds.samples) > self.cfg.max_images:
                 ds.samples = ds.samples[: self.cfg.max_images]
             out[name] = ds
@@ -553,12 +570,12 @@ class BenchmarkRunner:
         status = "finished"
         try:
             for spec in self.cfg.models:
-                pending = [d for d in self.cfg.datasets if (spec.name, d) not in done]
+                pending = [d for d in datasets if (spec.name, d) not in done]
                 if not pending:
                     _log(f"{spec.name}: all units already committed, skipping")
                     continue
-                if len(pending) < len(self.cfg.datasets):
-                    _log(f"{spec.name}: resuming, {len(self.cfg.datasets) - len(pending)} unit(s) already committed")
+                if len(pending) < len(datasets):
+                    _log(f"{spec.name}: resuming, {len(datasets) - len(pending)} unit(s) already committed")
                 self.run_model(ray, spec, {d: datasets[d] for d in pending}, root)
         except BaseException:
             status = "failed"
@@ -621,7 +638,7 @@ class BenchmarkRunner:
                 **res,
             )
             t_pass = time.time()
-            self._reduce(ds, results, keys)
+            self._reduce(ds, results, len(items))
             self.timings["score_pass"] += time.time() - t_pass
             self.n_images += len(items)
         t_pass = time.time()
@@ -638,12 +655,19 @@ class BenchmarkRunner:
         self.timings["commit"] += time.time() - t_pass
         _log(f"{spec.name}: done in {time.time() - t0:.1f} s")
 
-    def _reduce(self, ds, results: dict[str, UnitResult], keys: Sequence[ScorerKey]) -> None:
+    def _reduce(self, ds, results: dict[str, UnitResult], total: int) -> None:
+        """Stream the actor outputs, merging metric states per dataset; logs progress every ~10 %."""
         from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
 
+        seen, next_report, t0 = 0, max(1, total // 10), time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for r in batch.to_pylist():
                 unit = results[r["dataset"]]
+                if r["row"] != "state":
+                    seen += 1
+                    if seen >= next_report or seen == total:
+                        _log(f"scored {seen}/{total} images ({seen / max(time.time() - t0, 1e-9):.1f} images/s)")
+                        next_report = seen + max(1, total // 10)
                 if r["row"] == "failure":
                     unit.failures.append(
                         {"image_id": r["id"], "file": r["image_path"], "stage": r["stage"], "error": r["error"]}

@@ -78,21 +78,30 @@ def _mask_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, te
     return torch.einsum("nqc,nqhw->nchw", probs, torch.sigmoid(mask_logits.float()))
 
 
-def _stitch_crops(crop_scores: torch.Tensor, out: MaskOutputs) -> torch.Tensor:
-    """Upsample each crop's scores to its box, add into its frame and average where crops overlap."""
+def _stitch_crops(out: MaskOutputs, temperature_cl: float) -> torch.Tensor:
+    """Per-crop class scores stitched into the frame, overlaps averaged.
+
+    Each crop's mask logits are bilinearly upsampled to its box *before* the sigmoid, as the EoMT reference does for
+    windowed semantic inference (``eval_semantic`` upsamples mask logits to the window, then combines), so models can
+    hand over mask logits at their native ``S/4`` resolution. Crops are processed one at a time to bound memory.
+    """
     if out.frame_size is None:
         raise ValueError("MaskOutputs with crops needs frame_size")
     crops = out.crops.detach().to("cpu", torch.long)
-    if crops.ndim != 2 or crops.shape[1] != 5 or crops.shape[0] != crop_scores.shape[0]:
-        raise ValueError(f"MaskOutputs.crops must be [N,5] with N={crop_scores.shape[0]}; got {tuple(crops.shape)}")
+    n_crops = out.class_logits.shape[0]
+    if crops.ndim != 2 or crops.shape[1] != 5 or crops.shape[0] != n_crops:
+        raise ValueError(f"MaskOutputs.crops must be [N,5] with N={n_crops}; got {tuple(crops.shape)}")
+    _mask_class_scores(out.class_logits[:1], out.mask_logits[:1], temperature_cl)  # validates shapes
+    probs = torch.softmax(out.class_logits.float() / temperature_cl, dim=-1)[..., :-1]
     fh, fw = (int(s) for s in out.frame_size)
     n_img = out.batch_size
-    frame = crop_scores.new_zeros((n_img, crop_scores.shape[1], fh, fw))
-    count = crop_scores.new_zeros((n_img, 1, fh, fw))
+    frame = probs.new_zeros((n_img, probs.shape[-1], fh, fw))
+    count = probs.new_zeros((n_img, 1, fh, fw))
     for n, (img, top, left, h, w) in enumerate(crops.tolist()):
         if not (0 <= img < n_img and 0 <= top and 0 <= left and top + h <= fh and left + w <= fw and h > 0 and w > 0):
             raise ValueError(f"crop {n} = {(img, top, left, h, w)} does not fit frame {(fh, fw)} x {n_img} images")
-        frame[img, :, top : top + h, left : left + w] += _resize(crop_scores[n : n + 1], (h, w))[0]
+        masks = torch.sigmoid(_resize(out.mask_logits[n : n + 1].float(), (h, w))[0])
+        frame[img, :, top : top + h, left : left + w] += torch.einsum("qc,qhw->chw", probs[n], masks)
         count[img, :, top : top + h, left : left + w] += 1
     if bool((count == 0).any()):
         raise ValueError("MaskOutputs.crops do not cover every pixel of the frame")
@@ -107,8 +116,9 @@ def pixel_class_scores(
     ``size`` defaults to ``outputs.size`` (``None``: keep the output resolution). Per-pixel logits are returned as
     they are (``temperature_cl`` only concerns mask outputs). For :class:`MaskOutputs`,
     ``L[c] = Σ_q softmax(class_logits_q / T_cl)[c] · sigmoid(mask_logits_q)`` (Mask2Former / EoMT semantic
-    inference, Cheng et al. CVPR 2022), computed per crop with sliding windows and stitched (overlaps averaged) into
-    ``frame_size`` before the final resize.
+    inference, Cheng et al. CVPR 2022), computed at the mask resolution and then resized. With sliding windows each
+    crop's mask logits are first upsampled to its box (see ``_stitch_crops``) and crops are averaged where they
+    overlap in ``frame_size`` before the final resize.
     """
     if temperature_cl <= 0:
         raise ValueError(f"temperature_cl must be > 0, got {temperature_cl}")
@@ -120,9 +130,10 @@ def pixel_class_scores(
         return _resize(outputs.logits.float(), size if size is not None else outputs.size)
     if not isinstance(outputs, MaskOutputs):
         raise TypeError(f"expected a Tensor, PixelLogits or MaskOutputs; got {type(outputs).__name__}")
-    scores = _mask_class_scores(outputs.class_logits, outputs.mask_logits, temperature_cl)
     if outputs.crops is not None:
-        scores = _stitch_crops(scores, outputs)
+        scores = _stitch_crops(outputs, temperature_cl)
+    else:
+        scores = _mask_class_scores(outputs.class_logits, outputs.mask_logits, temperature_cl)
     return _resize(scores, size if size is not None else outputs.size)
 
 

@@ -1,0 +1,138 @@
+"""Throughput of the benchmark job vs the bare batched model forward on the same images and device.
+
+    python benchmarks/pipeline.py                         # synthetic suite, demo-sized ERFNet, this machine
+    python benchmarks/pipeline.py --width 1.0 --input-size 512 1024 --batch-size 8   # full ERFNet (GPU)
+
+Prints images/s of (a) ``model.predict`` alone over the in-memory images in batches (device-synchronised), (b) the
+Ray Data scoring pass (read + decode + predict + every scorer + metric states + reduce), (c) the whole job
+(Ray start, model load, component pass, Parquet commit), the ratios (b)/(a) and (c)/(a) (target ≥ 0.9), the peak
+object-store use sampled during the run, and the output-cache bytes per image of ERFNet and EoMT-L.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oodseg.data import create_dataset
+from oodseg.models import Runtime, create_model, save_safetensors
+from oodseg.platform.cache import output_nbytes
+from oodseg.platform.pipeline import ANOMALY_DATASETS, BenchmarkConfig, BenchmarkRunner, ModelSpec, synthetic_suite
+
+
+class ObjectStorePeak(threading.Thread):
+    """Samples Ray's plasma usage (``memory_summary(stats_only=True)``) until stopped; keeps the maximum in MiB."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.period_s = period_s
+        self.peak_mib = 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        import ray
+        from ray._private.internal_api import memory_summary
+
+        while not self._stop_event.is_set():
+            if ray.is_initialized():
+                try:
+                    text = memory_summary(stats_only=True)
+                    m = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", text)
+                    if m:
+                        self.peak_mib = max(self.peak_mib, float(m.group(1)))
+                except Exception:  # noqa: BLE001 - sampling is best effort while Ray starts/stops
+                    pass
+            self._stop_event.wait(self.period_s)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join(timeout=10)
+        return self.peak_mib
+
+
+def bare_forward(model, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
+    """images/s of ``model.predict`` alone (same-size images batched; one warm-up batch not timed)."""
+    model = runtime.prepare(model).eval()
+    batches = [torch.from_numpy(np.stack(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), runtime.autocast():
+        model.predict(batches[0])
+        sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            model.predict(b)
+        sync()
+    return len(images) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=0.25, help="ERFNet width multiplier (1.0 = the published model)")
+    p.add_argument("--input-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--datasets", nargs="+", default=list(ANOMALY_DATASETS))
+    p.add_argument("--repeat", type=int, default=1, help="use every image this many times (longer, steadier run)")
+    p.add_argument("--cache-dir", default=None, help="where the synthetic suite lives (default: $OODSEG_CACHE)")
+    p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the local Ray (0: all)")
+    a = p.parse_args(argv)
+
+    from oodseg.platform.pipeline import default_cache_dir
+
+    cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
+    suite = synthetic_suite(cache_dir, 0)
+    runtime = Runtime()
+    torch.manual_seed(0)
+    model = create_model("erfnet", width=a.width, input_size=list(a.input_size))
+    images = []
+    for name in a.datasets:
+        ds = create_dataset(name, root=str(suite))
+        images += [ds.load(r)["image"] for r in ds.samples] * a.repeat
+    n = len(images) // a.repeat
+    print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at {tuple(a.input_size)}, "
+          f"{n} images of {images[0].shape[1]}x{images[0].shape[0]}, batch {a.batch_size}", file=sys.stderr)
+    bare = bare_forward(model, images[:n], a.batch_size, runtime)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_safetensors(model.cpu(), Path(tmp) / "model.safetensors")
+        cfg = BenchmarkConfig(
+            results=str(Path(tmp) / "results"), data_root=str(suite), models=(ModelSpec("bench", checkpoint=str(ckpt)),),
+            datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
+            progress=False, num_cpus=a.num_cpus,
+        )
+        runner = BenchmarkRunner(cfg)
+        sampler = ObjectStorePeak()
+        sampler.start()
+        t0 = time.perf_counter()
+        runner.run()
+        job_s = time.perf_counter() - t0
+        peak = sampler.stop()
+    score_rate = runner.n_images / runner.timings["score_pass"]
+    job_rate = runner.n_images / job_s
+    print(f"bare batched forward        : {bare:8.2f} images/s")
+    print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}")
+    print(f"whole job (start to commit) : {job_rate:8.2f} images/s   ratio {job_rate / bare:.2f}")
+    print("stage seconds               : " + ", ".join(f"{k} {v:.1f}" for k, v in runner.timings.items()))
+    print(f"peak object store use       : {peak:.1f} MiB")
+    mib = 2**20
+    erf19 = output_nbytes("pixel", 19, (512, 1024))
+    erf20 = output_nbytes("pixel", 20, (512, 1024))
+    # EoMT-L Cityscapes (tue-mps/cityscapes_semantic_eomt_large_1024): Q=100, 19 classes (+ no-object), windows of
+    # 1024x1024 (2 per 1024x2048 frame), mask logits at 4x the 64x64 patch grid = 256x256 natively
+    eomt_native = output_nbytes("mask", 19, (256, 256), num_queries=100, n_crops=2)
+    eomt_full = output_nbytes("mask", 19, (1024, 1024), num_queries=100, n_crops=2)
+    print(f"output cache per image (fp16): ERFNet 512x1024 {erf20 / mib:.1f} MiB with void / {erf19 / mib:.1f} MiB "
+          f"scored; EoMT-L 1024 {eomt_native / mib:.1f} MiB native 256x256 masks "
+          f"({eomt_full / mib:.0f} MiB if upsampled to the window)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
