@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_safetensors(model.cpu(), Path(tmp) / "model.safetensors")
         cfg = BenchmarkConfig(
-            results=str(Path(tmp) / "results"), data_root=str(suite), models=(ModelSpec("bench", checkpoint=str(ckpt)),),
+            results=str(Path(tmp) / "results"), data_root=str(suite),
+            models=(ModelSpec("bench", checkpoint=str(ckpt)),),
             datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
             progress=False, num_cpus=a.num_cpus,
         )

@@ -1,8 +1,8 @@
 """Frozen-dataclass job configs from a YAML file plus command-line overrides (shared by every job).
 
-Precedence (lowest → highest): dataclass defaults → ``--config FILE.yaml`` → ``--set key=value`` → per-field flags
-(``--field-name VALUE``). Nested dataclass fields are addressed with dots (``--set train.lr=1e-3``) and get their own
-flags (``--train.lr``). Values are parsed by the field's type annotation; lists and tuples accept YAML
+Precedence (lowest → highest): dataclass defaults → ``--config FILE.yaml`` → ``--set key=value`` → per-field
+flags (``--field-name VALUE``). Nested dataclass fields are addressed with dots (``--set train.lr=1e-3``) and get
+their own flags (``--train.lr``). Values are parsed by the field's type annotation; lists and tuples accept YAML
 (``--set datasets='[a, b]'``) or comma-separated text (``--datasets a,b``). Help text comes from
 ``field(metadata={"help": ...})``. Unknown keys are errors, never silently ignored.
 

@@ -232,15 +232,16 @@ def heatmaps_from_cache(
     ds = create_dataset(dataset, root=data_root, strict=False)
     refs = {r.id: r for r in ds.samples}
     fn = create_scorer(scorer, temperature=temperature, placement=placement)
-    wanted, written = set(image_ids), []
+    wanted, written, found = set(image_ids), [], set()
     for item in cache.items():
         if item.id not in wanted:
             continue
+        found.add(item.id)
         score = fn(item.outputs.to(dtype=torch.float32), size=tuple(item.label.shape))[0].numpy()
         image = ds.load(refs[item.id])["image"]
         data = save_heatmap(image, score, item.label, title=f"{dataset} {item.id} {scorer} T={temperature:g}")
         written.append(store.write_bytes(f"plots/{run_id}/heatmaps/{model}__{dataset}__{item.id}__{scorer}.png", data))
-    missing = wanted - {p.rsplit("__", 2)[-2] for p in written}
+    missing = wanted - found
     if missing:
         raise KeyError(f"image id(s) {sorted(missing)} not in the output cache of {model}/{dataset}")
     return written

@@ -246,3 +246,46 @@ def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_
     image_id = create_dataset("fs_static", root=str(tiny_suite)).samples[2].id
     (path,) = heatmaps_from_cache(store, run_id, "tiny", "fs_static", [image_id], scorer="energy")
     assert Path(path).read_bytes()[:4] == b"\x89PNG"
+
+
+TINY_EOMT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=8,
+                 num_queries=6, num_blocks=1, num_register_tokens=1, num_labels=19, mlp_ratio=2)
+
+
+def test_mask_model_placements_and_cache(ray_session, tiny_suite, tmp_path):
+    """EoMT-style mask outputs (sliding windows → crops): both temperature placements, the fp16 output cache,
+    against a loop applying each scorer to the model's batch output."""
+    torch.manual_seed(1)
+    path = save_safetensors(create_model("eomt", config=TINY_EOMT), tmp_path / "eomt.safetensors")
+    cfg = make_cfg(tmp_path / "results", tiny_suite, path, models=(ModelSpec(name="mask", checkpoint=str(path)),),
+                   datasets=("fs_static",), scorers=("msp", "energy"), temperatures=(0.5, 1.0),
+                   placements=("cl", "pl"), run_id="mask", heatmaps=0, plots=False)
+    run_benchmark(cfg)
+    store = ResultsStore(cfg.results)
+    rows = store.read("metrics")
+    assert len(rows) == 2 * 2 * 2
+    model = model_from_safetensors(path).eval()
+    ds = create_dataset("fs_static", root=str(tiny_suite))
+    samples = [ds.load(r) for r in ds.samples]
+    with torch.inference_mode():
+        out = model.predict(torch.from_numpy(np.stack([s["image"] for s in samples])))
+    assert out.crops is not None and out.crops.shape[0] > len(samples)  # several windows per image
+    for row in rows.itertuples():
+        maps = create_scorer(row.scorer, temperature=row.temperature, placement=row.placement)(out).numpy()
+        pm = PixelMetrics()
+        for m, s in zip(maps, samples):
+            pm.update(m, s["label"])
+        ref = pm.compute()
+        assert same(row.auprc, ref["auprc"]) and same(row.fpr95, ref["fpr95"]), row
+    cl = rows[(rows.scorer == "msp") & (rows.placement == "cl")].set_index("temperature").auprc
+    pl = rows[(rows.scorer == "msp") & (rows.placement == "pl")].set_index("temperature").auprc
+    assert cl[0.5] != pl[0.5] and cl[1.0] == pl[1.0]  # placements differ only when T != 1
+    # cached class + mask logits rebuild single-image MaskOutputs whose scores match the batch scores (fp16 inputs)
+    items = list(ShardCache(store.root, "mask", "mask", "fs_static", "outputs").items())
+    assert len(items) == len(samples)
+    by_id = {it.id: it for it in items}
+    msp = create_scorer("msp")
+    for b, s in enumerate(samples):
+        cached = by_id[s["id"]].outputs
+        assert cached.mask_logits.dtype == torch.float16 and cached.n_images == 1
+        np.testing.assert_allclose(msp(cached.to(dtype=torch.float32))[0].numpy(), msp(out)[b].numpy(), atol=2e-3)

@@ -77,3 +77,28 @@ def test_job_help_runs():
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "--results" in out.stdout and "--run-id" in out.stdout and "--config" in out.stdout
+
+
+class FakeRay:
+    def __init__(self, **resources: float) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+def test_cpu_budget_keeps_reads_alive_on_two_cores(tmp_path):
+    """The 2-core deadlock trap: actors may never take the CPUs the read tasks need."""
+    from oodseg.platform.pipeline import BenchmarkRunner
+
+    def plan(ray, **kw):
+        return BenchmarkRunner(BenchmarkConfig(results=str(tmp_path), **kw))._resources(ray)
+
+    res, n = plan(FakeRay(CPU=2), num_actors=2, actor_num_cpus=1.0, read_num_cpus=0.5, read_concurrency=2)
+    assert n == 1 and res == {"num_cpus": 1.0, "num_gpus": 0}  # 1 actor CPU + 2 × 0.5 read CPUs = 2
+    _, n = plan(FakeRay(CPU=16), num_actors=4, actor_num_cpus=2.0, read_num_cpus=1.0, read_concurrency=4)
+    assert n == 4
+    with pytest.raises(ValueError, match="starve"):
+        plan(FakeRay(CPU=2), actor_num_cpus=2.0, read_num_cpus=0.5)
+    res, n = plan(FakeRay(CPU=8, GPU=2), actor_num_cpus=1.0)
+    assert res == {"num_cpus": 1.0, "num_gpus": 1} and n == 2  # one actor per GPU

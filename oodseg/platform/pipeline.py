@@ -84,7 +84,9 @@ class BenchmarkConfig:
     results: str = field(default="./results", metadata={"help": "results root: directory or s3://… URI"})
     run_id: str = field(default="", metadata={"help": "run id; reuse one to resume (empty: new id)"})
     data_root: str = field(default="", metadata={"help": "dataset root (empty: build/reuse the synthetic suite)"})
-    cache_dir: str = field(default="", metadata={"help": "cache for suite + demo model ($OODSEG_CACHE or ./.cache/oodseg)"})
+    cache_dir: str = field(
+        default="", metadata={"help": "cache for suite + demo model ($OODSEG_CACHE or ./.cache/oodseg)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the synthetic suite and demo model"})
     models: tuple[ModelSpec, ...] = field(default=(ModelSpec(),), metadata={"help": "models (YAML list of ModelSpec)"})
     datasets: tuple[str, ...] = field(default=DEFAULT_DATASETS, metadata={"help": "registered dataset names"})
@@ -123,13 +125,23 @@ class ScorerKey:
         return f"{self.scorer}[{self.placement},T={self.temperature:g}]"
 
 
-def scorer_keys(cfg: BenchmarkConfig, output_kind: str) -> list[ScorerKey]:
-    """Scorer × placement × temperature; per-pixel models have one placement (both mean ``logits / T``)."""
+def scorer_names(cfg: BenchmarkConfig) -> list[str]:
+    """The configured scorers (all registered ones by default); unknown names fail here, before any work."""
     from oodseg.scoring import list_scorers
 
-    names = list(cfg.scorers) or list_scorers()
-    placements = list(cfg.placements) if output_kind == "mask" else ["cl"]
-    return [ScorerKey(n, p, float(t)) for n in names for p in placements for t in cfg.temperatures]
+    known = list_scorers()
+    unknown = [n for n in cfg.scorers if n not in known]
+    if unknown:
+        raise ValueError(f"unknown scorer(s) {unknown}; registered: {known}")
+    return list(cfg.scorers) or known
+
+
+def scorer_keys(
+    names: Sequence[str], placements: Sequence[str], temperatures: Sequence[float], output_kind: str
+) -> list[ScorerKey]:
+    """Scorer × placement × temperature; per-pixel models get only the first placement (both mean ``logits / T``)."""
+    placements = list(placements) if output_kind == "mask" else list(placements)[:1]
+    return [ScorerKey(n, p, float(t)) for n in names for p in placements for t in temperatures]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -146,8 +158,21 @@ def unpack(data: bytes) -> Any:
     return pickle.loads(zlib.decompress(data))
 
 
+def in_submitted_job() -> bool:
+    """True inside a ``ray job submit`` driver (its working directory is a throw-away copy of ``--working-dir``)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("OODSEG_CACHE") or "./.cache/oodseg").resolve()
+    """``$OODSEG_CACHE``, else ``./.cache/oodseg``; in a submitted Ray job ``~/.cache/oodseg`` (the job's working
+    directory is a fresh copy per submission, so a cache there would be rebuilt every time)."""
+    if os.environ.get("OODSEG_CACHE"):
+        return Path(os.environ["OODSEG_CACHE"]).resolve()
+    if in_submitted_job():
+        return Path.home() / ".cache" / "oodseg"
+    return Path("./.cache/oodseg").resolve()
 
 
 def new_run_id() -> str:
@@ -197,9 +222,8 @@ def resolve_checkpoint(spec: ModelSpec, cache_dir: Path | None, data_root: str |
     """The checkpoint file of ``spec``; ``"demo"`` trains (or reuses) the demo model on the synthetic suite."""
     if spec.checkpoint != "demo":
         return spec.checkpoint
-    from oodseg.training.demo import get_demo_checkpoint
-
     from oodseg.data.synthetic import MARKER
+    from oodseg.training.demo import get_demo_checkpoint
 
     cache_dir = cache_dir or default_cache_dir()
     given = Path(data_root) if data_root else None
@@ -332,8 +356,10 @@ class ScoreActor:
             torch.set_num_threads(torch_threads)
         self.runtime = Runtime(device=device, precision=precision)
         self.model = self.runtime.prepare(load_model(ModelSpec(spec.name, spec.arch, checkpoint, spec.cfg)))
-        self.keys = list(keys)
-        self.scorers = [create_scorer(k.scorer, temperature=k.temperature, placement=k.placement) for k in keys]
+        # per-pixel models: one placement (the driver passes every placement of the config)
+        first = keys[0].placement if keys else "cl"
+        self.keys = [k for k in keys if self.model.output_kind == "mask" or k.placement == first]
+        self.scorers = [create_scorer(k.scorer, temperature=k.temperature, placement=k.placement) for k in self.keys]
         self.infos = infos
         self.results_root = results_root
         self.run_id = run_id
@@ -590,13 +616,11 @@ class BenchmarkRunner:
 
         t0 = time.time()
         checkpoint = resolve_checkpoint(spec, self.cache_dir, self.cfg.data_root or root, self.cfg.seed)
-        probe = load_model(ModelSpec(spec.name, spec.arch, checkpoint, spec.cfg))
-        keys = scorer_keys(self.cfg, probe.output_kind)
+        # every placement goes to the actors; which ones apply depends on the model's output kind, known there
+        all_keys = scorer_keys(scorer_names(self.cfg), self.cfg.placements, self.cfg.temperatures, "mask")
         infos = {
-            n: DatasetInfo(n, ds.kind, ds.track, int(getattr(ds, "num_classes", probe.num_classes)))
-            for n, ds in datasets.items()
+            n: DatasetInfo(n, ds.kind, ds.track, int(getattr(ds, "num_classes", 19))) for n, ds in datasets.items()
         }
-        del probe
         for n in datasets:  # a unit redone after a crash starts from empty caches
             for kind in ("outputs", "scores"):
                 ShardCache(self.store.root, self.run_id, spec.name, n, kind).delete()
@@ -609,7 +633,7 @@ class BenchmarkRunner:
             for n, ds in datasets.items()
             for i, ref in enumerate(ds.samples)
         ]
-        _log(f"{spec.name}: {len(items)} images in {len(datasets)} dataset(s), {len(keys)} scoring method(s)")
+        _log(f"{spec.name}: {len(items)} images in {len(datasets)} dataset(s)")
         if items:
             res, max_actors = self._resources(ray)
             threads = self.cfg.torch_threads or max(1, int(np.ceil(self.cfg.actor_num_cpus)))
@@ -626,7 +650,7 @@ class BenchmarkRunner:
             ds = ds.map_batches(
                 ScoreActor,
                 fn_constructor_kwargs=dict(
-                    spec=spec, checkpoint=checkpoint, keys=keys, infos=infos, results_root=self.store.root,
+                    spec=spec, checkpoint=checkpoint, keys=all_keys, infos=infos, results_root=self.store.root,
                     run_id=self.run_id, device=self.cfg.device, precision=self.cfg.precision, torch_threads=threads,
                     cache_outputs=self.cfg.cache_outputs,
                     write_scores=self.cfg.component_metrics or (self.cfg.plots and self.cfg.heatmaps > 0),
@@ -641,6 +665,7 @@ class BenchmarkRunner:
             self._reduce(ds, results, len(items))
             self.timings["score_pass"] += time.time() - t_pass
             self.n_images += len(items)
+        keys = [k for k in all_keys if any(k in unit.pixel for unit in results.values())]
         t_pass = time.time()
         self._components(ray, spec, results, keys)
         self.timings["component_pass"] += time.time() - t_pass
@@ -848,6 +873,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from oodseg.report import format_table, plot_curves, standard_table
 
     cfg = parse_config(BenchmarkConfig, argv, prog="python jobs/benchmark.py")
+    if in_submitted_job() and "://" not in cfg.results and not os.path.isabs(cfg.results):
+        _log(f"WARNING: results={cfg.results!r} is relative to this job's temporary working directory "
+             f"({os.getcwd()}); pass --results with an absolute path or an s3:// URI to keep them")
     t0 = time.time()
     run_id = run_benchmark(cfg)
     store = ResultsStore(cfg.results)

@@ -83,7 +83,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.=+-]+")
 
 
 def safe_key(*parts: str) -> str:
-    """File-name-safe, deterministic key for a unit, e.g. ``("run1", "erfnet", "fs_static")`` → ``run1__erfnet__fs_static``."""
+    """File-name-safe, deterministic unit key: ``("run1", "erfnet", "fs_static")`` → ``run1__erfnet__fs_static``."""
     return "__".join(_SAFE.sub("-", str(p)) for p in parts)
 
 

@@ -152,6 +152,7 @@ def get_demo_checkpoint(
                       "steps_per_s": cfg.steps / seconds, **result.metrics})
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         save_safetensors(result.model.cpu(), tmp, meta)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     return out
 

@@ -6,6 +6,7 @@ the very same builders, ``torch_step`` / ``deepspeed_step`` and ``evaluate`` ins
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,25 +27,35 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """``create_model(cfg.model, **cfg.model_cfg)`` seeded by ``cfg.seed``, then ``cfg.init`` loaded.
+    """The model of ``cfg`` seeded by ``cfg.seed``, with ``cfg.init`` loaded.
 
-    When the head differs from the checkpoint's (e.g. an IsoMax+ head for the EIM loss on a linear-head
-    checkpoint), the head starts fresh: only parameters of the model's ``head`` group may be missing from the file.
+    Architecture: ``create_model(cfg.model, **cfg.model_cfg)``; when ``init`` is a safetensors file written by
+    ``save_safetensors`` for the same model name, its stored cfg is the base and ``model_cfg`` overrides entries
+    (e.g. ``{"head": "isomax"}``). When the head differs from the checkpoint's (an IsoMax+ head for the EIM loss on
+    a linear-head checkpoint), the head starts fresh: only ``head``-group parameters may be missing from the file.
+    The ``eim`` loss is defined on IsoMax+ logits, so it implies ``head="isomax"`` unless ``model_cfg`` sets a head.
     """
     from oodseg.models import create_model, load_checkpoint
+    from oodseg.models.checkpoint import META_CFG, META_MODEL, read_safetensors_metadata
 
+    model_cfg = dict(cfg.model_cfg)
+    if cfg.init and str(cfg.init).endswith(".safetensors"):
+        meta = read_safetensors_metadata(cfg.init)
+        if meta.get(META_MODEL) == cfg.model and META_CFG in meta:
+            model_cfg = {**json.loads(meta[META_CFG]), **model_cfg}
+    if cfg.loss == "eim" and "head" not in cfg.model_cfg:
+        model_cfg["head"] = "isomax"
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_cfg)
+    model = create_model(cfg.model, **model_cfg)
     if cfg.init:
         head = {id(p) for p in model.param_groups().get("head", [])}
-        head_names = [n for n, p in model.named_parameters() if id(p) in head]
-        head_names += [n for n, _ in model.named_buffers() if n.rpartition(".")[0] in
-                       {h.rpartition(".")[0] for h in head_names}]
+        head_modules = {n.rpartition(".")[0] for n, p in model.named_parameters() if id(p) in head}
+        fresh_ok = {n for n in model.state_dict() if n.rpartition(".")[0] in head_modules}
         report = load_checkpoint(model, cfg.init, strict=False)
-        bad = [k for k in report.missing if k not in head_names] + report.mismatched
+        bad = [k for k in report.missing if k not in fresh_ok] + report.mismatched
         if bad or (report.unexpected and not report.missing):
             raise ValueError(
-                f"{cfg.init}: does not fit {cfg.model}({cfg.model_cfg}): missing/mismatched {bad[:6]}, "
+                f"{cfg.init}: does not fit {cfg.model}({model_cfg}): missing/mismatched {bad[:6]}, "
                 f"unexpected {report.unexpected[:6]}"
             )
         if report.missing:

@@ -1,0 +1,288 @@
+"""Ray Tune search of loss hyper-parameters with ASHA; every trial is one Ray Train (V2) fine-tuning run.
+
+Pattern (Ray 2.60 Train V2 + Tune, "Hyperparameter Tuning with Ray Tune" guide): the Tune trainable
+:func:`loss_trial` is a small *driver* that builds a ``TorchTrainer`` around the fine-tuning engineer's
+:func:`oodseg.platform.trainer.train_loop_per_worker` (same ``FinetuneConfig``, scaling, storage and failure
+settings as :func:`oodseg.platform.trainer.run_finetune`) and calls ``fit()``. Worker metrics reach Tune through a
+``TuneReportCallback`` subclass that also adds the derived objective ``val_combo``. The Train run is named
+``train-<trial_id>`` under ``<storage>/<run_id>/train``, so a restarted trial resumes its own Train checkpoint.
+
+Search space: the loss's declared space (``loss_space(loss)``: OE ``weight`` / ``tau_in`` / ``tau_out``, LogitNorm
+``temperature``, EIM ``entropic_scale``) under ``loss_cfg``, plus the learning rate ``lr`` (log-uniform in
+``[lr_low, lr_high]``). Random search (seeded ``BasicVariantGenerator``) or Optuna TPE.
+
+Objective and ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020): every trial
+validates every ``train.val_every`` steps and each validation is one Tune iteration (``log_every`` and
+``checkpoint_every`` are set to ``val_every`` so every report carries validation metrics). ASHA
+(``time_attr=training_iteration``, ``max_t = steps / val_every``, ``grace_period``, ``reduction_factor``) stops a
+trial at a rung when its objective is below the rung's ``1 − 1/reduction_factor`` quantile. Objectives:
+
+* ``val_auprc`` (max): pixel AuPRC of ``train.scorer`` on the held-out anomaly set (the default);
+* ``val_fpr95`` (min);
+* ``val_combo`` (max): harmonic mean ``2·AuPRC·mIoU / (AuPRC + mIoU)`` with the in-distribution mIoU, so a loss
+  weight that buys anomaly AuPRC by wrecking the closed-set segmentation is not selected.
+
+Resume: with ``resume`` (default) and an existing experiment directory ``<storage>/<run_id>/<study>``, the search
+continues with ``Tuner.restore`` (finished trials kept, unfinished resumed, errored restarted).
+
+Results: ``runs`` row (``job="tune_loss"``), one ``trials`` part (``study = loss__<loss>__<objective>``) with each
+trial's params, last objective, iterations (fewer than ``max_t`` = stopped early by ASHA) and its objective history;
+TensorBoard event files in every trial directory of ``<storage>/<run_id>/<study>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from oodseg.config import from_dict, to_dict, to_json
+from oodseg.platform.pipeline import new_run_id
+from oodseg.platform.results import ResultsStore
+from oodseg.platform.trainer import FinetuneConfig, resolve_data
+from oodseg.training.config import TrainConfig
+from oodseg.platform.tuners import (
+    init_ray,
+    log,
+    logdir_hints,
+    placement_group_reaper,
+    trial_rows,
+    tune_run_row,
+    tune_space,
+    write_run_row,
+    write_trials,
+)
+
+OBJECTIVES = {"val_auprc": "max", "val_fpr95": "min", "val_combo": "max"}
+
+
+@dataclass(frozen=True)
+class LossSearchConfig:
+    """ASHA search over a loss's hyper-parameters and the learning rate; each trial is a Ray Train run."""
+
+    results: str = field(default="./results", metadata={"help": "results root (directory or URI)"})
+    run_id: str = field(default="", metadata={"help": "search id; reuse it to resume (empty: new)"})
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train=TrainConfig(val_every=50)),
+                                     metadata={"help": "base fine-tuning run"})
+    params: tuple[str, ...] = field(default=(), metadata={"help": "loss params to tune (empty: the whole "
+                                                                  "loss_space of finetune.train.loss)"})
+    tune_lr: bool = field(default=True, metadata={"help": "also tune the learning rate"})
+    lr_low: float = field(default=1e-5, metadata={"help": "lr search lower bound (log-uniform)"})
+    lr_high: float = field(default=1e-2, metadata={"help": "lr search upper bound"})
+    objective: str = field(default="val_auprc", metadata={"help": "val_auprc | val_fpr95 | val_combo"})
+    searcher: str = field(default="random", metadata={"help": "random | optuna"})
+    num_samples: int = field(default=8, metadata={"help": "trials"})
+    grace_period: int = field(default=1, metadata={"help": "ASHA: validations before a trial can be stopped"})
+    reduction_factor: float = field(default=2.0, metadata={"help": "ASHA: keep the top 1/rf at each rung"})
+    max_concurrent_trials: int = field(default=0, metadata={"help": "0: cluster CPUs (GPUs) / workers per trial"})
+    seed: int = field(default=0, metadata={"help": "seed of the searcher"})
+    storage: str = field(default="", metadata={"help": "Tune/Train storage root (empty: <results>/tune)"})
+    resume: bool = field(default=True, metadata={"help": "restore the experiment if its directory exists"})
+    ray_address: str = field(default="", metadata={"help": "Ray address (empty: $RAY_ADDRESS or local)"})
+    num_cpus: int = field(default=0, metadata={"help": "CPUs of a locally started Ray (0: all)"})
+
+    def __post_init__(self) -> None:
+        tc = self.finetune.train
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.searcher not in ("random", "optuna"):
+            raise ValueError(f"searcher must be 'random' or 'optuna', got {self.searcher!r}")
+        if tc.val_every < 1 or tc.steps % tc.val_every:
+            raise ValueError(f"ASHA needs periodic validation: train.val_every ({tc.val_every}) must be ≥ 1 and "
+                             f"divide train.steps ({tc.steps})")
+        if not tc.anomaly_set:
+            raise ValueError(f"objective {self.objective} needs train.anomaly_set (held-out anomaly validation set)")
+        if self.objective == "val_combo" and not tc.val_split:
+            raise ValueError("objective val_combo needs train.val_split (in-distribution mIoU)")
+        if not 1 <= self.grace_period <= self.max_t:
+            raise ValueError(f"grace_period must be in [1, max_t={self.max_t}], got {self.grace_period}")
+
+    @property
+    def max_t(self) -> int:
+        """Validations per trial (= Tune iterations of a trial that is never stopped)."""
+        return self.finetune.train.steps // self.finetune.train.val_every
+
+
+def with_objectives(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` plus ``val_combo`` (harmonic mean of ``val_auprc`` and ``val_miou``) when both are finite."""
+    a, m = metrics.get("val_auprc"), metrics.get("val_miou")
+    if a is None or m is None or not (math.isfinite(a) and math.isfinite(m)):
+        return dict(metrics)
+    return {**metrics, "val_combo": 0.0 if a + m == 0 else 2 * a * m / (a + m)}
+
+
+def _report_callback():
+    """A ``TuneReportCallback`` (forwards rank 0's reported row to the Tune trial) that adds ``val_combo``."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ObjectiveReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [with_objectives(m) for m in metrics], checkpoint)
+
+    return ObjectiveReportCallback()
+
+
+def trial_finetune_config(base: FinetuneConfig, config: dict[str, Any], name: str, storage: str) -> FinetuneConfig:
+    """The trial's ``FinetuneConfig``: base + sampled ``lr`` / ``loss_cfg``; exactly one report per ``val_every``
+    steps, each with validation metrics (``log_every = val_every``, ``checkpoint_every`` rounded up to a multiple of
+    it, since a report without the objective would still count as a Tune iteration); no export (the trial's last
+    checkpoint holds ``model.safetensors``)."""
+    tc = base.train
+    train = replace(tc, lr=float(config.get("lr", tc.lr)), loss_cfg={**tc.loss_cfg, **config.get("loss_cfg", {})},
+                    log_every=tc.val_every)
+    every = tc.val_every * max(1, math.ceil(base.checkpoint_every / tc.val_every))
+    return replace(base, train=train, name=name, storage_path=storage, checkpoint_every=every, export=None)
+
+
+def build_trainer(cfg: FinetuneConfig, callbacks: list[Any]):
+    """A ``TorchTrainer`` for ``cfg`` with the settings of ``run_finetune`` plus Train ``callbacks``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from oodseg.platform.trainer import train_loop_per_worker
+
+    ext_dir = str(Path(cfg.extensions_dir).expanduser().resolve())
+    env = {"TORCH_EXTENSIONS_DIR": ext_dir, "OMP_NUM_THREADS": str(max(1, cfg.cpus_per_worker))}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def loss_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str) -> None:
+    """Tune trainable (the Train driver): one fine-tuning run with this trial's hyper-parameters."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_finetune_config(from_dict(FinetuneConfig, base), config, f"train-{trial_id}", train_storage)
+    build_trainer(cfg, [_report_callback()]).fit()
+
+
+def search_space(cfg: LossSearchConfig) -> dict[str, Any]:
+    """``{"loss_cfg": {param: domain}, "lr": domain}`` from ``loss_space(train.loss)`` (and the lr bounds)."""
+    from ray import tune
+
+    from oodseg.losses import loss_space
+
+    declared = loss_space(cfg.finetune.train.loss)
+    space: dict[str, Any] = {}
+    loss_params = tune_space(declared, only=cfg.params or None)
+    if loss_params:
+        space["loss_cfg"] = loss_params
+    if cfg.tune_lr:
+        space["lr"] = tune.loguniform(cfg.lr_low, cfg.lr_high)
+    if not space:
+        raise ValueError(f"nothing to tune: loss {cfg.finetune.train.loss!r} declares no space and tune_lr is off")
+    return space
+
+
+@dataclass
+class LossSearchResult:
+    run_id: str
+    study: str
+    experiment_dir: str
+    best_config: dict[str, Any]
+    best_value: float
+    trials: list[dict[str, Any]]
+    restored: bool
+    hints: str = ""
+
+
+def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
+    """Run (or resume) the ASHA search; writes ``runs`` + ``trials`` rows; returns the best trial."""
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t_start, started = time.time(), datetime.now(timezone.utc)
+    ray = init_ray(cfg.ray_address, cfg.num_cpus)
+    store = ResultsStore(cfg.results)
+    run_id = cfg.run_id or "tune-" + new_run_id()
+    storage = cfg.storage or store.uri("tune")
+    study = f"loss__{cfg.finetune.train.loss}__{cfg.objective}"
+    exp_dir = f"{storage}/{run_id}/{study}"
+    objective, mode = cfg.objective, OBJECTIVES[cfg.objective]
+    write_run_row(store, tune_run_row(run_id, "tune_loss", to_json(cfg), cfg.seed, "running", started))
+    status = "failed"
+    try:
+        space = search_space(cfg)
+        base = resolve_data(cfg.finetune)  # synthetic suite / demo checkpoint defaults, resolved once here
+        trainable = tune.with_resources(
+            tune.with_parameters(loss_trial, base=to_dict(base), train_storage=f"{storage}/{run_id}/train"),
+            {"cpu": 0.01},  # the driver only waits on the Train controller; the workers hold the real resources
+        )
+        restored = cfg.resume and tune.Tuner.can_restore(exp_dir)
+        if restored:
+            log(f"resuming {exp_dir}")
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            ft = cfg.finetune
+            per_trial = ft.num_workers * (1 if ft.use_gpu else ft.cpus_per_worker)
+            cluster = ray.cluster_resources().get("GPU" if ft.use_gpu else "CPU", 1)
+            concurrent = cfg.max_concurrent_trials or max(1, int(cluster // per_trial))
+            if cfg.searcher == "optuna":
+                import optuna
+                from ray.tune.search.optuna import OptunaSearch
+
+                search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+            else:
+                search_alg = BasicVariantGenerator(random_state=cfg.seed)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
+                                      reduction_factor=cfg.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(metric=objective, mode=mode, search_alg=search_alg, scheduler=scheduler,
+                                            num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name=study, storage_path=f"{storage}/{run_id}", verbose=0,
+                                          callbacks=[TBXLoggerCallback(), placement_group_reaper()]),
+            )
+        grid = tuner.fit()
+        params = [f"loss_cfg.{k}" for k in space.get("loss_cfg", {})] + (["lr"] if "lr" in space else [])
+        rows = trial_rows(grid, run_id=run_id, study=study, model=cfg.finetune.train.model,
+                          dataset=cfg.finetune.train.anomaly_set or "", objective=objective, params=params,
+                          extra={"max_t": cfg.max_t, "loss": cfg.finetune.train.loss})
+        write_trials(store, run_id, study, rows)
+        ok = [r for r in grid if r.error is None and objective in (r.metrics or {})]
+        if not ok:
+            raise RuntimeError(f"every trial of {study} failed; first error: {grid.errors[0] if grid.errors else '?'}")
+        best = grid.get_best_result(metric=objective, mode=mode, scope="last")
+        stopped = sum(1 for r in rows if r["status"] == "ok" and _iterations(r) < cfg.max_t)
+        log(f"{study}: {len(rows)} trials, {stopped} stopped early by ASHA; best {objective} = "
+            f"{best.metrics[objective]:.4f} with {best.config}")
+        status = "finished"
+        return LossSearchResult(run_id, study, grid.experiment_path, dict(best.config),
+                                float(best.metrics[objective]), rows, bool(restored),
+                                logdir_hints(store, exp_dir, run_id, study, mode))
+    finally:
+        write_run_row(store, tune_run_row(run_id, "tune_loss", to_json(cfg), cfg.seed, status, started,
+                                          time.time() - t_start))
+
+
+def _iterations(row: dict[str, Any]) -> int:
+    return int(json.loads(row["metrics_json"]).get("iterations", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI of ``jobs/tune_loss.py``."""
+    from oodseg.config import parse_config
+
+    cfg = parse_config(LossSearchConfig, argv, prog="python jobs/tune_loss.py")
+    res = run_loss_search(cfg)
+    print(f"best {cfg.objective} = {res.best_value:.4f} with {res.best_config}", flush=True)
+    print(res.hints, flush=True)
+    return 0

@@ -1,0 +1,207 @@
+"""Temperature search on cached outputs: cache created once and reused, no forward pass during the search, every
+trial's metric equal to an independent reference (MSP from torch softmax + sklearn), best T ≥ the grid rows.
+
+The reference recomputes each trial's score from the cached fp16 logits with plain torch (bilinear upsampling to the
+label size, ``softmax(logits / T)``, anomaly score ``1 − max``) and sklearn's ``average_precision_score`` /
+``roc_curve``: it shares neither the scorer nor the histogram metric with the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, roc_curve
+
+from oodseg.models import create_model, save_safetensors
+from oodseg.models.erfnet import ERFNet
+from oodseg.platform import pipeline
+from oodseg.platform.cache import ShardCache
+from oodseg.platform.pipeline import ModelSpec
+from oodseg.platform.results import ResultsStore
+from oodseg.scoring.metrics import float32_keys, keys_to_float32
+from oodseg.platform.tune_temperature import TemperatureSearchConfig, format_result, run_temperature_search
+
+VAL, OTHER = "road_anomaly_21", "fs_static"
+GRID = (0.5, 0.75, 1.1)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    from oodseg.data.synthetic import build_suite
+
+    return build_suite(tmp_path_factory.mktemp("tune_suite") / "suite", seed=5, size=(64, 128), n_train=2, n_val=2,
+                       n_anomaly=4, n_coco=2)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    model = create_model("erfnet", channels=[4, 8, 16], input_size=None)
+    with torch.no_grad():  # logits with a trained model's spread (std ≈ 3), so T changes the ranking visibly
+        for p in model.param_groups()["head"]:
+            p.mul_(40.0)
+    return save_safetensors(model, tmp_path_factory.mktemp("tune_model") / "tiny.safetensors")
+
+
+class Calls:
+    """Counts (with timestamps) calls of a wrapped function in this process."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            self.times.append(time.time())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.fixture
+def forward_calls(monkeypatch) -> Calls:
+    calls = Calls()
+    monkeypatch.setattr(ERFNet, "forward", calls.wrap(ERFNet.forward))
+    monkeypatch.setattr(ERFNet, "predict", calls.wrap(ERFNet.predict))
+    return calls
+
+
+@pytest.fixture
+def benchmark_calls(monkeypatch) -> Calls:
+    calls = Calls()
+    monkeypatch.setattr(pipeline.BenchmarkRunner, "run", calls.wrap(pipeline.BenchmarkRunner.run))
+    return calls
+
+
+def make_cfg(results: Path, suite: Path, model: Path, **kw) -> TemperatureSearchConfig:
+    base = dict(
+        results=str(results), data_root=str(suite), model=ModelSpec(name="tiny", checkpoint=str(model)),
+        scorer="msp", val_set=VAL, datasets=(VAL, OTHER), grid=GRID, batch_size=4, trial_cpus=1.0,
+        max_concurrent_trials=2, time_forward=False,
+    )
+    base.update(kw)
+    return TemperatureSearchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tune_results")
+
+
+def reference(store: ResultsStore, run_id: str, dataset: str, temperature: float) -> dict[str, float]:
+    """AuPRC / FPR95 of MSP at ``temperature`` on one cached set, computed with torch + sklearn only."""
+    scores, labels = [], []
+    for item in ShardCache(store.root, run_id, "tiny", dataset, "outputs").items():
+        logits = F.interpolate(item.outputs.logits.float(), size=item.label.shape, mode="bilinear",
+                               align_corners=False)
+        msp = torch.softmax(logits.double() / temperature, dim=1).amax(dim=1)[0].numpy()
+        valid = item.label != 255
+        scores.append(1.0 - msp[valid])
+        labels.append(item.label[valid])
+    s, y = np.concatenate(scores), np.concatenate(labels).astype(int)
+    # FPR95 is taken on scores floored to PixelMetrics' 24-bit bins (its documented definition): on this
+    # near-chance model the FPR is steep around 95 % TPR, so the bin rounding alone moves it by up to ~1e-2.
+    bins = float32_keys(s.astype(np.float32)) >> np.uint32(8)
+    floored = keys_to_float32((bins.astype(np.uint64) << np.uint64(8)).astype(np.uint32))
+    fpr, tpr, _ = roc_curve(y, floored, drop_intermediate=False)
+    return {"auprc": average_precision_score(y, s), "fpr95": float(fpr[np.argmax(tpr >= 0.95)])}
+
+
+@pytest.fixture(scope="module")
+def first_search(ray_session, results_dir, suite, model_path):
+    """A grid search on an empty results store: must run the benchmark once to create the cache."""
+    calls = Calls()
+    original = pipeline.BenchmarkRunner.run
+    pipeline.BenchmarkRunner.run = calls.wrap(original)
+    try:
+        cfg = make_cfg(results_dir, suite, model_path, search="grid", run_id="grid1")
+        res = run_temperature_search(cfg)
+    finally:
+        pipeline.BenchmarkRunner.run = original
+    return cfg, res, calls
+
+
+def test_missing_cache_runs_benchmark_once_and_grid_rows_match_reference(first_search, results_dir):
+    cfg, res, calls = first_search
+    store = ResultsStore(str(results_dir))
+    assert res.created_cache and len(calls.times) == 1
+    runs = store.read("runs")
+    assert set(runs.loc[runs.job == "benchmark", "run_id"]) == {res.source_run}
+    assert runs.loc[runs.run_id == "grid1", "status"].iloc[-1] == "finished"
+    (study,) = res.studies  # per-pixel logits: cl ≡ pl, one study
+    temps = sorted(json.loads(t["params_json"])["temperature"] for t in study.trials)
+    assert temps == list(GRID)
+    for t in study.trials:
+        ref = reference(store, res.source_run, VAL, json.loads(t["params_json"])["temperature"])
+        assert t["value"] == pytest.approx(ref["auprc"], abs=1e-4)
+    best_ref = max(GRID, key=lambda t: reference(store, res.source_run, VAL, t)["auprc"])
+    assert study.best_temperature == best_ref
+    # every reported row (grid rows + best, on both sets) is the reference value on that set
+    assert len(res.rows) == (len(GRID) + 1) * 2
+    for r in res.rows:
+        ref = reference(store, res.source_run, r["dataset"], r["temperature"])
+        assert r["auprc"] == pytest.approx(ref["auprc"], abs=1e-4)
+        assert r["fpr95"] == pytest.approx(ref["fpr95"], abs=1e-3)
+    text = format_result(res, cfg)
+    assert "t=0.5" in text and "best" in text and "tensorboard --logdir" in text
+
+
+def test_optuna_search_reuses_cache_no_forward_pass_and_beats_grid(
+    first_search, results_dir, suite, model_path, forward_calls, benchmark_calls, tmp_path
+):
+    _, first, _ = first_search
+    store = ResultsStore(str(results_dir))
+    # any model load anywhere (driver or Ray worker) would now fail: the checkpoint is gone during the search
+    hidden = tmp_path / "hidden.safetensors"
+    shutil.move(model_path, hidden)
+    try:
+        cfg = make_cfg(results_dir, suite, model_path, search="optuna", num_samples=10, run_id="optuna1")
+        res = run_temperature_search(cfg)
+    finally:
+        shutil.move(hidden, model_path)
+    assert not res.created_cache and res.source_run == first.source_run
+    assert benchmark_calls.times == [] and forward_calls.times == []
+    (study,) = res.studies
+    assert len(study.trials) == 10 and all(t["status"] == "ok" for t in study.trials)
+    temps = [json.loads(t["params_json"])["temperature"] for t in study.trials]
+    assert set(GRID) <= set(temps) and len(set(temps)) == 10 and all(0.05 <= t <= 20 for t in temps)
+    ref = {t: reference(store, res.source_run, VAL, t)["auprc"] for t in temps}
+    for t in study.trials:
+        assert t["value"] == pytest.approx(ref[json.loads(t["params_json"])["temperature"]], abs=1e-4)
+    assert ref[study.best_temperature] >= max(ref[t] for t in GRID) - 1e-4
+    assert ref[study.best_temperature] >= max(ref.values()) - 1e-4
+    # trials table joins runs; the best row by DuckDB is the best trial
+    con = store.duckdb()
+    best = con.execute(
+        "SELECT t.params_json, t.value, r.job FROM trials t JOIN runs r USING (run_id) "
+        "WHERE t.run_id = 'optuna1' AND r.status = 'finished' ORDER BY t.value DESC LIMIT 1"
+    ).fetchone()
+    assert json.loads(best[0])["temperature"] == study.best_temperature and best[2] == "tune_temperature"
+
+
+def test_fpr95_objective_is_minimised_and_forward_timed_after_search(
+    first_search, results_dir, suite, model_path, forward_calls, benchmark_calls
+):
+    _, first, _ = first_search
+    store = ResultsStore(str(results_dir))
+    grid = (0.3, 0.5, 1.1, 3.0)
+    cfg = make_cfg(results_dir, suite, model_path, search="grid", grid=grid, objective="fpr95", run_id="fpr1",
+                   time_forward=True)
+    res = run_temperature_search(cfg)
+    assert benchmark_calls.times == []
+    (study,) = res.studies
+    ref = {t: reference(store, first.source_run, VAL, t)["fpr95"] for t in grid}
+    for t in study.trials:
+        assert t["value"] == pytest.approx(ref[json.loads(t["params_json"])["temperature"]], abs=1e-3)
+    assert ref[study.best_temperature] <= min(ref.values()) + 1e-3
+    # the forward pass ran only for the timing baseline, after every trial had reported
+    last_trial = max(json.loads(t["metrics_json"])["timestamp"] for t in study.trials)
+    assert forward_calls.times and min(forward_calls.times) >= last_trial
+    assert res.timing["forward_images"] == 4 and res.timing["trial_images"] == 4
+    print(format_result(res, cfg))
