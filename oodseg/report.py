@@ -109,6 +109,28 @@ def standard_table(store, run_id: str | None = None) -> tuple[pd.DataFrame, dict
     return table.sort_index(), info
 
 
+def component_table(store, run_id: str) -> pd.DataFrame:
+    """SMIYC component metrics (sIoU, PPV, mean F1 in %, at each method's pixel best-F1 threshold) per dataset."""
+    df = store.duckdb().execute(
+        """
+        SELECT model, scorer, placement, temperature, dataset, 100 * siou AS sIoU, 100 * ppv AS PPV,
+               100 * mean_f1 AS mF1
+        FROM metrics WHERE run_id = ? AND kind = 'anomaly' AND scorer IS NOT NULL
+        """,
+        [run_id],
+    ).df()
+    if df.empty:
+        return df
+    plain = bool(((df["temperature"] == 1.0) & (df["placement"] == "cl")).all())
+    df["method"] = [method_label(s, p, t, plain) for s, p, t in zip(df.scorer, df.placement, df.temperature)]
+    df["dataset"] = [COLUMNS.get(d, d) for d in df.dataset]
+    wide = df.pivot_table(index=["model", "method"], columns="dataset", values=["sIoU", "PPV", "mF1"],
+                          dropna=False).swaplevel(0, 1, axis=1)
+    order = [COLUMNS[d] for d in COLUMNS if COLUMNS[d] in set(df.dataset)] + sorted(
+        set(df.dataset) - set(COLUMNS.values()))
+    return wide.reindex(columns=[(d, m) for d in order for m in ("sIoU", "PPV", "mF1")])
+
+
 def format_table(table: pd.DataFrame, info: dict[str, Any]) -> str:
     """Plain-text rendering (one decimal), with the anomaly pixel fraction of each dataset as the last line."""
     if table.empty:
@@ -122,6 +144,13 @@ def format_table(table: pd.DataFrame, info: dict[str, Any]) -> str:
     if info["n_images"]:
         lines.append("images: " + ", ".join(f"{k} {v}" for k, v in info["n_images"].items()))
     return "\n".join(lines)
+
+
+def format_components(table: pd.DataFrame) -> str:
+    if table.empty or table.isna().all().all():
+        return ""
+    text = table.to_string(float_format=lambda v: f"{v:5.1f}", na_rep="  -  ", sparsify=True)
+    return "component level (SMIYC; %, at the pixel best-F1 threshold):\n" + text
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -275,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(table, info))
     if table.empty:
         return 1
+    print(format_components(component_table(store, info["run_id"])))
     if not a.no_plots:
         for path in plot_curves(store, info["run_id"]):
             print(f"plot: {path}")

@@ -61,6 +61,7 @@ def runs(ray_session, city_root, tmp_path_factory):
         "fault": run_finetune(_cfg(city_root, storage, "fault", 2, fault_step=4, fault_marker=str(marker),
                                    export=str(storage / "export" / "model.safetensors"))),
     }
+    out["ddp"] = run_finetune(_cfg(city_root, storage, "ddp", 2, strategy="ddp"))
     base = _cfg(city_root, storage, "fault", 2)
     out["rerun"] = run_finetune(replace(base, train=replace(base.train, steps=STEPS + 2)))
     out["marker"] = marker
@@ -79,6 +80,11 @@ def test_zero1_two_workers_match_one_worker_with_the_same_global_batch(runs):
     assert len(one) == len(two) == STEPS
     assert one[-1] < one[0]  # it trains
     np.testing.assert_allclose(two[:2], one[:2], rtol=2e-4, atol=1e-5)
+
+
+def test_two_worker_ddp_matches_one_worker_deepspeed(runs):
+    """The plain DDP strategy computes the same updates (AdamW, LambdaLR) as DeepSpeed ZeRO-1 in fp32."""
+    np.testing.assert_allclose(_losses(runs["ddp"]), _losses(runs["one"]), rtol=2e-4, atol=1e-5)
 
 
 def test_killed_worker_resumes_from_last_checkpoint_and_continues_the_same_curve(runs):

@@ -86,10 +86,13 @@ def token_cluster():
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        deadline = time.time() + 30
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + 10
         while pids_under(temp_dir) and time.time() < deadline:
             time.sleep(1)
         for pid in pids_under(temp_dir):  # stragglers of *this* cluster only

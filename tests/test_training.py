@@ -86,6 +86,14 @@ def test_head_only_updates_only_the_head():
     assert changed == {"decoder.output_conv.weight", "decoder.output_conv.bias"}
 
 
+def test_full_keeps_parameters_the_model_freezes_itself():
+    model = tiny_erfnet()
+    params = select_parameters(model, "full")
+    unused = {"encoder.output_conv.weight", "encoder.output_conv.bias"}  # ERFNet's encoder-pretraining head
+    assert _trainable(model) == {n for n, _ in model.named_parameters()} - unused
+    assert len(params) == len(_trainable(model))
+
+
 def test_last_k_selects_head_and_last_blocks():
     model = tiny_erfnet()
     select_parameters(model, "last_k:2")

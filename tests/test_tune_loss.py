@@ -12,7 +12,7 @@ import pytest
 from oodseg.losses import loss_space
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.trainer import FinetuneConfig
-from oodseg.platform.tune_loss import LossSearchConfig, run_loss_search, with_objectives
+from oodseg.platform.tune_loss import SQL_COMPLETED, LossSearchConfig, run_loss_search, with_objectives
 from oodseg.training.config import TrainConfig
 
 STEPS = 4  # = max_t: one validation (Tune iteration) per step
@@ -59,6 +59,10 @@ def test_asha_loss_search(ray_session, tmp_path, suite):
     assert all(t["status"] == "ok" for t in res.trials)
     iterations = [json.loads(t["metrics_json"])["iterations"] for t in res.trials]
     assert max(iterations) == STEPS and min(iterations) < STEPS, iterations  # ASHA stopped someone early
+    # max_concurrent_trials=1: the trials' [start, end] intervals do not overlap (timestamps are whole seconds)
+    spans = sorted((m["timestamp"] - m["time_total_s"], m["timestamp"])
+                   for m in (json.loads(t["metrics_json"]) for t in res.trials))
+    assert all(prev[1] <= nxt[0] + 1.0 for prev, nxt in zip(spans, spans[1:])), spans
     space = loss_space("oe")
     for t in res.trials:
         p = json.loads(t["params_json"])
@@ -67,15 +71,19 @@ def test_asha_loss_search(ray_session, tmp_path, suite):
         assert cfg.lr_low <= p["lr"] <= cfg.lr_high
         history = json.loads(t["metrics_json"])["history_val_auprc"]
         assert len(history) == json.loads(t["metrics_json"])["iterations"] and t["value"] == history[-1]
-    # the trials table joins runs by run_id; DuckDB's best row is the search's best trial
+    # the best trial is the best final value among the trials ASHA let finish
+    finished = [t for t in res.trials if json.loads(t["metrics_json"])["iterations"] == STEPS]
+    assert res.best_value == max(t["value"] for t in finished)
+    # the trials table joins runs by run_id; DuckDB's best completed row is the search's best trial
     con = ResultsStore(str(tmp_path / "results")).duckdb()
     best = con.execute(
         "SELECT t.params_json, t.value, r.job, r.status FROM trials t JOIN runs r USING (run_id) "
-        "WHERE t.run_id = 'loss1' ORDER BY t.value DESC LIMIT 1"
+        f"WHERE t.run_id = 'loss1' AND {SQL_COMPLETED.format(STEPS)} ORDER BY t.value DESC LIMIT 1"
     ).fetchone()
     assert best[1] == pytest.approx(res.best_value) and best[2:] == ("tune_loss", "finished")
     assert json.loads(best[0])["lr"] == pytest.approx(res.best_config["lr"])
     assert len(list(Path(res.experiment_dir).glob("*/events.out.tfevents*"))) == 4
+    assert (Path(res.best_checkpoint) / "model.safetensors").is_file()  # the fine-tuned model of the best trial
     # same run id again: the experiment is restored, nothing is re-trained
     again = run_loss_search(cfg)
     assert again.restored and sorted(t["trial_id"] for t in again.trials) == sorted(t["trial_id"] for t in res.trials)

@@ -161,16 +161,17 @@ def test_optuna_search_reuses_cache_no_forward_pass_and_beats_grid(
     hidden = tmp_path / "hidden.safetensors"
     shutil.move(model_path, hidden)
     try:
-        cfg = make_cfg(results_dir, suite, model_path, search="optuna", num_samples=10, run_id="optuna1")
+        cfg = make_cfg(results_dir, suite, model_path, search="optuna", num_samples=8, run_id="optuna1")
         res = run_temperature_search(cfg)
     finally:
         shutil.move(hidden, model_path)
     assert not res.created_cache and res.source_run == first.source_run
     assert benchmark_calls.times == [] and forward_calls.times == []
     (study,) = res.studies
-    assert len(study.trials) == 10 and all(t["status"] == "ok" for t in study.trials)
+    assert len(study.trials) == 8 and all(t["status"] == "ok" for t in study.trials)
+    assert len(list(Path(study.experiment_dir).glob("*/events.out.tfevents*"))) == 8  # TensorBoard, per trial
     temps = [json.loads(t["params_json"])["temperature"] for t in study.trials]
-    assert set(GRID) <= set(temps) and len(set(temps)) == 10 and all(0.05 <= t <= 20 for t in temps)
+    assert set(GRID) <= set(temps) and len(set(temps)) == 8 and all(0.05 <= t <= 20 for t in temps)
     ref = {t: reference(store, res.source_run, VAL, t)["auprc"] for t in temps}
     for t in study.trials:
         assert t["value"] == pytest.approx(ref[json.loads(t["params_json"])["temperature"]], abs=1e-4)
@@ -205,3 +206,41 @@ def test_fpr95_objective_is_minimised_and_forward_timed_after_search(
     assert forward_calls.times and min(forward_calls.times) >= last_trial
     assert res.timing["forward_images"] == 4 and res.timing["trial_images"] == 4
     print(format_result(res, cfg))
+
+
+def test_evaluate_temperature_energy_matches_sklearn_without_ray():
+    """The trial's scoring pass for another scorer (energy = −T·logsumexp(z/T), Liu et al. 2020) on an in-memory
+    cached set: fp16 logits at half the label resolution, upsampled bilinearly; ignore pixels skipped."""
+    from oodseg.platform.tune_temperature import CachedSet, evaluate_temperature
+
+    rng = np.random.default_rng(0)
+    records, labels = [], []
+    for _ in range(3):
+        logits = (3 * rng.standard_normal((19, 16, 32))).astype(np.float16)
+        label = (rng.random((32, 64)) < 0.1).astype(np.uint8)
+        label[:2] = 255
+        records.append({"logits": logits})
+        labels.append(label)
+    data = CachedSet("toy", ("a", "b", "c"), tuple(records), tuple(labels))
+    for t in (0.5, 2.0):
+        got = evaluate_temperature(data, "energy", t)
+        s, y = [], []
+        for rec, lab in zip(records, labels):
+            z = F.interpolate(torch.from_numpy(rec["logits"]).double()[None], size=lab.shape, mode="bilinear",
+                              align_corners=False)[0]
+            energy = (-t * torch.logsumexp(z / t, dim=0)).numpy()  # free energy: higher = more anomalous
+            s.append(energy[lab != 255])
+            y.append(lab[lab != 255])
+        s, y = np.concatenate(s), np.concatenate(y)
+        assert got["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-4)
+        assert got["n_images"] == 3 and got["n_pixels"] == int((np.concatenate(labels) != 255).sum())
+
+
+def test_source_run_without_cache_is_a_clear_error(tmp_path):
+    from oodseg.platform.tune_temperature import find_source_run
+
+    store = ResultsStore(str(tmp_path))
+    spec = ModelSpec(name="m", checkpoint="x.safetensors")
+    assert find_source_run(store, spec, (VAL,)) == ""  # nothing cached: the job will run the benchmark
+    with pytest.raises(ValueError, match=r"run 'r0' has no committed output cache of model 'm' for \['road_anomaly_21'\]"):
+        find_source_run(store, spec, (VAL,), source_run="r0")

@@ -870,7 +870,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI of the benchmark job: parse the config, run, print the standard table, draw the PR/ROC plots."""
     from oodseg.config import parse_config
-    from oodseg.report import format_table, plot_curves, standard_table
+    from oodseg.report import component_table, format_components, format_table, plot_curves, standard_table
 
     cfg = parse_config(BenchmarkConfig, argv, prog="python jobs/benchmark.py")
     if in_submitted_job() and "://" not in cfg.results and not os.path.isabs(cfg.results):
@@ -881,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = ResultsStore(cfg.results)
     table, info = standard_table(store, run_id)
     print(format_table(table, info), flush=True)
+    if not table.empty:
+        print(format_components(component_table(store, run_id)), flush=True)
     if cfg.plots:
         for path in plot_curves(store, run_id):
             _log(f"plot: {path}")

@@ -198,6 +198,7 @@ class LossSearchResult:
     best_value: float
     trials: list[dict[str, Any]]
     restored: bool
+    best_checkpoint: str | None  # the best trial's last Train checkpoint (holds model.safetensors at the end)
     hints: str = ""
 
 
@@ -240,14 +241,16 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
 
                 search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
             else:
-                search_alg = BasicVariantGenerator(random_state=cfg.seed)
+                # a SearchGenerator given as search_alg ignores TuneConfig.max_concurrent_trials: limit it here
+                search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
                                       reduction_factor=cfg.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(metric=objective, mode=mode, search_alg=search_alg, scheduler=scheduler,
-                                            num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
+                                            num_samples=cfg.num_samples,
+                                            max_concurrent_trials=concurrent if cfg.searcher == "optuna" else None),
                 run_config=tune.RunConfig(name=study, storage_path=f"{storage}/{run_id}", verbose=0,
                                           callbacks=[TBXLoggerCallback(), placement_group_reaper()]),
             )
@@ -260,17 +263,33 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
         ok = [r for r in grid if r.error is None and objective in (r.metrics or {})]
         if not ok:
             raise RuntimeError(f"every trial of {study} failed; first error: {grid.errors[0] if grid.errors else '?'}")
-        best = grid.get_best_result(metric=objective, mode=mode, scope="last")
+        best = best_trial(ok, objective, mode, cfg.max_t)
         stopped = sum(1 for r in rows if r["status"] == "ok" and _iterations(r) < cfg.max_t)
         log(f"{study}: {len(rows)} trials, {stopped} stopped early by ASHA; best {objective} = "
             f"{best.metrics[objective]:.4f} with {best.config}")
         status = "finished"
+        hints = logdir_hints(store, exp_dir, run_id, study, mode, where=SQL_COMPLETED.format(cfg.max_t))
         return LossSearchResult(run_id, study, grid.experiment_path, dict(best.config),
                                 float(best.metrics[objective]), rows, bool(restored),
-                                logdir_hints(store, exp_dir, run_id, study, mode))
+                                best.metrics.get("checkpoint_path"), hints)
     finally:
         write_run_row(store, tune_run_row(run_id, "tune_loss", to_json(cfg), cfg.seed, status, started,
                                           time.time() - t_start))
+
+
+#: DuckDB condition on a ``trials`` row: the trial ran all ``max_t`` validations (was not stopped by ASHA).
+SQL_COMPLETED = "CAST(json_extract(t.metrics_json, '$.iterations') AS INTEGER) >= {}"
+
+
+def best_trial(results: list[Any], objective: str, mode: str, max_t: int) -> Any:
+    """The best trial by its last ``objective``, among those that ran all ``max_t`` validations when there are any.
+
+    Trials stopped by ASHA were already ranked below a rung's quantile, and their last value comes from an earlier
+    (less trained) point than the survivors'; comparing it with the survivors' final values would mix stages."""
+    full = [r for r in results if r.metrics.get("training_iteration", 0) >= max_t]
+    pool = full or results
+    pick = max if mode == "max" else min
+    return pick(pool, key=lambda r: r.metrics[objective])
 
 
 def _iterations(row: dict[str, Any]) -> int:
@@ -283,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(LossSearchConfig, argv, prog="python jobs/tune_loss.py")
     res = run_loss_search(cfg)
-    print(f"best {cfg.objective} = {res.best_value:.4f} with {res.best_config}", flush=True)
+    print(f"best {cfg.objective} = {res.best_value:.4f} with {res.best_config}; checkpoint {res.best_checkpoint}",
+          flush=True)
     print(res.hints, flush=True)
     return 0

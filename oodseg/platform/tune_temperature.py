@@ -41,6 +41,8 @@ from oodseg.config import to_json
 from oodseg.platform.cache import ShardCache, record_outputs
 from oodseg.platform.pipeline import ANOMALY_DATASETS, BenchmarkConfig, ModelSpec, new_run_id
 from oodseg.platform.results import ResultsStore, safe_key
+from oodseg.scoring import create_scorer, scorer_space
+from oodseg.scoring.metrics import PixelMetrics
 from oodseg.platform.tuners import (
     in_space,
     init_ray,
@@ -149,9 +151,6 @@ def evaluate_temperature(data: CachedSet, scorer: str, temperature: float, place
     Returns ``auprc``, ``fpr95``, ``auroc``, ``best_f1``, ``threshold``, ``n_pixels``, ``n_anomaly``,
     ``anomaly_fraction``, ``n_images`` and ``eval_s`` (wall seconds of this scoring pass).
     """
-    from oodseg.scoring import create_scorer
-    from oodseg.scoring.metrics import PixelMetrics
-
     t0 = time.perf_counter()
     score = create_scorer(scorer, temperature=temperature, placement=placement, **(params or {}))
     pm = PixelMetrics(bits=bits)
@@ -254,18 +253,22 @@ def forward_seconds(bcfg: BenchmarkConfig, spec: ModelSpec, dataset: str, max_im
     refs = sorted(ds.samples, key=lambda r: r.id)[: max_images or None]
     images = [ds.load(r)["image"] for r in refs]
     checkpoint = resolve_checkpoint(spec, runner.cache_dir, bcfg.data_root or root, bcfg.seed)
-    torch.set_num_threads(threads)
     runtime = Runtime(device=bcfg.device, precision=bcfg.precision)
     model = runtime.prepare(load_model(replace(spec, checkpoint=checkpoint)))
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for im in images:
         by_shape.setdefault(im.shape, []).append(im)
-    t0 = time.perf_counter()
-    with torch.inference_mode(), runtime.autocast():
-        for group in by_shape.values():
-            for s in range(0, len(group), bcfg.batch_size):
-                model.predict(torch.from_numpy(np.stack(group[s : s + bcfg.batch_size])))
-    return time.perf_counter() - t0, len(images)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the trials' thread count, for a like-for-like comparison
+    try:
+        t0 = time.perf_counter()
+        with torch.inference_mode(), runtime.autocast():
+            for group in by_shape.values():
+                for s in range(0, len(group), bcfg.batch_size):
+                    model.predict(torch.from_numpy(np.stack(group[s : s + bcfg.batch_size])))
+        return time.perf_counter() - t0, len(images)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -281,6 +284,7 @@ class StudyResult:
     placement: str
     best_temperature: float
     best_value: float
+    best_params: dict[str, Any]  # the scorer's other searched parameters (empty for temperature-only spaces)
     trials: list[dict[str, Any]]
     experiment_dir: str
 
@@ -299,8 +303,6 @@ class TemperatureSearchResult:
 
 
 def _space(cfg: TemperatureSearchConfig) -> dict[str, Any]:
-    from oodseg.scoring import scorer_space
-
     declared = scorer_space(cfg.scorer)
     if "temperature" not in declared:
         raise ValueError(f"scorer {cfg.scorer!r} declares no 'temperature' in its space {declared}")
@@ -310,8 +312,9 @@ def _space(cfg: TemperatureSearchConfig) -> dict[str, Any]:
     return declared
 
 
-def _run_study(ray, cfg: TemperatureSearchConfig, placement: str, val_ref: Any, storage: str, run_id: str,
-               model_name: str, n_cpus: float) -> tuple[StudyResult, Any]:
+def _run_study(cfg: TemperatureSearchConfig, placement: str, val_ref: Any, storage: str, run_id: str,
+               model_name: str, n_cpus: float) -> StudyResult:
+    """One Tune study (one placement): Optuna TPE over the declared space, grid points first, or a plain grid."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -350,8 +353,9 @@ def _run_study(ray, cfg: TemperatureSearchConfig, placement: str, val_ref: Any, 
     best = grid.get_best_result(metric=objective, mode=mode, scope="last")
     rows = trial_rows(grid, run_id=run_id, study=study, model=model_name, dataset=cfg.val_set, objective=objective,
                       params=[*declared, "placement"], extra={"scorer": cfg.scorer})
-    return StudyResult(study, placement, float(best.config["temperature"]), float(best.metrics[objective]), rows,
-                       grid.experiment_path), grid
+    extra = {k: best.config[k] for k in declared if k != "temperature" and k in best.config}
+    return StudyResult(study, placement, float(best.config["temperature"]), float(best.metrics[objective]), extra,
+                       rows, grid.experiment_path)
 
 
 def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchResult:
@@ -379,7 +383,7 @@ def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchRes
             timing["forward_s"] = runner.timings["score_pass"]
             timing["forward_images"] = runner.n_images
             timing["forward_source"] = "benchmark score pass (decode + forward + T=1 scoring, all sets)"
-        log(f"reusing output cache of benchmark run {source!r}")
+        log(f"{'created' if created else 'reusing'} the output cache of benchmark run {source!r}")
         data = {d: load_cached_set(store, source, cfg.model.name, d, cfg.max_images) for d in sets}
         val = data[cfg.val_set]
         if not any((lab == 1).any() for lab in val.labels) or not any((lab == 0).any() for lab in val.labels):
@@ -394,7 +398,7 @@ def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchRes
         n_cpus = float(ray.cluster_resources().get("CPU", 1))
         studies = []
         for placement in placements:
-            study, _ = _run_study(ray, cfg, placement, refs[cfg.val_set], storage, run_id, cfg.model.name, n_cpus)
+            study = _run_study(cfg, placement, refs[cfg.val_set], storage, run_id, cfg.model.name, n_cpus)
             write_trials(store, run_id, study.study, study.trials)
             log(f"{study.study}: best T = {study.best_temperature:.4g} ({cfg.objective} = {study.best_value:.4f}) "
                 f"over {len(study.trials)} trials")
@@ -439,10 +443,11 @@ def _report(ray, cfg: TemperatureSearchConfig, store: ResultsStore, run_id: str,
     remote = ray.remote(num_cpus=cfg.trial_cpus)(evaluate_temperature)
     jobs = []
     for s in studies:
-        points = [("grid", float(t)) for t in cfg.grid] + [("best", s.best_temperature)]
-        for row, t in points:
+        points = [("grid", float(t), {}) for t in cfg.grid] + [("best", s.best_temperature, s.best_params)]
+        for row, t, params in points:
             for d, ref in refs.items():
-                jobs.append(((s.placement, row, t, d), remote.remote(ref, cfg.scorer, t, s.placement, None, cfg.bits)))
+                jobs.append(((s.placement, row, t, d),
+                             remote.remote(ref, cfg.scorer, t, s.placement, params, cfg.bits)))
     now = datetime.now(timezone.utc)
     out = []
     for (placement, row, t, d), ref in jobs:

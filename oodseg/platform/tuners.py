@@ -99,7 +99,7 @@ def json_metrics(metrics: Mapping[str, Any]) -> str:
 
 def tune_run_row(run_id: str, job: str, config_json: str, seed: int, status: str, started_at: datetime,
                  wall_s: float | None = None) -> dict[str, Any]:
-    """The ``runs`` row of one search (same columns as the benchmark's; ``job`` = ``tune_temperature``/``tune_loss``)."""
+    """The ``runs`` row of one search (the benchmark's columns; ``job`` = ``tune_temperature`` | ``tune_loss``)."""
     from oodseg.platform.pipeline import git_sha, package_versions
 
     row: dict[str, Any] = {
@@ -138,9 +138,12 @@ def trial_rows(result_grid: Any, *, run_id: str, study: str, model: str, dataset
             if len(col):
                 scalars[f"history_{objective}"] = [float(v) for v in col]
         scalars.update(extra or {})
+        if result.error is not None:
+            scalars["error"] = str(result.error)[-2000:]
+        trial_id = metrics.get("trial_id") or (_trial_id_from_dir(result.path) if result.path else "")
         rows.append(
             {
-                "run_id": run_id, "study": study, "trial_id": str(metrics.get("trial_id") or config.get("trial_id", "")),
+                "run_id": run_id, "study": study, "trial_id": str(trial_id),
                 "model": model, "dataset": dataset,
                 "params_json": json.dumps({k: _finite(_flat_get(config, k)) for k in names}, sort_keys=True),
                 "objective": objective, "value": _finite(metrics.get(objective)),
@@ -149,6 +152,15 @@ def trial_rows(result_grid: Any, *, run_id: str, study: str, model: str, dataset
             }
         )
     return rows
+
+
+def _trial_id_from_dir(path: str) -> str:
+    """``<trainable>_<exp>_<index>_<i>_<params>_<date>`` → ``<exp>_<index>`` (Tune's trial directory name)."""
+    parts = str(path).rstrip("/").rsplit("/", 1)[-1].split("_")
+    for i in range(len(parts) - 1):
+        if len(parts[i]) == 5 and parts[i + 1].isdigit() and len(parts[i + 1]) == 5:
+            return f"{parts[i]}_{parts[i + 1]}"
+    return ""
 
 
 def _flat_get(config: Mapping[str, Any], dotted: str) -> Any:
@@ -163,16 +175,24 @@ def write_trials(store: ResultsStore, run_id: str, study: str, rows: list[dict[s
     return store.write_part("trials", safe_key(run_id, study), rows)
 
 
-def logdir_hints(store: ResultsStore, experiment_dir: str, run_id: str, study: str, mode: str = "max") -> str:
-    """How to look at a finished search: TensorBoard, the Ray dashboard and a DuckDB query for the best trial."""
+def logdir_hints(store: ResultsStore, experiment_dir: str, run_id: str, study: str, mode: str = "max",
+                 where: str = "") -> str:
+    """How to look at a search: TensorBoard, the Ray dashboard and a DuckDB one-liner for the best trial
+    (``where``: an extra SQL condition on the trials row ``t``)."""
+    order = "DESC" if mode == "max" else "ASC"
+    query = (
+        f"SELECT t.trial_id, t.value, t.params_json, r.job FROM '{store.base}/trials/*.parquet' t "
+        f"JOIN '{store.base}/runs/*.parquet' r USING (run_id) "
+        f"WHERE t.run_id = '{run_id}' AND t.study = '{study}'{' AND ' + where if where else ''} "
+        f"ORDER BY t.value {order} LIMIT 1"
+    )
     return "\n".join(
         [
-            f"TensorBoard : tensorboard --logdir {experiment_dir}",
-            "Ray dashboard: `ray start --head --dashboard-host 0.0.0.0` then run the job with RAY_ADDRESS=auto; "
-            "open http://<head>:8265 → Jobs / Actors (one actor per trial; Train runs under 'Train')",
-            "Best trial  : python -c \"import duckdb; print(duckdb.sql(\\\"SELECT t.trial_id, t.value, t.params_json, "
-            f"r.job FROM '{store.base}/trials/*.parquet' t JOIN '{store.base}/runs/*.parquet' r USING (run_id) "
-            f"WHERE t.run_id = '{run_id}' AND t.study = '{study}' ORDER BY t.value {'DESC' if mode == 'max' else 'ASC'} LIMIT 1\\\"))\"",
+            f"TensorBoard  : tensorboard --logdir {experiment_dir}",
+            "Ray dashboard: http://127.0.0.1:8265 while the job runs (a cluster: the head's :8265) → Jobs and Actors "
+            "(one actor per running trial); export RAY_TRAIN_ENABLE_STATE_TRACKING=1 before `ray start` / the job to "
+            "also list each loss trial's Train run under 'Train'",
+            f'Best trial   : python -c "import duckdb; print(duckdb.sql(\\"{query}\\"))"',
         ]
     )
 

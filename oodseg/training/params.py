@@ -2,7 +2,9 @@
 
 Specs (``select_parameters(model, spec)``):
 
-* ``full``      every parameter of the model;
+* ``full``      every parameter in the model's top-level groups (they partition the trainable parameters; a
+  parameter the model keeps frozen on purpose, such as ERFNet's unused ``encoder.output_conv``, stays frozen —
+  DDP would otherwise wait forever for its gradient);
 * ``head``      the ``head`` group only (the classifier; everything else frozen);
 * ``last_k:N``  the ``head`` group plus the ``N`` highest-indexed ``blocks.<i>`` groups (the blocks next to the output);
 * ``queries``   the ``queries`` group only (EoMT query embeddings; the "queries-only" recipe);
@@ -88,27 +90,26 @@ def select_parameters(
     if spec == "lora":
         apply_lora(model, rank=lora_rank, alpha=lora_alpha)
         return [p for p in model.parameters() if p.requires_grad]
+    groups = _groups(model)
     if spec == "full":
-        chosen = list(model.parameters())
+        chosen = [p for key, params in groups.items() if not key.startswith("blocks.") for p in params]
+    elif spec == "head":
+        chosen = list(_need_group(groups, "head", spec))
+    elif spec == "queries":
+        chosen = list(_need_group(groups, "queries", spec))
+    elif spec.startswith("last_k:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"params spec {spec!r}: expected last_k:<int>") from None
+        blocks = sorted((i, key) for key in groups if (i := _block_index(key)) is not None)
+        if k < 1 or k > len(blocks):
+            raise ValueError(f"params spec {spec!r}: model has {len(blocks)} blocks.<i> groups")
+        chosen = list(_need_group(groups, "head", spec))
+        for _, key in blocks[-k:]:
+            chosen += groups[key]
     else:
-        groups = _groups(model)
-        if spec == "head":
-            chosen = list(_need_group(groups, "head", spec))
-        elif spec == "queries":
-            chosen = list(_need_group(groups, "queries", spec))
-        elif spec.startswith("last_k:"):
-            try:
-                k = int(spec.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"params spec {spec!r}: expected last_k:<int>") from None
-            blocks = sorted((i, key) for key in groups if (i := _block_index(key)) is not None)
-            if k < 1 or k > len(blocks):
-                raise ValueError(f"params spec {spec!r}: model has {len(blocks)} blocks.<i> groups")
-            chosen = list(_need_group(groups, "head", spec))
-            for _, key in blocks[-k:]:
-                chosen += groups[key]
-        else:
-            raise ValueError(f"unknown params spec {spec!r}; use full | head | last_k:N | queries | lora")
+        raise ValueError(f"unknown params spec {spec!r}; use full | head | last_k:N | queries | lora")
     keep = {id(p) for p in chosen}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
