@@ -246,3 +246,29 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(finals[0][0], finals[1][0], rtol=1e-5)
     for n, p in finals[0][1].items():
         torch.testing.assert_close(p, finals[1][1][n], atol=1e-5, rtol=1e-4)
+
+
+# --- demo model -----------------------------------------------------------------------------------------------------
+def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, tmp_path):
+    from safetensors.torch import load_file
+
+    from oodseg.models import model_from_safetensors
+    from oodseg.models.checkpoint import read_safetensors_metadata
+    from oodseg.training.demo import DEMO_MODEL_CFG, get_demo_checkpoint
+
+    a = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None)
+    stamp = a.stat().st_mtime_ns
+    assert get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None) == a
+    assert a.stat().st_mtime_ns == stamp  # cache hit: not retrained
+    b = get_demo_checkpoint(tiny_suite, tmp_path / "b", seed=0, steps=2, progress=None)
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # same seed -> same weights
+    c = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=1, steps=2, progress=None)
+    assert c != a and not torch.equal(load_file(c)["decoder.output_conv.weight"], ta["decoder.output_conv.weight"])
+    meta = read_safetensors_metadata(a)
+    assert 0.0 <= float(meta["oodseg.demo.val_miou"]) <= 1.0
+    model = model_from_safetensors(a)
+    assert model.cfg["input_size"] == DEMO_MODEL_CFG["input_size"]
+    out = model.eval().predict(torch.zeros(1, 64, 128, 3, dtype=torch.uint8))
+    assert out.size == (64, 128) and out.logits.shape[1] == 19
+    assert not list(a.parent.glob("*.tmp"))  # atomic write left no temp file

@@ -5,6 +5,7 @@ call with the same run id restores the finished experiment instead of re-running
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ def suite(tmp_path_factory) -> Path:
 
     return build_suite(tmp_path_factory.mktemp("tune_loss_suite") / "suite", seed=7, size=(64, 128), n_train=4,
                        n_val=2, n_anomaly=2, n_coco=4)
+
+
+def all_cpus_free(ray, timeout_s: float = 20.0) -> bool:
+    """Every CPU of the cluster is available again within ``timeout_s`` (resource views lag by ~1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 1e-6:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def make_cfg(results: Path, suite: Path, **kw) -> LossSearchConfig:
@@ -56,6 +67,8 @@ def test_asha_loss_search(ray_session, tmp_path, suite):
     cfg = make_cfg(tmp_path / "results", suite, run_id="loss1")
     res = run_loss_search(cfg)
     assert not res.restored and len(res.trials) == 4
+    # ASHA kills stopped trials with their Train controllers; no worker placement group may stay behind
+    assert all_cpus_free(ray_session)
     assert all(t["status"] == "ok" for t in res.trials)
     iterations = [json.loads(t["metrics_json"])["iterations"] for t in res.trials]
     assert max(iterations) == STEPS and min(iterations) < STEPS, iterations  # ASHA stopped someone early

@@ -244,3 +244,45 @@ def test_source_run_without_cache_is_a_clear_error(tmp_path):
     assert find_source_run(store, spec, (VAL,)) == ""  # nothing cached: the job will run the benchmark
     with pytest.raises(ValueError, match=r"run 'r0' has no committed output cache of model 'm' for \['road_anomaly_21'\]"):
         find_source_run(store, spec, (VAL,), source_run="r0")
+
+
+def test_mask_outputs_search_both_placements(ray_session, tmp_path):
+    """A hand-written mask-output cache (EoMT-style class + mask logits) registered as a finished benchmark unit:
+    one grid study per placement, each trial equal to the reference ``L = Σ_q softmax(cls/T_cl)[:C]·σ(mask)``,
+    ``z = L / T_pl``, MSP = 1 − max softmax(z) (T_cl = T for ``cl``, T_pl = T for ``pl``) + sklearn."""
+    from oodseg.platform.results import safe_key
+
+    rng = np.random.default_rng(3)
+    store, run, n_cls, grid = ResultsStore(str(tmp_path)), "maskrun", 5, (0.5, 1.0, 2.0)
+    records, labels = [], []
+    for _ in range(3):
+        label = (rng.random((24, 40)) < 0.15).astype(np.uint8)
+        records.append({"class_logits": (2 * rng.standard_normal((1, 6, n_cls + 1))).astype(np.float16),
+                        "mask_logits": (3 * rng.standard_normal((1, 6, 24, 40))).astype(np.float16), "label": label})
+        labels.append(label)
+    ShardCache(store.root, run, "mask", VAL, "outputs").write("w0", records, ["a", "b", "c"])
+    store.write_part("metrics", safe_key(run, "mask", VAL),
+                     [{"run_id": run, "model": "mask", "dataset": VAL, "kind": "anomaly", "track": "anomaly"}])
+
+    def ref_auprc(t_cl: float, t_pl: float) -> float:
+        s, y = [], []
+        for rec, lab in zip(records, labels):
+            probs = torch.softmax(torch.from_numpy(rec["class_logits"]).double()[0] / t_cl, dim=-1)[:, :n_cls]
+            masks = torch.sigmoid(torch.from_numpy(rec["mask_logits"]).double()[0])
+            z = torch.einsum("qc,qhw->chw", probs, masks) / t_pl
+            s.append((1 - torch.softmax(z, dim=0).amax(dim=0)).numpy().ravel())
+            y.append(lab.ravel())
+        return average_precision_score(np.concatenate(y), np.concatenate(s))
+
+    cfg = TemperatureSearchConfig(results=str(tmp_path), source_run=run, model=ModelSpec(name="mask"), val_set=VAL,
+                                  datasets=(VAL,), search="grid", grid=grid, placements=("cl", "pl"),
+                                  max_concurrent_trials=2, time_forward=False, run_id="masktune")
+    res = run_temperature_search(cfg)
+    assert [s.placement for s in res.studies] == ["cl", "pl"] and not res.created_cache
+    for study in res.studies:
+        for t in study.trials:
+            temp = json.loads(t["params_json"])["temperature"]
+            t_cl, t_pl = (temp, 1.0) if study.placement == "cl" else (1.0, temp)
+            assert t["value"] == pytest.approx(ref_auprc(t_cl, t_pl), abs=1e-4)
+    cl, pl = ({json.loads(t["params_json"])["temperature"]: t["value"] for t in s.trials} for s in res.studies)
+    assert cl[1.0] == pytest.approx(pl[1.0]) and cl[2.0] != pytest.approx(pl[2.0], abs=1e-4)  # T = 1: same model

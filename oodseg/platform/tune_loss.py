@@ -50,6 +50,7 @@ from oodseg.platform.tuners import (
     log,
     logdir_hints,
     placement_group_reaper,
+    reap_until_clean,
     trial_rows,
     tune_run_row,
     tune_space,
@@ -191,6 +192,8 @@ def search_space(cfg: LossSearchConfig) -> dict[str, Any]:
 
 @dataclass
 class LossSearchResult:
+    """What :func:`run_loss_search` returns (the trials rows are also in the results store)."""
+
     run_id: str
     study: str
     experiment_dir: str
@@ -255,6 +258,7 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
                                           callbacks=[TBXLoggerCallback(), placement_group_reaper()]),
             )
         grid = tuner.fit()
+        reap_until_clean()
         params = [f"loss_cfg.{k}" for k in space.get("loss_cfg", {})] + (["lr"] if "lr" in space else [])
         rows = trial_rows(grid, run_id=run_id, study=study, model=cfg.finetune.train.model,
                           dataset=cfg.finetune.train.anomaly_set or "", objective=objective, params=params,

@@ -239,6 +239,27 @@ def reap_orphan_placement_groups() -> int:
     return removed
 
 
+def reap_until_clean(timeout_s: float = 15.0, poll_s: float = 0.5) -> int:
+    """After a search: keep reaping until no actor-created placement group is left or ``timeout_s`` passes (the
+    last stopped trial's Train controller dies only after ``Tuner.fit`` has returned); returns how many went."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    removed, deadline = 0, time.monotonic() + timeout_s
+    while True:
+        removed += reap_orphan_placement_groups()
+        left = 0
+        for raw in state._connect_and_get_accessor().get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and not pg.is_detached and pg.creator_actor_id
+                    and not ray.ActorID(pg.creator_actor_id).is_nil()):
+                left += 1
+        if not left or time.monotonic() > deadline:
+            return removed
+        time.sleep(poll_s)
+
+
 def placement_group_reaper(interval_s: float = 2.0):
     """A Tune callback running :func:`reap_orphan_placement_groups` at most every ``interval_s`` seconds of the
     Tune loop (see the module docstring for why)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 LORA_PREFIX = "lora_"
