@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from oodseg.losses import loss_space
@@ -72,6 +73,19 @@ def test_asha_loss_search(ray_session, tmp_path, suite):
     assert all(t["status"] == "ok" for t in res.trials)
     iterations = [json.loads(t["metrics_json"])["iterations"] for t in res.trials]
     assert max(iterations) == STEPS and min(iterations) < STEPS, iterations  # ASHA stopped someone early
+    # replay asynchronous successive halving (Li et al., MLSys 2020; Ray's rule): in launch order, a trial reaching
+    # rung r (= 1, 2 validations) stops when its value is below the median of the earlier trials' values at r
+    rungs: dict[int, list[float]] = {1: [], 2: []}
+    for t in sorted(res.trials, key=lambda t: t["trial_id"]):
+        history, expected = json.loads(t["metrics_json"])["history_val_auprc"], STEPS
+        for it, value in enumerate(history, start=1):
+            if it in rungs:
+                earlier, cutoff = rungs[it], np.median(rungs[it]) if rungs[it] else None
+                earlier.append(value)
+                if cutoff is not None and value < cutoff:
+                    expected = it
+                    break
+        assert len(history) == expected, (t["trial_id"], history, rungs)
     # max_concurrent_trials=1: the trials' [start, end] intervals do not overlap (timestamps are whole seconds)
     spans = sorted((m["timestamp"] - m["time_total_s"], m["timestamp"])
                    for m in (json.loads(t["metrics_json"]) for t in res.trials))

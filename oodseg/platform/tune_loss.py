@@ -140,7 +140,12 @@ def trial_finetune_config(base: FinetuneConfig, config: dict[str, Any], name: st
 
 
 def build_trainer(cfg: FinetuneConfig, callbacks: list[Any]):
-    """A ``TorchTrainer`` for ``cfg`` with the settings of ``run_finetune`` plus Train ``callbacks``."""
+    """A ``TorchTrainer`` for ``cfg`` with the settings of ``run_finetune`` plus Train ``callbacks``.
+
+    One difference: the workers' ``env_vars`` runtime env (``TORCH_EXTENSIONS_DIR`` for DeepSpeed's compiled ops,
+    ``OMP_NUM_THREADS``) is only set for the DeepSpeed strategy. A distinct runtime env forces a freshly started
+    worker process per trial, while DDP workers can take one of Ray's pre-started idle workers (the loop sets its
+    torch threads itself), which saves a process start per trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -158,7 +163,7 @@ def build_trainer(cfg: FinetuneConfig, callbacks: list[Any]):
             name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": env} if cfg.strategy == "deepspeed" else None,
         ),
     )
 
