@@ -271,3 +271,9 @@ def test_msp_keeps_resolution_for_confident_pixels():
     ref = 1.0 - np_softmax(z.double().numpy(), 1).max(1).flatten()
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     assert np.all(np.diff(got) < 0) and got.min() > 0
+
+
+def test_msp_with_tied_maxima():
+    """Two classes tied at the maximum: MSP = 1/2 (three-way tie: 1/3), so 1 − MSP = 1/2 (2/3)."""
+    z = torch.tensor([[3.0, 3.0, -50.0], [1.0, 1.0, 1.0]]).T.reshape(1, 3, 1, 2)
+    np.testing.assert_allclose(create_scorer("msp")(z).flatten().numpy(), [0.5, 2 / 3], rtol=1e-6)

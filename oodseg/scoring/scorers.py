@@ -145,12 +145,15 @@ def pixel_class_scores(
 @register_scorer("msp")
 def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Maximum softmax probability, ``s = 1 − max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017; the
-    ``1 − MSP`` form is the one SMIYC and the ERFNet anomaly-eval code report). It is computed as the softmax mass
-    of the non-maximal classes, ``exp(logsumexp_{c ≠ argmax} log p_c)``, so confident pixels keep their full float32
-    resolution near 0 instead of collapsing onto ``1 − 1e-7`` steps."""
-    logp = torch.log_softmax(z, dim=1)
-    rest = logp.scatter(1, logp.argmax(dim=1, keepdim=True), float("-inf"))
-    return torch.logsumexp(rest, dim=1).exp()
+    ``1 − MSP`` form is the one SMIYC and the ERFNet anomaly-eval code report).
+
+    With ``e_c = exp(z_c − max z)``, ``MSP = 1 / (1 + r)`` where ``r`` sums ``e_c`` over the non-maximal classes (plus
+    one per extra tied maximum), so ``1 − MSP = r / (1 + r)``: confident pixels keep their full float32 resolution
+    near 0 (``1 − p`` computed directly would round to multiples of 6e-8) and no ``argmax`` is needed."""
+    zmax = z.amax(dim=1, keepdim=True)
+    is_max = z == zmax
+    rest = torch.where(is_max, 0.0, torch.exp(z - zmax)).sum(dim=1) + (is_max.sum(dim=1) - 1)
+    return rest / (1.0 + rest)
 
 
 @register_scorer("maxlogit")
