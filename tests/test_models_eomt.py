@@ -181,3 +181,49 @@ def test_training_forward_reaches_every_group():
     groups = m.param_groups()
     for name in ("queries", "head", "blocks.2"):
         assert all(p.grad is not None for p in groups[name]), name
+
+
+def test_semantic_to_mask_labels_by_hand():
+    from oodseg.models.eomt import semantic_to_mask_labels
+
+    t = torch.tensor([[[0, 0, 255], [13, 254, 13]], [[255, 255, 255], [255, 2, 2]]])
+    masks, classes = semantic_to_mask_labels(t, 19)
+    assert classes[0].tolist() == [0, 13] and classes[1].tolist() == [2]
+    assert masks[0].tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [1, 0, 1]]]  # 255 / 254 pixels in no mask
+    assert masks[1].tolist() == [[[0, 0, 0], [0, 1, 1]]]
+
+
+def test_training_loss_is_eomts_own_mask_classification_loss(model):
+    """forward_loss on EoMT: ``ce`` is transformers' mask-classification loss on the target's class masks,
+    ``oe`` adds its outlier term, per-pixel-only losses are refused by name."""
+    from oodseg.losses import create_loss
+    from oodseg.training.step import forward_loss
+
+    rng = np.random.default_rng(7)
+    images = torch.from_numpy(rng.integers(0, 256, (2, S, S, 3), dtype=np.uint8))
+    target = torch.from_numpy(rng.choice([0, 1, 2, 8, 13, 254, 255], size=(2, S, S))).long()
+    batch = {"images": images, "target": target, "outlier_mask": (target == 254).to(torch.uint8)}
+    model.train()
+    try:
+        x = model.preprocess(images)
+        masks = [torch.stack([(t == c).float() for c in sorted(set(t.unique().tolist()) - {254, 255})]) for t in target]
+        classes = [torch.tensor(sorted(set(t.unique().tolist()) - {254, 255})) for t in target]
+        torch.manual_seed(0)
+        ref = model.hf(pixel_values=x, mask_labels=masks, class_labels=classes)
+        torch.manual_seed(0)
+        ce = forward_loss(model, batch, create_loss("ce"))
+        torch.testing.assert_close(ce, ref.loss)
+        oe_fn = create_loss("oe", weight=0.5)
+        oe_term = oe_fn(MaskOutputs(ref.class_queries_logits, ref.masks_queries_logits), target,
+                        batch["outlier_mask"])
+        torch.manual_seed(0)
+        oe = forward_loss(model, batch, oe_fn)
+        torch.testing.assert_close(oe, ref.loss + oe_term)
+        model.zero_grad()
+        oe.backward()
+        assert model.hf.query.weight.grad is not None and bool(model.hf.query.weight.grad.abs().sum() > 0)
+        with pytest.raises(TypeError, match="(?i)logitnorm|MaskOutputs"):
+            forward_loss(model, batch, create_loss("logitnorm"))
+    finally:
+        model.zero_grad()
+        model.eval()

@@ -70,6 +70,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def semantic_to_mask_labels(
+    target: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Semantic targets ``[N, H, W]`` → per image one binary mask per class present (``mask_labels[i]``
+    ``[n_i, H, W]``) and its class id (``class_labels[i]`` ``[n_i]``), the form transformers' mask-classification
+    loss takes. Ids outside ``0..num_classes-1`` (255 void, 254 pasted outlier) belong to no mask, so every query is
+    pushed towards "no mask" there."""
+    masks, classes = [], []
+    for t in target:
+        ids = torch.unique(t)
+        ids = ids[(ids >= 0) & (ids < num_classes)]
+        classes.append(ids.long())
+        masks.append((t[None] == ids[:, None, None]).to(dtype))
+    return masks, classes
+
+
 class EoMT(SegModel):
     """EoMT as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
 
@@ -140,13 +156,24 @@ class EoMT(SegModel):
         """uint8 RGB → ``(x − 255·mean) / (255·std)`` float ``[B,3,H,W]`` on the model's device (no resizing)."""
         return self._normalise(to_nchw_uint8(images_uint8).to(self.device, non_blocking=True))
 
-    def forward(self, x: torch.Tensor) -> MaskOutputs:
-        """Training path on normalised ``[N, 3, S, S]`` windows → per-query class and mask logits."""
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> MaskOutputs | tuple[MaskOutputs, torch.Tensor]:
+        """Training path on normalised ``[N, 3, S, S]`` windows → per-query class and mask logits.
+
+        With ``target`` (semantic trainIds ``[N, S, S]``), also returns EoMT's own mask-classification loss, which
+        transformers computes inside the forward pass (Hungarian matching, class CE + mask BCE + dice, auxiliary terms
+        of the masked-attention layers; Kerssies et al., CVPR 2025, following Mask2Former) from one binary mask per
+        class present (:func:`semantic_to_mask_labels`)."""
         s = self.image_size
         if x.ndim != 4 or tuple(x.shape[-2:]) != (s, s):
             raise ValueError(f"EoMT takes [N, 3, {s}, {s}] inputs (config.image_size), got {tuple(x.shape)}")
-        out = self.hf(pixel_values=x)
-        return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits)
+        if target is None:
+            out = self.hf(pixel_values=x)
+            return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits)
+        masks, classes = semantic_to_mask_labels(target, self.num_classes, dtype=x.dtype)
+        out = self.hf(pixel_values=x, mask_labels=masks, class_labels=classes)
+        return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits), out.loss
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:

@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -306,9 +307,11 @@ class FinetuneResult:
     model_path: str | None
 
 
-def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    """Run (or resume) ``cfg`` on the connected / a local Ray cluster and export the final model."""
-    import ray
+def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = ()) -> Any:
+    """The ``TorchTrainer`` (Train V2) for ``cfg``, with optional Train ``callbacks`` (the Tune loss search adds
+    its reporting callback). The workers' ``env_vars`` runtime env (``TORCH_EXTENSIONS_DIR`` for DeepSpeed's
+    compiled ops, ``OMP_NUM_THREADS``) is only set for DeepSpeed: a distinct runtime env forces a freshly started
+    worker process, while DDP workers can reuse Ray's pre-started idle workers (the loop sets its torch threads)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -316,10 +319,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     ext_dir = str(Path(cfg.extensions_dir).expanduser().resolve())
     env = {"TORCH_EXTENSIONS_DIR": ext_dir, "OMP_NUM_THREADS": str(max(1, cfg.cpus_per_worker))}
-    if not ray.is_initialized():
-        ray.init()
-    storage = str(Path(cfg.storage_path).expanduser().resolve())
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -327,12 +327,23 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=storage,
+            storage_path=str(Path(cfg.storage_path).expanduser().resolve()) if "://" not in cfg.storage_path
+            else cfg.storage_path,
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": env} if cfg.strategy == "deepspeed" else None,
         ),
     )
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Run (or resume) ``cfg`` on the connected / a local Ray cluster and export the final model."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    trainer = build_trainer(cfg)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

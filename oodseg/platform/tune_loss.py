@@ -37,14 +37,12 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from oodseg.config import from_dict, to_dict, to_json
 from oodseg.platform.pipeline import new_run_id
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.trainer import FinetuneConfig, resolve_data
-from oodseg.training.config import TrainConfig
 from oodseg.platform.tuners import (
     init_ray,
     log,
@@ -57,6 +55,7 @@ from oodseg.platform.tuners import (
     write_run_row,
     write_trials,
 )
+from oodseg.training.config import TrainConfig
 
 OBJECTIVES = {"val_auprc": "max", "val_fpr95": "min", "val_combo": "max"}
 
@@ -139,41 +138,14 @@ def trial_finetune_config(base: FinetuneConfig, config: dict[str, Any], name: st
     return replace(base, train=train, name=name, storage_path=storage, checkpoint_every=every, export=None)
 
 
-def build_trainer(cfg: FinetuneConfig, callbacks: list[Any]):
-    """A ``TorchTrainer`` for ``cfg`` with the settings of ``run_finetune`` plus Train ``callbacks``.
-
-    One difference: the workers' ``env_vars`` runtime env (``TORCH_EXTENSIONS_DIR`` for DeepSpeed's compiled ops,
-    ``OMP_NUM_THREADS``) is only set for the DeepSpeed strategy. A distinct runtime env forces a freshly started
-    worker process per trial, while DDP workers can take one of Ray's pre-started idle workers (the loop sets its
-    torch threads itself), which saves a process start per trial."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from oodseg.platform.trainer import train_loop_per_worker
-
-    ext_dir = str(Path(cfg.extensions_dir).expanduser().resolve())
-    env = {"TORCH_EXTENSIONS_DIR": ext_dir, "OMP_NUM_THREADS": str(max(1, cfg.cpus_per_worker))}
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.name, storage_path=cfg.storage_path, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-            worker_runtime_env={"env_vars": env} if cfg.strategy == "deepspeed" else None,
-        ),
-    )
-
-
 def loss_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str) -> None:
     """Tune trainable (the Train driver): one fine-tuning run with this trial's hyper-parameters."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_finetune_config(from_dict(FinetuneConfig, base), config, f"train-{trial_id}", train_storage)
+    from oodseg.platform.trainer import build_trainer
+
     build_trainer(cfg, [_report_callback()]).fit()
 
 

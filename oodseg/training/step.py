@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from oodseg.losses import CrossEntropyLoss
+
 
 def forward_loss(
     model: nn.Module,
@@ -36,11 +38,21 @@ def forward_loss(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with ctx:
-        out = (forward or model)(x)
     target = batch["target"].to(device, non_blocking=True)
     mask = batch.get("outlier_mask")
-    return loss_fn(out, target, None if mask is None else mask.to(device, non_blocking=True))
+    mask = None if mask is None else mask.to(device, non_blocking=True)
+    if getattr(model, "output_kind", "pixel") != "mask":
+        with ctx:
+            out = (forward or model)(x)
+        return loss_fn(out, target, mask)
+    # Mask models (EoMT) train with their own mask-classification loss, computed in their forward pass; ``ce`` means
+    # exactly that, and ``oe`` adds its outlier-exposure term on the per-pixel class scores (per-pixel-only losses
+    # raise a TypeError naming themselves).
+    with ctx:
+        out, own = (forward or model)(x, target=target)
+    if isinstance(loss_fn, CrossEntropyLoss):
+        return own
+    return own + loss_fn(out, target, mask)
 
 
 def torch_step(
