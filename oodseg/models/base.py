@@ -70,8 +70,16 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> PixelLogits | MaskOutputs:  # noqa: D102
         raise NotImplementedError
 
+    @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> PixelLogits | MaskOutputs:
-        raise NotImplementedError
+        """Per-pixel inference (mask models override it): preprocess, resize to ``cfg["input_size"]`` when set
+        (bilinear, antialiased), logits there; ``size`` = the input size, so scorers upsample back to the label."""
+        x = self.preprocess(images_uint8)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        target = getattr(self, "cfg", {}).get("input_size")
+        if target is not None and tuple(target) != size:
+            x = nn.functional.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False, antialias=True)
+        return PixelLogits(self(x).logits, size=size)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         raise NotImplementedError

@@ -202,16 +202,6 @@ class ERFNet(SegModel):
             y = self.head(y)
         return PixelLogits(y[:, : self.n_scored, :h, :w])
 
-    @torch.no_grad()
-    def predict(self, images_uint8: torch.Tensor) -> PixelLogits:
-        """Inference: [0,1] RGB resized to ``input_size`` (bilinear, antialiased); logits there, ``size`` = input."""
-        x = self.preprocess(images_uint8)
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        target = self.cfg["input_size"]
-        if target is not None and tuple(target) != size:
-            x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False, antialias=True)
-        return PixelLogits(self(x).logits, size=size)
-
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         unused = {id(p) for p in self.encoder.output_conv.parameters()}  # permanently frozen, see module doc
         head = list(self.decoder.output_conv.parameters()) + (list(self.head.parameters()) if self.head else [])

@@ -116,15 +116,6 @@ class TimmSeg(SegModel):
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return PixelLogits(y[..., :h, :w])
 
-    @torch.no_grad()
-    def predict(self, images_uint8: torch.Tensor) -> PixelLogits:
-        x = self.preprocess(images_uint8)
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        target = self.cfg["input_size"]
-        if target is not None and tuple(target) != size:
-            x = F.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False, antialias=True)
-        return PixelLogits(self(x).logits, size=size)
-
     def _backbone_blocks(self) -> list[nn.Module]:
         inner = getattr(self.backbone, "model", None)
         if inner is not None and isinstance(getattr(inner, "blocks", None), nn.Sequential | nn.ModuleList):
