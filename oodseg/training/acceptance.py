@@ -10,6 +10,13 @@ RoadAnomaly21-format set (pixel AuPRC / FPR95 of RbA, MaxLogit, MSP). Checks (ex
 
 1. OE improves RbA *or* MaxLogit AuPRC over the base model with val mIoU dropping ≤ 2 points;
 2. LogitNorm or EIM improves RbA or MaxLogit AuPRC over the CE control, with mIoU ≤ 2 points below it.
+
+Loss settings for per-pixel logits (``LOSS_CFG``): RbA's released thresholds (τ_in = 0, τ_out = 5, weight 1) are
+for mask-model scores; on per-pixel softmax logits a confident inlier already has ``s = −Σ_c tanh(z_c) ≈ C − 2 = 17``
+(one positive, 18 saturated negative logits), so τ_in = 0 puts a ~17² hinge on every inlier pixel and mIoU
+collapsed (0.41 → 0.07, measured). Thresholds on that scale (τ_in = 15, τ_out = 18.5: "rejected by all" = every
+logit negative) with weight 0.03 keep mIoU within 1.3 points; LogitNorm's τ = 0.04 is the paper's from-scratch CIFAR
+value, and fine-tuning uses τ = 0.5.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from oodseg.training.config import TrainConfig
 
 SCORERS = ("rba", "maxlogit", "msp")
+LOSS_CFG = {"oe": {"weight": 0.03, "tau_in": 15.0, "tau_out": 18.5}, "logitnorm": {"temperature": 0.5}}
 MIOU_TOL = 0.02
 
 
@@ -53,7 +61,7 @@ def finetune_config(suite: Path, init: Path, loss: str, steps: int, seed: int = 
         model_cfg["head"] = "isomax"
     return TrainConfig(
         model="erfnet", model_cfg=model_cfg, init=str(init), data_root=str(suite), coco_root=str(suite / "coco"),
-        ood_prob=0.5, loss=loss, params="full", lr=5e-4, warmup=10, schedule="cosine", steps=steps,
+        ood_prob=0.5, loss=loss, loss_cfg=dict(LOSS_CFG.get(loss, {})), params="full", lr=5e-4, warmup=10, schedule="cosine", steps=steps,
         global_batch=8, crop=(128, 256), scale=(0.4, 0.65), seed=seed, anomaly_set="road_anomaly_21",
         log_every=20,
     )
