@@ -67,13 +67,17 @@ def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
 
 
-def _mask_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, temperature_cl: float) -> torch.Tensor:
-    """``L[n,c] = Σ_q softmax(class_logits[n,q] / T)[c] · sigmoid(mask_logits[n,q])`` with no-object dropped."""
+def _check_mask_shapes(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
     if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
         raise ValueError(
             f"MaskOutputs: expected class_logits [N,Q,C+1] and mask_logits [N,Q,h,w] with equal N,Q; got "
             f"{tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
         )
+
+
+def _mask_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, temperature_cl: float) -> torch.Tensor:
+    """``L[n,c] = Σ_q softmax(class_logits[n,q] / T)[c] · sigmoid(mask_logits[n,q])`` with no-object dropped."""
+    _check_mask_shapes(class_logits, mask_logits)
     probs = torch.softmax(class_logits.float() / temperature_cl, dim=-1)[..., :-1]
     return torch.einsum("nqc,nqhw->nchw", probs, torch.sigmoid(mask_logits.float()))
 
@@ -91,7 +95,7 @@ def _stitch_crops(out: MaskOutputs, temperature_cl: float) -> torch.Tensor:
     n_crops = out.class_logits.shape[0]
     if crops.ndim != 2 or crops.shape[1] != 5 or crops.shape[0] != n_crops:
         raise ValueError(f"MaskOutputs.crops must be [N,5] with N={n_crops}; got {tuple(crops.shape)}")
-    _mask_class_scores(out.class_logits[:1], out.mask_logits[:1], temperature_cl)  # validates shapes
+    _check_mask_shapes(out.class_logits, out.mask_logits)
     probs = torch.softmax(out.class_logits.float() / temperature_cl, dim=-1)[..., :-1]
     fh, fw = (int(s) for s in out.frame_size)
     n_img = out.batch_size
