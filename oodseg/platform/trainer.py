@@ -23,7 +23,8 @@ Every worker runs :func:`train_loop_per_worker`, built from the pure-torch piece
   DeepSpeed's own loader uses ``torch.load(weights_only=False)``; we swap in a checkpoint engine that loads with
   ``weights_only=True`` (allow-listing DeepSpeed's ``LossScaler``, ``ZeroStageEnum``, ``fragment_address``).
 * **Fault injection** (tests): ``fault_step`` makes rank ``fault_rank`` ``os._exit(1)`` at that step unless the
-  ``fault_marker`` file exists (it is created first), i.e. only on the first attempt.
+  ``fault_marker`` file exists (it is created first), i.e. only on the first attempt; it waits until the checkpoints
+  reported before are committed, so the recovery point is deterministic.
 """
 
 from __future__ import annotations
@@ -231,6 +232,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if cfg.fault_step == step and rank == cfg.fault_rank and cfg.fault_marker:
             marker = Path(cfg.fault_marker)
             if not marker.exists():
+                # die only once the controller has committed every checkpoint reported so far: a report still in
+                # flight when the worker group fails is dropped by Ray Train, which would make the test's
+                # "resume from the step-k checkpoint" depend on the controller's polling race
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"rank {rank} exited at step {step}\n")
                 os._exit(1)
