@@ -177,6 +177,33 @@ def test_shards_merged_in_any_order_give_identical_state():
         assert merged.compute() == PixelMetrics.from_state_dict(whole).compute()
 
 
+@pytest.mark.parametrize("bits", [22, 24])
+def test_device_path_bins_exactly_like_the_numpy_path(bits):
+    """``_update_torch`` is what runs on a GPU actor; its torch ops are device-agnostic, so on the CPU it must give
+    the numpy path's state bit for bit (extreme values, signed zeros, ignore pixels, bool / int64 labels)."""
+    scores, labels = realistic_maps(np.random.default_rng(8), 3, offset=-4.0, scale=3.0)
+    scores[0, 5, :8] = [-0.0, 0.0, 3.4e38, -3.4e38, 1e-40, -1e-40, 1e30, -1e-30]
+    ref = PixelMetrics(bits).update(scores, labels).state_dict()
+    for lab in (torch.from_numpy(labels), torch.from_numpy(labels).long()):
+        got = PixelMetrics(bits)._update_torch(torch.from_numpy(scores), lab).state_dict()
+        for key in ("bins", "neg", "pos"):
+            np.testing.assert_array_equal(got[key], ref[key])
+    valid = labels[0] != 255
+    flat = PixelMetrics(bits)._update_torch(torch.from_numpy(scores[0][valid]), torch.from_numpy(labels[0][valid] == 1))
+    ref0 = PixelMetrics(bits).update(scores[0], labels[0]).state_dict()
+    np.testing.assert_array_equal(flat.state_dict()["pos"], ref0["pos"])
+    bad = [
+        (torch.zeros(4), torch.tensor([0, 1, 2, 255]), r"only be 0 \(inlier\)"),
+        (torch.tensor([0.0, float("nan")]), torch.tensor([0, 1]), "NaN"),
+        (torch.tensor([0.0, float("inf")]), torch.tensor([0, 1]), "inf"),
+        (torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.uint8), "shape"),
+        (torch.zeros(3), torch.zeros(3), "integer"),
+    ]
+    for s, lab, match in bad:
+        with pytest.raises(ValueError, match=match):
+            PixelMetrics(bits)._update_torch(s, lab)
+
+
 def test_memory_does_not_grow_with_pixels():
     scores, labels = realistic_maps(np.random.default_rng(6), 8)
     m = PixelMetrics().update(scores, labels)

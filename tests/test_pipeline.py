@@ -1,7 +1,7 @@
 """End-to-end Ray Data benchmark on a tiny synthetic suite, checked against a plain single-process loop.
 
 The reference loop shares no code with the pipeline beyond the public contracts (dataset ``load``,
-``model.predict``, ``create_scorer``, the metric classes): no batching across images, no ``score_many``, no state
+``model.predict``, ``create_scorer``, the metric classes): one scorer and one image at a time, no state
 packing or merging, one metric object updated image by image. Equality of the numbers proves the distributed
 read → score → merge → component pass → commit path is right.
 """

@@ -262,6 +262,17 @@ def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_ou
     assert calls == [1.0]
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 12])  # one row / a row and a bit / two rows of width 5 per block
+def test_score_many_cpu_row_blocks_equal_whole_batch(mask_out, pixel_logits, chunk):
+    specs = [create_scorer(n, t, p) for n in list_scorers() for t, p in ((1.0, "cl"), (0.5, "pl"))]
+    for outputs in (mask_out, pixel_logits):
+        whole = score_many(outputs, specs, size=(6, 5), chunk_pixels=0)
+        blocks = score_many(outputs, specs, size=(6, 5), chunk_pixels=chunk)
+        for a, b in zip(whole, blocks):
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # ≤ 1-2 ulp: SIMD vs scalar tails
+
+
 def test_msp_keeps_resolution_for_confident_pixels():
     """1 − MSP of very confident pixels stays distinct (and equals the float64 reference), so the histogram-binned
     pixel metrics can still rank them."""

@@ -419,11 +419,13 @@ class ScoreActor:
                             acc = float((pred[b][valid] == labels[b][valid]).mean()) if valid.any() else None
                             emit("image", r, summary=[{"pixel_acc": acc, "n_valid": int(valid.sum())}])
                     else:
-                        scores = [s.float().cpu().numpy() for s in score_many(outputs, self.scorers, (h, w))]
+                        on_device = score_many(outputs, self.scorers, (h, w))
+                        label_t = torch.from_numpy(labels).to(on_device[0].device) if on_device else None
+                        for key, s in zip(self.keys, on_device):  # binned on the actor's device, whole chunk
+                            st.setdefault(key, PixelMetrics()).update(s, label_t)
+                        scores = [s.cpu().numpy() for s in on_device]
                         for b, r in enumerate(chunk):
                             per = [s[b] for s in scores]
-                            for key, s in zip(self.keys, per):
-                                st.setdefault(key, PixelMetrics()).update(s, labels[b])
                             emit("image", r, summary=_image_summary(per, labels[b], self.keys))
                             if self.write_scores:
                                 maps = np.clip(np.stack(per), -_F16_MAX, _F16_MAX).astype(np.float16)

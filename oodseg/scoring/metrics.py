@@ -108,7 +108,12 @@ class PixelMetrics:
 
     # --- accumulation ---------------------------------------------------------------------------------------
     def update(self, scores: Any, labels: Any) -> PixelMetrics:
-        """Add one batch of scores and labels (numpy arrays or torch tensors of the same shape)."""
+        """Add one batch of scores and labels (numpy arrays or torch tensors of the same shape).
+
+        Scores on an accelerator are binned there (:meth:`_update_torch`): only the per-page counts cross to the
+        host, not the pixels. CPU input takes the numpy path (measured ~1.8× faster than the same torch ops on CPU)."""
+        if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
+            return self._update_torch(scores, labels)
         s = _scores_f32(scores)
         lab = _anomaly_labels(labels, s.shape)
         valid = lab != IGNORE
@@ -126,6 +131,47 @@ class PixelMetrics:
         local = slot[page] * size + (bins & np.uint32(size - 1)).astype(np.intp)
         counts = np.bincount(local * 2 + lab, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
         for k, p in enumerate(np.flatnonzero(present).tolist()):
+            if p in self._pages:
+                self._pages[p] += counts[k]
+            else:
+                self._pages[p] = counts[k].copy()
+        return self
+
+    def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
+        """:meth:`update` with torch ops on the scores' device (any device; tests run it on the CPU): the same
+        validation, keys, bins and counts as the numpy path, ``float32_keys`` done on the int32 view as int64."""
+        s = scores.detach().float()
+        lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
+        lab = lab.to(s.device)
+        if tuple(lab.shape) != tuple(s.shape):
+            raise ValueError(f"scores shape {tuple(s.shape)} and labels shape {tuple(lab.shape)} differ")
+        if lab.dtype == torch.bool:
+            lab = lab.to(torch.uint8)
+        if lab.is_floating_point() or lab.is_complex():
+            raise ValueError(f"labels must be an integer array (0 inlier, 1 anomaly, 255 ignore); got {lab.dtype}")
+        ok = (lab == 0) | (lab == 1) | (lab == IGNORE)
+        if not bool(ok.all()):
+            bad = torch.unique(lab[~ok])[:10].tolist()
+            raise ValueError(f"labels may only be 0 (inlier), 1 (anomaly) or 255 (ignore); found {bad}")
+        if not bool(torch.isfinite(s).all()):
+            n_nan, n_inf = int(torch.isnan(s).sum()), int(torch.isinf(s).sum())
+            raise ValueError(f"scores contain {n_nan} NaN and {n_inf} inf values; scorers must produce finite scores")
+        valid = lab != IGNORE
+        s, lab = s[valid], lab[valid].long()
+        if s.numel() == 0:
+            return self
+        bits = (s + 0.0).contiguous().view(torch.int32)  # + 0.0 turns −0.0 into +0.0
+        keys = (bits ^ ((bits >> 31) | torch.iinfo(torch.int32).min)).long() & 0xFFFFFFFF  # float32_keys, as int64
+        bins = keys >> (32 - self.bits)
+        size = 1 << PAGE_BITS
+        page = bins >> PAGE_BITS
+        present = torch.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
+        slot = torch.cumsum(present, 0) - 1
+        local = slot[page] * size + (bins & (size - 1))
+        n_pages = int(present.sum())
+        counts = torch.bincount(local * 2 + lab, minlength=n_pages * size * 2).view(n_pages, size, 2)
+        counts = counts.cpu().numpy()
+        for k, p in enumerate(torch.nonzero(present).flatten().tolist()):
             if p in self._pages:
                 self._pages[p] += counts[k]
             else:
@@ -238,8 +284,17 @@ SIOU_THRESHOLDS = np.linspace(0.25, 0.75, 11)
 _STRUCTURE = np.ones((3, 3), dtype=np.uint8)  # 8-connectivity
 
 
+def _compact_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber non-negative ids to 0..n-1 keeping order and 0 (a lookup table: no sort); returns (ids, n)."""
+    ids = ids.reshape(-1).astype(np.intp, copy=False)
+    present = np.bincount(ids, minlength=1) > 0
+    present[0] = True
+    return (np.cumsum(present) - 1)[ids], int(present.sum())
+
+
 def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-GT sIoU, per-prediction sIoU and per-prediction precision from instance maps restricted to the ROI.
+    """Per-GT sIoU, per-prediction sIoU and per-prediction precision from instance maps restricted to the ROI
+    (non-negative integer ids, 0 = background; ids that do not occur are skipped, so no relabelling is needed).
 
     Follows ``segment_metrics`` of the official SMIYC code, via the contingency table ``M[g, s]`` (pixel counts of
     GT component g ∩ predicted segment s, 0 = background). For GT component ``k`` with predicted segments
@@ -247,15 +302,9 @@ def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarr
     other GT components, which reduces to ``Σ_{s∈P} M[k,s] / (|k| + Σ_{s∈P} M[0,s])``. Symmetrically for a
     predicted segment ``s`` (other predicted segments excluded), and PPV(s) = ``Σ_{k∈K(s)} M[k,s] / |s|``.
     """
-    g_ids, g = np.unique(gt_inst, return_inverse=True)
-    s_ids, s = np.unique(pred_seg, return_inverse=True)
-    # make sure index 0 is the background in both
-    if g_ids.size == 0 or g_ids[0] != 0:
-        g = g + 1
-    if s_ids.size == 0 or s_ids[0] != 0:
-        s = s + 1
-    n_g, n_s = int(g.max(initial=0)) + 1, int(s.max(initial=0)) + 1
-    m = np.bincount(g.reshape(-1) * n_s + s.reshape(-1), minlength=n_g * n_s).reshape(n_g, n_s).astype(np.float64)
+    g, n_g = _compact_ids(gt_inst)
+    s, n_s = _compact_ids(pred_seg)
+    m = np.bincount(g * n_s + s, minlength=n_g * n_s).reshape(n_g, n_s).astype(np.float64)
     hit = m[1:, 1:] > 0  # [G, S]: GT component k touches predicted segment s
     gt_size, pred_size = m[1:].sum(axis=1), m[:, 1:].sum(axis=0)
     inter_gt = (m[1:, 1:] * hit).sum(axis=1)
