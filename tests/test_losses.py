@@ -123,6 +123,16 @@ def test_registry_names_and_spaces_build_losses():
                 sample[key] = spec["values"][-1]
         create_loss(name, **sample)  # every space key is a constructor argument
     assert set(loss_space("oe")) == {"weight", "tau_in", "tau_out"}
+    # the RbA thresholds live on the scale of the output kind: mask scores s = −Σ tanh(L), L ∈ [0, 1] → s ≤ 0;
+    # per-pixel logits of 19 classes → s ∈ [−19, 19] with a confident inlier (one +, 18 − logits) near 17
+    assert loss_space("oe", "mask") == loss_space("oe")
+    assert max(loss_space("oe", "mask")["tau_out"]["values"]) <= 19 and max(loss_space("oe")["tau_in"]["values"]) <= 0
+    pixel = loss_space("oe", "pixel")
+    assert min(pixel["tau_out"]["values"]) > max(pixel["tau_in"]["values"]) > 1.0
+    assert max(pixel["tau_out"]["values"]) < 19.0  # reachable: s < 19 for finite logits
+    create_loss("oe", tau_in=pixel["tau_in"]["values"][0], tau_out=pixel["tau_out"]["values"][0])
+    with pytest.raises(ValueError, match="output_kind"):
+        loss_space("oe", "pixels")
     assert set(loss_space("logitnorm")) == {"temperature"}
     assert set(loss_space("eim")) == {"entropic_scale"}
     with pytest.raises(KeyError, match="unknown loss"):

@@ -115,7 +115,15 @@ def functional_erfnet(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
 
 
 def test_registry_lists_models():
+    from oodseg.models import model_output_kind
+    from oodseg.models.eomt import EoMT
+    from oodseg.models.erfnet import ERFNet
+    from oodseg.models.timm_seg import TimmSeg
+
     assert {"erfnet", "eomt", "timm_seg"} <= set(list_models())
+    # the kind declared at registration (read without building a model) is the one the classes return
+    for name, cls in (("erfnet", ERFNet), ("eomt", EoMT), ("timm_seg", TimmSeg)):
+        assert model_output_kind(name) == cls.output_kind
     with pytest.raises(KeyError, match="unknown model 'nope'"):
         create_model("nope")
 

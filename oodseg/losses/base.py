@@ -9,6 +9,7 @@ Model outputs whose resolution differs from the target are resized to it bilinea
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,13 +27,20 @@ LossOutputs = torch.Tensor | PixelLogits | MaskOutputs
 _LOSSES: Registry[nn.Module] = Registry("loss")
 
 
-def register_loss(name: str | None = None, *, space: dict[str, dict[str, Any]] | None = None) -> Callable:
+def register_loss(
+    name: str | None = None,
+    *,
+    space: dict[str, dict[str, Any]] | None = None,
+    kind_space: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> Callable:
     """Decorator registering a loss factory under ``name`` with its Tune search ``space``.
 
     ``space`` maps constructor argument → ``{"type": "loguniform", "low", "high"}`` or
-    ``{"type": "choice", "values": [...]}`` (the scorer-space format that the Tune layer reads).
+    ``{"type": "choice", "values": [...]}`` (the scorer-space format that the Tune layer reads). ``kind_space``
+    overrides entries per model output kind (``"pixel"`` / ``"mask"``) where a hyper-parameter's scale depends on
+    it (e.g. RbA thresholds: per-pixel logits vs mask-classification scores).
     """
-    return _LOSSES.register(name, space=dict(space or {}))
+    return _LOSSES.register(name, space=dict(space or {}), kind_space=dict(kind_space or {}))
 
 
 def create_loss(name: str, **cfg: Any) -> nn.Module:
@@ -44,9 +52,14 @@ def list_losses() -> list[str]:
     return _LOSSES.list()
 
 
-def loss_space(name: str) -> dict[str, dict[str, Any]]:
-    """Tune search space of loss ``name`` (a copy; empty when the loss has no hyper-parameters)."""
-    return {k: dict(v) for k, v in _LOSSES.meta(name)["space"].items()}
+def loss_space(name: str, output_kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """Tune search space of loss ``name`` (a copy; empty when the loss has no hyper-parameters), with the
+    overrides the loss declares for ``output_kind`` (``"pixel"`` / ``"mask"``; None: the generic space)."""
+    if output_kind not in (None, "pixel", "mask"):
+        raise ValueError(f"output_kind must be 'pixel', 'mask' or None, got {output_kind!r}")
+    meta = _LOSSES.meta(name)
+    space = {**meta["space"], **meta["kind_space"].get(output_kind, {})}
+    return {k: copy.deepcopy(v) for k, v in space.items()}
 
 
 @dataclass(frozen=True)

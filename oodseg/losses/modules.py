@@ -59,6 +59,15 @@ class CrossEntropyLoss(nn.Module):
         "tau_in": {"type": "choice", "values": [-2.0, -1.0, 0.0]},
         "tau_out": {"type": "choice", "values": [1.0, 3.0, 5.0]},
     },
+    # per-pixel logits, 19 classes: s = −Σ tanh(z_c) ∈ [−19, 19] and a confident inlier sits near 17, so the
+    # thresholds live just below / above that (the fine-tuning acceptance passes with 15 / 18.5 and weight 0.03)
+    kind_space={
+        "pixel": {
+            "weight": {"type": "loguniform", "low": 0.003, "high": 1.0},
+            "tau_in": {"type": "choice", "values": [13.0, 15.0, 16.0]},
+            "tau_out": {"type": "choice", "values": [17.5, 18.5, 18.9]},
+        }
+    },
 )
 class OutlierExposureLoss(nn.Module):
     """Outlier exposure with the RbA objective (Nayal et al., ICCV 2023; github.com/NazirNayal8/RbA).

@@ -41,21 +41,26 @@ def list_models() -> list[str]:
     return MODELS.list()
 
 
-@register_model("erfnet")
+def model_output_kind(name: str) -> str:
+    """``"pixel"`` or ``"mask"``: what model ``name`` returns (declared at registration, so nothing is built)."""
+    return str(MODELS.meta(name)["output_kind"])
+
+
+@register_model("erfnet", output_kind="pixel")
 def _erfnet(**cfg: Any) -> SegModel:
     from oodseg.models.erfnet import ERFNet
 
     return ERFNet(**cfg)
 
 
-@register_model("eomt")
+@register_model("eomt", output_kind="mask")
 def _eomt(**cfg: Any) -> SegModel:
     from oodseg.models.eomt import EoMT
 
     return EoMT(**cfg)
 
 
-@register_model("timm_seg")
+@register_model("timm_seg", output_kind="pixel")
 def _timm_seg(**cfg: Any) -> SegModel:
     from oodseg.models.timm_seg import TimmSeg
 
@@ -73,6 +78,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "model_from_safetensors",
+    "model_output_kind",
     "read_state_dict",
     "register_model",
     "save_safetensors",

@@ -7,8 +7,9 @@ settings as :func:`oodseg.platform.trainer.run_finetune`) and calls ``fit()``. W
 ``TuneReportCallback`` subclass that also adds the derived objective ``val_combo``. The Train run is named
 ``train-<trial_id>`` under ``<storage>/<run_id>/train``, so a restarted trial resumes its own Train checkpoint.
 
-Search space: the loss's declared space (``loss_space(loss)``: OE ``weight`` / ``tau_in`` / ``tau_out``, LogitNorm
-``temperature``, EIM ``entropic_scale``) under ``loss_cfg``, plus the learning rate ``lr`` (log-uniform in
+Search space: the loss's declared space for the model's output kind (``loss_space(loss, model_output_kind(model))``:
+OE ``weight`` / ``tau_in`` / ``tau_out`` on the per-pixel or mask scale, LogitNorm ``temperature``, EIM
+``entropic_scale``) under ``loss_cfg``, plus the learning rate ``lr`` (log-uniform in
 ``[lr_low, lr_high]``). Random search (seeded ``BasicVariantGenerator``) or Optuna TPE.
 
 Objective and ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020): every trial
@@ -150,12 +151,15 @@ def loss_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str)
 
 
 def search_space(cfg: LossSearchConfig) -> dict[str, Any]:
-    """``{"loss_cfg": {param: domain}, "lr": domain}`` from ``loss_space(train.loss)`` (and the lr bounds)."""
+    """``{"loss_cfg": {param: domain}, "lr": domain}`` from ``loss_space(train.loss, output_kind)`` for the
+    model's output kind (and the lr bounds)."""
     from ray import tune
 
     from oodseg.losses import loss_space
+    from oodseg.models import model_output_kind
 
-    declared = loss_space(cfg.finetune.train.loss)
+    train = cfg.finetune.train
+    declared = loss_space(train.loss, output_kind=model_output_kind(train.model))
     space: dict[str, Any] = {}
     loss_params = tune_space(declared, only=cfg.params or None)
     if loss_params:
