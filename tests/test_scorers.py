@@ -258,8 +258,14 @@ def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_ou
     for a, b in zip(many, singles):
         torch.testing.assert_close(a, b)
     calls.clear()
-    score_many(pixel_logits, specs)  # per-pixel logits need a single pass whatever the temperatures
+    score_many(pixel_logits, specs, size=(8, 12))  # per-pixel logits: one resize whatever the temperatures
     assert calls == [1.0]
+    calls.clear()
+    half = pixel_logits.half()
+    got = score_many(PixelLogits(half), specs, chunk_pixels=6)  # at their size: cast block by block, no copy
+    assert calls == []
+    for a, b in zip(got, score_many(half.float(), specs, chunk_pixels=0)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 12])  # one row / a row and a bit / two rows of width 5 per block

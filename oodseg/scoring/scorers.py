@@ -256,6 +256,19 @@ def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", **
 CPU_CHUNK_PIXELS = 1 << 14
 
 
+def _raw_logits(outputs: Outputs, size: tuple[int, int] | None) -> torch.Tensor | None:
+    """Per-pixel logits as they are (any float dtype) when :func:`pixel_class_scores` would only cast them."""
+    if isinstance(outputs, torch.Tensor):
+        logits, target = outputs, size
+    elif isinstance(outputs, PixelLogits):
+        logits, target = outputs.logits, size if size is not None else outputs.size
+    else:
+        return None
+    if logits.ndim != 4 or not logits.is_floating_point():
+        return None
+    return logits if target is None or tuple(logits.shape[-2:]) == tuple(int(v) for v in target) else None
+
+
 def score_many(
     outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int] | None = None,
     chunk_pixels: int | None = None,
@@ -266,21 +279,24 @@ def score_many(
     ``placement="cl"``, else 1), so a sweep of S scorers × K temperatures costs at most K+1 mask→pixel
     combinations instead of S·K. On the CPU the scorers then run over blocks of rows of one image at a time
     (``chunk_pixels``, default :data:`CPU_CHUNK_PIXELS`): scorers are pixel-wise, so the result is the same up to
-    an ulp (vectorised vs scalar loop tails),
-    and the blocks stay in cache. On an accelerator (``chunk_pixels=0``) each scorer sees the whole batch.
-    Returns one ``[B, H, W]`` float32 tensor per scorer, in order.
+    an ulp (vectorised vs scalar loop tails), and the blocks stay in cache; per-pixel logits that need no resize
+    (e.g. fp16 cached outputs) are converted to float32 block by block. On an accelerator (``chunk_pixels=0``) each
+    scorer sees the whole batch. Returns one ``[B, H, W]`` float32 tensor per scorer, in order.
     """
     groups: dict[float, list[int]] = {}
     for i, scorer in enumerate(scorers):
         groups.setdefault(scorer.t_cl(outputs), []).append(i)
     results: list[torch.Tensor | None] = [None] * len(scorers)
     for t_cl, members in groups.items():
-        z = pixel_class_scores(outputs, t_cl, size)  # one group alive at a time
+        z = _raw_logits(outputs, size)
+        if z is None:
+            z = pixel_class_scores(outputs, t_cl, size)  # one group alive at a time
         if chunk_pixels is None:
             chunk_pixels = CPU_CHUNK_PIXELS if z.device.type == "cpu" else 0
         n, _, h, w = z.shape
         rows = max(1, chunk_pixels // w) if chunk_pixels else h
         if rows >= h:
+            z = z.float()
             for i in members:
                 results[i] = scorers[i].from_class_scores(z, outputs).float()
             continue
@@ -288,7 +304,8 @@ def score_many(
             results[i] = torch.empty((n, h, w), dtype=torch.float32, device=z.device)
         for b in range(n):
             for r in range(0, h, rows):
-                block = z[b : b + 1, :, r : r + rows].contiguous()  # channels-last model outputs too
+                # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike)
+                block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
                 for i in members:
                     results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs)[0]
     return results  # type: ignore[return-value]
