@@ -237,7 +237,8 @@ def benchmark_config(cfg: TemperatureSearchConfig) -> BenchmarkConfig:
 
 def forward_seconds(bcfg: BenchmarkConfig, spec: ModelSpec, dataset: str, max_images: int, threads: int) -> tuple[
         float, int]:
-    """Wall seconds of one ``model.predict`` pass over ``dataset`` (decoding excluded) and the image count.
+    """Wall seconds of one ``model.predict`` pass over ``dataset`` (decoding excluded; one warm-up batch, then the
+    median of three passes) and the image count.
 
     This is the baseline a trial is compared with; it is the only place this module runs a model, and only after
     the search has finished."""
@@ -260,13 +261,21 @@ def forward_seconds(bcfg: BenchmarkConfig, spec: ModelSpec, dataset: str, max_im
         by_shape.setdefault(im.shape, []).append(im)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # the trials' thread count, for a like-for-like comparison
+    batches = [torch.from_numpy(np.stack(group[s : s + bcfg.batch_size]))
+               for group in by_shape.values() for s in range(0, len(group), bcfg.batch_size)]
     try:
-        t0 = time.perf_counter()
         with torch.inference_mode(), runtime.autocast():
-            for group in by_shape.values():
-                for s in range(0, len(group), bcfg.batch_size):
-                    model.predict(torch.from_numpy(np.stack(group[s : s + bcfg.batch_size])))
-        return time.perf_counter() - t0, len(images)
+            sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
+            model.predict(batches[0])  # one-time kernel selection and allocations are not a forward pass
+            sync()
+            passes = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for batch in batches:
+                    model.predict(batch)
+                sync()
+                passes.append(time.perf_counter() - t0)
+        return float(np.median(passes)), len(images)
     finally:
         torch.set_num_threads(previous)
 

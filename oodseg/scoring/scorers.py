@@ -155,9 +155,9 @@ def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     With ``e_c = exp(z_c − max z)``, ``MSP = 1 / (1 + r)`` where ``r`` sums ``e_c`` over the non-maximal classes (plus
     one per extra tied maximum), so ``1 − MSP = r / (1 + r)``: confident pixels keep their full float32 resolution
     near 0 (``1 − p`` computed directly would round to multiples of 6e-8) and no ``argmax`` is needed."""
-    zmax = z.amax(dim=1, keepdim=True)
-    is_max = z == zmax
-    rest = torch.where(is_max, 0.0, torch.exp(z - zmax)).sum(dim=1) + (is_max.sum(dim=1) - 1)
+    d = z - z.amax(dim=1, keepdim=True)  # a new tensor: the in-place ops below never touch z
+    is_max = d == 0
+    rest = d.exp_().masked_fill_(is_max, 0.0).sum(dim=1) + (is_max.sum(dim=1) - 1)
     return rest / (1.0 + rest)
 
 
