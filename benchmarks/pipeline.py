@@ -1,7 +1,8 @@
 """Throughput of the benchmark job vs the bare batched model forward on the same images and device.
 
-    python benchmarks/pipeline.py                         # synthetic suite, demo-sized ERFNet, this machine
-    python benchmarks/pipeline.py --width 1.0 --input-size 512 1024 --batch-size 8   # full ERFNet (GPU)
+    python benchmarks/pipeline.py                         # synthetic suite (256x512), published-size ERFNet
+    python benchmarks/pipeline.py --width 0.25 --input-size 128 256   # a tiny model: scoring cost dominates
+    python benchmarks/pipeline.py --input-size 512 1024 --batch-size 8   # ERFNet's Cityscapes input size (GPU)
 
 Prints images/s of (a) ``model.predict`` alone over the in-memory images in batches (device-synchronised), (w) the
 same per-batch work as the actors (read, predict, every scorer, metric states) in one process without Ray, (b) the
@@ -110,8 +111,9 @@ def in_process_actor(cfg: BenchmarkConfig, ckpt: str, datasets: list[str], threa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=0.25, help="ERFNet width multiplier (1.0 = the published model)")
-    p.add_argument("--input-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
+    p.add_argument("--width", type=float, default=1.0, help="ERFNet width multiplier (1.0 = the published model)")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="model input size (default: the images' own size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--datasets", nargs="+", default=list(ANOMALY_DATASETS))
     p.add_argument("--repeat", type=int, default=1, help="use every image this many times (longer, steadier run)")
@@ -129,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, int(np.ceil(a.actor_cpus)))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = create_model("erfnet", width=a.width, input_size=list(a.input_size))
+    model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
     images = []
     for name in a.datasets:
         ds = create_dataset(name, root=str(suite))
         images += [ds.load(r)["image"] for r in ds.samples] * a.repeat
     n = len(images) // a.repeat
-    print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at {tuple(a.input_size)}, "
+    at = tuple(a.input_size) if a.input_size else "native size"
+    print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at {at}, "
           f"{n} images of {images[0].shape[1]}x{images[0].shape[0]}, batch {a.batch_size}, {threads} thread(s)",
           file=sys.stderr)
     bare = bare_forward(model, images[:n], a.batch_size, runtime)
