@@ -245,6 +245,20 @@ def test_isomax_head_matches_numpy_reference():
     assert out.max() <= 0 and out.min() >= -2.5 * 2 - 1e-5  # unit vectors: distance in [0, 2]
 
 
+def test_isomax_identity_prototypes_rank_classes_like_the_logits():
+    z = torch.randn(3, 7, 4, 5) * 4
+    head = IsoMaxPlusHead(7, 7, init="identity")
+    with torch.no_grad():
+        d2 = (head(z) / -head.distance_scale.abs()) ** 2
+    zn = z / z.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(d2, 2 - 2 * zn, rtol=1e-5, atol=1e-5)  # ‖ẑ − e_c‖² = 2 − 2·ẑ_c
+    torch.testing.assert_close(head(z).argmax(1), z.argmax(1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="in_channels >= num_classes"):
+        IsoMaxPlusHead(3, 5, init="identity")
+    with pytest.raises(ValueError, match="init"):
+        IsoMaxPlusHead(3, 5, init="zeros")
+
+
 def test_isomax_erfnet_loads_published_weights(tmp_path: Path):
     sd = published_like_state_dict(seed=3)
     path = tmp_path / "erfnet_pretrained.pth"
@@ -253,8 +267,13 @@ def test_isomax_erfnet_loads_published_weights(tmp_path: Path):
     torch.testing.assert_close(
         model.state_dict()["decoder.output_conv.weight"], sd["module.decoder.output_conv.weight"]
     )
-    out = model(torch.rand(1, 3, 32, 64)).logits
-    assert out.shape == (1, 19, 32, 64) and bool((out <= 0).all())
+    x = torch.rand(2, 3, 32, 64)
+    out = model(x).logits
+    assert out.shape == (2, 19, 32, 64) and bool((out <= 0).all())
+    # the fresh head (identity prototypes) predicts what the published linear model predicts, pixel for pixel
+    linear = create_model("erfnet", pretrained=str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(out.argmax(1), linear(x).logits.argmax(1), rtol=0, atol=0)
     groups = model.param_groups()
     assert {id(model.head.prototypes), id(model.head.distance_scale)} <= {id(p) for p in groups["head"]}
 

@@ -25,7 +25,8 @@ so ``num_classes`` = 19 scored Cityscapes classes; ``void_class=False`` builds a
 gives them explicitly; the default config reproduces the published key/shape layout exactly.
 
 ``head="isomax"`` appends an :class:`~oodseg.models.heads.IsoMaxPlusHead` on the K-channel output of
-``decoder.output_conv`` (so the published weights still load, the new ``head.*`` parameters start fresh).
+``decoder.output_conv`` (so the published weights still load). A fresh head starts with identity prototypes, under
+which it predicts the same classes as the logits below it: EIM fine-tuning starts from the base segmentation.
 
 Inputs whose sides are not multiples of 8 are zero-padded at the bottom/right (three stride-2 stages need it: the
 conv and the max-pool of a downsampler disagree on odd sizes) and the logits are cropped back.
@@ -177,7 +178,7 @@ class ERFNet(SegModel):
         self.encoder = Encoder(ch, n_out, (float(dropout[0]), float(dropout[1])))
         self.decoder = Decoder(ch, n_out)
         self.encoder.output_conv.requires_grad_(False)
-        self.head = IsoMaxPlusHead(n_out, n_out) if head == "isomax" else None
+        self.head = IsoMaxPlusHead(n_out, n_out, init="identity") if head == "isomax" else None
         if pretrained:
             from oodseg.models.checkpoint import load_checkpoint
 

@@ -6,8 +6,10 @@ Maximization Loss: Seamless and High-Performance Out-of-Distribution Detection S
 
     logits_c(x) = −|s| · ‖ f̂(x) − p̂_c ‖₂,   f̂ = f/‖f‖, p̂_c = p_c/‖p_c‖
 
-with learnable prototypes ``p_c`` (init N(0, 1)) and a learnable distance scale ``s`` (init 1). Applied as a 1×1
-per-pixel layer on a feature map ``[B, D, H, W]``. The matching loss (entropic scale on the distances) lives in
+with learnable prototypes ``p_c`` (init N(0, 1) as in the reference, or ``init="identity"``: ``p_c = e_c``) and a
+learnable distance scale ``s`` (init 1). Applied as a 1×1 per-pixel layer on a feature map ``[B, D, H, W]``. The
+identity init is for a head stacked on class logits ``z`` (ERFNet): ``‖ẑ − e_c‖² = 2 − 2·z_c/‖z‖``, so the
+untrained head already predicts ``argmax_c z_c`` and fine-tuning starts from the base model's segmentation. The matching loss (entropic scale on the distances) lives in
 ``oodseg.losses``; this module only produces the logits.
 """
 
@@ -21,11 +23,19 @@ from torch import nn
 class IsoMaxPlusHead(nn.Module):
     """Per-pixel IsoMax+ logits ``[B, C, H, W]`` from features ``[B, D, H, W]`` (formula in the module docstring)."""
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, init: str = "normal") -> None:
         super().__init__()
+        if init not in ("normal", "identity"):
+            raise ValueError(f"IsoMax+ prototype init must be 'normal' or 'identity', got {init!r}")
+        if init == "identity" and in_channels < num_classes:
+            raise ValueError(f"identity prototypes need in_channels >= num_classes, got {in_channels} < {num_classes}")
         self.prototypes = nn.Parameter(torch.empty(num_classes, in_channels))
         self.distance_scale = nn.Parameter(torch.empty(1))
-        nn.init.normal_(self.prototypes, mean=0.0, std=1.0)
+        if init == "identity":
+            with torch.no_grad():
+                self.prototypes.copy_(torch.eye(num_classes, in_channels))
+        else:
+            nn.init.normal_(self.prototypes, mean=0.0, std=1.0)
         nn.init.constant_(self.distance_scale, 1.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

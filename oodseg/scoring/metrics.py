@@ -130,12 +130,7 @@ class PixelMetrics:
         size = 1 << PAGE_BITS
         local = slot[page] * size + (bins & np.uint32(size - 1)).astype(np.intp)
         counts = np.bincount(local * 2 + lab, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
-        for k, p in enumerate(np.flatnonzero(present).tolist()):
-            if p in self._pages:
-                self._pages[p] += counts[k]
-            else:
-                self._pages[p] = counts[k].copy()
-        return self
+        return self._add_pages(np.flatnonzero(present).tolist(), counts)
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
         """:meth:`update` with torch ops on the scores' device (any device; tests run it on the CPU): the same
@@ -170,8 +165,11 @@ class PixelMetrics:
         local = slot[page] * size + (bins & (size - 1))
         n_pages = int(present.sum())
         counts = torch.bincount(local * 2 + lab, minlength=n_pages * size * 2).view(n_pages, size, 2)
-        counts = counts.cpu().numpy()
-        for k, p in enumerate(torch.nonzero(present).flatten().tolist()):
+        return self._add_pages(torch.nonzero(present).flatten().tolist(), counts.cpu().numpy())
+
+    def _add_pages(self, pages: list[int], counts: np.ndarray) -> PixelMetrics:
+        """Add ``counts[k]`` (int64 ``[4096, 2]``) to page ``pages[k]``."""
+        for k, p in enumerate(pages):
             if p in self._pages:
                 self._pages[p] += counts[k]
             else:

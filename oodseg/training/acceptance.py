@@ -4,8 +4,8 @@
 
 Starting from the demo checkpoint (``oodseg.training.demo``), fine-tune with the COCO outlier paste for the same
 number of steps (same data stream, optimizer, schedule) with each loss: ``ce`` (pasted pixels ignored: the
-same-steps control), ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (IsoMax+ head, fresh). Every model,
-and the base model, is evaluated through ``model.predict`` on the val split (mIoU) and on the synthetic
+same-steps control), ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (new IsoMax+ head, identity
+prototypes). Every model, and the base model, is evaluated through ``model.predict`` on the val split (mIoU) and on the synthetic
 RoadAnomaly21-format set (pixel AuPRC / FPR95 of RbA, MaxLogit, MSP). Checks (exit code 1 if one fails):
 
 1. OE improves RbA *or* MaxLogit AuPRC over the base model with val mIoU dropping ≤ 2 points;
