@@ -43,19 +43,24 @@ def ref_sets(target: np.ndarray, outlier_mask: np.ndarray | None) -> tuple[np.nd
     return outlier_mask == 0, outlier_mask == 1
 
 
-def ref_rba_terms(L: np.ndarray, target, tau_in, tau_out, outlier_mask=None) -> tuple[list[float], list[float]]:
-    """Per-pixel squared-hinge values, s = −Σ_c tanh(L_c), split into (inlier, outlier) lists."""
-    inl, out = ref_sets(target, outlier_mask)
-    ins, outs = [], []
+def ref_rba_pixels(L: np.ndarray):
+    """``(b, i, j, s)`` for every pixel, with the RbA score s = −Σ_c tanh(L_c) summed one class at a time."""
     B, C, H, W = L.shape
     for b in range(B):
         for i in range(H):
             for j in range(W):
-                s = -sum(math.tanh(float(L[b, c, i, j])) for c in range(C))
-                if inl[b, i, j]:
-                    ins.append(max(s - tau_in, 0.0) ** 2)
-                if out[b, i, j]:
-                    outs.append(max(tau_out - s, 0.0) ** 2)
+                yield b, i, j, -sum(math.tanh(float(L[b, c, i, j])) for c in range(C))
+
+
+def ref_rba_terms(L: np.ndarray, target, tau_in, tau_out, outlier_mask=None) -> tuple[list[float], list[float]]:
+    """Per-pixel squared-hinge values, s = −Σ_c tanh(L_c), split into (inlier, outlier) lists."""
+    inl, out = ref_sets(target, outlier_mask)
+    ins, outs = [], []
+    for b, i, j, s in ref_rba_pixels(L):
+        if inl[b, i, j]:
+            ins.append(max(s - tau_in, 0.0) ** 2)
+        if out[b, i, j]:
+            outs.append(max(tau_out - s, 0.0) ** 2)
     return ins, outs
 
 
@@ -67,15 +72,11 @@ def ref_oe_hinge(L, target, tau_in, tau_out, outlier_mask=None) -> float:
 def ref_oe_bce(L, target, outlier_mask=None) -> float:
     inl, out = ref_sets(target, outlier_mask)
     vals = []
-    B, C, H, W = L.shape
-    for b in range(B):
-        for i in range(H):
-            for j in range(W):
-                s = -sum(math.tanh(float(L[b, c, i, j])) for c in range(C))
-                if out[b, i, j]:
-                    vals.append(np.logaddexp(0.0, -s))  # −log σ(s)
-                elif inl[b, i, j]:
-                    vals.append(np.logaddexp(0.0, s))  # −log(1 − σ(s))
+    for b, i, j, s in ref_rba_pixels(L):
+        if out[b, i, j]:
+            vals.append(np.logaddexp(0.0, -s))  # −log σ(s)
+        elif inl[b, i, j]:
+            vals.append(np.logaddexp(0.0, s))  # −log(1 − σ(s))
     return 0.5 * float(np.mean(vals)) if vals else 0.0
 
 
