@@ -7,7 +7,9 @@
   layer stitches per-crop class scores back into ``batch_size`` full images.
 
 ``size`` is the label resolution ``(H, W)`` that scores are finally upsampled to (``None``: keep the output size).
-Both are plain dataclasses of tensors so they cross process boundaries (Ray) cheaply.
+``ood_channels`` lists class channels that stand for *unknown* objects rather than an in-distribution class (TDOS's
+``ood`` class): in-distribution scorers and the closed-set argmax ignore them, ``p_ood`` reads them; models without
+such a class leave it empty. Both are plain dataclasses of tensors so they cross process boundaries (Ray) cheaply.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import torch
 class PixelLogits:
     logits: torch.Tensor
     size: tuple[int, int] | None = None
+    ood_channels: tuple[int, ...] = ()
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.logits.shape[1])
 
     @property
     def batch_size(self) -> int:
@@ -38,6 +45,12 @@ class MaskOutputs:
     crops: torch.Tensor | None = None
     frame_size: tuple[int, int] | None = None
     n_images: int | None = None
+    ood_channels: tuple[int, ...] = ()
+
+    @property
+    def num_channels(self) -> int:
+        """Class channels of the per-pixel scores (the no-object column dropped)."""
+        return int(self.class_logits.shape[-1]) - 1
 
     @property
     def batch_size(self) -> int:
@@ -54,3 +67,9 @@ class MaskOutputs:
 
 
 ModelOutputs = PixelLogits | MaskOutputs
+
+
+def inlier_channels(outputs: ModelOutputs) -> list[int]:
+    """The in-distribution class channels of ``outputs`` (all but ``ood_channels``), ascending."""
+    ood = set(outputs.ood_channels)
+    return [c for c in range(outputs.num_channels) if c not in ood]

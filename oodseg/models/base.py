@@ -4,10 +4,14 @@ A ``SegModel`` is an ``nn.Module`` with
 
 * ``output_kind``: ``"pixel"`` (returns :class:`~oodseg.outputs.PixelLogits`) or ``"mask"`` (returns
   :class:`~oodseg.outputs.MaskOutputs`);
-* ``num_classes``: number of scored classes ``C``;
+* ``num_classes``: number of class channels ``C`` of its outputs; ``ood_channels``: those among them that stand for
+  unknown objects (TDOS's ``ood`` class; empty for closed-set models), copied into every output;
+* ``input_size``: ``(h, w)`` that ``predict`` resizes images to before the forward pass (None: keep their size);
 * ``preprocess(images_uint8)``: uint8 ``[B,H,W,3]`` or ``[B,3,H,W]`` RGB → normalised float ``[B,3,H,W]`` on the
   model's device (each model applies the input convention it was trained with);
-* ``forward(x)``: training path on preprocessed input;
+* ``forward(x, target=None)``: training path on preprocessed input. Returns the outputs; a model that trains with a
+  loss of its own (EoMT's mask-classification loss) returns ``(outputs, own_loss)`` when given the semantic
+  ``target`` ``[B,H,W]`` (see ``own_loss`` and ``oodseg.losses`` for how a registered loss combines with it);
 * ``predict(images_uint8)``: inference (no grad, preprocessing, resizing / sliding windows) with ``size`` = input size;
 * ``param_groups()``: ``name → list[Parameter]`` with names among ``backbone``, ``decoder``, ``head``, ``queries``
   (these top-level groups partition the trainable parameters) and ``blocks.<i>`` (finer, possibly overlapping the
@@ -51,8 +55,12 @@ class SegModel(nn.Module):
     """Base class of every oodseg segmentation model (contract in the module docstring)."""
 
     output_kind: ClassVar[str] = "pixel"
-    #: registry name, set by ``create_model`` (used by ``save_safetensors``)
+    #: whether ``forward(x, target)`` also returns a loss of the model's own (mask-classification models)
+    own_loss: ClassVar[bool] = False
+    #: registry name, set by ``register_model`` / ``create_model`` (used by ``save_safetensors``)
     model_name: str = ""
+    input_size: tuple[int, int] | None = None
+    ood_channels: tuple[int, ...] = ()
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -67,19 +75,19 @@ class SegModel(nn.Module):
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> PixelLogits | MaskOutputs:  # noqa: D102
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:  # noqa: D102
         raise NotImplementedError
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> PixelLogits | MaskOutputs:
-        """Per-pixel inference (mask models override it): preprocess, resize to ``cfg["input_size"]`` when set
-        (bilinear, antialiased), logits there; ``size`` = the input size, so scorers upsample back to the label."""
+        """Per-pixel inference (mask models override it): preprocess, resize to ``input_size`` when set (bilinear,
+        antialiased), logits there; ``size`` = the input size, so scorers upsample back to the label."""
         x = self.preprocess(images_uint8)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        target = getattr(self, "cfg", {}).get("input_size")
-        if target is not None and tuple(target) != size:
-            x = nn.functional.interpolate(x, size=tuple(target), mode="bilinear", align_corners=False, antialias=True)
-        return PixelLogits(self(x).logits, size=size)
+        if self.input_size is not None and tuple(self.input_size) != size:
+            x = nn.functional.interpolate(x, size=tuple(self.input_size), mode="bilinear", align_corners=False,
+                                          antialias=True)
+        return PixelLogits(self(x).logits, size=size, ood_channels=self.ood_channels)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         raise NotImplementedError

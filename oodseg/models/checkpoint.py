@@ -1,13 +1,17 @@
 """Checkpoint I/O: ``.pth``/``.pt`` through ``torch.load(weights_only=True)`` and ``.safetensors``.
 
-* ``load_checkpoint(model, path, strict=True)`` unwraps nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts and
+* ``load_checkpoint(model, path, strict=True, fresh=())`` unwraps nested ``{"state_dict": ...}`` / ``{"model": ...}`` dicts and
   strips the ``module.`` prefix that ``nn.DataParallel`` / DDP add (and the ``_orig_mod.`` prefix of
   ``torch.compile``). BatchNorm ``num_batches_tracked`` counters may be absent (checkpoints saved by PyTorch < 0.4,
   such as the public ``erfnet_pretrained.pth``, have none; the counter only matters for momentum=None BN).
-  Any missing / unexpected key or shape mismatch raises :class:`CheckpointError` naming the file and the keys.
+  Any missing / unexpected key or shape mismatch outside the ``fresh`` prefixes raises :class:`CheckpointError` naming
+  the file and the keys.
 * ``save_safetensors(model, path, metadata)`` stores the weights plus ``oodseg.model`` (registry name) and
-  ``oodseg.cfg`` (``model.export_cfg()`` as JSON) in the safetensors header, so ``model_from_safetensors(path)``
-  rebuilds the model without any other file (fine-tuning exports this, the benchmark loads it).
+  ``oodseg.cfg`` (``model.export_cfg()`` as JSON) in the safetensors header, so ``create_model(checkpoint=path)``
+  (:mod:`oodseg.models.factory`) rebuilds the model without any other file (fine-tuning exports this, the benchmark
+  loads it).
+* ``check_checkpoint(path)`` opens only a file's header (safetensors) or its archive (``.pth``) so jobs can reject a
+  bad file before any work starts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class CheckpointError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable, so the message survives Ray workers
+        return (type(self), (self.path, self.problem))
 
 
 @dataclass(frozen=True)
@@ -95,30 +102,26 @@ def _fmt(keys: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_checkpoint(
-    model: nn.Module,
-    path: str | Path,
-    strict: bool = True,
-    allow_missing: Sequence[str] = (),
-) -> LoadReport:
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, fresh: Sequence[str] = ()) -> LoadReport:
     """Load ``path`` into ``model`` in place.
 
     ``strict=True``: every model key must be present with the same shape and the file may hold no other key, except
-    model keys starting with one of ``allow_missing`` (freshly initialised parts, e.g. a new head) and BatchNorm
-    ``num_batches_tracked`` counters. ``strict=False``: load the keys whose names and shapes match, report the rest.
+    keys under one of the ``fresh`` prefixes (a newly initialised part, e.g. a new head: its keys may be missing from,
+    extra in, or shaped differently in the file) and BatchNorm ``num_batches_tracked`` counters. ``strict=False``:
+    load the keys whose names and shapes match, report the rest.
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = [
-        k
-        for k in own
-        if k not in state and not k.endswith(_OPTIONAL_SUFFIXES) and not any(k.startswith(p) for p in allow_missing)
-    ]
-    unexpected = [k for k in state if k not in own]
+
+    def tolerated(key: str) -> bool:
+        return any(key.startswith(p) for p in fresh)
+
+    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIXES) and not tolerated(k)]
+    unexpected = [k for k in state if k not in own and not tolerated(k)]
     mismatched = [
         f"{k} (file {list(state[k].shape)} vs model {list(own[k].shape)})"
         for k in state
-        if k in own and state[k].shape != own[k].shape
+        if k in own and state[k].shape != own[k].shape and not tolerated(k)
     ]
     if strict and (missing or unexpected or mismatched):
         parts = []
@@ -170,17 +173,15 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
-def model_from_safetensors(path: str | Path, **overrides: Any) -> nn.Module:
-    """Rebuild the model saved by ``save_safetensors`` (name + cfg from the header) and load its weights strictly.
+def check_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a readable checkpoint (cheap: header / archive index only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    if path.suffix == ".safetensors":
+        read_safetensors_metadata(path)
+        return
+    import zipfile
 
-    ``overrides`` replace entries of the stored cfg (e.g. ``keep_void=True``) that do not change the weights' layout.
-    """
-    from oodseg.models import create_model
-
-    meta = read_safetensors_metadata(path)
-    if META_MODEL not in meta or META_CFG not in meta:
-        raise CheckpointError(path, f"no {META_MODEL!r}/{META_CFG!r} metadata; not written by save_safetensors")
-    cfg = {**json.loads(meta[META_CFG]), **overrides}
-    model = create_model(meta[META_MODEL], **cfg)
-    load_checkpoint(model, path, strict=True)
-    return model
+    if not zipfile.is_zipfile(path):
+        read_state_dict(path)  # legacy (non-zip) torch.save format: only a full read can tell

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodseg.models.base import SegModel, to_nchw_uint8
+from oodseg.models.factory import register_model
 from oodseg.outputs import MaskOutputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,10 +87,12 @@ def semantic_to_mask_labels(
     return masks, classes
 
 
+@register_model("eomt")
 class EoMT(SegModel):
     """EoMT as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
 
     output_kind = "mask"
+    own_loss = True
 
     def __init__(
         self,

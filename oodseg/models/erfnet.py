@@ -25,7 +25,8 @@ so ``num_classes`` = 19 scored Cityscapes classes; ``void_class=False`` builds a
 gives them explicitly; the default config reproduces the published key/shape layout exactly.
 
 ``head="isomax"`` appends an :class:`~oodseg.models.heads.IsoMaxPlusHead` on the K-channel output of
-``decoder.output_conv`` (so the published weights still load). A fresh head starts with identity prototypes, under
+``decoder.output_conv`` (so the published weights still load: ``create_model("erfnet", head="isomax",
+checkpoint="erfnet_pretrained.pth", fresh=("head.",))``). A fresh head starts with identity prototypes, under
 which it predicts the same classes as the logits below it: EIM fine-tuning starts from the base segmentation.
 
 Inputs whose sides are not multiples of 8 are zero-padded at the bottom/right (three stride-2 stages need it: the
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodseg.models.base import SegModel, to_nchw_uint8
+from oodseg.models.factory import register_model
 from oodseg.models.heads import IsoMaxPlusHead
 from oodseg.outputs import PixelLogits
 
@@ -132,6 +134,7 @@ class Decoder(nn.Module):
         return self.output_conv(x)
 
 
+@register_model("erfnet")
 class ERFNet(SegModel):
     """ERFNet as a :class:`SegModel` (``output_kind="pixel"``); see the module docstring for conventions.
 
@@ -152,7 +155,6 @@ class ERFNet(SegModel):
         head: str = "linear",
         dropout: tuple[float, float] | list[float] = (0.03, 0.3),
         input_size: tuple[int, int] | list[int] | None = (512, 1024),
-        pretrained: str | None = None,
     ) -> None:
         if head not in ("linear", "isomax"):
             raise ValueError(f"head must be 'linear' or 'isomax', got {head!r}")
@@ -179,10 +181,7 @@ class ERFNet(SegModel):
         self.decoder = Decoder(ch, n_out)
         self.encoder.output_conv.requires_grad_(False)
         self.head = IsoMaxPlusHead(n_out, n_out, init="identity") if head == "isomax" else None
-        if pretrained:
-            from oodseg.models.checkpoint import load_checkpoint
-
-            load_checkpoint(self, pretrained, strict=True, allow_missing=("head.",))
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
 
     def export_cfg(self) -> dict[str, Any]:
         return dict(self.cfg)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodseg.models.base import SegModel, to_nchw_uint8
+from oodseg.models.factory import register_model
 from oodseg.models.heads import IsoMaxPlusHead
 from oodseg.outputs import PixelLogits
 
@@ -49,6 +50,7 @@ class FPNDecoder(nn.Module):
         return self.fuse(y)
 
 
+@register_model("timm_seg")
 class TimmSeg(SegModel):
     """Per-pixel segmentation on a timm backbone (``output_kind="pixel"``); see the module docstring."""
 
@@ -88,6 +90,7 @@ class TimmSeg(SegModel):
         mean, std = [float(v) for v in data_cfg["mean"]], [float(v) for v in data_cfg["std"]]
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
         self.cfg: dict[str, Any] = dict(
             backbone=backbone,
             num_classes=num_classes,

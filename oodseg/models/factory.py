@@ -1,0 +1,122 @@
+"""The model registry and the one factory that builds a model *and* loads its weights (timm's ``create_model``).
+
+* ``@register_model("name")`` on a :class:`~oodseg.models.base.SegModel` subclass, in the model's own file; the
+  class attribute ``output_kind`` is the registered fact (``model_output_kind(name)`` reads it without building).
+* ``create_model(name, checkpoint=None, fresh=(), seed=None, **cfg)``: build ``name`` with ``cfg`` and load
+  ``checkpoint`` (``.pth``/``.pt`` via ``torch.load(weights_only=True)``, or ``.safetensors``). A ``.safetensors`` file
+  written by ``save_safetensors`` is self-describing: its header names the model and holds its cfg, which becomes the
+  base that ``cfg`` overrides, so ``create_model(checkpoint=path)`` rebuilds a fine-tuned model with no other file.
+  Loading is strict except under the ``fresh`` parameter prefixes (a newly added head, e.g. ``("head.",)`` when a loss
+  swaps in an IsoMax+ head). Model-specific hub sources that define the architecture itself (EoMT's ``pretrained``
+  hub id, a timm backbone's ``pretrained``) stay model cfg, as in transformers and timm.
+* Named checkpoint sources: ``resolve_checkpoint("demo", **context)`` → a file path. ``"scratch"`` (random init) is
+  built in; other layers register theirs (``oodseg.training.demo`` registers ``"demo"``, the demo ERFNet trained on
+  the synthetic suite) with ``@register_checkpoint_source(name)``; a source receives the run context
+  (``cache_dir``, ``data_root``, ``seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from oodseg.models.base import SegModel
+from oodseg.models.checkpoint import META_CFG, META_MODEL, CheckpointError, load_checkpoint, read_safetensors_metadata
+from oodseg.registry import Registry
+
+S = TypeVar("S", bound=type)
+
+MODELS: Registry[SegModel] = Registry("model")
+CHECKPOINT_SOURCES: Registry[str | None] = Registry("checkpoint source")
+OUTPUT_KINDS = ("pixel", "mask")
+
+
+def register_model(name: str) -> Callable[[S], S]:
+    """Class decorator registering a ``SegModel`` subclass; its ``output_kind`` must be ``pixel`` or ``mask``."""
+
+    def deco(cls: S) -> S:
+        kind = getattr(cls, "output_kind", None)
+        if kind not in OUTPUT_KINDS:
+            raise ValueError(f"model {name!r}: output_kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+        cls.model_name = name  # type: ignore[attr-defined]
+        return MODELS.register(name)(cls)
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return MODELS.list()
+
+
+def model_output_kind(name: str) -> str:
+    """``"pixel"`` or ``"mask"``: what model ``name`` returns (a class fact, so nothing is built)."""
+    return str(MODELS.get(name).output_kind)  # type: ignore[attr-defined]
+
+
+def register_checkpoint_source(name: str) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
+    """Register ``fn(cache_dir, data_root, seed) -> path | None`` as the named checkpoint ``name``."""
+    return CHECKPOINT_SOURCES.register(name)
+
+
+@register_checkpoint_source("scratch")
+def _scratch(**context: Any) -> None:
+    """Random initialisation: no checkpoint."""
+    return None
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, **context: Any) -> str | None:
+    """A named source (``demo``, ``scratch``, …) → its file (or None); a path is returned as it is."""
+    if checkpoint is None or str(checkpoint) == "":
+        return None
+    if str(checkpoint) in CHECKPOINT_SOURCES:
+        return CHECKPOINT_SOURCES.get(str(checkpoint))(**context)
+    return str(checkpoint)
+
+
+def checkpoint_model_cfg(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]] | None:
+    """``(model name, cfg)`` from a self-describing ``.safetensors`` header; None for any other file."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    meta = read_safetensors_metadata(path)
+    if META_MODEL not in meta or META_CFG not in meta:
+        return None
+    return meta[META_MODEL], json.loads(meta[META_CFG])
+
+
+def create_model(
+    name: str | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    fresh: Sequence[str] = (),
+    seed: int | None = None,
+    **cfg: Any,
+) -> SegModel:
+    """Build registered model ``name`` with ``cfg`` and load ``checkpoint`` (see the module docstring).
+
+    ``seed`` seeds the random initialisation (of everything, or of the ``fresh`` parts a checkpoint lacks).
+    """
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CheckpointError(checkpoint, "checkpoint file not found")
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint is not None else None
+    if stored is not None:
+        if name and name != stored[0]:
+            raise CheckpointError(checkpoint, f"holds a {stored[0]!r} model, not {name!r}")
+        name, cfg = stored[0], {**stored[1], **cfg}
+    if not name:
+        raise ValueError(f"{checkpoint or 'no checkpoint'}: give a model name (registered: {', '.join(list_models())}) "
+                         "or a self-describing .safetensors checkpoint")
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = MODELS.get(name)(**cfg)
+    except TypeError as e:
+        raise TypeError(f"model {name!r}: {e}") from None
+    model.model_name = name
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, strict=True, fresh=tuple(fresh))
+    return model

@@ -1,0 +1,43 @@
+"""Mergeable anomaly-segmentation and semantic-segmentation metrics (torchmetrics-like update/merge/compute).
+
+* :class:`PixelMetrics` (``"pixel"``): pixel-level AuPRC (average precision), AUROC and FPR at 95 % TPR, plus the
+  best-F1 threshold, from an exact histogram over a fixed order-preserving binning of float32 scores.
+* :class:`ComponentMetrics` (``"components"``): SegmentMeIfYouCan component-level sIoU, PPV and mean F1 (Chan et al.,
+  NeurIPS 2021 Datasets & Benchmarks; official ``road_anomaly_benchmark/metrics/instance_segmentation.py``).
+* :class:`ConfusionMatrix` (``"confusion"``): mIoU / per-class IoU / pixel accuracy of the closed-set head.
+
+Every metric shares :class:`~oodseg.scoring.metrics.base.MergeableMetric` (``update``, ``merge``, ``compute(warn=)``,
+``state_dict`` / ``from_state_dict``, ``reset``, ``row``) and is registered by name (:func:`create_metric`,
+:func:`metric_from_state`). Kernels for one-off checks: :mod:`oodseg.scoring.metrics.functional`.
+"""
+
+from oodseg.scoring.metrics.base import (
+    METRICS,
+    MergeableMetric,
+    MetricSet,
+    create_metric,
+    metric_from_state,
+    register_metric,
+)
+from oodseg.scoring.metrics.components import SIOU_THRESHOLDS, TRACKS, ComponentMetrics
+from oodseg.scoring.metrics.confusion import ConfusionMatrix
+from oodseg.scoring.metrics.functional import curve_metrics, pixel_metrics
+from oodseg.scoring.metrics.pixel import PixelMetrics, float32_keys, keys_to_float32
+
+__all__ = [
+    "METRICS",
+    "SIOU_THRESHOLDS",
+    "TRACKS",
+    "ComponentMetrics",
+    "ConfusionMatrix",
+    "MergeableMetric",
+    "MetricSet",
+    "PixelMetrics",
+    "create_metric",
+    "curve_metrics",
+    "float32_keys",
+    "keys_to_float32",
+    "metric_from_state",
+    "pixel_metrics",
+    "register_metric",
+]

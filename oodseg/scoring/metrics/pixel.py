@@ -1,0 +1,223 @@
+"""Pixel-level anomaly metrics (AuPRC, AUROC, FPR95, best-F1 threshold) as an exact mergeable histogram.
+
+See :class:`PixelMetrics`. The curve math is in :mod:`oodseg.scoring.metrics.functional`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodseg.labels import IGNORE_ID
+from oodseg.scoring.metrics.base import MergeableMetric, check_anomaly_labels, check_scores, register_metric, \
+    scores_and_labels
+from oodseg.scoring.metrics.functional import curve_metrics
+
+_SIGN = np.uint32(0x80000000)
+PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
+
+
+def float32_keys(x: np.ndarray) -> np.ndarray:
+    """Order-preserving map float32 → uint32: ``a < b ⇔ key(a) < key(b)`` for finite floats (−0.0 folded to +0.0).
+
+    Positive floats get their sign bit set, negative floats have all bits flipped (the usual radix-sort trick).
+    """
+    bits = (np.asarray(x, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 turns −0.0 into +0.0
+    flip = (bits.view(np.int32) >> 31).view(np.uint32) | _SIGN  # all ones for negatives, sign bit for positives
+    return bits ^ flip
+
+
+def keys_to_float32(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`float32_keys`."""
+    keys = np.asarray(keys, dtype=np.uint32)
+    bits = np.where(keys & _SIGN, keys ^ _SIGN, ~keys).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+@register_metric("pixel")
+class PixelMetrics(MergeableMetric):
+    """Pixel-level AuPRC, AUROC, FPR@95%TPR and best-F1 threshold over labels 0 inlier / 1 anomaly / 255 ignore.
+
+    Design: each float32 score maps to an order-preserving 32-bit key (:func:`float32_keys`); its top ``bits``
+    bits are the bin, and the state is per-bin (negative, positive) int64 counts. The binning is fixed and
+    data-independent, so it needs no score range (logits, energies, ±1e30 all work), is exact for ties, and merges
+    exactly and order-independently by addition. All metrics are then computed exactly as sklearn would on data
+    whose scores were rounded down to their bin (AP: ``Σ_n (R_n − R_{n−1}) P_n`` over descending thresholds,
+    sklearn ``average_precision_score``; AUROC: trapezoid over the ROC, sklearn ``roc_auc_score``; FPR95: FPR at the
+    first threshold, high to low, where TPR ≥ 0.95). The only difference to exact computation comes from distinct
+    scores sharing a bin: a bin spans a relative score width of ``2^-(bits-9)`` (the key's top 9 bits are sign and
+    exponent), ≈3e-5 at the default 24 bits. Measured on realistic maps (tests, ``benchmarks/metrics.py``) the error
+    is ~1e-6–1e-5, within 1e-4. Limitation: resolution is relative to magnitude, so scores whose common offset is
+    ≫ 100× their spread (e.g. 1000 ± 1, or MSP saturated within 1e-5 of −1) lose resolution; raise bits (26) or
+    feed a better-conditioned equivalent score. Scores are compared as float32 (what models emit).
+
+    Memory: counts are stored in lazily allocated pages of 4096 consecutive bins (64 KiB); only pages that received
+    a pixel exist, so memory depends on how many distinct score regions occur, never on the pixel count: a
+    standard-normal score map needs ≈ 20 MiB at 24 bits (≈ 6 MiB at 22), an energy map far fewer pages.
+    ``bits`` trades memory for resolution (22 is plenty for sweeps with many metric objects).
+
+    Degenerate data: with no positive or no negative pixels AuPRC/AUROC/FPR95 (and best F1) are NaN and a
+    ``RuntimeWarning`` is emitted; NaN/inf scores raise ``ValueError``.
+    """
+
+    columns = {
+        "auprc": "auprc", "fpr95": "fpr95", "auroc": "auroc", "best_f1": "best_f1", "threshold": "best_threshold",
+        "n_pixels": "n_pixels", "n_anomaly": "n_anomaly_pixels", "anomaly_fraction": "anomaly_fraction",
+    }
+
+    def __init__(self, bits: int = 24, validate: bool = True) -> None:
+        if not PAGE_BITS <= bits <= 26:
+            raise ValueError(f"bits must be in [{PAGE_BITS}, 26], got {bits}")
+        self.bits = bits
+        self.validate = validate  # a runtime switch (hot loops may skip input checks), not part of the state
+        self._pages: dict[int, np.ndarray] = {}  # page (= bin >> PAGE_BITS) -> int64 [4096, 2] (neg, pos) counts
+
+    def config(self) -> dict[str, Any]:
+        return {"bits": self.bits}
+
+    # --- accumulation ---------------------------------------------------------------------------------------
+    def update(self, scores: Any, labels: Any) -> PixelMetrics:
+        """Add one batch of scores and labels (numpy arrays or torch tensors of the same shape).
+
+        Scores on an accelerator are binned there (:meth:`_update_torch`): only the per-page counts cross to the
+        host, not the pixels. CPU input takes the numpy path (measured ~1.8× faster than the same torch ops on CPU)."""
+        if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
+            return self._update_torch(scores, labels)
+        s, lab = scores_and_labels(scores, labels, self.validate)
+        valid = lab != IGNORE_ID
+        if not valid.all():
+            s, lab = s[valid], lab[valid]
+        else:
+            s, lab = s.reshape(-1), lab.reshape(-1)
+        if s.size == 0:
+            return self
+        bins = float32_keys(s) >> np.uint32(32 - self.bits)
+        page = (bins >> np.uint32(PAGE_BITS)).astype(np.intp)
+        present = np.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
+        slot = np.cumsum(present) - 1  # compact page numbering so the bincount only spans pages that occur
+        size = 1 << PAGE_BITS
+        local = slot[page] * size + (bins & np.uint32(size - 1)).astype(np.intp)
+        counts = np.bincount(local * 2 + lab, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
+        return self._add_pages(np.flatnonzero(present).tolist(), counts)
+
+    def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
+        """:meth:`update` with torch ops on the scores' device: the same validation (shared with the numpy path),
+        keys, bins and counts as the numpy path, ``float32_keys`` done on the int32 view as int64."""
+        s = scores.detach().float()
+        lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
+        lab = lab.to(s.device)
+        if self.validate:
+            check_anomaly_labels(lab, tuple(s.shape))
+            check_scores(s)
+        if lab.dtype == torch.bool:
+            lab = lab.to(torch.uint8)
+        valid = lab != IGNORE_ID
+        s, lab = s[valid], lab[valid].long()
+        if s.numel() == 0:
+            return self
+        bits = (s + 0.0).contiguous().view(torch.int32)  # + 0.0 turns −0.0 into +0.0
+        keys = (bits ^ ((bits >> 31) | torch.iinfo(torch.int32).min)).long() & 0xFFFFFFFF  # float32_keys, as int64
+        bins = keys >> (32 - self.bits)
+        size = 1 << PAGE_BITS
+        page = bins >> PAGE_BITS
+        present = torch.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
+        slot = torch.cumsum(present, 0) - 1
+        local = slot[page] * size + (bins & (size - 1))
+        n_pages = int(present.sum())
+        counts = torch.bincount(local * 2 + lab, minlength=n_pages * size * 2).view(n_pages, size, 2)
+        return self._add_pages(torch.nonzero(present).flatten().tolist(), counts.cpu().numpy())
+
+    def _add_pages(self, pages: list[int], counts: Any) -> PixelMetrics:
+        """Add ``counts[k]`` (int64 ``[4096, 2]``) to page ``pages[k]``."""
+        for k, p in enumerate(pages):
+            if p in self._pages:
+                self._pages[p] += counts[k]
+            else:
+                self._pages[p] = counts[k].copy()
+        return self
+
+    def _merge(self, other: PixelMetrics) -> None:
+        self._add_pages(list(other._pages), list(other._pages.values()))
+
+    def _state(self) -> dict[str, Any]:
+        """Only the non-empty bins: ``bins``, ``neg``, ``pos``."""
+        bins, counts = self._histogram()
+        return {"bins": bins, "neg": counts[:, 0].copy(), "pos": counts[:, 1].copy()}
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        bins = np.asarray(state["bins"], dtype=np.int64)
+        size = 1 << PAGE_BITS
+        for p in np.unique(bins >> PAGE_BITS).tolist():
+            sel = (bins >> PAGE_BITS) == p
+            page = np.zeros((size, 2), dtype=np.int64)
+            page[bins[sel] & (size - 1), 0] = np.asarray(state["neg"], dtype=np.int64)[sel]
+            page[bins[sel] & (size - 1), 1] = np.asarray(state["pos"], dtype=np.int64)[sel]
+            self._pages[int(p)] = page
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    def _histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """Non-empty bins ascending and their (neg, pos) counts ``[M, 2]``."""
+        if not self._pages:
+            return np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        pages = sorted(self._pages)
+        size = 1 << PAGE_BITS
+        counts = np.concatenate([self._pages[p] for p in pages])
+        bins = (np.asarray(pages, dtype=np.int64)[:, None] * size + np.arange(size)).reshape(-1)
+        nz = counts.any(axis=1)
+        return bins[nz], counts[nz]
+
+    def _bin_floor(self, bins: np.ndarray) -> np.ndarray:
+        """Smallest float32 in each bin."""
+        return keys_to_float32((bins.astype(np.uint64) << np.uint64(32 - self.bits)).astype(np.uint32))
+
+    def _curve(self) -> dict[str, np.ndarray]:
+        """Cumulative counts at each distinct (binned) threshold, from high to low scores."""
+        bins, counts = self._histogram()
+        bins, counts = bins[::-1], counts[::-1]
+        return {"bins": bins, "fp": np.cumsum(counts[:, 0]), "tp": np.cumsum(counts[:, 1])}
+
+    def _compute(self) -> dict[str, float]:
+        """``auprc``, ``auroc``, ``fpr95``, ``threshold`` (best-F1; predict anomaly where ``score > threshold``),
+        ``best_f1``, ``n_pixels``, ``n_anomaly``, ``anomaly_fraction``."""
+        c = self._curve()
+        n_pos = int(c["tp"][-1]) if c["tp"].size else 0
+        n_neg = int(c["fp"][-1]) if c["fp"].size else 0
+        out: dict[str, float] = {
+            "n_pixels": n_pos + n_neg,
+            "n_anomaly": n_pos,
+            "anomaly_fraction": n_pos / (n_pos + n_neg) if n_pos + n_neg else float("nan"),
+        }
+        if n_pos == 0 or n_neg == 0:
+            warnings.warn(
+                f"PixelMetrics: {n_pos} anomaly and {n_neg} inlier pixels; AuPRC/AUROC/FPR95 need both, returning NaN",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            nan = float("nan")
+            return {**out, "auprc": nan, "auroc": nan, "fpr95": nan, "threshold": nan, "best_f1": nan}
+        m = curve_metrics(c["tp"], c["fp"])
+        # `score > threshold` selects exactly the bins at or above the best one: the largest float below its floor.
+        floor_key = int(c["bins"][m.pop("best_index")]) << (32 - self.bits)
+        threshold = float(keys_to_float32(np.array([max(floor_key - 1, 0)], dtype=np.uint32))[0])
+        return {**out, **m, "threshold": threshold}
+
+    def curves(self, max_points: int = 1000) -> dict[str, np.ndarray]:
+        """PR and ROC curve points for plots (``threshold`` = bin floor, descending), downsampled to ≤ max_points."""
+        c = self._curve()
+        tp, fp = c["tp"].astype(np.float64), c["fp"].astype(np.float64)
+        if tp.size == 0 or tp[-1] == 0 or fp[-1] == 0:
+            raise ValueError("PixelMetrics.curves needs both anomaly and inlier pixels")
+        idx = np.unique(np.linspace(0, tp.size - 1, min(max_points, tp.size)).round().astype(np.int64))
+        return {
+            "threshold": self._bin_floor(c["bins"][idx]).astype(np.float64),
+            "precision": tp[idx] / (tp[idx] + fp[idx]),
+            "recall": tp[idx] / tp[-1],
+            "tpr": tp[idx] / tp[-1],
+            "fpr": fp[idx] / fp[-1],
+        }
+
+
