@@ -1,11 +1,13 @@
-"""Print the standard table and draw PR/ROC plots (and heatmaps) from a results store.
+"""Print the standard tables and draw PR/ROC plots (and heatmaps) from a results store.
 
-    python jobs/report.py --results ./results [--run-id ID] [--heatmap demo:fs_static:<image id>]
+    python jobs/report.py --results ./results [--runs A,B] [--heatmap demo:fs_static:<image id>]
 
 Same as ``python -m oodseg report``; options: ``--help``.
 """
 
-from oodseg.report import main
+import sys
+
+from oodseg.report.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

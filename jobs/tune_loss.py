@@ -1,13 +1,15 @@
-"""ASHA search over loss hyper-parameters (OE weight, τ_in/τ_out, LogitNorm τ, EIM scale, lr) with Ray Tune, one
-Ray Train fine-tuning run per trial.
+"""ASHA search over loss hyper-parameters (OE weight, τ_in/τ_out, LogitNorm τ, EIM scale, TDOS weights, lr) with Ray
+Tune, one Ray Train fine-tuning run per trial.
 
     python jobs/tune_loss.py --config configs/tune_loss.yaml
     python jobs/tune_loss.py --config configs/tune_loss.yaml --run-id my-search    # rerun: resumes (Tuner.restore)
 
-Every option: ``python jobs/tune_loss.py --help``; design notes in ``oodseg/platform/tune_loss.py``.
+Every option: ``python jobs/tune_loss.py --help``.
 """
 
-from oodseg.platform.tune_loss import main
+import sys
+
+from oodseg.platform.jobs.tune_loss import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,31 +1,41 @@
-"""``python -m oodseg <command>``: ``report`` (standard table + plots) and ``benchmark`` (the main job)."""
+"""``python -m oodseg <command> [options]`` (also the ``oodseg`` console script); ``<command> --help`` for options."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = {
-    "report": "print the standard table and draw PR/ROC plots + heatmaps from a results store",
-    "benchmark": "run the benchmark job (same as python jobs/benchmark.py)",
+#: command → (module with ``main(argv) -> int``, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "benchmark": ("oodseg.platform.jobs.benchmark", "benchmark models × datasets × scorers (= jobs/benchmark.py)"),
+    "finetune": ("oodseg.platform.jobs.finetune", "fine-tune on Ray Train, DeepSpeed or DDP (= jobs/finetune.py)"),
+    "tune-temperature": ("oodseg.platform.jobs.tune_temperature", "search a scorer's temperature on cached outputs"),
+    "tune-loss": ("oodseg.platform.jobs.tune_loss", "ASHA search over loss hyper-parameters"),
+    "report": ("oodseg.report.cli", "standard tables, PR/ROC plots and heatmaps from a results store"),
+    "cache": ("oodseg.platform.jobs.cache", "list or delete the per-run output / score-map caches"),
+    "convert-checkpoint": ("oodseg.models.eomt_convert", "convert a tue-mps EoMT .ckpt to a transformers directory"),
+    "mine-negatives": ("oodseg.models.tdos.negatives", "mine TDOS's distance-ordered negative word groups"),
+    "suite": ("oodseg.data.synthetic", "build the synthetic road suite"),
 }
+
+
+def usage() -> str:
+    lines = ["usage: python -m oodseg <command> [options]   (python -m oodseg <command> --help)", "", "commands:"]
+    lines += [f"  {name:<20}{text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print("usage: python -m oodseg {" + ",".join(COMMANDS) + "} [options]\n")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<10} {text}")
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    command, rest = args[0], args[1:]
-    if command == "report":
-        from oodseg.report import main as report_main
-
-        return report_main(rest)
-    from oodseg.platform.pipeline import main as benchmark_main
-
-    return benchmark_main(rest)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] not in COMMANDS:
+        print(f"error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    return int(module.main(args[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 Precedence (lowest → highest): dataclass defaults → ``--config FILE.yaml`` → ``--set key=value`` → per-field
 flags (``--field-name VALUE``). Nested dataclass fields are addressed with dots (``--set train.lr=1e-3``) and get
-their own flags (``--train.lr``). Values are parsed by the field's type annotation; lists and tuples accept YAML
-(``--set datasets='[a, b]'``) or comma-separated text (``--datasets a,b``). Help text comes from
-``field(metadata={"help": ...})``. Unknown keys are errors, never silently ignored.
+their own flags (``--train.lr``); ``aliases`` add short flags for nested fields (``--loss`` = ``--train.loss``).
+Values are parsed by the field's type annotation; lists and tuples accept YAML (``--set datasets='[a, b]'``) or
+comma-separated text (``--datasets a,b``). A dataclass field also accepts a plain string when the dataclass has a
+``from_str`` classmethod (``datasets: [road_anomaly_21, {name: folder, ...}]``). Help text comes from
+``field(metadata={"help": ..., "choices": ...})``; ``choices`` (a sequence, or a callable returning one, such as a
+registry's ``list``) are listed in ``--help`` and enforced. Unknown keys are errors, never silently ignored.
 
 Usage::
 
@@ -66,6 +69,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     try:
+        if _is_dataclass_type(tp) and isinstance(value, str) and hasattr(tp, "from_str"):
+            return tp.from_str(value)
         if _is_dataclass_type(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
@@ -122,15 +127,42 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def choices_of(f: dataclasses.Field) -> list[Any] | None:
+    """The allowed values a field declares (``metadata["choices"]``: a sequence or a callable returning one)."""
+    choices = f.metadata.get("choices")
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def _check_choices(f: dataclasses.Field, value: Any, key: str) -> None:
+    allowed = choices_of(f)
+    if allowed is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [getattr(v, "name", v) for v in values if getattr(v, "name", v) not in allowed]
+    if bad:
+        raise ConfigError(f"{key}: {', '.join(map(repr, bad))} not among {allowed}")
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
-    """Build ``cls`` from a (possibly nested, possibly partial) mapping; unknown keys raise ConfigError."""
+    """Build ``cls`` from a (possibly nested, possibly partial) mapping; unknown keys, values of the wrong type,
+    values outside a field's ``choices`` and invalid combinations (``__post_init__``) raise ConfigError."""
     hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(names)}")
-    kwargs = {k: coerce(hints[k], v, prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = coerce(hints[k], v, prefix + k)
+        _check_choices(fields[k], kwargs[k], prefix + k)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or ''}{e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -181,29 +213,44 @@ def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasse
     return out
 
 
-def _type_name(tp: Any) -> str:
-    inner, optional = _strip_optional(tp)
-    name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
-    if typing.get_origin(inner) is not None:
-        name = str(inner).replace("typing.", "")
-    return f"{name} | None" if optional else name
+def _metavar(tp: Any, choices: list[Any] | None) -> str:
+    """A readable value hint for ``--help`` (no internal type names)."""
+    inner, _ = _strip_optional(tp)
+    origin = typing.get_origin(inner)
+    if choices is not None and origin not in (list, tuple, Sequence):
+        return "|".join(map(str, choices))
+    if origin is typing.Literal:
+        return "|".join(map(str, typing.get_args(inner)))
+    if origin in (list, tuple, Sequence) or inner in (list, tuple):
+        args = typing.get_args(inner)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return ",".join(_metavar(a, None) for a in args)
+        elem = args[0] if args else Any
+        if _is_dataclass_type(elem) or typing.get_origin(elem) in (dict, Mapping):
+            return "YAML-LIST"
+        return f"{_metavar(elem, None)},..."
+    if origin in (dict, Mapping) or inner is dict or _is_dataclass_type(inner):
+        return "YAML-MAP"
+    return {bool: "true|false", int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}.get(inner, "VALUE")
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: … (see --help)``, exit code 2), not the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def config_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose ``--help`` documents every field of ``cls`` (type, default, help text)."""
-    parser = argparse.ArgumentParser(
+def config_parser(cls: type, description: str | None = None, prog: str | None = None,
+                  aliases: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose ``--help`` documents every field of ``cls`` (value hint, allowed values, default,
+    help text) and the ``aliases`` (``"--loss" → "train.loss"``)."""
+    parser = OneLineParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Precedence: defaults < --config YAML < --set key=value < per-field flags.",
+        epilog="Precedence: defaults < --config YAML < --set key=value < per-field flags. Lists take the comma form "
+               "(--datasets a,b) or YAML (--set 'datasets=[a, b]').",
     )
     parser.add_argument("--config", type=str, default=None, metavar="FILE.yaml", help="YAML file with config values")
     parser.add_argument(
@@ -214,37 +261,48 @@ def config_parser(cls: type, description: str | None = None, prog: str | None = 
         metavar="KEY=VALUE",
         help="override one field (dotted for nested fields); value parsed as YAML; repeatable",
     )
-    group = parser.add_argument_group("config fields")
     defaults = to_dict(cls())
-    for dotted, tp, f in _leaf_fields(cls):
+    leaves = {dotted: (tp, f) for dotted, tp, f in _leaf_fields(cls)}
+    if aliases:
+        short = parser.add_argument_group("shortcuts")
+        for flag, dotted in aliases.items():
+            tp, f = leaves[dotted]
+            short.add_argument(flag, dest="field:" + dotted, default=argparse.SUPPRESS,
+                               metavar=_metavar(tp, choices_of(f)), help=f"= --{dotted.replace('_', '-')}")
+    group = parser.add_argument_group("config fields")
+    for dotted, (tp, f) in leaves.items():
         node: Any = defaults
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         help_text = f.metadata.get("help", "")
-        flag = "--" + dotted.replace("_", "-")
+        choices, metavar = choices_of(f), _metavar(tp, choices_of(f))
+        if choices is not None and "|" not in metavar:
+            help_text += f"; one or more of: {', '.join(map(str, choices))}"
+        default = yaml.safe_dump(node, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
         group.add_argument(
-            flag,
+            "--" + dotted.replace("_", "-"),
             dest="field:" + dotted,
             default=argparse.SUPPRESS,
-            metavar=_type_name(tp).upper().replace(" ", ""),
-            help=f"{help_text} (default: {node!r})".strip(),
+            metavar=metavar,
+            help=f"{help_text} (default: {default})".strip(),
         )
     return parser
 
 
 def parse_config(
-    cls: type[C], argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None
+    cls: type[C], argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> C:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance; see the module docstring."""
-    parser = config_parser(cls, description=description, prog=prog)
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance; see the module docstring.
+    A bad value exits with code 2 and one line naming the option."""
+    parser = config_parser(cls, description=description, prog=prog, aliases=aliases)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return build_config(cls, config_file=args.config, overrides=args.overrides, fields={
             k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("field:")
         })
     except ConfigError as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 def build_config(
@@ -260,7 +318,8 @@ def build_config(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: cannot read config file: {e}") from None
+            detail = str(e).replace("\n", " ")
+            raise ConfigError(f"{path}: cannot read config file: {detail}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -268,7 +327,13 @@ def build_config(
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, text = item.split("=", 1)
-        _set_nested(data, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"--set {key.strip()}: value is not valid YAML{where}: {text!r}") from None
+        _set_nested(data, key.strip(), value)
     for key, text in (fields or {}).items():
         _set_nested(data, key, text)
     return from_dict(cls, data)

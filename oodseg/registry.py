@@ -1,20 +1,23 @@
-"""One small registry type shared by scorers, models, losses and datasets (timm style).
+"""One small registry type shared by every kind of component (timm style): scorers, models, losses, datasets,
+metrics, prompters, checkpoint sources.
 
 Each kind has its own module-level ``Registry``; its ``register`` decorator records a factory (a function or class)
-under a name, and ``create(name, **cfg)`` builds it. Factories may carry metadata (for example a scorer's
-hyper-parameter ``space``) that other layers, such as Tune, read through ``get``.
+under a name together with the facts about it (metadata such as a scorer's Tune ``space``, a dataset's table
+``title``), and ``create(name, **cfg)`` builds it. Other layers read the facts through ``meta`` instead of keeping
+lists of their own. ``registered(...)`` scopes a registration (tests, notebooks): the entry is removed on exit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Name → factory mapping for one kind of component."""
+    """Name → factory mapping (plus per-entry metadata) for one kind of component."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -34,6 +37,20 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a ``KeyError`` naming the known entries if it is not registered)."""
+        self.get(name)
+        del self._entries[name], self._meta[name]
+
+    @contextlib.contextmanager
+    def registered(self, name: str, fn: Callable[..., T], **meta: Any) -> Iterator[Callable[..., T]]:
+        """Register ``fn`` for the duration of a ``with`` block."""
+        self.register(name, **meta)(fn)
+        try:
+            yield fn
+        finally:
+            self.unregister(name)
+
     def get(self, name: str) -> Callable[..., T]:
         try:
             return self._entries[name]
@@ -50,6 +67,16 @@ class Registry(Generic[T]):
 
     def list(self) -> list[str]:
         return sorted(self._entries)
+
+    def names(self) -> list[str]:
+        """Registered names in registration order."""
+        return list(self._entries)
+
+    def check(self, names: Any, what: str | None = None) -> None:
+        """Raise one ``ValueError`` naming every unknown entry of ``names`` and the registered ones."""
+        unknown = [n for n in names if n not in self._entries]
+        if unknown:
+            raise ValueError(f"{what or self.kind}: unknown {self.kind}(s) {unknown}; registered: {self.list()}")
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

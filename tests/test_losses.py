@@ -373,8 +373,9 @@ def test_oe_on_mask_outputs_is_weighted_oe_term_of_reference_combination(variant
 def test_oe_on_low_resolution_mask_outputs_and_gradients():
     cls, msk = _mask_outputs(14, h=2, w=3)
     target = make_batch(15, C=3, H=4, W=6)[1]
-    L_low = torch.from_numpy(ref_mask_class_scores(cls.numpy(), msk.numpy()))
-    L = F.interpolate(L_low, size=(4, 6), mode="bilinear", align_corners=False).numpy()
+    # the reference order: mask logits upsampled to the target before the sigmoid and the query combination
+    msk_up = F.interpolate(msk, size=(4, 6), mode="bilinear", align_corners=False)
+    L = ref_mask_class_scores(cls.numpy(), msk_up.numpy())
     cls_p, msk_p = cls.clone().requires_grad_(True), msk.clone().requires_grad_(True)
     got = create_loss("oe", tau_in=-1.5, tau_out=1.0)(MaskOutputs(cls_p, msk_p), target)
     assert _f(got) == pytest.approx(ref_oe_hinge(L, target.numpy(), -1.5, 1.0), rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from oodseg.scoring import (
     pixel_class_scores,
     register_scorer,
     score_many,
+    scorer_applies,
     scorer_space,
 )
 
@@ -168,11 +171,22 @@ def test_upsampling_is_bilinear_to_label_size(pixel_logits, mask_out):
     got = create_scorer("rba", temperature=2.0)(PixelLogits(pixel_logits, size=(9, 11)))
     ref = np_score("rba", np_bilinear(pixel_logits.double().numpy(), (9, 11)) / 2.0, 2.0)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
-    # explicit size argument overrides outputs.size; mask outputs are upsampled after the query combination
+    # explicit size argument overrides outputs.size; mask *logits* are upsampled before the sigmoid (reference order)
     got_m = create_scorer("msp", temperature=0.5)(mask_out, size=(10, 7))
     cls, masks = mask_out.class_logits.double().numpy(), mask_out.mask_logits.double().numpy()
-    ref_m = np_score("msp", np_bilinear(np_mask_scores(cls, masks, 0.5), (10, 7)), 1.0)
+    ref_m = np_score("msp", np_mask_scores(cls, np_bilinear(masks, (10, 7)), 0.5), 1.0)
     np.testing.assert_allclose(got_m.numpy(), ref_m, rtol=1e-5, atol=1e-5)
+
+
+def test_full_frame_and_one_crop_mask_paths_agree():
+    """The issue's repro: the same mask outputs as plain MaskOutputs and as one full-frame crop give one score."""
+    g = torch.Generator().manual_seed(0)
+    cl, ml = 3 * torch.randn(1, 20, 20, generator=g), 4 * torch.randn(1, 20, 24, 48, generator=g)
+    plain = MaskOutputs(cl, ml, size=(96, 192))
+    crop = MaskOutputs(cl, ml, size=(96, 192), crops=torch.tensor([[0, 0, 0, 96, 192]]), frame_size=(96, 192),
+                       n_images=1)
+    for name in ("rba", "msp", "energy"):
+        torch.testing.assert_close(create_scorer(name)(plain), create_scorer(name)(crop), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -270,8 +284,9 @@ def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_ou
 
 @pytest.mark.parametrize("chunk", [1, 7, 12])  # one row / a row and a bit / two rows of width 5 per block
 def test_score_many_cpu_row_blocks_equal_whole_batch(mask_out, pixel_logits, chunk):
-    specs = [create_scorer(n, t, p) for n in list_scorers() for t, p in ((1.0, "cl"), (0.5, "pl"))]
-    for outputs in (mask_out, pixel_logits):
+    for outputs in (mask_out, PixelLogits(pixel_logits), replace(mask_out, ood_channels=(2,))):
+        specs = [create_scorer(n, t, p) for n in list_scorers() if scorer_applies(n, outputs.ood_channels)
+                 for t, p in ((1.0, "cl"), (0.5, "pl"))]
         whole = score_many(outputs, specs, size=(6, 5), chunk_pixels=0)
         blocks = score_many(outputs, specs, size=(6, 5), chunk_pixels=chunk)
         for a, b in zip(whole, blocks):
@@ -294,3 +309,22 @@ def test_msp_with_tied_maxima():
     """Two classes tied at the maximum: MSP = 1/2 (three-way tie: 1/3), so 1 − MSP = 1/2 (2/3)."""
     z = torch.tensor([[3.0, 3.0, -50.0], [1.0, 1.0, 1.0]]).T.reshape(1, 3, 1, 2)
     np.testing.assert_allclose(create_scorer("msp")(z).flatten().numpy(), [0.5, 2 / 3], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- OOD class channels ---------------------------
+def test_p_ood_and_in_distribution_scorers_on_outputs_with_an_ood_class(mask_out):
+    """A hand-built TDOS-like output (5 channels, channel 2 = ood): p_ood = softmax over all 5 channels at channel 2;
+    every other scorer sees channels {0,1,3,4} only, exactly as if the ood channel did not exist."""
+    ood = replace(mask_out, ood_channels=(2,))
+    cls, masks = mask_out.class_logits.double().numpy(), mask_out.mask_logits.double().numpy()
+    L = np_mask_scores(cls, masks, 1.0)  # [B, 5, h, w]
+    got = create_scorer("p_ood")(ood).numpy()
+    np.testing.assert_allclose(got, np_softmax(L, 1)[:, 2], rtol=1e-5, atol=1e-6)
+    assert ((got >= 0) & (got <= 1)).all()
+    keep = [0, 1, 3, 4]
+    for name in ("msp", "rba", "energy"):
+        np.testing.assert_allclose(create_scorer(name)(ood).numpy(), np_score(name, L[:, keep], 1.0), rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="needs a model with OOD class channels"):
+        create_scorer("p_ood")(mask_out)
+    assert scorer_applies("p_ood", (2,)) and not scorer_applies("p_ood", ()) and scorer_applies("msp", ())

@@ -1,32 +1,51 @@
 """Data layer: dataset readers (registry), COCO outlier source + paste transform, synthetic road suite. No Ray."""
 
 from oodseg.data.base import (
+    DatasetInfo,
     DataError,
     Sample,
     SampleRef,
     create_dataset,
+    dataset_info,
+    default_datasets,
     list_datasets,
     read_image,
     read_label,
     register_dataset,
 )
 from oodseg.data.coco import DEFAULT_EXCLUDE, CocoObject, CocoObjects
-from oodseg.data.paste import OUTLIER_ID, OutlierPaste
+from oodseg.data.instances import (
+    CityscapesInstances,
+    CocoInstances,
+    InstanceSample,
+    decode_cityscapes_instances,
+    read_cityscapes_instances,
+    read_coco_instances,
+)
+from oodseg.data.paste import OutlierPaste
 from oodseg.data.readers import CityscapesDataset, MaskFolderDataset, cityscapes_id_to_train_id
 
 __all__ = [
+    "CityscapesInstances",
+    "CocoInstances",
+    "InstanceSample",
+    "decode_cityscapes_instances",
+    "read_cityscapes_instances",
+    "read_coco_instances",
     "DEFAULT_EXCLUDE",
-    "OUTLIER_ID",
     "CocoObject",
     "CocoObjects",
     "OutlierPaste",
     "CityscapesDataset",
     "DataError",
+    "DatasetInfo",
     "MaskFolderDataset",
     "Sample",
     "SampleRef",
     "cityscapes_id_to_train_id",
     "create_dataset",
+    "dataset_info",
+    "default_datasets",
     "list_datasets",
     "read_image",
     "read_label",

@@ -2,13 +2,17 @@
 
 A dataset lists its files once (``.samples``, a list of small picklable ``SampleRef``) and decodes one sample per
 ``load(ref)`` call, so Ray workers receive only paths and read files themselves.
+
+The registration carries the facts other layers need (``dataset_info(name)``): the table ``title``, the ``kind``
+(``"anomaly"`` | ``"semantic"``), the SMIYC ``track`` (``"anomaly"`` | ``"obstacle"`` | None), the number of scored
+classes, and whether the benchmark runs it by ``default``; registration order is the standard table's column order.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,18 +118,23 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike[str], co
     return out.astype(np.uint8)
 
 
+def data_root(root: str | os.PathLike[str] | None) -> Path:
+    """``root``, else ``$OODSEG_DATA``; ``DataError`` when neither is given."""
+    if root is None or str(root) == "":
+        root = os.environ.get("OODSEG_DATA")
+        if not root:
+            raise DataError("<root>", "no dataset root given and $OODSEG_DATA is not set")
+    return Path(root).expanduser()
+
+
 def resolve_root(root: str | os.PathLike[str] | None, subdirs: str | tuple[str, ...], marker: str) -> Path:
     """Dataset folder from ``root`` (argument, else ``$OODSEG_DATA``).
 
     Rule: the first ``root/<subdir>`` that exists is used (``root`` is a data root holding many datasets, like the
-    synthetic suite); otherwise ``root`` itself must be the dataset folder (it contains ``marker``).
+    synthetic suite); otherwise ``root`` itself must be the dataset folder (it contains ``marker``). The error names
+    the folder that was expected (``root/<first subdir>``), which is where a user should put the data.
     """
-    if root is None:
-        env = os.environ.get("OODSEG_DATA")
-        if not env:
-            raise DataError("<root>", "no dataset root given and $OODSEG_DATA is not set")
-        root = env
-    base = Path(root).expanduser()
+    base = data_root(root)
     subdirs = (subdirs,) if isinstance(subdirs, str) else subdirs
     for sub in subdirs:
         if (base / sub).is_dir():
@@ -134,7 +143,7 @@ def resolve_root(root: str | os.PathLike[str] | None, subdirs: str | tuple[str, 
         return base
     if not base.exists():
         raise DataError(base, "dataset root does not exist")
-    raise DataError(base, f"dataset root holds none of {[s + '/' for s in subdirs]} and no {marker}/")
+    raise DataError(base / subdirs[0], f"dataset folder not found under {base} (nor {marker}/ in it)")
 
 
 class ListedDataset:
@@ -185,14 +194,42 @@ class ListedDataset:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, errors={len(self.errors)})"
 
 
-def register_dataset(name: str | None = None, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a dataset factory/class under ``name`` (timm-style decorator)."""
-    return DATASETS.register(name, **meta)
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The registered facts about a dataset (see the module docstring)."""
+
+    name: str
+    title: str
+    kind: str
+    track: str | None = None
+    num_classes: int = 2
+    default: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def register_dataset(name: str, *, title: str, kind: str, track: str | None = None, num_classes: int = 2,
+                     default: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a dataset factory/class under ``name`` with its facts (timm-style decorator)."""
+    if kind not in ("anomaly", "semantic"):
+        raise ValueError(f"dataset {name!r}: kind must be 'anomaly' or 'semantic', got {kind!r}")
+    info = DatasetInfo(name, title, kind, track, num_classes, default)
+    return DATASETS.register(name, info=info)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    return DATASETS.meta(name)["info"]
+
+
+def default_datasets(kind: str | None = None) -> tuple[str, ...]:
+    """Registered default datasets (of ``kind``), in registration order: the standard table's columns."""
+    infos = [dataset_info(n) for n in DATASETS.names()]
+    return tuple(i.name for i in infos if i.default and (kind is None or i.kind == kind))
 
 
 def create_dataset(name: str, /, root: str | os.PathLike[str] | None = None, **cfg: Any) -> Any:
-    """Build dataset ``name`` from ``root`` (``None`` → ``$OODSEG_DATA``) with reader-specific ``cfg``
-    (``cfg`` may itself hold a ``name``, e.g. the display name of a ``folder`` dataset)."""
+    """Build dataset ``name`` from ``root`` (``None`` → ``$OODSEG_DATA``) with reader-specific ``cfg``."""
     return DATASETS.get(name)(root=root, **cfg)
 
 

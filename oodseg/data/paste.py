@@ -16,9 +16,8 @@ import numpy as np
 from PIL import Image
 
 from oodseg.data.coco import CocoObject, CocoObjects
+from oodseg.labels import IGNORE_ID, OUTLIER_ID
 
-OUTLIER_ID = 254
-IGNORE_ID = 255
 ROAD_TRAIN_IDS = (0, 1)  # Cityscapes trainIds road, sidewalk
 
 

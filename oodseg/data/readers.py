@@ -7,8 +7,8 @@ Layouts (``root`` is either a data root holding the dataset sub-folder, or the d
   ``<prefix>_gtFine_labelIds.png`` mapped to the 19 trainIds with cityscapesscripts' official label table
   (``cityscapesscripts.helpers.labels``; trainId 255 and -1 → 255).
 * ``Validation_Dataset/<name>/images/<stem>.<ext>`` with ``labels_masks/<stem>.png`` (pairing rule: equal stems),
-  the layout of most public eval code (``root`` may also be ``Validation_Dataset/`` or ``<name>/`` itself). Raw label conventions: 0 inlier / 1 anomaly / 255 void, except
-  ``RoadAnomaly`` (anomaly stored as 2, mapped to 1).
+  the layout of most public eval code (``root`` may also be ``Validation_Dataset/`` or ``<name>/`` itself). Raw label
+  conventions: 0 inlier / 1 anomaly / 255 void, except ``RoadAnomaly`` (anomaly stored as 2, mapped to 1).
 * SegmentMeIfYouCan release (github.com/SegmentMeIfYouCan/road-anomaly-benchmark): ``dataset_AnomalyTrack`` /
   ``dataset_ObstacleTrack`` with ``images/<stem>.{jpg,webp}`` and ``labels_masks/<stem>_labels_semantic.png``
   (0 not anomaly / 1 anomaly / 255 void; in the obstacle track everything off the road is 255). Only the validation
@@ -33,6 +33,7 @@ from oodseg.data.base import (
     ListedDataset,
     SampleRef,
     apply_lut,
+    data_root,
     read_label,
     register_dataset,
     resolve_root,
@@ -115,7 +116,8 @@ class MaskFolderDataset(ListedDataset):
 
     def __init__(self, image_dir: Path, mask_dir: Path, value_map: Mapping[Any, Any], *, name: str,
                  track: str = "anomaly", label_suffix: str = "", label_ext: str = ".png",
-                 image_exts: Iterable[str] = IMAGE_EXTS, unlabeled: str = "error", strict: bool = True) -> None:
+                 image_exts: Iterable[str] = IMAGE_EXTS, unlabeled: str = "error", strict: bool = True,
+                 listing: bool = True) -> None:
         super().__init__(strict)
         if track not in ("anomaly", "obstacle"):
             raise ValueError(f"track must be 'anomaly' or 'obstacle', got {track!r}")
@@ -131,6 +133,8 @@ class MaskFolderDataset(ListedDataset):
         self.n_unlabeled = 0
         exts = {e.lower() for e in image_exts}
         label_tail = label_suffix + label_ext
+        if not listing:  # the folder could not be resolved: the caller records why
+            return
         if not self.image_dir.is_dir():
             self._problem(self.image_dir, "image folder does not exist")
             return
@@ -168,17 +172,21 @@ class MaskFolderDataset(ListedDataset):
 
 def _mask_dataset(root: str | os.PathLike[str] | None, subdir: str | tuple[str, ...], value_map: Mapping[int, int], *,
                   strict: bool, **kw: Any) -> MaskFolderDataset:
-    """``images/`` + ``labels_masks/`` under the resolved root; a missing root is a listing problem like any other."""
+    """``images/`` + ``labels_masks/`` under the resolved root; a missing root is a listing problem like any other
+    (recorded with the folder the reader expected, so the user knows where the data must go)."""
     try:
         base = resolve_root(root, subdir, "images")
     except DataError as err:
         if strict:
             raise
-        base = Path(err.path)
+        dataset = MaskFolderDataset(Path(err.path) / "images", Path(err.path) / "labels_masks", value_map,
+                                    strict=False, listing=False, **kw)
+        dataset.errors.append(err)
+        return dataset
     return MaskFolderDataset(base / "images", base / "labels_masks", value_map, strict=strict, **kw)
 
 
-def _validation_set(folder: str, name: str, track: str, value_map: Mapping[int, int], image_ext: str):
+def _validation_set(folder: str, name: str, title: str, track: str, value_map: Mapping[int, int], image_ext: str):
     def factory(root: str | os.PathLike[str] | None = None, strict: bool = True) -> MaskFolderDataset:
         return _mask_dataset(root, (f"Validation_Dataset/{folder}", folder), value_map, name=name, track=track,
                              strict=strict)
@@ -186,17 +194,18 @@ def _validation_set(folder: str, name: str, track: str, value_map: Mapping[int, 
     factory.__name__ = name
     factory.__doc__ = (f"``Validation_Dataset/{folder}``: images ``*{image_ext}``, labels ``<stem>.png`` "
                        f"with raw values {sorted(value_map)} → {value_map}; track {track!r}.")
-    return register_dataset(name, track=track, folder=folder)(factory)
+    return register_dataset(name, title=title, kind="anomaly", track=track, default=True)(factory)
 
 
-road_anomaly_21 = _validation_set("RoadAnomaly21", "road_anomaly_21", "anomaly", ANOMALY_MAP, ".png")
-road_obstacle_21 = _validation_set("RoadObsticle21", "road_obstacle_21", "obstacle", ANOMALY_MAP, ".webp")
-fs_lost_found = _validation_set("FS_LostFound_full", "fs_lost_found", "anomaly", ANOMALY_MAP, ".png")
-fs_static = _validation_set("fs_static", "fs_static", "anomaly", ANOMALY_MAP, ".jpg")
-road_anomaly = _validation_set("RoadAnomaly", "road_anomaly", "anomaly", ROAD_ANOMALY_MAP, ".jpg")
+road_anomaly_21 = _validation_set("RoadAnomaly21", "road_anomaly_21", "SMIYC RA-21", "anomaly", ANOMALY_MAP, ".png")
+road_obstacle_21 = _validation_set("RoadObsticle21", "road_obstacle_21", "SMIYC RO-21", "obstacle", ANOMALY_MAP,
+                                   ".webp")
+fs_lost_found = _validation_set("FS_LostFound_full", "fs_lost_found", "FS L&F", "anomaly", ANOMALY_MAP, ".png")
+fs_static = _validation_set("fs_static", "fs_static", "FS Static", "anomaly", ANOMALY_MAP, ".jpg")
+road_anomaly = _validation_set("RoadAnomaly", "road_anomaly", "Road Anomaly", "anomaly", ROAD_ANOMALY_MAP, ".jpg")
 
 
-def _smiyc(folder: str, name: str, track: str):
+def _smiyc(folder: str, name: str, title: str, track: str):
     def factory(root: str | os.PathLike[str] | None = None, strict: bool = True) -> MaskFolderDataset:
         return _mask_dataset(root, folder, ANOMALY_MAP, name=name, track=track, label_suffix="_labels_semantic",
                              unlabeled="skip", strict=strict)
@@ -204,30 +213,29 @@ def _smiyc(folder: str, name: str, track: str):
     factory.__name__ = name
     factory.__doc__ = (f"SegmentMeIfYouCan ``{folder}``: ``images/<stem>.*`` + ``labels_masks/<stem>_labels_semantic"
                        f".png`` (0/1/255); unlabeled test images skipped; track {track!r}.")
-    return register_dataset(name, track=track, folder=folder)(factory)
+    return register_dataset(name, title=title, kind="anomaly", track=track)(factory)
 
 
-smiyc_anomaly = _smiyc("dataset_AnomalyTrack", "smiyc_anomaly", "anomaly")
-smiyc_obstacle = _smiyc("dataset_ObstacleTrack", "smiyc_obstacle", "obstacle")
+smiyc_anomaly = _smiyc("dataset_AnomalyTrack", "smiyc_anomaly", "SMIYC AT val", "anomaly")
+smiyc_obstacle = _smiyc("dataset_ObstacleTrack", "smiyc_obstacle", "SMIYC OT val", "obstacle")
 
 
-@register_dataset("cityscapes")
+@register_dataset("cityscapes", title="Cityscapes", kind="semantic", num_classes=19, default=True)
 def cityscapes(root: str | os.PathLike[str] | None = None, split: str = "val",
                strict: bool = True) -> CityscapesDataset:
     """Cityscapes ``split`` ("train"/"val") as 19 trainIds."""
     return CityscapesDataset(root, split=split, strict=strict)
 
 
-@register_dataset("folder")
-def folder(root: str | os.PathLike[str] | None = None, *, mapping: Mapping[Any, Any], image_dir: str = "images",
-           mask_dir: str = "labels_masks", label_suffix: str = "", label_ext: str = ".png", name: str = "folder",
-           track: str = "anomaly", strict: bool = True) -> MaskFolderDataset:
+@register_dataset("folder", title="folder", kind="anomaly", track="anomaly")
+def folder(root: str | os.PathLike[str] | None = None, *, mapping: Mapping[Any, Any] | None = None,
+           image_dir: str = "images", mask_dir: str = "labels_masks", label_suffix: str = "", label_ext: str = ".png",
+           name: str = "folder", track: str = "anomaly", strict: bool = True) -> MaskFolderDataset:
     """User dataset: ``root/image_dir`` + ``root/mask_dir/<stem><label_suffix><label_ext>`` with a raw → {0, 1, 255}
     ``mapping`` (e.g. ``{0: 0, 1: 1, 2: 1, 255: 255}``; YAML string keys are accepted)."""
-    if root is None:
-        root = os.environ.get("OODSEG_DATA")
-        if not root:
-            raise DataError("<root>", "no dataset root given and $OODSEG_DATA is not set")
-    base = Path(root)
+    if not mapping:
+        raise DataError("<folder dataset>", "needs a value mapping raw → {0, 1, 255}, e.g. "
+                        "datasets=[{name: folder, root: DIR, mapping: {0: 0, 1: 1, 255: 255}}]")
+    base = data_root(root)
     return MaskFolderDataset(base / image_dir, base / mask_dir, mapping, name=name, track=track,
                              label_suffix=label_suffix, label_ext=label_ext, strict=strict)

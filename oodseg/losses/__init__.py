@@ -1,16 +1,19 @@
 """Training losses: ``ce``, ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (IsoMax+).
 
-``create_loss(name, **cfg)(outputs, target, outlier_mask=None) -> scalar``; ``loss_space(name)`` is the Tune
-search space of a loss. Conventions (255 ignore, 254 pasted outlier, bilinear resizing) are in ``base``.
+``create_loss(name, **cfg)(outputs, target, outlier_mask=None) -> scalar``; ``loss_info(name)`` holds the facts a
+registration declares (Tune space, model changes, how it combines with a model's own loss); ``loss_space(name,
+output_kind)`` is its Tune search space. Conventions (255 ignore, 254 pasted outlier, bilinear resizing) are in
+``base``. A new loss is one file (a module with ``@register_loss``) plus its import line here.
 """
 
-from oodseg.losses import functional
+from oodseg.losses import modules  # noqa: F401  (registers ce, oe, logitnorm, eim)
 from oodseg.losses.base import (
-    IGNORE_ID,
-    OUTLIER_ID,
+    LOSSES,
+    LossInfo,
     PixelBatch,
     create_loss,
     list_losses,
+    loss_info,
     loss_space,
     pixel_batch,
     register_loss,
@@ -23,16 +26,16 @@ from oodseg.losses.modules import (
 )
 
 __all__ = [
-    "IGNORE_ID",
-    "OUTLIER_ID",
+    "LOSSES",
     "CrossEntropyLoss",
     "EnhancedIsotropyMaximizationLoss",
     "LogitNormLoss",
+    "LossInfo",
     "OutlierExposureLoss",
     "PixelBatch",
     "create_loss",
-    "functional",
     "list_losses",
+    "loss_info",
     "loss_space",
     "pixel_batch",
     "register_loss",

@@ -1,55 +1,84 @@
 """Loss registry and the input handling every loss shares.
 
-Label conventions (docs/architecture.md): the semantic target is ``[B, H, W]`` with class ids ``0..C-1``,
+Label conventions (:mod:`oodseg.labels`): the semantic target is ``[B, H, W]`` with class ids ``0..C-1``,
 ``IGNORE_ID = 255`` (void) and ``OUTLIER_ID = 254`` (pixel of a pasted outlier object). The optional
 ``outlier_mask`` is ``0`` inlier / ``1`` outlier / ``255`` ignore; without it, outliers are ``target == 254``.
 Model outputs whose resolution differs from the target are resized to it bilinearly
 (``align_corners=False``) before any loss term is computed.
+
+A registration carries the facts the trainer needs about a loss (:class:`LossInfo`): its Tune ``space`` (with
+per-output-kind overrides), model changes it implies (``model_cfg`` such as EIM's IsoMax+ head, and the ``fresh``
+parameters that therefore start untrained), how it combines with a model's own loss (``combine``), and which models
+it is made for.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodseg.data.paste import IGNORE_ID, OUTLIER_ID
-from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.labels import IGNORE_ID, OUTLIER_ID
+from oodseg.outputs import MaskOutputs, ModelOutputs
 from oodseg.registry import Registry
+from oodseg.scoring.scorers import pixel_class_scores
 
-LossOutputs = torch.Tensor | PixelLogits | MaskOutputs
+LossOutputs = torch.Tensor | ModelOutputs
 
-_LOSSES: Registry[nn.Module] = Registry("loss")
+LOSSES: Registry[nn.Module] = Registry("loss")
+COMBINE = ("sum", "model_loss")
 
 
-def register_loss(
-    name: str | None = None,
-    *,
-    space: dict[str, dict[str, Any]] | None = None,
-    kind_space: dict[str, dict[str, dict[str, Any]]] | None = None,
-) -> Callable:
-    """Decorator registering a loss factory under ``name`` with its Tune search ``space``.
+@dataclass(frozen=True)
+class LossInfo:
+    """Registered facts of a loss.
 
-    ``space`` maps constructor argument → ``{"type": "loguniform", "low", "high"}`` or
-    ``{"type": "choice", "values": [...]}`` (the scorer-space format that the Tune layer reads). ``kind_space``
-    overrides entries per model output kind (``"pixel"`` / ``"mask"``) where a hyper-parameter's scale depends on
-    it (e.g. RbA thresholds: per-pixel logits vs mask-classification scores).
+    ``space`` / ``kind_space``: Tune search space (scorer-space format) and per-output-kind overrides (``"pixel"`` /
+    ``"mask"``) where a hyper-parameter's scale depends on it (RbA thresholds). ``model_cfg``: model keyword
+    arguments the loss needs (EIM: ``{"head": "isomax"}``), applied unless the run sets them itself; ``fresh``:
+    parameter prefixes that are new under ``model_cfg`` and so start untrained when loading a checkpoint.
+    ``combine``: with a model that has a loss of its own (``SegModel.own_loss``, EoMT's mask-classification loss),
+    ``"sum"`` adds this loss to it and ``"model_loss"`` means the model's own loss *is* this objective (``ce``).
+    ``models``: the models the loss is made for (None: any).
     """
-    return _LOSSES.register(name, space=dict(space or {}), kind_space=dict(kind_space or {}))
+
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kind_space: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+    fresh: tuple[str, ...] = ()
+    combine: str = "sum"
+    models: tuple[str, ...] | None = None
+
+
+def register_loss(name: str, **facts: Any) -> Callable:
+    """Decorator registering a loss factory under ``name`` with its :class:`LossInfo` facts."""
+    info = LossInfo(**facts)
+    if info.combine not in COMBINE:
+        raise ValueError(f"loss {name!r}: combine must be one of {COMBINE}, got {info.combine!r}")
+    return LOSSES.register(name, info=info)
+
+
+def loss_info(name: str) -> LossInfo:
+    return LOSSES.meta(name)["info"]
 
 
 def create_loss(name: str, **cfg: Any) -> nn.Module:
     """Build the registered loss ``name`` with constructor arguments ``cfg``."""
-    return _LOSSES.create(name, **cfg)
+    try:
+        loss = LOSSES.create(name, **cfg)
+    except TypeError as e:
+        raise TypeError(f"loss {name!r}: {e}") from None
+    loss.registry_name = name
+    return loss
 
 
 def list_losses() -> list[str]:
-    return _LOSSES.list()
+    return LOSSES.list()
 
 
 def loss_space(name: str, output_kind: str | None = None) -> dict[str, dict[str, Any]]:
@@ -57,8 +86,8 @@ def loss_space(name: str, output_kind: str | None = None) -> dict[str, dict[str,
     overrides the loss declares for ``output_kind`` (``"pixel"`` / ``"mask"``; None: the generic space)."""
     if output_kind not in (None, "pixel", "mask"):
         raise ValueError(f"output_kind must be 'pixel', 'mask' or None, got {output_kind!r}")
-    meta = _LOSSES.meta(name)
-    space = {**meta["space"], **meta["kind_space"].get(output_kind, {})}
+    info = loss_info(name)
+    space = {**info.space, **info.kind_space.get(output_kind, {})}
     return {k: copy.deepcopy(v) for k, v in space.items()}
 
 
@@ -82,12 +111,9 @@ class PixelBatch:
 
 def _class_map(outputs: LossOutputs, size: tuple[int, int]) -> tuple[torch.Tensor, bool]:
     if isinstance(outputs, MaskOutputs):
-        # Imported lazily: the scoring layer owns the mask → pixel combination (and crop stitching); it resizes
-        # the class scores L (not the mask logits) straight to the target size.
-        from oodseg.scoring import pixel_class_scores
-
+        # the scoring layer owns the mask → pixel combination (and crop stitching)
         return pixel_class_scores(outputs, size=size), True
-    if isinstance(outputs, PixelLogits):
+    if not isinstance(outputs, torch.Tensor) and hasattr(outputs, "logits"):
         return outputs.logits, False
     if isinstance(outputs, torch.Tensor):
         return outputs, False

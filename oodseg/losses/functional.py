@@ -32,14 +32,6 @@ def masked_cross_entropy(
     return (nll * w).sum() / w.sum().clamp_min(torch.finfo(logits.dtype).tiny)
 
 
-def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
-    """RbA anomaly score ``s = −Σ_c tanh(L_c)`` over dim 1 (higher = more anomalous).
-
-    Nayal et al., "RbA: Segmenting Unknown Regions Rejected by All", ICCV 2023 (github.com/NazirNayal8/RbA).
-    """
-    return -torch.tanh(class_scores).sum(dim=1)
-
-
 def rba_squared_hinge(
     score: torch.Tensor, inlier: torch.Tensor, outlier: torch.Tensor, tau_in: float, tau_out: float
 ) -> torch.Tensor:

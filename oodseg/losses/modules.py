@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from oodseg.losses import functional as LF
 from oodseg.losses.base import LossOutputs, PixelBatch, pixel_batch, register_loss
+from oodseg.losses.functional import logit_normalize, masked_cross_entropy, rba_bce, rba_squared_hinge
 from oodseg.outputs import MaskOutputs
+from oodseg.scoring.scorers import rba_score
 
 
 def _per_pixel_batch(
@@ -29,7 +30,7 @@ def _per_pixel_batch(
     return pixel_batch(outputs, target, outlier_mask)
 
 
-@register_loss("ce")
+@register_loss("ce", combine="model_loss")
 class CrossEntropyLoss(nn.Module):
     """Pixel cross-entropy ``Σ_i w_{y_i}·(−log softmax(z_i)[y_i]) / Σ_i w_{y_i}`` over labelled pixels.
 
@@ -49,7 +50,7 @@ class CrossEntropyLoss(nn.Module):
         b = _per_pixel_batch("ce", outputs, target, outlier_mask)
         if self.class_weights is not None and self.class_weights.numel() != b.scores.shape[1]:
             raise ValueError(f"{self.class_weights.numel()} class_weights for {b.scores.shape[1]} classes")
-        return LF.masked_cross_entropy(b.scores, b.target, b.labeled, self.class_weights)
+        return masked_cross_entropy(b.scores, b.target, b.labeled, self.class_weights)
 
 
 @register_loss(
@@ -101,10 +102,10 @@ class OutlierExposureLoss(nn.Module):
 
     def outlier_term(self, batch: PixelBatch) -> torch.Tensor:
         """The unweighted OE term of one resolved batch."""
-        score = LF.rba_score(batch.scores)
+        score = rba_score(batch.scores)
         if self.variant == "bce":
-            return LF.rba_bce(score, batch.inlier, batch.outlier)
-        return LF.rba_squared_hinge(score, batch.inlier, batch.outlier, self.tau_in, self.tau_out)
+            return rba_bce(score, batch.inlier, batch.outlier)
+        return rba_squared_hinge(score, batch.inlier, batch.outlier, self.tau_in, self.tau_out)
 
     def forward(
         self, outputs: LossOutputs, target: torch.Tensor, outlier_mask: torch.Tensor | None = None
@@ -113,7 +114,7 @@ class OutlierExposureLoss(nn.Module):
         oe = self.weight * self.outlier_term(b)
         if b.from_masks:
             return oe
-        return LF.masked_cross_entropy(b.scores, b.target, b.labeled) + oe
+        return masked_cross_entropy(b.scores, b.target, b.labeled) + oe
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, tau_in={self.tau_in}, tau_out={self.tau_out}, variant={self.variant!r}"
@@ -137,19 +138,21 @@ class LogitNormLoss(nn.Module):
         self, outputs: LossOutputs, target: torch.Tensor, outlier_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b = _per_pixel_batch("logitnorm", outputs, target, outlier_mask)
-        return LF.masked_cross_entropy(LF.logit_normalize(b.scores, self.temperature), b.target, b.labeled)
+        return masked_cross_entropy(logit_normalize(b.scores, self.temperature), b.target, b.labeled)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
 
-@register_loss("eim", space={"entropic_scale": {"type": "loguniform", "low": 1.0, "high": 30.0}})
+@register_loss("eim", space={"entropic_scale": {"type": "loguniform", "low": 1.0, "high": 30.0}},
+               model_cfg={"head": "isomax"}, fresh=("head.",))
 class EnhancedIsotropyMaximizationLoss(nn.Module):
     """IsoMax+ / Enhanced Isotropy Maximization loss: ``CE(E_s · logits)`` with entropic scale ``E_s = 10``.
 
     Macêdo & Ludermir, "Enhanced Isotropy Maximization Loss", 2021 (arXiv:2105.14399). ``logits`` come from
     the IsoMax+ head (``oodseg.models.heads``): ``−|s|·‖f̂ − p̂_c‖`` with learnable prototypes and distance
     scale; ``E_s`` is used only in training (inference scores use the raw logits). Targets 255/254 are ignored.
+    The registration gives the model that head (``model_cfg={"head": "isomax"}``, started fresh on a checkpoint).
     """
 
     def __init__(self, entropic_scale: float = 10.0) -> None:
@@ -162,7 +165,7 @@ class EnhancedIsotropyMaximizationLoss(nn.Module):
         self, outputs: LossOutputs, target: torch.Tensor, outlier_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         b = _per_pixel_batch("eim", outputs, target, outlier_mask)
-        return LF.masked_cross_entropy(self.entropic_scale * b.scores, b.target, b.labeled)
+        return masked_cross_entropy(self.entropic_scale * b.scores, b.target, b.labeled)
 
     def extra_repr(self) -> str:
         return f"entropic_scale={self.entropic_scale}"

@@ -7,8 +7,10 @@ Layout: ``<results>/cache/<run_id>/<model>/<dataset>/<kind>/shard-<writer>-<n>.n
   with its label. Per-pixel models store ``logits [C,h,w]``; mask models store ``class_logits [n,Q,C+1]`` and
   ``mask_logits [n,Q,h,w]`` (``n`` sliding-window crops, with ``crops [n,5]`` and ``frame_size``). Ray Tune trials
   score temperatures/scorers from here and never run the model (:meth:`ShardCache.outputs`).
-* ``kind="scores"`` — the benchmark's scratch cache of per-scorer fp16 score maps ``[S,H,W]`` at label resolution,
-  read back by the component pass once the pixel-level best-F1 thresholds are known.
+* ``kind="scores"`` — the benchmark's scratch cache of per-scorer fp16 score maps ``[S,H,W]`` at label resolution
+  (with ``keys``: the scorer-key index of each map), read back by the component pass once the pixel-level best-F1
+  thresholds are known, and by the refine stage;
+* ``kind="refined"`` — the refine stage's refined maps, in the same format.
 
 A shard is one ``.npz`` holding several images (keys ``<i>.<field>``, plus ``ids``); it is written to a hidden
 temporary name and renamed, so readers never see a partial shard.
@@ -28,10 +30,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.outputs import MaskOutputs, ModelOutputs, PixelLogits
 from oodseg.platform.results import resolve_fs, safe_key
 
-ModelOutputs = PixelLogits | MaskOutputs
+KINDS = ("outputs", "scores", "refined")
 
 
 def output_nbytes(
@@ -52,13 +54,14 @@ def output_nbytes(
 
 def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
     """One record of fp16 numpy arrays per image of a batched output (crops re-indexed to image 0)."""
+    ood = {"ood_channels": np.asarray(outputs.ood_channels, dtype=np.int32)} if outputs.ood_channels else {}
     if isinstance(outputs, PixelLogits):
         logits = outputs.logits.detach().to("cpu", torch.float16).numpy()
-        return [{"logits": logits[b]} for b in range(logits.shape[0])]
+        return [{"logits": logits[b], **ood} for b in range(logits.shape[0])]
     cls = outputs.class_logits.detach().to("cpu", torch.float16).numpy()
     masks = outputs.mask_logits.detach().to("cpu", torch.float16).numpy()
     if outputs.crops is None:
-        return [{"class_logits": cls[b : b + 1], "mask_logits": masks[b : b + 1]} for b in range(cls.shape[0])]
+        return [{"class_logits": cls[b : b + 1], "mask_logits": masks[b : b + 1], **ood} for b in range(cls.shape[0])]
     crops = outputs.crops.detach().to("cpu", torch.long).numpy()
     records = []
     for b in range(outputs.batch_size):
@@ -71,6 +74,7 @@ def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
                 "mask_logits": masks[rows],
                 "crops": own.astype(np.int32),
                 "frame_size": np.asarray(outputs.frame_size, dtype=np.int32),
+                **ood,
             }
         )
     return records
@@ -78,8 +82,9 @@ def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
 
 def record_outputs(record: dict[str, np.ndarray], size: tuple[int, int] | None = None) -> ModelOutputs:
     """Rebuild a single-image ``PixelLogits``/``MaskOutputs`` (fp16 tensors) from a cached record."""
+    ood = tuple(int(c) for c in record.get("ood_channels", ()))
     if "logits" in record:
-        return PixelLogits(torch.from_numpy(np.asarray(record["logits"]))[None], size=size)
+        return PixelLogits(torch.from_numpy(np.asarray(record["logits"]))[None], size=size, ood_channels=ood)
     crops = record.get("crops")
     return MaskOutputs(
         class_logits=torch.from_numpy(np.asarray(record["class_logits"])),
@@ -88,26 +93,31 @@ def record_outputs(record: dict[str, np.ndarray], size: tuple[int, int] | None =
         crops=None if crops is None else torch.from_numpy(np.asarray(crops, dtype=np.int64)),
         frame_size=None if crops is None else tuple(int(s) for s in record["frame_size"]),
         n_images=None if crops is None else 1,
+        ood_channels=ood,
     )
 
 
 @dataclass(frozen=True)
 class CachedItem:
-    """One cached image: its id, label (uint8 HxW) and either model ``outputs`` or ``scores`` ``[S,H,W]``."""
+    """One cached image: its id, label (uint8 HxW) and either model ``outputs`` or ``scores`` ``[S,H,W]`` with the
+    scorer-key index of each map (``keys``)."""
 
     id: str
     label: np.ndarray
     outputs: ModelOutputs | None = None
     scores: np.ndarray | None = None
+    keys: np.ndarray | None = None
 
 
 class ShardCache:
     """Shards of one (run, model, dataset, kind); see the module docstring for layout and formats."""
 
     def __init__(self, results_root: str, run_id: str, model: str, dataset: str, kind: str = "outputs") -> None:
-        if kind not in ("outputs", "scores"):
-            raise ValueError(f"kind must be 'outputs' or 'scores', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
+        self.spec = {"results_root": str(results_root), "run_id": run_id, "model": model, "dataset": dataset,
+                     "kind": kind}  # constructor arguments, so Ray tasks can reopen the same cache
         self.fs, base = resolve_fs(str(results_root))
         self.dir = "/".join([base, "cache", safe_key(run_id), safe_key(model), safe_key(dataset), kind])
 
@@ -156,8 +166,9 @@ class ShardCache:
         for path in self.shards() if shards is None else shards:
             for id_, rec in self.read_shard(path):
                 label = rec.pop("label")
-                if self.kind == "scores":
-                    yield CachedItem(id_, label, scores=rec["scores"])
+                if self.kind != "outputs":
+                    keys = rec.get("keys", np.arange(len(rec["scores"])))
+                    yield CachedItem(id_, label, scores=rec["scores"], keys=keys)
                 else:
                     yield CachedItem(id_, label, outputs=record_outputs(rec, size=tuple(label.shape)))
 

@@ -1,7 +1,8 @@
 """Parquet results store: append-only tables under one root (a local directory or a cloud URI such as ``s3://b/p``).
 
 Layout: ``<root>/<table>/part-<key>.parquet`` for the tables ``runs``, ``metrics``, ``per_image``, ``failures``,
-``curves`` and ``trials``. One *unit* of work (run × model × dataset) writes one part per table it touches.
+``curves`` and ``trials``. One *unit* of work (run × model × dataset × stage; stages: ``score``, and a refine stage
+such as ``s2m``) writes one part per table it touches.
 
 Atomic commit: each part is written under a hidden temporary name (``.tmp-….partial``, which globs such as
 ``metrics/*.parquet`` never match) and then renamed to its final name, so a crashed or killed job never leaves a
@@ -47,6 +48,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("siou", _F64), ("ppv", _F64), ("mean_f1", _F64), ("miou", _F64), ("pixel_acc", _F64),
             ("n_images", _I64), ("n_pixels", _I64), ("n_anomaly_pixels", _I64), ("anomaly_fraction", _F64),
             ("n_failures", _I64), ("wall_s", _F64), ("extra_json", _STR), ("committed_at", _TS),
+            ("stage", _STR), ("auprc_smiyc", _F64), ("fpr95_smiyc", _F64), ("auroc_smiyc", _F64),
+            ("siou_smiyc", _F64), ("ppv_smiyc", _F64), ("mean_f1_smiyc", _F64),
+            ("s2m_iou", _F64), ("s2m_auiou", _F64), ("s2m_mean_f1", _F64), ("s2m_threshold", _F64),
+            ("fpr95_interp", _F64),
         ]
     ),
     "per_image": pa.schema(
@@ -54,7 +59,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("run_id", _STR), ("model", _STR), ("dataset", _STR), ("image_id", _STR), ("image_path", _STR),
             ("height", _I64), ("width", _I64), ("scorer", _STR), ("placement", _STR), ("temperature", _F64),
             ("n_valid", _I64), ("n_anomaly", _I64), ("score_mean_inlier", _F64), ("score_mean_anomaly", _F64),
-            ("score_max", _F64), ("pixel_acc", _F64),
+            ("score_max", _F64), ("pixel_acc", _F64), ("stage", _STR),
         ]
     ),
     "failures": pa.schema(
@@ -67,13 +72,14 @@ SCHEMAS: dict[str, pa.Schema] = {
         [
             ("run_id", _STR), ("model", _STR), ("dataset", _STR), ("scorer", _STR), ("placement", _STR),
             ("temperature", _F64), ("curve", _STR), ("x", pa.list_(pa.float32())), ("y", pa.list_(pa.float32())),
+            ("stage", _STR),
         ]
     ),
     "trials": pa.schema(
         [
             ("run_id", _STR), ("study", _STR), ("trial_id", _STR), ("model", _STR), ("dataset", _STR),
             ("params_json", _STR), ("objective", _STR), ("value", _F64), ("metrics_json", _STR),
-            ("status", _STR), ("finished_at", _TS),
+            ("status", _STR), ("finished_at", _TS), ("mode", _STR),
         ]
     ),
 }
@@ -118,11 +124,12 @@ def to_table(table: str, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa
 class ResultsStore:
     """Append-only Parquet tables under ``root``; see the module docstring for the commit protocol."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, create: bool = True) -> None:
         self.fs, self.base = resolve_fs(str(root))
         # absolute, so Ray workers with another working directory resolve the same location
         self.root = str(root) if "://" in str(root) else self.base
-        self.fs.create_dir(self.base, recursive=True)
+        if create:
+            self.fs.create_dir(self.base, recursive=True)
 
     def table_dir(self, table: str) -> str:
         if table not in SCHEMAS:
@@ -159,9 +166,8 @@ class ResultsStore:
             raise
         return final
 
-    def commit_unit(self, run_id: str, model: str, dataset: str, tables: Mapping[str, Any]) -> None:
-        """Write every table of one (run, model, dataset) unit; ``metrics`` goes last and marks the unit done."""
-        key = safe_key(run_id, model, dataset)
+    def commit_tables(self, key: str, tables: Mapping[str, Any]) -> None:
+        """Write every table of one unit under part ``key``; ``metrics`` goes last and marks the unit done."""
         for table in sorted(tables, key=lambda t: t == "metrics"):
             self.write_part(table, key, tables[table])
 
@@ -185,11 +191,11 @@ class ResultsStore:
     def read(self, table: str) -> pd.DataFrame:
         return self.arrow(table).to_pandas()
 
-    def completed_units(self, run_id: str) -> set[tuple[str, str]]:
-        """``{(model, dataset)}`` already committed for ``run_id`` (their ``metrics`` part exists)."""
+    def completed_units(self, run_id: str) -> set[tuple[str, str, str]]:
+        """``{(model, dataset, stage)}`` already committed for ``run_id`` (their ``metrics`` part exists)."""
         df = self.read("metrics")
         df = df[df["run_id"] == run_id]
-        return {(m, d) for m, d in zip(df["model"], df["dataset"])}
+        return {(m, d, s or "score") for m, d, s in zip(df["model"], df["dataset"], df["stage"])}
 
     def duckdb(self):
         """A DuckDB connection with one view per table (``SELECT … FROM metrics JOIN runs USING (run_id)``)."""

@@ -3,7 +3,11 @@
 Every scorer is one pixel-wise function ``fn(z, temperature, **params) -> Tensor[B, H, W]`` over per-pixel class
 scores ``z [B, C, H, W]`` (a pixel's score depends on that pixel's class scores only) plus its registration
 (``@register_scorer(name, space=...)``). ``create_scorer`` wraps it in a :class:`Scorer` that turns any model output
-into ``z`` (:func:`pixel_class_scores`) and applies the temperature.
+into ``z`` (:func:`~oodseg.scoring.class_scores.pixel_class_scores`) and applies the temperature.
+
+Channels: a model may declare OOD class channels (``outputs.ood_channels``, TDOS's ``ood`` class). Ordinary scorers
+see only the in-distribution channels; a scorer registered with ``ood=True`` (``p_ood``) sees all of them and gets
+``ood_channels``; it does not apply to models without such channels (``scorer_applies``).
 
 Temperature placements (``T = temperature``):
 
@@ -23,18 +27,16 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.outputs import MaskOutputs, PixelLogits, inlier_channels
 from oodseg.registry import Registry
+from oodseg.scoring.class_scores import Outputs, pixel_class_scores
 
-ScorerFn = Callable[..., torch.Tensor]
-Outputs = torch.Tensor | PixelLogits | MaskOutputs
 PLACEMENTS = ("cl", "pl")
 
 SCORERS: Registry[torch.Tensor] = Registry("scorer")
@@ -43,9 +45,15 @@ SCORERS: Registry[torch.Tensor] = Registry("scorer")
 TEMPERATURE_SPACE: dict[str, dict[str, Any]] = {"temperature": {"type": "loguniform", "low": 0.05, "high": 20.0}}
 
 
-def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None):
-    """Decorator registering ``fn(z, temperature, **params) -> [B,H,W]`` with its Tune search ``space``."""
-    return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space))
+def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None, ood: bool = False):
+    """Decorator registering ``fn(z, temperature, **params) -> [B,H,W]`` with its Tune search ``space``;
+    ``ood=True``: the scorer reads the OOD class channels (``fn(z, temperature, ood_channels, **params)``)."""
+    return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space), ood=ood)
+
+
+def scorer_applies(name: str, ood_channels: Sequence[int]) -> bool:
+    """Whether scorer ``name`` can score a model with these OOD channels (OOD scorers need at least one)."""
+    return bool(ood_channels) or not SCORERS.meta(name)["ood"]
 
 
 def list_scorers() -> list[str]:
@@ -55,91 +63,6 @@ def list_scorers() -> list[str]:
 def scorer_space(name: str) -> dict[str, dict[str, Any]]:
     """The hyper-parameter space ``name`` declares: ``{param: {"type": "loguniform"|"choice", ...}}`` (a copy)."""
     return copy.deepcopy(SCORERS.meta(name)["space"])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model outputs → per-pixel class scores
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    if size is None or tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
-
-
-def _check_mask_shapes(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
-    if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
-        raise ValueError(
-            f"MaskOutputs: expected class_logits [N,Q,C+1] and mask_logits [N,Q,h,w] with equal N,Q; got "
-            f"{tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
-        )
-
-
-def _mask_class_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, temperature_cl: float) -> torch.Tensor:
-    """``L[n,c] = Σ_q softmax(class_logits[n,q] / T)[c] · sigmoid(mask_logits[n,q])`` with no-object dropped."""
-    _check_mask_shapes(class_logits, mask_logits)
-    probs = torch.softmax(class_logits.float() / temperature_cl, dim=-1)[..., :-1]
-    return torch.einsum("nqc,nqhw->nchw", probs, torch.sigmoid(mask_logits.float()))
-
-
-def _stitch_crops(out: MaskOutputs, temperature_cl: float) -> torch.Tensor:
-    """Per-crop class scores stitched into the frame, overlaps averaged.
-
-    Each crop's mask logits are bilinearly upsampled to its box *before* the sigmoid, as the EoMT reference does for
-    windowed semantic inference (``eval_semantic`` upsamples mask logits to the window, then combines), so models can
-    hand over mask logits at their native ``S/4`` resolution. Crops are processed one at a time to bound memory.
-    """
-    if out.frame_size is None:
-        raise ValueError("MaskOutputs with crops needs frame_size")
-    crops = out.crops.detach().to("cpu", torch.long)
-    n_crops = out.class_logits.shape[0]
-    if crops.ndim != 2 or crops.shape[1] != 5 or crops.shape[0] != n_crops:
-        raise ValueError(f"MaskOutputs.crops must be [N,5] with N={n_crops}; got {tuple(crops.shape)}")
-    _check_mask_shapes(out.class_logits, out.mask_logits)
-    probs = torch.softmax(out.class_logits.float() / temperature_cl, dim=-1)[..., :-1]
-    fh, fw = (int(s) for s in out.frame_size)
-    n_img = out.batch_size
-    frame = probs.new_zeros((n_img, probs.shape[-1], fh, fw))
-    count = probs.new_zeros((n_img, 1, fh, fw))
-    for n, (img, top, left, h, w) in enumerate(crops.tolist()):
-        if not (0 <= img < n_img and 0 <= top and 0 <= left and top + h <= fh and left + w <= fw and h > 0 and w > 0):
-            raise ValueError(f"crop {n} = {(img, top, left, h, w)} does not fit frame {(fh, fw)} x {n_img} images")
-        masks = torch.sigmoid(_resize(out.mask_logits[n : n + 1].float(), (h, w))[0])
-        frame[img, :, top : top + h, left : left + w] += torch.einsum("qc,qhw->chw", probs[n], masks)
-        count[img, :, top : top + h, left : left + w] += 1
-    if bool((count == 0).any()):
-        raise ValueError("MaskOutputs.crops do not cover every pixel of the frame")
-    return frame / count
-
-
-def pixel_class_scores(
-    outputs: Outputs, temperature_cl: float = 1.0, size: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """Per-pixel class scores ``[B, C, H, W]`` (float32) for any model output, bilinearly resized to the label size.
-
-    ``size`` defaults to ``outputs.size`` (``None``: keep the output resolution). Per-pixel logits are returned as
-    they are (``temperature_cl`` only concerns mask outputs). For :class:`MaskOutputs`,
-    ``L[c] = Σ_q softmax(class_logits_q / T_cl)[c] · sigmoid(mask_logits_q)`` (Mask2Former / EoMT semantic
-    inference, Cheng et al. CVPR 2022), computed at the mask resolution and then resized. With sliding windows each
-    crop's mask logits are first upsampled to its box (see ``_stitch_crops``) and crops are averaged where they
-    overlap in ``frame_size`` before the final resize.
-    """
-    if temperature_cl <= 0:
-        raise ValueError(f"temperature_cl must be > 0, got {temperature_cl}")
-    if isinstance(outputs, torch.Tensor):
-        outputs = PixelLogits(outputs)
-    if isinstance(outputs, PixelLogits):
-        if outputs.logits.ndim != 4:
-            raise ValueError(f"per-pixel logits must be [B,C,H,W]; got {tuple(outputs.logits.shape)}")
-        return _resize(outputs.logits.float(), size if size is not None else outputs.size)
-    if not isinstance(outputs, MaskOutputs):
-        raise TypeError(f"expected a Tensor, PixelLogits or MaskOutputs; got {type(outputs).__name__}")
-    if outputs.crops is not None:
-        scores = _stitch_crops(outputs, temperature_cl)
-    else:
-        scores = _mask_class_scores(outputs.class_logits, outputs.mask_logits, temperature_cl)
-    return _resize(scores, size if size is not None else outputs.size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,11 +112,23 @@ def energy(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return -temperature * torch.logsumexp(z, dim=1)
 
 
+def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
+    """RbA anomaly score ``s = −Σ_c tanh(L_c)`` over dim 1 (Nayal et al., "RbA: Segmenting unknown regions rejected
+    by all", ICCV 2023; github.com/NazirNayal8/RbA); the OE loss trains on the same function."""
+    return -torch.tanh(class_scores).sum(dim=1)
+
+
 @register_scorer("rba")
 def rba(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Rejected by All, ``s = −Σ_c tanh(z_c)`` (Nayal et al., "RbA: Segmenting unknown regions rejected by all",
-    ICCV 2023); with ``placement="pl"`` this is ``−Σ_c tanh(L_c / T)``."""
-    return -torch.tanh(z).sum(dim=1)
+    """Rejected by All, ``s = −Σ_c tanh(z_c)``; with ``placement="pl"`` this is ``−Σ_c tanh(L_c / T)``."""
+    return rba_score(z)
+
+
+@register_scorer("p_ood", ood=True)
+def p_ood(z: torch.Tensor, temperature: float, ood_channels: Sequence[int]) -> torch.Tensor:
+    """Probability of the OOD class(es), ``s = Σ_{c ∈ ood} softmax(z)_c`` over all channels (TDOS's read-out:
+    ``softmax`` of the 20 per-pixel class scores, channel ``ood``; Song & Lee, IROS 2025)."""
+    return torch.softmax(z, dim=1)[:, list(ood_channels)].sum(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,7 +158,7 @@ class Scorer:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"scorer {self.name!r}: placement must be one of {PLACEMENTS}, got {self.placement!r}")
         fn = SCORERS.get(self.name)
-        accepted = set(inspect.signature(fn).parameters) - {"z", "temperature"}
+        accepted = set(inspect.signature(fn).parameters) - {"z", "temperature", "ood_channels"}
         unknown = set(self.params) - accepted
         if unknown:
             raise TypeError(
@@ -234,8 +169,17 @@ class Scorer:
         return _temperatures(outputs, self.temperature, self.placement)[0]
 
     def from_class_scores(self, scores: torch.Tensor, outputs: Outputs) -> torch.Tensor:
-        """Apply the scorer to ``pixel_class_scores(outputs, self.t_cl(outputs))``."""
+        """Apply the scorer to ``pixel_class_scores(outputs, self.t_cl(outputs))`` (all channels; the scorer's
+        channels are selected here)."""
         t_pl = _temperatures(outputs, self.temperature, self.placement)[1]
+        ood = tuple(getattr(outputs, "ood_channels", ()))
+        if not scorer_applies(self.name, ood):
+            raise ValueError(f"scorer {self.name!r} needs a model with OOD class channels; these outputs have none")
+        if SCORERS.meta(self.name)["ood"]:
+            z = scores if t_pl == 1.0 else scores / t_pl
+            return SCORERS.get(self.name)(z, t_pl, ood_channels=ood, **self.params)
+        if ood:
+            scores = scores[:, inlier_channels(outputs)]
         z = scores if t_pl == 1.0 else scores / t_pl
         return SCORERS.get(self.name)(z, t_pl, **self.params)
 

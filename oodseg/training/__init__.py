@@ -4,14 +4,20 @@
 * ``params.select_parameters(model, spec)``    full | head | last_k:N | queries | lora (peft); ``merge_lora``
 * ``schedule.lr_factor`` / ``build_scheduler`` linear warmup + cosine / poly decay
 * ``data``                                     deterministic augmentation, OE paste, rank-sliced global batches
-* ``step.torch_step`` / ``deepspeed_step``     one optimizer step (plain/DDP or a DeepSpeed engine)
-* ``loop``                                     builders, ``evaluate`` (mergeable mIoU + AuPRC/FPR95), ``train_local``
-* ``demo.get_demo_checkpoint``                 the cached demo ERFNet of the benchmark job
+* ``step``                                     one optimizer step (plain/DDP or a DeepSpeed engine)
+* ``strategy``                                 local | ddp | deepspeed behind one interface
+* ``loop.fit``                                 the one training loop; ``train_local`` for a single process
+* ``evaluate``                                 mergeable validation (mIoU + AuPRC/FPR95)
+* ``demo``                                     the cached demo ERFNet (named checkpoint ``"demo"``)
 * ``acceptance``                               OE / LogitNorm / EIM fine-tuning check on the synthetic suite
 """
 
+from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.config import TrainConfig
+from oodseg.training.loop import fit, train_local
 from oodseg.training.params import merge_lora, select_parameters, train_mode
 from oodseg.training.schedule import build_scheduler, lr_factor
+from oodseg.training.strategy import create_strategy
 
-__all__ = ["TrainConfig", "build_scheduler", "lr_factor", "merge_lora", "select_parameters", "train_mode"]
+__all__ = ["TrainConfig", "build_scheduler", "create_strategy", "fit", "lr_factor", "merge_lora",
+           "select_parameters", "train_local", "train_mode"]

@@ -32,7 +32,12 @@ from typing import Any
 
 import torch
 
+from oodseg.data.synthetic import ensure_suite
+from oodseg.models import create_model
 from oodseg.training.config import TrainConfig
+from oodseg.training.demo import get_demo_checkpoint
+from oodseg.training.evaluate import eval_datasets, evaluate, summarize
+from oodseg.training.loop import train_local
 
 SCORERS = ("rba", "maxlogit", "msp")
 LOSS_CFG = {"oe": {"weight": 0.03, "tau_in": 15.0, "tau_out": 18.5}, "logitnorm": {"temperature": 0.5}}
@@ -41,26 +46,20 @@ MIOU_TOL = 0.02
 
 def evaluate_model(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, float]:
     """val mIoU and RoadAnomaly21 AuPRC/FPR95 for every scorer in ``SCORERS``."""
-    from oodseg.training.loop import eval_datasets, evaluate
-
     semantic, anomaly = eval_datasets(cfg)
-    out = {"miou": evaluate(model, replace(cfg, anomaly_set=None), datasets=(semantic, None)).compute()["val_miou"]}
+    out = {"miou": summarize(evaluate(model, replace(cfg, anomaly_set=None), datasets=(semantic, None)))["val_miou"]}
     for name in SCORERS:
-        m = evaluate(model, replace(cfg, scorer=name), datasets=(None, anomaly)).compute()
+        m = summarize(evaluate(model, replace(cfg, scorer=name), datasets=(None, anomaly)))
         out[f"auprc_{name}"], out[f"fpr95_{name}"] = m["val_auprc"], m["val_fpr95"]
         out["anomaly_fraction"] = m["val_anomaly_fraction"]
     return out
 
 
 def finetune_config(suite: Path, init: Path, loss: str, steps: int, seed: int = 0) -> TrainConfig:
-    """The shared fine-tuning recipe; only the loss (and the IsoMax+ head for EIM) differs between runs."""
-    from oodseg.models.checkpoint import read_safetensors_metadata
-
-    model_cfg = json.loads(read_safetensors_metadata(init)["oodseg.cfg"])
-    if loss == "eim":
-        model_cfg["head"] = "isomax"
+    """The shared fine-tuning recipe; only the loss differs between runs (EIM's IsoMax+ head comes with its
+    registration)."""
     return TrainConfig(
-        model="erfnet", model_cfg=model_cfg, init=str(init), data_root=str(suite), coco_root=str(suite / "coco"),
+        model="erfnet", init=str(init), data_root=str(suite), coco_root=str(suite / "coco"),
         ood_prob=0.5, loss=loss, loss_cfg=dict(LOSS_CFG.get(loss, {})), params="full", lr=5e-4, warmup=10, schedule="cosine", steps=steps,
         global_batch=8, crop=(128, 256), scale=(0.4, 0.65), seed=seed, anomaly_set="road_anomaly_21",
         log_every=20,
@@ -68,14 +67,10 @@ def finetune_config(suite: Path, init: Path, loss: str, steps: int, seed: int = 
 
 
 def run(suite: Path, cache: Path, steps: int, seed: int = 0) -> dict[str, Any]:
-    from oodseg.models import model_from_safetensors
-    from oodseg.training.demo import get_demo_checkpoint
-    from oodseg.training.loop import train_local
-
     init = get_demo_checkpoint(suite, cache, seed=seed)
     table: dict[str, dict[str, float]] = {}
     base_cfg = finetune_config(suite, init, "ce", steps, seed)
-    table["base"] = evaluate_model(model_from_safetensors(init).eval(), base_cfg)
+    table["base"] = evaluate_model(create_model(checkpoint=init).eval(), base_cfg)
     print(f"[acceptance] base: {table['base']}", file=sys.stderr, flush=True)
     for loss in ("ce", "oe", "logitnorm", "eim"):
         cfg = finetune_config(suite, init, loss, steps, seed)
@@ -106,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the table + checks here")
     a = p.parse_args(argv)
-    from oodseg.data.synthetic import ensure_suite
-
     warnings.simplefilter("ignore", RuntimeWarning)
     suite = Path(ensure_suite(a.suite, seed=a.seed))
     report = run(suite, Path(a.cache), a.steps, a.seed)

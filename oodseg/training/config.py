@@ -9,20 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oodseg.data import list_datasets
+from oodseg.losses import list_losses
+from oodseg.models import list_models
+from oodseg.scoring import list_scorers
+from oodseg.training.schedule import SCHEDULES
 
-def _h(text: str) -> dict[str, str]:
-    return {"help": text}
+
+def _h(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Model, data, objective, optimisation and validation settings of a training run."""
 
-    model: str = field(default="erfnet", metadata=_h("registered model name (oodseg.models)"))
-    model_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("create_model keyword arguments"))
-    init: str | None = field(default=None, metadata=_h("checkpoint (.safetensors/.pth) to start from"))
+    model: str = field(default="erfnet", metadata=_h("registered model", choices=list_models))
+    model_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("model keyword arguments, e.g. {width: "
+                                                                        "0.375} (erfnet), {clip: tiny} (tdos)"))
+    init: str | None = field(default=None, metadata=_h("checkpoint (.safetensors/.pth) to start from, or demo | "
+                                                        "scratch (default on the synthetic suite: demo)"))
     data_root: str | None = field(default=None, metadata=_h("data root (the synthetic suite dir or $OODSEG_DATA)"))
-    dataset: str = field(default="cityscapes", metadata=_h("semantic training dataset (Cityscapes format)"))
+    dataset: str = field(default="cityscapes", metadata=_h("semantic training dataset (Cityscapes format)",
+                                                           choices=list_datasets))
     train_split: str = field(default="train", metadata=_h("training split"))
     val_split: str = field(default="val", metadata=_h("in-distribution validation split (mIoU)"))
     anomaly_set: str | None = field(default="road_anomaly_21", metadata=_h("held-out anomaly set (AuPRC/FPR95)"))
@@ -30,14 +39,16 @@ class TrainConfig:
     coco_ann: str = field(default="annotations/instances_train2017.json", metadata=_h("COCO annotation file"))
     ood_prob: float = field(default=0.5, metadata=_h("probability that a training crop gets a pasted outlier"))
     paste_road_only: bool = field(default=True, metadata=_h("pasted objects stand on road/sidewalk pixels"))
-    loss: str = field(default="ce", metadata=_h("loss name: ce | oe | logitnorm | eim"))
-    loss_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("create_loss keyword arguments"))
+    loss: str = field(default="ce", metadata=_h("registered loss", choices=list_losses))
+    loss_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("loss keyword arguments, e.g. {weight: 0.03, "
+                                                                       "tau_in: 15} (oe), {temperature: 0.5} "
+                                                                       "(logitnorm)"))
     params: str = field(default="full", metadata=_h("trainable params: full | head | last_k:N | queries | lora"))
     lora_rank: int = field(default=8, metadata=_h("LoRA rank r"))
     lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha (scaling alpha / r)"))
     lr: float = field(default=1e-3, metadata=_h("peak learning rate (AdamW)"))
     weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay"))
-    schedule: str = field(default="cosine", metadata=_h("LR decay after warmup: cosine | poly | constant"))
+    schedule: str = field(default="cosine", metadata=_h("LR decay after warmup", choices=SCHEDULES))
     warmup: int = field(default=10, metadata=_h("linear warmup steps"))
     steps: int = field(default=200, metadata=_h("optimizer steps"))
     global_batch: int = field(default=8, metadata=_h("images per optimizer step over all workers"))
@@ -50,7 +61,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_h("seed of init, data order and augmentation"))
     val_every: int = field(default=0, metadata=_h("validate every N steps (0: only at the end)"))
     val_images: int = field(default=0, metadata=_h("images per validation set (0: all)"))
-    scorer: str = field(default="rba", metadata=_h("anomaly scorer for validation AuPRC/FPR95"))
+    scorer: str = field(default="rba", metadata=_h("anomaly scorer for validation AuPRC/FPR95",
+                                                   choices=list_scorers))
     cache_data: bool = field(default=True, metadata=_h("keep decoded training frames in memory (small sets)"))
     data_workers: int = field(default=0, metadata=_h("DataLoader worker processes per training worker"))
     log_every: int = field(default=10, metadata=_h("progress line every N steps"))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-IGNORE = 255
+from oodseg.labels import IGNORE_ID
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def augment(image: np.ndarray, label: np.ndarray, aug: SegAugment, rng: np.rando
     if h < ch or w < cw:
         ph, pw = max(0, ch - h), max(0, cw - w)
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_ID)
         h, w = label.shape
     top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     image, label = image[top : top + ch, left : left + cw], label[top : top + ch, left : left + cw]
@@ -98,7 +98,7 @@ class TrainSamples:
             image, label, mask = self.paste.paste(image, label, rng)
             mask = np.asarray(mask, dtype=np.uint8)
         else:
-            mask = np.where(label == IGNORE, IGNORE, 0).astype(np.uint8)
+            mask = np.where(label == IGNORE_ID, IGNORE_ID, 0).astype(np.uint8)
         return {"image": np.asarray(image, dtype=np.uint8), "target": np.asarray(label, dtype=np.uint8),
                 "outlier_mask": mask}
 

@@ -4,7 +4,11 @@ Contract for the benchmark job (``jobs/benchmark.py``)::
 
     from oodseg.training.demo import get_demo_checkpoint
     path = get_demo_checkpoint(suite_root, cache_dir, seed=0)   # -> Path to "<cache_dir>/demo-erfnet-<hash>.safetensors"
-    model = oodseg.models.model_from_safetensors(path)          # name + cfg are in the header
+    model = oodseg.models.create_model(checkpoint=path)         # name + cfg are in the header
+
+The named checkpoint source ``"demo"`` (``create_model(checkpoint=resolve_checkpoint("demo", cache_dir=…,
+data_root=…, seed=…))``, ``checkpoint: demo`` in job configs) resolves to this file, building the suite under the
+cache when ``data_root`` is not a synthetic suite.
 
 * ``suite_root``: a synthetic suite (``oodseg.data.synthetic.ensure_suite``); training uses its Cityscapes-format
   ``train`` split (``create_dataset("cityscapes", root=suite_root, split="train")``) only.
@@ -42,7 +46,11 @@ from pathlib import Path
 
 import torch
 
+from oodseg.data.synthetic import MARKER, ensure_suite
+from oodseg.models import register_checkpoint_source, save_safetensors
+from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.training.config import TrainConfig
+from oodseg.training.loop import train_local
 
 # Chosen by measurement on 2 free CPU cores (synthetic suite v2, seed 0; val mIoU / RA-21 MSP AuPRC at a 2.0 %
 # anomaly fraction): 300×8 with dropout 0.1 → 0.24 / 2.6 %; 700×8, no dropout → 0.43 / 3.4 % (189 s);
@@ -80,8 +88,6 @@ def demo_config(suite_root: str | os.PathLike[str], seed: int = 0, steps: int = 
 
 
 def _suite_params(suite_root: Path) -> dict:
-    from oodseg.data.synthetic import MARKER
-
     marker = suite_root / MARKER
     try:
         params = json.loads(marker.read_text())
@@ -125,9 +131,6 @@ def get_demo_checkpoint(
     progress: Callable[[dict[str, float]], None] | None = _print_progress,
 ) -> Path:
     """Path of the cached demo checkpoint for (suite, seed); trains it first when absent (see module docstring)."""
-    from oodseg.models import save_safetensors
-    from oodseg.training.loop import train_local
-
     suite_root, cache_dir = Path(suite_root), Path(cache_dir)
     cfg = demo_config(suite_root, seed=seed, steps=steps)
     digest = config_hash(cfg, suite_root)
@@ -161,6 +164,17 @@ def get_demo_checkpoint(
     return out
 
 
+@register_checkpoint_source("demo")
+def demo_checkpoint(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
+                    seed: int = 0, **_: object) -> str:
+    """The ``"demo"`` checkpoint source: the demo ERFNet for the suite at ``data_root`` when that is a synthetic
+    suite, else for the suite built under ``cache_dir``."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    given = Path(data_root) if data_root else None
+    suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache, seed)
+    return str(get_demo_checkpoint(suite, cache, seed=seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Train (or reuse) the demo ERFNet on a synthetic suite.")
     p.add_argument("--suite", required=True, help="synthetic suite root (built if missing)")
@@ -168,8 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     a = p.parse_args(argv)
-    from oodseg.data.synthetic import ensure_suite
-
     suite = ensure_suite(a.suite, seed=a.seed)
     print(get_demo_checkpoint(suite, a.out, seed=a.seed, steps=a.steps))
     return 0

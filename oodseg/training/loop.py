@@ -1,234 +1,155 @@
-"""Plain single-process training built from the shared pieces, plus the builders the Ray trainer reuses.
+"""The one training loop (:func:`fit`), shared by the demo model, the acceptance check, ``train_local`` and the Ray
+Train workers; what differs between them is the :class:`~oodseg.training.strategy.Strategy` and the ``report``
+callback. Built from named helpers in the style of Ray's DeepSpeed example:
 
-``train_local(cfg)`` is the single-process entry point (the demo model uses it); ``oodseg.platform.trainer`` runs
-the very same builders, ``torch_step`` / ``deepspeed_step`` and ``evaluate`` inside Ray Train workers.
+``build_model`` → ``select_parameters`` → ``strategy.setup`` → (resume) → ``StepBatches`` data → per step
+``strategy.step`` → every ``log_every`` / ``val_every`` / checkpoint step a ``report(row, checkpoint_dir)``.
+
+A checkpoint directory holds the strategy's state, ``history.json`` (every reported row so far), ``run.json`` (the
+fingerprint a resume must match, :func:`run_fingerprint`) and, at the last step, ``model.safetensors`` (LoRA
+merged) from :func:`export_model`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from oodseg.data import create_dataset
+from oodseg.data.coco import CocoObjects
+from oodseg.data.paste import OutlierPaste
+from oodseg.losses import create_loss, loss_info
+from oodseg.models import SegModel, create_model, save_safetensors
 from oodseg.training.config import TrainConfig
 from oodseg.training.data import SegAugment, StepBatches, TrainSamples
-from oodseg.training.params import select_parameters, train_mode
-from oodseg.training.schedule import build_scheduler
-from oodseg.training.step import torch_step
+from oodseg.training.evaluate import eval_datasets, evaluate, summarize
+from oodseg.training.params import merge_lora, select_parameters, train_mode
+from oodseg.training.strategy import LocalStrategy, Strategy
 
-log = logging.getLogger(__name__)
+HISTORY, RUN, MODEL = "history.json", "run.json", "model.safetensors"
+Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The model of ``cfg`` seeded by ``cfg.seed``, with ``cfg.init`` loaded.
-
-    Architecture: ``create_model(cfg.model, **cfg.model_cfg)``; when ``init`` is a safetensors file written by
-    ``save_safetensors`` for the same model name, its stored cfg is the base and ``model_cfg`` overrides entries
-    (e.g. ``{"head": "isomax"}``). When the head differs from the checkpoint's (an IsoMax+ head for the EIM loss on
-    a linear-head checkpoint), the head starts fresh: only ``head``-group parameters may be missing from the file.
-    The ``eim`` loss is defined on IsoMax+ logits, so it implies ``head="isomax"`` unless ``model_cfg`` sets a head.
-    """
-    from oodseg.models import create_model, load_checkpoint
-    from oodseg.models.checkpoint import META_CFG, META_MODEL, read_safetensors_metadata
-
-    model_cfg = dict(cfg.model_cfg)
-    if cfg.init and str(cfg.init).endswith(".safetensors"):
-        meta = read_safetensors_metadata(cfg.init)
-        if meta.get(META_MODEL) == cfg.model and META_CFG in meta:
-            model_cfg = {**json.loads(meta[META_CFG]), **model_cfg}
-    if cfg.loss == "eim" and "head" not in cfg.model_cfg:
-        model_cfg["head"] = "isomax"
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **model_cfg)
-    if cfg.init:
-        head = {id(p) for p in model.param_groups().get("head", [])}
-        head_modules = {n.rpartition(".")[0] for n, p in model.named_parameters() if id(p) in head}
-        fresh_ok = {n for n in model.state_dict() if n.rpartition(".")[0] in head_modules}
-        report = load_checkpoint(model, cfg.init, strict=False)
-        bad = [k for k in report.missing if k not in fresh_ok] + report.mismatched
-        if bad or (report.unexpected and not report.missing):
-            raise ValueError(
-                f"{cfg.init}: does not fit {cfg.model}({model_cfg}): missing/mismatched {bad[:6]}, "
-                f"unexpected {report.unexpected[:6]}"
-            )
-        if report.missing:
-            log.info("%s: head re-initialised (%d tensors not in the checkpoint)", cfg.init, len(report.missing))
-    return model
+def build_model(cfg: TrainConfig) -> SegModel:
+    """``create_model(cfg.model, checkpoint=cfg.init, seed=cfg.seed, ...)`` with the model changes the loss's
+    registration declares (``model_cfg`` unless ``cfg.model_cfg`` sets them; ``fresh`` parts start untrained)."""
+    info = loss_info(cfg.loss)
+    model_cfg = {**info.model_cfg, **cfg.model_cfg}
+    fresh = info.fresh if any(model_cfg.get(k) == v for k, v in info.model_cfg.items()) else ()
+    return create_model(cfg.model, checkpoint=cfg.init, fresh=fresh, seed=cfg.seed, **model_cfg)
 
 
 def build_samples(cfg: TrainConfig) -> TrainSamples:
     """The training split with augmentation and, when ``cfg.coco_root`` is set, the OE outlier paste."""
-    from oodseg.data import create_dataset
-
     dataset = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.train_split)
     paste = None
     if cfg.coco_root:
-        from oodseg.data.coco import CocoObjects
-        from oodseg.data.paste import OutlierPaste
-
         objects = CocoObjects(cfg.coco_root, cfg.coco_ann)
         paste = OutlierPaste(objects, ood_prob=cfg.ood_prob, road_only=cfg.paste_road_only, seed=cfg.seed)
     aug = SegAugment(crop=tuple(cfg.crop), scale=tuple(cfg.scale), hflip=cfg.hflip)
     return TrainSamples(dataset, aug, seed=cfg.seed, paste=paste, cache=cfg.cache_data)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter, ICLR 2019); no weight decay on 1-d tensors (norm scales, biases)."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+def run_fingerprint(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: model, loss, parameters, data, init and strategy."""
+    keys = ("model", "model_cfg", "init", "loss", "loss_cfg", "params", "dataset", "train_split", "data_root",
+            "coco_root", "global_batch", "accum", "crop", "seed", "steps")
+    return {"strategy": strategy, **{k: v for k, v in asdict(cfg).items() if k in keys}}
 
 
-def build_loss(cfg: TrainConfig) -> nn.Module:
-    from oodseg.losses import create_loss
-
-    return create_loss(cfg.loss, **cfg.loss_cfg)
-
-
-@dataclass
-class EvalState:
-    """Mergeable validation state: a confusion matrix (in-distribution) and pixel metrics (anomaly set)."""
-
-    confusion: Any = None
-    pixels: Any = None
-
-    def merge(self, other: EvalState) -> EvalState:
-        for name in ("confusion", "pixels"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine is None:
-                setattr(self, name, theirs)
-            elif theirs is not None:
-                mine.merge(theirs)
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: None if v is None else v.state_dict() for k, v in (("confusion", self.confusion),
-                                                                        ("pixels", self.pixels))}
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> EvalState:
-        from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
-
-        return cls(
-            None if d["confusion"] is None else ConfusionMatrix.from_state_dict(d["confusion"]),
-            None if d["pixels"] is None else PixelMetrics.from_state_dict(d["pixels"]),
-        )
-
-    def compute(self) -> dict[str, float]:
-        """``val_miou`` (0..1), ``val_auprc``, ``val_fpr95``, ``val_auroc``, ``val_anomaly_fraction``."""
-        import warnings
-
-        out: dict[str, float] = {}
-        if self.confusion is not None:
-            out["val_miou"] = float(self.confusion.compute()["miou"])
-        if self.pixels is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                m = self.pixels.compute()
-            out.update(val_auprc=m["auprc"], val_fpr95=m["fpr95"], val_auroc=m["auroc"],
-                       val_anomaly_fraction=m["anomaly_fraction"])
-        return out
-
-
-def _subset(n: int, limit: int) -> list[int]:
-    """The first ``limit`` indices of an evenly spaced selection (all when ``limit`` is 0 or ≥ n)."""
-    if limit <= 0 or limit >= n:
-        return list(range(n))
-    return np.linspace(0, n - 1, limit).round().astype(int).tolist()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
-             datasets: tuple[Any, Any] | None = None) -> EvalState:
-    """Validate this rank's share (every ``world``-th image) of the val split (mIoU via ``ConfusionMatrix`` on the
-    argmax of ``pixel_class_scores``) and of the anomaly set (``PixelMetrics`` of ``cfg.scorer``); images go through
-    ``model.predict`` exactly as in the benchmark. Merge the per-rank states to get the full-set metrics."""
-    from oodseg.scoring import create_scorer, pixel_class_scores
-    from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
-
-    semantic, anomaly = datasets if datasets is not None else eval_datasets(cfg)
-    was_training = model.training
-    model.eval()
-    state = EvalState()
-    if semantic is not None:
-        state.confusion = ConfusionMatrix(num_classes=model.num_classes)
-        for i in _subset(len(semantic), cfg.val_images)[rank::world]:
-            s = semantic[i]
-            out = model.predict(torch.from_numpy(s["image"])[None])
-            pred = pixel_class_scores(out).argmax(1)[0]
-            state.confusion.update(pred.cpu().numpy().astype(np.int64), s["label"])
-    if anomaly is not None:
-        scorer = create_scorer(cfg.scorer)
-        state.pixels = PixelMetrics()
-        for i in _subset(len(anomaly), cfg.val_images)[rank::world]:
-            s = anomaly[i]
-            out = model.predict(torch.from_numpy(s["image"])[None])
-            state.pixels.update(scorer(out)[0].float().cpu().numpy(), s["label"])
-    model.train(was_training)
-    return state
-
-
-def eval_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(in-distribution val split, anomaly set) of ``cfg`` (either may be None)."""
-    from oodseg.data import create_dataset
-
-    semantic = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.val_split) if cfg.val_split else None
-    anomaly = create_dataset(cfg.anomaly_set, root=cfg.data_root) if cfg.anomaly_set else None
-    return semantic, anomaly
+def export_model(model: nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
+    """Write the trained weights as self-describing safetensors (fp32 copy; LoRA adapters merged)."""
+    plain = copy.deepcopy(model).float().cpu()
+    merge_lora(plain)
+    return save_safetensors(plain, path, metadata)
 
 
 @dataclass
-class LocalResult:
+class FitResult:
     model: nn.Module
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_local(
-    cfg: TrainConfig,
-    *,
-    model: nn.Module | None = None,
-    progress: Callable[[dict[str, float]], None] | None = None,
-    evaluate_at_end: bool = True,
-) -> LocalResult:
-    """Train ``cfg`` in this process (CPU or one GPU via ``Runtime``); returns the model, loss history and the
-    final validation metrics. ``progress`` receives ``{step, loss, lr, steps_per_s}`` every ``cfg.log_every``."""
-    from oodseg.models.runtime import Runtime
+def _save(strategy: Strategy, directory: Path, step: int, history: list[dict[str, Any]], fingerprint: dict[str, Any],
+          export: dict[str, Any] | None) -> None:
+    strategy.save(directory, step)
+    if strategy.rank == 0:
+        (directory / HISTORY).write_text(json.dumps(history))
+        (directory / RUN).write_text(json.dumps(fingerprint, default=list))
+        if export is not None:
+            export_model(strategy.model, directory / MODEL, export)
 
-    rt = Runtime()
+
+def fit(cfg: TrainConfig, strategy: Strategy | None = None, *, model: nn.Module | None = None,
+        resume: Path | None = None, report: Report | None = None, checkpoint_every: int = 0,
+        export: dict[str, Any] | None = None, step_hook: Callable[[int, int], None] | None = None) -> FitResult:
+    """Train ``cfg`` with ``strategy`` (default: one local process), resuming from ``resume`` when given.
+
+    ``report(row, checkpoint_dir)`` receives every logged row (``step``, ``loss``, ``lr``, ``steps_per_s``, the
+    validation metrics on validation steps) and, every ``checkpoint_every`` steps and at the end, a temporary
+    directory holding a checkpoint (with ``model.safetensors`` at the end when ``export`` metadata is given).
+    ``step_hook(step, rank)`` runs before each step (tests inject worker faults with it)."""
+    strategy = strategy or LocalStrategy()
     model = build_model(cfg) if model is None else model
     params = select_parameters(model, cfg.params, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-    model = rt.prepare(model)
-    optimizer = build_optimizer(params, cfg)
-    scheduler = build_scheduler(optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
-    loss_fn = build_loss(cfg).to(rt.torch_device)
-    batches = StepBatches(build_samples(cfg), start=0, stop=cfg.steps, global_batch=cfg.global_batch,
-                          seed=cfg.seed, accum=cfg.accum)
+    strategy.setup(model, params, cfg)
+    loss_fn = create_loss(cfg.loss, **cfg.loss_cfg).to(strategy.device)
+    start, history = 0, []
+    if resume is not None:
+        start = strategy.load(resume)
+        history = [r for r in json.loads((Path(resume) / HISTORY).read_text()) if r["step"] <= start]
+    batches = StepBatches(build_samples(cfg), start=start, stop=cfg.steps, global_batch=cfg.global_batch,
+                          seed=cfg.seed, rank=strategy.rank, world=strategy.world, accum=cfg.accum)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.data_workers)
-    autocast = rt.dtype if rt.dtype != torch.float32 else None
-    result = LocalResult(model)
-    datasets = eval_datasets(cfg) if (cfg.val_every or evaluate_at_end) else None
-    train_mode(model, frozen_stats=cfg.frozen_stats)
+    datasets = eval_datasets(cfg) if cfg.val_every or checkpoint_every else None
+    fingerprint = run_fingerprint(cfg, strategy.name)
+    train_mode(strategy.model, frozen_stats=cfg.frozen_stats)
     t0 = time.perf_counter()
-    for step, micro in enumerate(loader):
-        loss = torch_step(model, optimizer, scheduler, micro, loss_fn, autocast_dtype=autocast,
-                          grad_clip=cfg.grad_clip)
-        row = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0]}
-        if cfg.val_every and (step + 1) % cfg.val_every == 0 and step + 1 < cfg.steps:
-            row.update(evaluate(model, cfg, datasets=datasets).compute())
-            train_mode(model, frozen_stats=cfg.frozen_stats)
-        result.history.append(row)
-        if progress is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or len(row) > 3):
-            progress({**row, "steps_per_s": (step + 1) / (time.perf_counter() - t0)})
-    model.eval()
-    if evaluate_at_end:
-        result.metrics = evaluate(model, cfg, datasets=datasets).compute()
+    for k, micro in enumerate(loader):
+        step = start + k + 1
+        if step_hook is not None:
+            step_hook(step, strategy.rank)
+        loss = strategy.step(micro, loss_fn)
+        last = step == cfg.steps
+        validate = bool(cfg.val_every and step % cfg.val_every == 0) or (last and datasets is not None)
+        save = bool(checkpoint_every) and (last or step % checkpoint_every == 0)
+        if not (validate or save or step % cfg.log_every == 0 or last):
+            continue
+        row = {"step": step, "start_step": start, "loss": strategy.mean(loss), "lr": strategy.lr,
+               "elapsed_s": time.perf_counter() - t0, "steps_per_s": (k + 1) / (time.perf_counter() - t0)}
+        if validate:
+            state = evaluate(strategy.model, cfg, rank=strategy.rank, world=strategy.world, datasets=datasets)
+            row.update(summarize(strategy.gather(state)))
+            train_mode(strategy.model, frozen_stats=cfg.frozen_stats)
+        history.append(row)
+        if not save:
+            if report is not None:
+                report(row, None)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            _save(strategy, Path(tmp), step, history, fingerprint, export if last else None)
+            if report is not None:
+                report(row, Path(tmp))
+    strategy.model.eval()
+    return FitResult(strategy.model, history, {k: v for k, v in history[-1].items() if k.startswith("val_")}
+                     if history else {})
+
+
+def train_local(cfg: TrainConfig, *, model: nn.Module | None = None,
+                progress: Callable[[dict[str, Any]], None] | None = None, evaluate_at_end: bool = True) -> FitResult:
+    """Train ``cfg`` in this process (CPU or one GPU) and evaluate at the end; ``progress`` gets every row."""
+    result = fit(cfg, LocalStrategy(), model=model,
+                 report=None if progress is None else (lambda row, _: progress(row)))
+    if evaluate_at_end and not result.metrics:
+        result.metrics = summarize(evaluate(result.model, cfg))
     return result

@@ -131,10 +131,3 @@ def train_mode(model: nn.Module, *, frozen_stats: bool = False) -> nn.Module:
         elif frozen_stats and isinstance(mod, nn.modules.dropout._DropoutNd):
             mod.eval()
     return model
-
-
-def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-

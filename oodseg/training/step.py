@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from oodseg.losses import CrossEntropyLoss
+from oodseg.losses.base import loss_info
 
 
 def forward_loss(
@@ -41,16 +41,16 @@ def forward_loss(
     target = batch["target"].to(device, non_blocking=True)
     mask = batch.get("outlier_mask")
     mask = None if mask is None else mask.to(device, non_blocking=True)
-    if getattr(model, "output_kind", "pixel") != "mask":
+    if not getattr(model, "own_loss", False):
         with ctx:
             out = (forward or model)(x)
         return loss_fn(out, target, mask)
-    # Mask models (EoMT) train with their own mask-classification loss, computed in their forward pass; ``ce`` means
-    # exactly that, and ``oe`` adds its outlier-exposure term on the per-pixel class scores (per-pixel-only losses
-    # raise a TypeError naming themselves).
+    # A model with a loss of its own (EoMT's mask-classification loss, computed in its forward pass): the loss's
+    # registration says whether it *is* that objective (``ce``) or adds a term to it (``oe``); per-pixel-only
+    # losses raise a TypeError naming themselves.
     with ctx:
         out, own = (forward or model)(x, target=target)
-    if isinstance(loss_fn, CrossEntropyLoss):
+    if loss_info(getattr(loss_fn, "registry_name", "")).combine == "model_loss":
         return own
     return own + loss_fn(out, target, mask)
 

@@ -1,7 +1,9 @@
 """Mergeable anomaly-segmentation and semantic-segmentation metrics (torchmetrics-like update/merge/compute).
 
 * :class:`PixelMetrics` (``"pixel"``): pixel-level AuPRC (average precision), AUROC and FPR at 95 % TPR, plus the
-  best-F1 threshold, from an exact histogram over a fixed order-preserving binning of float32 scores.
+  best-F1 threshold, from an exact histogram over a fixed order-preserving binning of float32 scores; with
+  ``smiyc=True`` also the SegmentMeIfYouCan leaderboard's binned numbers (:class:`SmiycPixelMetrics`,
+  ``"smiyc_pixel"``: the toolkit's per-frame quantile-binned ``PixBinaryClass``).
 * :class:`ComponentMetrics` (``"components"``): SegmentMeIfYouCan component-level sIoU, PPV and mean F1 (Chan et al.,
   NeurIPS 2021 Datasets & Benchmarks; official ``road_anomaly_benchmark/metrics/instance_segmentation.py``).
 * :class:`ConfusionMatrix` (``"confusion"``): mIoU / per-class IoU / pixel accuracy of the closed-set head.
@@ -19,12 +21,15 @@ from oodseg.scoring.metrics.base import (
     metric_from_state,
     register_metric,
 )
-from oodseg.scoring.metrics.components import SIOU_THRESHOLDS, TRACKS, ComponentMetrics
+from oodseg.scoring.metrics.components import COMPONENT_COLUMNS, SIOU_THRESHOLDS, TRACKS, ComponentMetrics
 from oodseg.scoring.metrics.confusion import ConfusionMatrix
 from oodseg.scoring.metrics.functional import curve_metrics, pixel_metrics
 from oodseg.scoring.metrics.pixel import PixelMetrics, float32_keys, keys_to_float32
+from oodseg.scoring.metrics.s2m import S2MMetrics
+from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 __all__ = [
+    "COMPONENT_COLUMNS",
     "METRICS",
     "SIOU_THRESHOLDS",
     "TRACKS",
@@ -33,6 +38,8 @@ __all__ = [
     "MergeableMetric",
     "MetricSet",
     "PixelMetrics",
+    "S2MMetrics",
+    "SmiycPixelMetrics",
     "create_metric",
     "curve_metrics",
     "float32_keys",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
@@ -11,9 +11,17 @@ from scipy import ndimage
 from oodseg.labels import IGNORE_ID
 from oodseg.scoring.metrics.base import MergeableMetric, register_metric, scores_and_labels
 
+if TYPE_CHECKING:
+    from oodseg.scoring.metrics.pixel import PixelMetrics
+
 TRACKS = {"anomaly": (500, 100), "obstacle": (50, 10)}  # (min predicted segment size, min GT component size)
 SIOU_THRESHOLDS = np.linspace(0.25, 0.75, 11)
 _STRUCTURE = np.ones((3, 3), dtype=np.uint8)  # 8-connectivity
+#: results-table columns per threshold rule (``ComponentMetrics.rule``)
+COMPONENT_COLUMNS = {
+    "exact": {"siou": "siou", "ppv": "ppv", "mean_f1": "mean_f1"},
+    "smiyc": {"siou": "siou_smiyc", "ppv": "ppv_smiyc", "mean_f1": "mean_f1_smiyc"},
+}
 
 
 def _compact_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
@@ -61,24 +69,56 @@ class ComponentMetrics(MergeableMetric):
     ``F1 = 2TP / (2TP + FN + FP)``, and ``mean_f1`` over τ. Empty sets give NaN. One deliberate deviation: the
     official size filter also loops over label 0, so an image whose background is smaller than the minimum GT size
     would be voided entirely; here only real components are filtered.
+
+    Threshold rules (:meth:`at_threshold`): ``rule="exact"`` uses :class:`PixelMetrics`' exact best-F1
+    threshold, the largest float32 below the best bin, so ``score > threshold`` predicts exactly the pixel set whose
+    F1 was best. ``rule="smiyc"`` reproduces the leaderboard: the toolkit reads ``best_f1_threshold`` (a lower bin
+    edge of its binned pooled curve, :mod:`oodseg.scoring.metrics.smiyc`) back and applies ``score > threshold``
+    in the stored scores' dtype (``instance_segmentation.py``: ``default_instancer``; on its float16 maps numpy
+    1.23, the toolkit's pin, rounds the float64 threshold to float16: ``fp16=True``; on float32 maps to float32, the
+    default; numpy ≥ 2 would compare in float64). Its F1 counted the pixels
+    AT that edge as predicted, ``>`` drops them, so with tied scores the predicted set differs from the one whose
+    F1 was best; with binary scores the best edge is 1.0 and nothing is predicted (sIoU 0). ``rule`` also selects
+    the results-table columns (:data:`COMPONENT_COLUMNS`).
     """
 
-    columns = {"siou": "siou", "ppv": "ppv", "mean_f1": "mean_f1"}
+    columns = COMPONENT_COLUMNS["exact"]
 
-    def __init__(self, threshold: float, track: str = "anomaly") -> None:
+    def __init__(self, threshold: float, track: str = "anomaly", rule: str = "exact", fp16: bool = False) -> None:
         if track not in TRACKS:
             raise ValueError(f"track must be one of {sorted(TRACKS)}, got {track!r}")
+        if rule not in COMPONENT_COLUMNS:
+            raise ValueError(f"rule must be one of {sorted(COMPONENT_COLUMNS)}, got {rule!r}")
         if not np.isfinite(threshold):
             raise ValueError(f"ComponentMetrics needs a finite threshold, got {threshold}")
         self.threshold = float(threshold)
         self.track = track
+        self.rule = rule
+        self.fp16 = bool(fp16)  # compare float16(score) > float16(threshold), as the toolkit on its float16 maps
         self.min_pred, self.min_gt = TRACKS[track]
         self.siou_gt: list[float] = []
         self.siou_pred: list[float] = []
         self.ppv: list[float] = []
 
+    @classmethod
+    def at_threshold(cls, pixel: PixelMetrics, track: str = "anomaly", rule: str = "exact") -> ComponentMetrics:
+        """Components at ``pixel``'s best-F1 threshold by ``rule`` (see the class docstring): ``"exact"`` →
+        ``threshold``; ``"smiyc"`` → ``threshold_smiyc``, compared in float16 if ``pixel.smiyc_fp16``. A NaN
+        threshold (degenerate data, or ``smiyc=False`` for ``"smiyc"``) raises ``ValueError``."""
+        if rule not in COMPONENT_COLUMNS:
+            raise ValueError(f"rule must be one of {sorted(COMPONENT_COLUMNS)}, got {rule!r}")
+        values = pixel.compute(warn=False)
+        if rule == "exact":
+            return cls(values["threshold"], track)
+        return cls(values["threshold_smiyc"], track, rule="smiyc", fp16=pixel.smiyc_fp16)
+
     def config(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "track": self.track}
+        return {"threshold": self.threshold, "track": self.track, "rule": self.rule, "fp16": self.fp16}
+
+    def row(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``compute()`` values under this rule's results-table columns (:data:`COMPONENT_COLUMNS`)."""
+        values = self.compute(warn=False) if values is None else values
+        return {col: values.get(key) for key, col in COMPONENT_COLUMNS[self.rule].items()}
 
     def update(self, scores: Any, labels: Any) -> ComponentMetrics:
         """Add one image ``[H, W]`` (or a batch ``[B, H, W]``) of scores and 0/1/255 labels."""
@@ -94,7 +134,10 @@ class ComponentMetrics(MergeableMetric):
 
     def _update_image(self, scores: np.ndarray, labels: np.ndarray) -> None:
         void = labels == IGNORE_ID
-        pred = (scores > np.float32(self.threshold)) & ~void
+        if self.fp16:
+            pred = (scores.astype(np.float16) > np.float16(self.threshold)) & ~void
+        else:
+            pred = (scores > np.float32(self.threshold)) & ~void
         gt_inst, n_gt = ndimage.label(labels == 1, structure=_STRUCTURE)
         pred_seg, n_pred = ndimage.label(pred, structure=_STRUCTURE)
         if n_pred:

@@ -6,7 +6,10 @@ scoring at or above threshold ``k`` (one entry per distinct score, ties merged):
 * AuPRC = average precision ``Σ_k (R_k − R_{k−1}) · P_k`` (sklearn ``average_precision_score``, step-wise);
 * AUROC = trapezoidal area under ``(FPR_k, TPR_k)`` from (0, 0) (sklearn ``roc_auc_score``);
 * FPR95 = FPR at the first threshold, scanning from high scores down, where ``TPR ≥ 0.95``;
-* best F1 = ``max_k 2·TP_k / (TP_k + FP_k + P)`` and its index.
+* best F1 = ``max_k 2·TP_k / (TP_k + FP_k + P)`` and its index;
+* ``fpr95_interp`` = the FPR at TPR 0.95 linearly interpolated on sklearn's ``roc_curve`` (collinear points dropped,
+  (0, 0) prepended), the definition of ``ood_metrics.fpr_at_95_tpr`` (github.com/tayden/ood-metrics) that the ERFNet
+  course evaluation code reports.
 
 These are the definitions of the papers (exact pooled curves over all pixels); the SegmentMeIfYouCan leaderboard's
 binned variant is in :mod:`oodseg.scoring.metrics.smiyc`.
@@ -31,9 +34,22 @@ def curve_metrics(tp: np.ndarray, fp: np.ndarray) -> dict[str, float]:
         "auprc": float(np.sum(np.diff(recall, prepend=0.0) * precision)),
         "auroc": float(np.trapezoid(np.concatenate([[0.0], recall]), np.concatenate([[0.0], fpr]))),
         "fpr95": float(fpr[np.argmax(recall >= 0.95)]),
+        "fpr95_interp": fpr95_interp(tp, fp),
         "best_f1": float(f1[best]),
         "best_index": best,
     }
+
+
+def fpr95_interp(tp: np.ndarray, fp: np.ndarray) -> float:
+    """``ood_metrics.fpr_at_95_tpr`` on the same curve (module docstring)."""
+    keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True])
+    tpr = np.r_[0.0, tp[keep]] / tp[-1]
+    fpr = np.r_[0.0, fp[keep]] / fp[-1]
+    if (tpr < 0.95).all():
+        return 0.0
+    if (tpr >= 0.95).all():
+        return float(fpr[tpr >= 0.95].min())
+    return float(np.interp(0.95, tpr, fpr))
 
 
 def cumulative_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

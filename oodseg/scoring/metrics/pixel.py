@@ -1,6 +1,8 @@
-"""Pixel-level anomaly metrics (AuPRC, AUROC, FPR95, best-F1 threshold) as an exact mergeable histogram.
+"""Pixel-level anomaly metrics (AuPRC, AUROC, FPR95, best-F1 threshold) as an exact mergeable histogram, plus the
+SegmentMeIfYouCan leaderboard's binned numbers next to them.
 
-See :class:`PixelMetrics`. The curve math is in :mod:`oodseg.scoring.metrics.functional`.
+See :class:`PixelMetrics`. The curve math is in :mod:`oodseg.scoring.metrics.functional` (exact) and
+:mod:`oodseg.scoring.metrics.smiyc` (leaderboard).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from oodseg.labels import IGNORE_ID
 from oodseg.scoring.metrics.base import MergeableMetric, check_anomaly_labels, check_scores, register_metric, \
     scores_and_labels
 from oodseg.scoring.metrics.functional import curve_metrics
+from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 _SIGN = np.uint32(0x80000000)
 PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
@@ -62,22 +65,39 @@ class PixelMetrics(MergeableMetric):
 
     Degenerate data: with no positive or no negative pixels AuPRC/AUROC/FPR95 (and best F1) are NaN and a
     ``RuntimeWarning`` is emitted; NaN/inf scores raise ``ValueError``.
+
+    Leaderboard numbers (``smiyc=True``, the default): every ``update`` also feeds a
+    :class:`~oodseg.scoring.metrics.smiyc.SmiycPixelMetrics`, which reproduces the SMIYC toolkit's per-frame
+    quantile-binned ``PixBinaryClass`` (the numbers on the leaderboard); ``[B, H, W]`` input is B frames, ``[H, W]``
+    or 1-D input one frame (any ≥ 3-D input: frames along the leading axis). ``compute()`` then adds
+    ``auprc_smiyc``, ``fpr95_smiyc``, ``auroc_smiyc``, ``best_f1_smiyc`` and ``threshold_smiyc`` (the toolkit's
+    best-F1 lower bin edge, applied as ``score > threshold`` in the scores' dtype); all NaN when undefined or with
+    ``smiyc=False``. ``smiyc_fp16=True`` rounds the scores to float16 first, as the toolkit stores them. The exact
+    numbers are the ones to quote; the leaderboard ones are binned per frame (AuPRC mostly overstated, by up to a
+    few 1e-2 when frames have few or no anomaly pixels; see the smiyc module). Cost: memory grows with frames ×
+    ≤ 768 bins (~18 KiB a frame); ``update`` also sorts each frame's anomaly and inlier scores.
     """
 
     columns = {
         "auprc": "auprc", "fpr95": "fpr95", "auroc": "auroc", "best_f1": "best_f1", "threshold": "best_threshold",
         "n_pixels": "n_pixels", "n_anomaly": "n_anomaly_pixels", "anomaly_fraction": "anomaly_fraction",
+        "auprc_smiyc": "auprc_smiyc", "fpr95_smiyc": "fpr95_smiyc", "auroc_smiyc": "auroc_smiyc",
+        "fpr95_interp": "fpr95_interp",
     }
 
-    def __init__(self, bits: int = 24, validate: bool = True) -> None:
+    def __init__(self, bits: int = 24, validate: bool = True, *, smiyc: bool = True, smiyc_fp16: bool = False) -> None:
         if not PAGE_BITS <= bits <= 26:
             raise ValueError(f"bits must be in [{PAGE_BITS}, 26], got {bits}")
+        if smiyc_fp16 and not smiyc:
+            raise ValueError("PixelMetrics: smiyc_fp16=True needs smiyc=True")
         self.bits = bits
         self.validate = validate  # a runtime switch (hot loops may skip input checks), not part of the state
         self._pages: dict[int, np.ndarray] = {}  # page (= bin >> PAGE_BITS) -> int64 [4096, 2] (neg, pos) counts
+        self.smiyc, self.smiyc_fp16 = bool(smiyc), bool(smiyc_fp16)
+        self._smiyc = SmiycPixelMetrics(fp16=self.smiyc_fp16, validate=False) if self.smiyc else None
 
     def config(self) -> dict[str, Any]:
-        return {"bits": self.bits}
+        return {"bits": self.bits, "smiyc": self.smiyc, "smiyc_fp16": self.smiyc_fp16}
 
     # --- accumulation ---------------------------------------------------------------------------------------
     def update(self, scores: Any, labels: Any) -> PixelMetrics:
@@ -88,6 +108,8 @@ class PixelMetrics(MergeableMetric):
         if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
             return self._update_torch(scores, labels)
         s, lab = scores_and_labels(scores, labels, self.validate)
+        if self._smiyc is not None:  # first: if it raises (fp16 overflow) nothing was added
+            self._smiyc.add_frames(s, lab)
         valid = lab != IGNORE_ID
         if not valid.all():
             s, lab = s[valid], lab[valid]
@@ -115,6 +137,8 @@ class PixelMetrics(MergeableMetric):
             check_scores(s)
         if lab.dtype == torch.bool:
             lab = lab.to(torch.uint8)
+        if self._smiyc is not None:
+            self._smiyc.add_frames(s, lab)
         valid = lab != IGNORE_ID
         s, lab = s[valid], lab[valid].long()
         if s.numel() == 0:
@@ -142,11 +166,16 @@ class PixelMetrics(MergeableMetric):
 
     def _merge(self, other: PixelMetrics) -> None:
         self._add_pages(list(other._pages), list(other._pages.values()))
+        if self._smiyc is not None and other._smiyc is not None:  # equal configs: both or neither
+            self._smiyc._merge(other._smiyc)
 
     def _state(self) -> dict[str, Any]:
-        """Only the non-empty bins: ``bins``, ``neg``, ``pos``."""
+        """Only the non-empty bins: ``bins``, ``neg``, ``pos``; plus the SMIYC frames as ``smiyc_*``."""
         bins, counts = self._histogram()
-        return {"bins": bins, "neg": counts[:, 0].copy(), "pos": counts[:, 1].copy()}
+        state = {"bins": bins, "neg": counts[:, 0].copy(), "pos": counts[:, 1].copy()}
+        if self._smiyc is not None:
+            state.update({f"smiyc_{k}": v for k, v in self._smiyc._state().items()})
+        return state
 
     def _load(self, state: Mapping[str, Any]) -> None:
         bins = np.asarray(state["bins"], dtype=np.int64)
@@ -157,6 +186,10 @@ class PixelMetrics(MergeableMetric):
             page[bins[sel] & (size - 1), 0] = np.asarray(state["neg"], dtype=np.int64)[sel]
             page[bins[sel] & (size - 1), 1] = np.asarray(state["pos"], dtype=np.int64)[sel]
             self._pages[int(p)] = page
+        if self._smiyc is not None and "smiyc_edges" not in state:  # a state saved before SMIYC frames existed
+            self.smiyc, self._smiyc = False, None  # its data has no frames: no SMIYC numbers, and no merge with any
+        elif self._smiyc is not None:
+            self._smiyc._load({k[len("smiyc_"):]: v for k, v in state.items() if k.startswith("smiyc_")})
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def _histogram(self) -> tuple[np.ndarray, np.ndarray]:
@@ -181,8 +214,9 @@ class PixelMetrics(MergeableMetric):
         return {"bins": bins, "fp": np.cumsum(counts[:, 0]), "tp": np.cumsum(counts[:, 1])}
 
     def _compute(self) -> dict[str, float]:
-        """``auprc``, ``auroc``, ``fpr95``, ``threshold`` (best-F1; predict anomaly where ``score > threshold``),
-        ``best_f1``, ``n_pixels``, ``n_anomaly``, ``anomaly_fraction``."""
+        """``auprc``, ``auroc``, ``fpr95``, ``fpr95_interp``, ``threshold`` (best-F1; predict anomaly where
+        ``score > threshold``), ``best_f1``, ``n_pixels``, ``n_anomaly``, ``anomaly_fraction``, and the leaderboard's ``auprc_smiyc``,
+        ``auroc_smiyc``, ``fpr95_smiyc``, ``best_f1_smiyc``, ``threshold_smiyc`` (NaN with ``smiyc=False``)."""
         c = self._curve()
         n_pos = int(c["tp"][-1]) if c["tp"].size else 0
         n_neg = int(c["fp"][-1]) if c["fp"].size else 0
@@ -198,12 +232,20 @@ class PixelMetrics(MergeableMetric):
                 stacklevel=3,
             )
             nan = float("nan")
-            return {**out, "auprc": nan, "auroc": nan, "fpr95": nan, "threshold": nan, "best_f1": nan}
+            out.update({f"{k}{sfx}": nan for k in ("auprc", "auroc", "fpr95", "threshold", "best_f1")
+                        for sfx in ("", "_smiyc")}, fpr95_interp=nan)
+            return out
         m = curve_metrics(c["tp"], c["fp"])
         # `score > threshold` selects exactly the bins at or above the best one: the largest float below its floor.
         floor_key = int(c["bins"][m.pop("best_index")]) << (32 - self.bits)
         threshold = float(keys_to_float32(np.array([max(floor_key - 1, 0)], dtype=np.uint32))[0])
-        return {**out, **m, "threshold": threshold}
+        return {**out, **m, "threshold": threshold, **self._compute_smiyc()}
+
+    def _compute_smiyc(self) -> dict[str, float]:
+        """The leaderboard numbers under ``*_smiyc`` keys (NaN with ``smiyc=False``)."""
+        keys = ("auprc", "auroc", "fpr95", "threshold", "best_f1")
+        smiyc = self._smiyc._compute() if self._smiyc is not None else {}
+        return {f"{k}_smiyc": float(smiyc.get(k, float("nan"))) for k in keys}
 
     def curves(self, max_points: int = 1000) -> dict[str, np.ndarray]:
         """PR and ROC curve points for plots (``threshold`` = bin floor, descending), downsampled to ≤ max_points."""

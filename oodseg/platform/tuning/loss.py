@@ -35,27 +35,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from typing import Any
 
 from oodseg.config import from_dict, to_dict, to_json
-from oodseg.platform.pipeline import new_run_id
+from oodseg.losses import loss_space
+from oodseg.models import model_output_kind
 from oodseg.platform.results import ResultsStore
-from oodseg.platform.trainer import FinetuneConfig, resolve_data
-from oodseg.platform.tuners import (
-    init_ray,
-    log,
-    logdir_hints,
-    placement_group_reaper,
-    reap_until_clean,
-    trial_rows,
-    tune_run_row,
-    tune_space,
-    write_run_row,
-    write_trials,
-)
+from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id, status_of
+from oodseg.platform.trainer import FinetuneConfig, build_trainer, resolve_data
+from oodseg.platform.tuning.reaper import placement_group_reaper, reap_until_clean
+from oodseg.platform.tuning.spaces import tune_space
+from oodseg.platform.tuning.trials import hints, trial_rows, write_trials
 from oodseg.training.config import TrainConfig
 
 OBJECTIVES = {"val_auprc": "max", "val_fpr95": "min", "val_combo": "max"}
@@ -74,8 +65,10 @@ class LossSearchConfig:
     tune_lr: bool = field(default=True, metadata={"help": "also tune the learning rate"})
     lr_low: float = field(default=1e-5, metadata={"help": "lr search lower bound (log-uniform)"})
     lr_high: float = field(default=1e-2, metadata={"help": "lr search upper bound"})
-    objective: str = field(default="val_auprc", metadata={"help": "val_auprc | val_fpr95 | val_combo"})
-    searcher: str = field(default="random", metadata={"help": "random | optuna"})
+    objective: str = field(default="val_auprc", metadata={"help": "val_auprc (max) | val_fpr95 (min) | val_combo "
+                                                                  "(max)", "choices": ("val_auprc", "val_fpr95",
+                                                                                       "val_combo")})
+    searcher: str = field(default="random", metadata={"help": "search algorithm", "choices": ("random", "optuna")})
     num_samples: int = field(default=8, metadata={"help": "trials"})
     grace_period: int = field(default=1, metadata={"help": "ASHA: validations before a trial can be stopped"})
     reduction_factor: float = field(default=2.0, metadata={"help": "ASHA: keep the top 1/rf at each rung"})
@@ -85,13 +78,10 @@ class LossSearchConfig:
     resume: bool = field(default=True, metadata={"help": "restore the experiment if its directory exists"})
     ray_address: str = field(default="", metadata={"help": "Ray address (empty: $RAY_ADDRESS or local)"})
     num_cpus: int = field(default=0, metadata={"help": "CPUs of a locally started Ray (0: all)"})
+    verbose: bool = field(default=False, metadata={"help": "show Ray's own log output"})
 
     def __post_init__(self) -> None:
         tc = self.finetune.train
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
-        if self.searcher not in ("random", "optuna"):
-            raise ValueError(f"searcher must be 'random' or 'optuna', got {self.searcher!r}")
         if tc.val_every < 1 or tc.steps % tc.val_every:
             raise ValueError(f"ASHA needs periodic validation: train.val_every ({tc.val_every}) must be ≥ 1 and "
                              f"divide train.steps ({tc.steps})")
@@ -136,7 +126,7 @@ def trial_finetune_config(base: FinetuneConfig, config: dict[str, Any], name: st
     train = replace(tc, lr=float(config.get("lr", tc.lr)), loss_cfg={**tc.loss_cfg, **config.get("loss_cfg", {})},
                     log_every=tc.val_every)
     every = tc.val_every * max(1, math.ceil(base.checkpoint_every / tc.val_every))
-    return replace(base, train=train, name=name, storage_path=storage, checkpoint_every=every, export=None)
+    return replace(base, train=train, name=name, storage_path=storage, checkpoint_every=every)
 
 
 def loss_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str) -> None:
@@ -145,8 +135,6 @@ def loss_trial(config: dict[str, Any], base: dict[str, Any], train_storage: str)
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_finetune_config(from_dict(FinetuneConfig, base), config, f"train-{trial_id}", train_storage)
-    from oodseg.platform.trainer import build_trainer
-
     build_trainer(cfg, [_report_callback()]).fit()
 
 
@@ -154,9 +142,6 @@ def search_space(cfg: LossSearchConfig) -> dict[str, Any]:
     """``{"loss_cfg": {param: domain}, "lr": domain}`` from ``loss_space(train.loss, output_kind)`` for the
     model's output kind (and the lr bounds)."""
     from ray import tune
-
-    from oodseg.losses import loss_space
-    from oodseg.models import model_output_kind
 
     train = cfg.finetune.train
     declared = loss_space(train.loss, output_kind=model_output_kind(train.model))
@@ -186,64 +171,67 @@ class LossSearchResult:
     hints: str = ""
 
 
-def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
-    """Run (or resume) the ASHA search; writes ``runs`` + ``trials`` rows; returns the best trial."""
+def _tuner(cfg: LossSearchConfig, ray: Any, trainable: Any, space: dict[str, Any], exp_dir: str, study: str,
+           storage: str, run_id: str) -> tuple[Any, bool]:
+    """A fresh ``Tuner`` (ASHA, random or Optuna search) or the restored one of an earlier attempt."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    t_start, started = time.time(), datetime.now(timezone.utc)
-    ray = init_ray(cfg.ray_address, cfg.num_cpus)
+    if cfg.resume and tune.Tuner.can_restore(exp_dir):
+        log(f"resuming {exp_dir}")
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True), True
+    ft = cfg.finetune
+    per_trial = ft.num_workers * (1 if ft.use_gpu else ft.cpus_per_worker)
+    cluster = ray.cluster_resources().get("GPU" if ft.use_gpu else "CPU", 1)
+    concurrent = cfg.max_concurrent_trials or max(1, int(cluster // per_trial))
+    if cfg.searcher == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    else:  # a SearchGenerator given as search_alg ignores TuneConfig.max_concurrent_trials: limit it here
+        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
+                              reduction_factor=cfg.reduction_factor)
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.objective, mode=OBJECTIVES[cfg.objective], search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=concurrent if cfg.searcher == "optuna" else None),
+        run_config=tune.RunConfig(name=study, storage_path=f"{storage}/{run_id}", verbose=0,
+                                  callbacks=[TBXLoggerCallback(), placement_group_reaper()]))
+    return tuner, False
+
+
+def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
+    """Run (or resume) the ASHA search; writes ``runs`` + ``trials`` rows; returns the best trial."""
+    from ray import tune
+
+    space = search_space(cfg)
+    base = resolve_data(cfg.finetune)  # synthetic suite / demo checkpoint defaults, resolved once, before Ray
     store = ResultsStore(cfg.results)
     run_id = cfg.run_id or "tune-" + new_run_id()
     storage = cfg.storage or store.uri("tune")
     study = f"loss__{cfg.finetune.train.loss}__{cfg.objective}"
     exp_dir = f"{storage}/{run_id}/{study}"
     objective, mode = cfg.objective, OBJECTIVES[cfg.objective]
-    write_run_row(store, tune_run_row(run_id, "tune_loss", to_json(cfg), cfg.seed, "running", started))
-    status = "failed"
+    ray = init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
+    record = RunRecord(store, run_id, "tune_loss", to_json(cfg), cfg.seed).start()
     try:
-        space = search_space(cfg)
-        base = resolve_data(cfg.finetune)  # synthetic suite / demo checkpoint defaults, resolved once here
         trainable = tune.with_resources(
             tune.with_parameters(loss_trial, base=to_dict(base), train_storage=f"{storage}/{run_id}/train"),
             {"cpu": 0.01},  # the driver only waits on the Train controller; the workers hold the real resources
         )
-        restored = cfg.resume and tune.Tuner.can_restore(exp_dir)
-        if restored:
-            log(f"resuming {exp_dir}")
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            ft = cfg.finetune
-            per_trial = ft.num_workers * (1 if ft.use_gpu else ft.cpus_per_worker)
-            cluster = ray.cluster_resources().get("GPU" if ft.use_gpu else "CPU", 1)
-            concurrent = cfg.max_concurrent_trials or max(1, int(cluster // per_trial))
-            if cfg.searcher == "optuna":
-                import optuna
-                from ray.tune.search.optuna import OptunaSearch
-
-                search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-            else:
-                # a SearchGenerator given as search_alg ignores TuneConfig.max_concurrent_trials: limit it here
-                search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
-                                      reduction_factor=cfg.reduction_factor)
-            tuner = tune.Tuner(
-                trainable,
-                param_space=space,
-                tune_config=tune.TuneConfig(metric=objective, mode=mode, search_alg=search_alg, scheduler=scheduler,
-                                            num_samples=cfg.num_samples,
-                                            max_concurrent_trials=concurrent if cfg.searcher == "optuna" else None),
-                run_config=tune.RunConfig(name=study, storage_path=f"{storage}/{run_id}", verbose=0,
-                                          callbacks=[TBXLoggerCallback(), placement_group_reaper()]),
-            )
+        tuner, restored = _tuner(cfg, ray, trainable, space, exp_dir, study, storage, run_id)
         grid = tuner.fit()
         reap_until_clean()
         params = [f"loss_cfg.{k}" for k in space.get("loss_cfg", {})] + (["lr"] if "lr" in space else [])
         rows = trial_rows(grid, run_id=run_id, study=study, model=cfg.finetune.train.model,
-                          dataset=cfg.finetune.train.anomaly_set or "", objective=objective, params=params,
-                          extra={"max_t": cfg.max_t, "loss": cfg.finetune.train.loss})
+                          dataset=cfg.finetune.train.anomaly_set or "", objective=objective, mode=mode,
+                          params=params, extra={"max_t": cfg.max_t, "loss": cfg.finetune.train.loss})
         write_trials(store, run_id, study, rows)
         ok = [r for r in grid if r.error is None and objective in (r.metrics or {})]
         if not ok:
@@ -252,14 +240,13 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
         stopped = sum(1 for r in rows if r["status"] == "ok" and _iterations(r) < cfg.max_t)
         log(f"{study}: {len(rows)} trials, {stopped} stopped early by ASHA; best {objective} = "
             f"{best.metrics[objective]:.4f} with {best.config}")
-        status = "finished"
-        hints = logdir_hints(store, exp_dir, run_id, study, mode, where=SQL_COMPLETED.format(cfg.max_t))
-        return LossSearchResult(run_id, study, grid.experiment_path, dict(best.config),
-                                float(best.metrics[objective]), rows, bool(restored),
-                                best.metrics.get("checkpoint_path"), hints)
-    finally:
-        write_run_row(store, tune_run_row(run_id, "tune_loss", to_json(cfg), cfg.seed, status, started,
-                                          time.time() - t_start))
+    except BaseException as e:
+        record.finish(status_of(e))
+        raise
+    record.finish("finished")
+    return LossSearchResult(run_id, study, grid.experiment_path, dict(best.config), float(best.metrics[objective]),
+                            rows, bool(restored), best.metrics.get("checkpoint_path"),
+                            hints(store, f"{storage}/{run_id}", run_id, study, SQL_COMPLETED.format(cfg.max_t)))
 
 
 #: DuckDB condition on a ``trials`` row: the trial ran all ``max_t`` validations (was not stopped by ASHA).
@@ -279,15 +266,3 @@ def best_trial(results: list[Any], objective: str, mode: str, max_t: int) -> Any
 
 def _iterations(row: dict[str, Any]) -> int:
     return int(json.loads(row["metrics_json"]).get("iterations", 0))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI of ``jobs/tune_loss.py``."""
-    from oodseg.config import parse_config
-
-    cfg = parse_config(LossSearchConfig, argv, prog="python jobs/tune_loss.py")
-    res = run_loss_search(cfg)
-    print(f"best {cfg.objective} = {res.best_value:.4f} with {res.best_config}; checkpoint {res.best_checkpoint}",
-          flush=True)
-    print(res.hints, flush=True)
-    return 0

@@ -1,0 +1,100 @@
+"""The benchmark driver: prepare → Ray → for each model, each stage: stream → reduce → components → commit.
+
+Every (model, dataset, stage) unit is committed the moment its rows are reduced and its component pass is done, so
+an interrupted run loses at most the units in flight; rerunning with the same ``run_id`` skips committed units and
+clears the scratch caches of unfinished ones. The ``runs`` row records the attempt as ``running`` → ``finished`` /
+``failed`` / ``interrupted`` (:class:`~oodseg.platform.runs.RunRecord`).
+
+CPU budget (2-core machines): actors and read tasks take fractional CPUs (``actor_num_cpus`` + ``read_num_cpus`` ×
+``read_concurrency`` ≤ cluster CPUs is checked), so reads always find a CPU slot and the pipeline cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oodseg.config import to_json
+from oodseg.platform.benchmark.commit import commit_unit
+from oodseg.platform.benchmark.components import run_components
+from oodseg.platform.benchmark.config import BenchmarkConfig
+from oodseg.platform.benchmark.heatmaps import write_heatmaps
+from oodseg.platform.benchmark.prepare import Plan, prepare
+from oodseg.platform.benchmark.refine import RefineStage
+from oodseg.platform.benchmark.score import ScoreStage
+from oodseg.platform.benchmark.stage import ModelRun, Stage
+from oodseg.platform.benchmark.units import Reducer, UnitResult
+from oodseg.platform.runs import RunRecord, gpu_names, init_ray, log, new_run_id, progress_bar, status_of
+
+#: the passes of a model, in order; a new pass is one Stage subclass added here
+STAGES: tuple[type[Stage], ...] = (ScoreStage, RefineStage)
+
+
+def unit_line(model: str, stage: str, unit: UnitResult, rows: list[dict[str, Any]]) -> str:
+    """The one-line summary of a committed unit."""
+    head = f"{model}/{unit.info.key}" + ("" if stage == "score" else f" [{stage}]")
+    best = max((r for r in rows if r.get("auprc") is not None), key=lambda r: r["auprc"], default=None)
+    what = (f"mIoU {100 * rows[0]['miou']:.1f}" if rows and rows[0].get("miou") is not None else
+            f"best AuPRC {100 * best['auprc']:.1f} ({best['scorer']})" if best else "no metrics")
+    fails = f", {len(unit.failures)} failure(s)" if unit.failures else ""
+    return f"{head}: {unit.n_images} images, {what}{fails}, committed ({unit.wall_s:.1f} s)"
+
+
+class BenchmarkRunner:
+    """Runs a :class:`BenchmarkConfig` (module docstring); ``run()`` returns the run id."""
+
+    def __init__(self, cfg: BenchmarkConfig, plan: Plan | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = cfg.run_id or new_run_id()
+        self.plan = plan
+
+    def run(self) -> str:
+        plan = self.plan or prepare(self.cfg)
+        ray = init_ray(self.cfg.ray_address, self.cfg.num_cpus, verbose=self.cfg.verbose)
+        record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed).start(gpu_names(ray))
+        log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
+        try:
+            for spec in self.cfg.models:
+                run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
+                               plan.output_kinds[spec.name], plan.datasets, plan.infos,
+                               plan.store.completed_units(self.run_id))
+                for stage_cls in STAGES:
+                    self.run_stage(ray, stage_cls(run))
+        except BaseException as e:
+            record.finish(status_of(e))
+            raise
+        record.finish("finished")
+        return self.run_id
+
+    def run_stage(self, ray: Any, stage: Stage) -> None:
+        """Stream → reduce → components → commit, unit by unit (module docstring)."""
+        run = stage.run
+        if not stage.enabled():
+            return
+        pending = run.pending(stage.name)
+        if not pending:
+            log(f"{run.spec.name} [{stage.name}]: every unit already committed")
+            return
+        if len(pending) < len(run.infos):
+            log(f"{run.spec.name} [{stage.name}]: resuming, {len(run.infos) - len(pending)} unit(s) already committed")
+        units = stage.units(pending)
+        bar = progress_bar(sum(u.expected for u in units.values()), f"{run.spec.name} {stage.name}",
+                           self.cfg.progress)
+        reducer = Reducer(units, on_image=lambda _: bar.update(1), on_info=lambda m: log(f"{run.spec.name}: {m}"))
+        stream = stage.stream(ray, pending).iter_batches(batch_size=None, batch_format="pyarrow")
+        try:
+            for unit in reducer.consume(stream):
+                if self.cfg.component_metrics:
+                    run_components(ray, unit, run.cache(unit.info.key, stage.cache_kind), self.cfg.read_num_cpus,
+                                   refined=stage.refined)
+                rows = commit_unit(run.store, run.run_id, run.spec.name, stage.name, unit)
+                if self.cfg.plots and self.cfg.heatmaps and unit.info.kind == "anomaly":
+                    write_heatmaps(run, unit, stage)
+                stage.after_commit(unit)
+                log(unit_line(run.spec.name, stage.name, unit, rows))
+        finally:
+            bar.close()
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> str:
+    """Run the benchmark described by ``cfg``; returns the run id (results under ``cfg.results``)."""
+    return BenchmarkRunner(cfg).run()

@@ -1,0 +1,138 @@
+"""Everything the benchmark checks and resolves before Ray starts, so bad input fails in seconds, in one line.
+
+:func:`prepare` validates the whole config against the registries, resolves the data root (the synthetic suite by
+default) and every model's checkpoint (named sources such as ``demo`` train or reuse a cached model here, with a
+message), opens each checkpoint's header, opens every dataset (a missing or empty dataset is an error naming the
+folder the reader expected), checks that the results root is writable and that the requested device exists.
+Errors are :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodseg.config import ConfigError
+from oodseg.data import DataError, create_dataset
+from oodseg.data.synthetic import MARKER
+from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
+from oodseg.models.factory import MODELS, checkpoint_model_cfg
+from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
+from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
+from oodseg.platform.benchmark.score import import_plugins
+from oodseg.platform.benchmark.stage import unit_infos
+from oodseg.platform.benchmark.units import UnitInfo
+from oodseg.platform.results import ResultsStore
+from oodseg.platform.runs import log
+from oodseg.scoring import scorer_applies
+from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
+
+
+@dataclass
+class Plan:
+    """The resolved inputs of a benchmark run."""
+
+    cfg: BenchmarkConfig
+    store: ResultsStore
+    data_root: str
+    cache_dir: Path
+    datasets: dict[str, Any]
+    infos: dict[str, UnitInfo]
+    checkpoints: dict[str, str | None]
+    output_kinds: dict[str, str]
+
+
+def check_results_root(results: str) -> ResultsStore:
+    """The results store, after proving the root is writable (a probe file is created and removed)."""
+    try:
+        store = ResultsStore(results)
+        probe = f"{store.base}/.write-probe-{uuid.uuid4().hex[:8]}"
+        with store.fs.open_output_stream(probe) as sink:
+            sink.write(b"")
+        store.fs.delete_file(probe)
+    except OSError as e:
+        raise ConfigError(f"--results {results}: not writable ({e.strerror or e})") from None
+    return store
+
+
+def check_device(cfg: BenchmarkConfig) -> None:
+    local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    if cfg.device == "cuda" and local and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
+
+
+def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
+    """The registered model behind ``spec`` (its ``arch``, else the self-describing checkpoint's header)."""
+    if spec.arch:
+        return spec.arch
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    if stored is None:
+        what = "no checkpoint" if not checkpoint else f"{checkpoint} is not a self-describing .safetensors"
+        raise CheckpointError(checkpoint or spec.checkpoint or "<none>", f"model {spec.name!r}: {what}; give "
+                              f"arch: one of {MODELS.list()}")
+    if stored[0] not in MODELS:
+        raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
+    return stored[0]
+
+
+def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str) -> tuple[str | None, str]:
+    """(checkpoint path or None, output kind) of one model spec; named sources are built here when needed."""
+    if spec.checkpoint == "demo":
+        log(f"{spec.name}: demo model (trained once on the synthetic suite, ≈3 min on 2 CPU cores; cached in "
+            f"{cache_dir})")
+    checkpoint = resolve_checkpoint(spec.checkpoint, cache_dir=cache_dir, data_root=data_root, seed=cfg.seed)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+    name = model_name_of(spec, checkpoint)
+    if cfg.protocol == "course" and name != "erfnet":
+        raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
+                          f"(model {spec.name!r})")
+    ood = getattr(MODELS.get(name), "ood_channels", ())
+    bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
+    if bad:
+        raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {spec.name!r} ({name}) has "
+                          "none")
+    return checkpoint, model_output_kind(name)
+
+
+def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
+    """Every configured dataset, listed (``max_images`` applied); missing or empty ones are errors."""
+    out = {}
+    for spec in cfg.datasets:
+        args = {"root": root, **spec.cfg}
+        ds = create_dataset(spec.name, strict=False, **args)
+        if not ds.samples:
+            err = ds.errors[0] if ds.errors else DataError(root, "no images")
+            raise DataError(err.path, f"dataset {spec.result_key!r} has no usable image: {err.problem}")
+        if cfg.max_images:
+            ds.samples = ds.samples[: cfg.max_images]
+        out[spec.result_key] = ds
+    return out
+
+
+def prepare(cfg: BenchmarkConfig) -> Plan:
+    """Validate and resolve ``cfg`` (module docstring); no Ray, no scoring."""
+    import_plugins(cfg.plugins)
+    check_device(cfg)
+    store = check_results_root(cfg.results)
+    if in_submitted_job() and "://" not in cfg.results and not os.path.isabs(cfg.results):
+        log(f"WARNING: --results {cfg.results} is relative to this job's temporary working directory; pass an "
+            "absolute path or an s3:// URI to keep the results")
+    cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir()
+    if cfg.data_root:
+        root = cfg.data_root
+    else:
+        if not (cache_dir / f"suite-seed{cfg.seed}" / MARKER).is_file():
+            log(f"building the synthetic road suite (seed {cfg.seed}, once; cache: {cache_dir})")
+        root = str(synthetic_suite(cache_dir, cfg.seed))
+    datasets = open_datasets(cfg, root)
+    checkpoints, kinds = {}, {}
+    for spec in cfg.models:
+        checkpoints[spec.name], kinds[spec.name] = resolve_model(cfg, spec, cache_dir, root)
+    specs = {d.result_key: d for d in cfg.datasets}
+    return Plan(cfg, store, root, cache_dir, datasets, unit_infos(datasets, specs), checkpoints, kinds)

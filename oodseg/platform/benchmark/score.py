@@ -1,0 +1,232 @@
+"""Stage "score": read → the stateful Ray Data actor that runs a model and its scorers (Ray's batch-inference
+pattern), one actor per GPU on a cluster.
+
+Input: decoded image rows (:mod:`oodseg.platform.benchmark.read`), up to ``batch_size`` per call.
+Output (:mod:`oodseg.platform.benchmark.rows`): per image a summary row, per dataset per call the merged metric states
+(``pixel`` per scorer key on anomaly sets, ``confusion`` on semantic sets) and how many images they cover, and a
+failure row for any image whose batch failed. The model is built once per actor (``create_model`` with the resolved
+checkpoint) and run under the ``Runtime`` (bf16 autocast on CUDA); the scorers of all keys share one
+``pixel_class_scores`` per class temperature (``score_many``); on a GPU the histogram binning runs on the device.
+
+Side outputs, never through the object store: fp16 score maps (for the component pass and the refine stage) and,
+with ``cache_outputs``, fp16 model outputs (the temperature search's output cache) go to per-run shards
+(:mod:`oodseg.platform.cache`). The course protocol keeps ERFNet's void channel (all 20 channels are scored) and
+leaves out frames without anomaly pixels, as the course evaluation code does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
+from oodseg.models import Runtime, SegModel, create_model
+from oodseg.platform.benchmark.config import ModelSpec, ScorerKey, scorer_keys
+from oodseg.platform.benchmark.read import image_items, read_batch
+from oodseg.platform.benchmark.rows import Rows
+from oodseg.platform.benchmark.stage import Stage
+from oodseg.platform.benchmark.units import UnitInfo, UnitResult
+from oodseg.platform.cache import ShardCache, split_outputs
+from oodseg.scoring import create_scorer, list_scorers, score_many, scorer_applies, semantic_prediction
+from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
+
+F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import the user's plugin modules (their registrations must exist in every worker process too)."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def build_model(spec: ModelSpec, checkpoint: str | None, protocol: str = "field") -> SegModel:
+    """The benchmarked model in eval mode; the course protocol keeps ERFNet's void channel (20 outputs)."""
+    cfg = dict(spec.cfg)
+    if protocol == "course":
+        cfg.update(keep_void=True, input_size=[512, 1024])
+    return create_model(spec.arch or None, checkpoint=checkpoint, **cfg).eval()
+
+
+def image_summary(scores: Sequence[np.ndarray], label: np.ndarray, keys: Sequence[ScorerKey]) -> list[dict]:
+    """Per-scorer mean inlier / anomaly score and max score of one image (float64 accumulation)."""
+    inl, ano = label == INLIER, label == ANOMALY
+    out = []
+    for key, s in zip(keys, scores):
+        s = s.astype(np.float64, copy=False)
+        out.append({
+            "scorer": key.method, "placement": key.placement, "temperature": key.temperature,
+            "n_valid": int(inl.sum() + ano.sum()), "n_anomaly": int(ano.sum()),
+            "score_mean_inlier": float(s[inl].mean()) if inl.any() else None,
+            "score_mean_anomaly": float(s[ano].mean()) if ano.any() else None, "score_max": float(s.max()),
+        })
+    return out
+
+
+class ScoreActor:
+    """Stateful Ray Data UDF (module docstring): model loaded once; per call → rows."""
+
+    def __init__(self, spec: ModelSpec, checkpoint: str | None, keys: Sequence[ScorerKey], units: Mapping[str, UnitInfo],
+                 results_root: str, run_id: str, *, device: str = "auto", precision: str = "auto",
+                 torch_threads: int = 1, cache_outputs: bool = False, write_scores: bool = True, model_batch: int = 8,
+                 protocol: str = "field", smiyc: bool = True, plugins: Sequence[str] = ()) -> None:
+        import_plugins(plugins)
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.runtime = Runtime(device=device, precision=precision)
+        self.model = self.runtime.prepare(build_model(spec, checkpoint, protocol))
+        first = keys[0].placement if keys else "cl"
+        self.keys = [k for k in keys if (self.model.output_kind == "mask" or k.placement == first)
+                     and scorer_applies(k.scorer, self.model.ood_channels)]
+        self.index = {k: keys.index(k) for k in self.keys}  # states are keyed by the driver's key index
+        self.scorers = [create_scorer(k.scorer, k.temperature, k.placement, **dict(k.params)) for k in self.keys]
+        self.units, self.protocol, self.smiyc = dict(units), protocol, smiyc
+        self.cache = lambda dataset, kind: ShardCache(results_root, run_id, spec.name, dataset, kind)
+        self.cache_outputs, self.write_scores = cache_outputs, write_scores
+        self.model_batch = max(1, int(model_batch))
+        self.writer = f"{socket.gethostname()}-{os.getpid()}"
+        self.calls = 0
+        self.announced = False
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        rows = Rows()
+        groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
+        covered: dict[str, int] = defaultdict(int)
+        for r in batch.to_pylist():
+            covered[r["dataset"]] += 1
+            if r["error"]:
+                rows.failure(r, r["stage"], r["error"])
+            else:
+                groups[(r["dataset"], r["height"], r["width"])].append(r)
+        states: dict[str, dict[tuple[int, str], Any]] = defaultdict(dict)
+        for (dataset, h, w), group in groups.items():
+            for start in range(0, len(group), self.model_batch):
+                chunk = group[start : start + self.model_batch]
+                try:
+                    self._score_chunk(dataset, chunk, h, w, states[dataset], rows, f"{self.calls}-{start}")
+                except Exception as e:  # noqa: BLE001 - one bad batch must not kill the job; recorded per image
+                    for r in chunk:
+                        rows.failure(r, "predict", f"{r['image_path']}: {type(e).__name__}: {e}")
+        for dataset, n in covered.items():
+            rows.state(dataset, states[dataset], n)
+        return rows.table()
+
+    def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows,
+                     shard: str) -> None:
+        images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
+        labels = np.stack([np.frombuffer(r["label"], np.uint8).reshape(h, w) for r in chunk])
+        with torch.inference_mode(), self.runtime.autocast():
+            outputs = self.model.predict(torch.from_numpy(images))
+        info = self.units[dataset]
+        if info.kind == "semantic":
+            self._score_semantic(outputs, labels, chunk, info, states, rows)
+        else:
+            self._score_anomaly(dataset, outputs, labels, chunk, states, rows, shard)
+        if self.cache_outputs:
+            self._cache_outputs(dataset, outputs, labels, chunk, rows, shard)
+
+    def _score_semantic(self, outputs: Any, labels: np.ndarray, chunk: list[dict], info: UnitInfo, states: dict,
+                        rows: Rows) -> None:
+        pred = semantic_prediction(outputs, info.num_classes, labels.shape[1:]).to("cpu", torch.uint8).numpy()
+        cm = states.setdefault((0, "confusion"), ConfusionMatrix(info.num_classes))
+        for b, r in enumerate(chunk):
+            cm.update(pred[b], labels[b])
+            valid = labels[b] != IGNORE_ID
+            acc = float((pred[b][valid] == labels[b][valid]).mean()) if valid.any() else None
+            rows.image(r, [{"pixel_acc": acc, "n_valid": int(valid.sum())}])
+
+    def _score_anomaly(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], states: dict,
+                       rows: Rows, shard: str) -> None:
+        keep = [b for b in range(len(chunk)) if self.protocol != "course" or (labels[b] == ANOMALY).any()]
+        for b in set(range(len(chunk))) - set(keep):  # the course code skips frames without anomaly pixels
+            rows.image(chunk[b], [])
+        on_device = score_many(outputs, self.scorers, labels.shape[1:])
+        label_t = torch.from_numpy(labels[keep]).to(on_device[0].device) if on_device else None
+        for key, s in zip(self.keys, on_device):  # binned on the actor's device, whole chunk
+            states.setdefault((self.index[key], "pixel"), PixelMetrics(smiyc=self.smiyc)).update(s[keep], label_t)
+        scores = [s.cpu().numpy() for s in on_device]
+        records = []
+        for b in keep:
+            per = [s[b] for s in scores]
+            rows.image(chunk[b], image_summary(per, labels[b], self.keys))
+            if self.write_scores:
+                maps = np.clip(np.stack(per), -F16_MAX, F16_MAX).astype(np.float16)
+                records.append({"label": labels[b], "scores": maps, "keys": np.array([self.index[k] for k in
+                                                                                      self.keys])})
+        if records:
+            self.cache(dataset, "scores").write(f"{self.writer}-{shard}", records, [chunk[b]["id"] for b in keep])
+
+    def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows,
+                       shard: str) -> None:
+        records = split_outputs(outputs)
+        for rec, lab in zip(records, labels):
+            rec["label"] = lab
+        if not self.announced:
+            per_image = sum(a.nbytes for a in records[0].values())
+            rows.info(dataset, f"output cache: {per_image / 2**20:.1f} MiB per image (fp16 model outputs)")
+            self.announced = True
+        self.cache(dataset, "outputs").write(f"{self.writer}-{shard}", records, [r["id"] for r in chunk])
+
+
+class ScoreStage(Stage):
+    """read → score on an actor pool (one GPU per actor on a cluster)."""
+
+    name = "score"
+
+    def keys(self) -> list[ScorerKey]:
+        names = list(self.run.cfg.scorers) or list_scorers()
+        return scorer_keys(self.run.cfg, names, self.run.output_kind)
+
+    def units(self, pending: list[str]) -> dict[str, UnitResult]:
+        keys = self.keys()
+        out = {}
+        for k in pending:
+            ds = self.run.datasets[k]
+            unit = out[k] = UnitResult(self.run.infos[k], keys, expected=len(ds.samples))
+            unit.failures += [{"image_id": "", "file": e.path, "stage": "list", "error": str(e)} for e in ds.errors]
+        return out
+
+    def stream(self, ray: Any, pending: list[str]) -> Any:
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+        cfg, run = self.run.cfg, self.run
+        for k in pending:  # a unit redone after a crash starts from empty caches
+            for kind in ("outputs", "scores", "refined"):
+                run.cache(k, kind).delete()
+        items = image_items({k: run.datasets[k] for k in pending})
+        res, max_actors = run.resources(ray)
+        blocks = max(1, math.ceil(len(items) / cfg.batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(read_batch, fn_kwargs={"datasets": {k: run.datasets[k] for k in pending},
+                                                   "protocol": cfg.protocol},
+                            batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.read_num_cpus,
+                            compute=TaskPoolStrategy(size=min(cfg.read_concurrency, blocks)))
+        threads = cfg.torch_threads or max(1, math.ceil(cfg.actor_num_cpus))
+        return ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs=dict(
+                spec=run.spec, checkpoint=run.checkpoint, keys=self.keys(), units=run.infos,
+                results_root=run.store.root, run_id=run.run_id, device=cfg.device, precision=cfg.precision,
+                torch_threads=threads, cache_outputs=cfg.cache_outputs, write_scores=self._write_scores(),
+                model_batch=cfg.batch_size, protocol=cfg.protocol, smiyc=cfg.smiyc, plugins=cfg.plugins),
+            batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1,
+                                                                                         max_size=max_actors),
+            **res)
+
+    def _write_scores(self) -> bool:
+        cfg = self.run.cfg
+        return cfg.component_metrics or bool(cfg.refine) or (cfg.plots and cfg.heatmaps > 0)
+
+    def after_commit(self, unit: UnitResult) -> None:
+        cfg = self.run.cfg
+        if not cfg.keep_score_cache and not cfg.refine:  # the refine stage still reads the score maps
+            self.run.cache(unit.info.key, "scores").delete()

@@ -1,0 +1,96 @@
+"""A pass of the benchmark over one model's datasets (:class:`Stage`), and the context its stages share.
+
+A stage turns pending (model, dataset) units into a stream of rows (:mod:`oodseg.platform.benchmark.rows`): images
+in, per-image summaries and mergeable metric states out. The driver treats every stage alike — stream → reduce per
+unit → component pass → commit — so a new stage is one class (in its own module) plus its entry in
+``oodseg.platform.benchmark.driver.STAGES``:
+
+* ``score`` (:class:`~oodseg.platform.benchmark.score.ScoreStage`): read → score actors;
+* ``s2m`` (:class:`~oodseg.platform.benchmark.refine.RefineStage`): the score stage's maps → box prompts → SAM masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from oodseg.data import dataset_info
+from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
+from oodseg.platform.benchmark.units import UnitInfo, UnitResult
+from oodseg.platform.cache import ShardCache
+from oodseg.platform.results import ResultsStore
+
+
+@dataclass
+class ModelRun:
+    """Everything the stages of one model share."""
+
+    cfg: BenchmarkConfig
+    store: ResultsStore
+    run_id: str
+    spec: ModelSpec
+    checkpoint: str | None
+    output_kind: str
+    datasets: dict[str, Any]  # result key → opened dataset
+    infos: dict[str, UnitInfo]
+    done: set[tuple[str, str, str]] = field(default_factory=set)  # committed (model, dataset, stage)
+
+    def cache(self, dataset: str, kind: str) -> ShardCache:
+        return ShardCache(self.store.root, self.run_id, self.spec.name, dataset, kind)
+
+    def pending(self, stage: str) -> list[str]:
+        return [k for k in self.infos if (self.spec.name, k, stage) not in self.done]
+
+    def resources(self, ray: Any) -> tuple[dict[str, Any], int]:
+        """Actor resources + pool size; the CPU budget must leave room for the read tasks."""
+        cfg = self.cfg
+        cluster = ray.cluster_resources()
+        n_gpu, n_cpu = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+        use_gpu = n_gpu > 0 and cfg.device in ("auto", "cuda")
+        max_actors = cfg.num_actors or (n_gpu if use_gpu else 1)
+        if not use_gpu:
+            if cfg.actor_num_cpus + cfg.read_num_cpus > n_cpu:
+                raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} + read_num_cpus={cfg.read_num_cpus} exceed the "
+                                 f"cluster's {n_cpu} CPUs: the reads would starve")
+            budget = n_cpu - cfg.read_num_cpus * cfg.read_concurrency  # keep the read slots free
+            max_actors = max(1, min(max_actors, int(budget // max(cfg.actor_num_cpus, 1e-3))))
+        return {"num_cpus": cfg.actor_num_cpus, "num_gpus": 1 if use_gpu else 0}, max_actors
+
+
+class Stage:
+    """One pass (module docstring). ``name`` keys its units in the results store."""
+
+    name: ClassVar[str] = ""
+    cache_kind: ClassVar[str] = "scores"  # the maps its units' component pass reads
+    refined: ClassVar[bool] = False
+
+    def __init__(self, run: ModelRun) -> None:
+        self.run = run
+
+    def enabled(self) -> bool:
+        return True
+
+    def keys(self) -> list[ScorerKey]:
+        raise NotImplementedError
+
+    def units(self, pending: list[str]) -> dict[str, UnitResult]:
+        raise NotImplementedError
+
+    def stream(self, ray: Any, pending: list[str]) -> Any:
+        """A Ray Dataset of output rows for the ``pending`` units."""
+        raise NotImplementedError
+
+    def after_commit(self, unit: UnitResult) -> None:
+        """Clean up after a committed unit (scratch caches no later stage needs)."""
+
+
+def unit_infos(datasets: Mapping[str, Any], specs: Mapping[str, Any]) -> dict[str, UnitInfo]:
+    """Result key → :class:`UnitInfo` from the registered facts (a spec's ``title`` overrides the registered one)."""
+    out = {}
+    for key, ds in datasets.items():
+        spec = specs[key]
+        info = dataset_info(spec.name)
+        out[key] = UnitInfo(key, spec.name, spec.title or (key if spec.name == "folder" else info.title), info.kind,
+                            getattr(ds, "track", info.track), int(getattr(ds, "num_classes", info.num_classes)))
+    return out

@@ -1,0 +1,115 @@
+"""Stage "reduce": the rows of a pass stream in; each (model, dataset) *unit* is merged as its rows arrive and handed
+on the moment its last image is accounted for, so it is committed while later datasets are still being scored.
+
+Input: the row stream of :mod:`oodseg.platform.benchmark.rows` (any order, any number of actor calls).
+Output: :class:`UnitResult` objects, one per dataset, in completion order (:meth:`Reducer.consume`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from oodseg.platform.benchmark.config import ScorerKey
+from oodseg.platform.benchmark.rows import unpack
+from oodseg.scoring.metrics import MergeableMetric, metric_from_state
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What actors and the reducer know about one dataset of a run (its registered facts, under its result key)."""
+
+    key: str
+    name: str
+    title: str
+    kind: str  # "anomaly" | "semantic"
+    track: str | None
+    num_classes: int
+
+
+@dataclass
+class UnitResult:
+    """The reduced results of one (model, dataset) unit of one pass before commit."""
+
+    info: UnitInfo
+    keys: list[ScorerKey]
+    expected: int
+    metrics: dict[tuple[int, str], MergeableMetric] = field(default_factory=dict)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    n_images: int = 0
+    covered: int = 0  # images (scored or failed) whose state rows have arrived
+    started: float = field(default_factory=time.time)
+
+    @property
+    def done(self) -> bool:
+        return self.covered >= self.expected
+
+    @property
+    def wall_s(self) -> float:
+        return time.time() - self.started
+
+    def merge_states(self, states: Mapping[tuple[int, str], Any]) -> None:
+        """Merge packed ``{(key index, slot): state}`` (see :func:`~oodseg.platform.benchmark.rows.metric_states`)."""
+        for slot, sd in states.items():
+            metric = metric_from_state(sd["metric"], sd)
+            if slot in self.metrics:
+                self.metrics[slot].merge(metric)
+            else:
+                self.metrics[slot] = metric
+
+    def metric(self, key: ScorerKey, slot: str) -> MergeableMetric | None:
+        return self.metrics.get((self.keys.index(key), slot)) if key in self.keys else None
+
+    def scored_keys(self) -> list[ScorerKey]:
+        """The keys that received pixel states (those that apply to the model)."""
+        present = {i for i, name in self.metrics if name == "pixel"}
+        return [k for i, k in enumerate(self.keys) if i in present]
+
+
+class Reducer:
+    """Merge a pass's rows into units and yield each unit once all its images arrived (module docstring)."""
+
+    def __init__(self, units: Mapping[str, UnitResult], on_image: Callable[[str], None] | None = None,
+                 on_info: Callable[[str], None] | None = None) -> None:
+        self.units = dict(units)
+        self.on_image, self.on_info = on_image, on_info
+        self.pending = [k for k, u in self.units.items() if not u.done]
+
+    def _take(self, r: Mapping[str, Any]) -> None:
+        unit = self.units[r["dataset"]]
+        if r["row"] == "info":
+            if self.on_info:
+                self.on_info(r["summary"])
+            return
+        if r["row"] == "state":
+            unit.merge_states(unpack(r["state"]))
+            unit.covered += json.loads(r["summary"])["covered"]
+            return
+        if r["row"] == "failure":
+            unit.failures.append({"image_id": r["id"], "file": r["image_path"], "stage": r["stage"],
+                                  "error": r["error"]})
+        else:
+            unit.n_images += 1
+            for s in json.loads(r["summary"]):
+                unit.summaries.append({"image_id": r["id"], "image_path": r["image_path"], **s})
+        if self.on_image:
+            self.on_image(r["dataset"])
+
+    def consume(self, batches: Iterable[Any]) -> Iterator[UnitResult]:
+        """Yield units as they complete (units with no image to process first), then any that remain."""
+        for key in [k for k, u in self.units.items() if u.done]:
+            yield self.units[key]
+        for batch in batches:
+            for r in batch.to_pylist():
+                self._take(r)
+            # a call's state row comes after its image rows and says how many images it covers
+            for key in [k for k in self.pending if self.units[k].done]:
+                self.pending.remove(key)
+                yield self.units[key]
+        for key in list(self.pending):
+            self.pending.remove(key)
+            yield self.units[key]

@@ -1,0 +1,44 @@
+"""What every job's command line shares: one-line errors (exit code 2), Ctrl-C as one line (exit code 130).
+
+Bad input — a config key, a file, a checkpoint, a dataset — surfaces as ``error: <file or option>: <problem>``,
+including when it was raised inside a Ray worker (the original exception travels as the Ray error's ``cause``);
+a KeyboardInterrupt prints ``interrupted; <how to resume>``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from oodseg.config import ConfigError
+from oodseg.data import DataError
+from oodseg.models import CheckpointError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user-facing error inside ``exc`` (itself, or a Ray error's ``cause`` chain), if there is one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, USER_ERRORS):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
+def run_cli(body: Callable[[], int], resume_hint: Callable[[], str] | None = None) -> int:
+    """Run a job's ``body`` with the module docstring's error handling; returns the exit code."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        hint = resume_hint() if resume_hint else ""
+        print(f"\ninterrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""The jobs' command lines (``jobs/*.py`` and ``python -m oodseg <command>`` call these ``main`` functions)."""

@@ -1,0 +1,82 @@
+"""Finding and loading the benchmark's output cache (fp16 model outputs per image) for searches that never run
+the model (the temperature search).
+
+:func:`find_source_run` picks the benchmark run whose cache covers the needed sets for a model spec (a given
+``source_run``, else the newest finished ``benchmark`` run with the same model name, arch, checkpoint and cfg);
+:func:`load_cached_set` reads one set's records and labels into a :class:`CachedSet`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from oodseg.platform.benchmark.config import ModelSpec
+from oodseg.platform.cache import ShardCache
+from oodseg.platform.results import ResultsStore
+
+
+@dataclass(frozen=True)
+class CachedSet:
+    """One set's cached fp16 model outputs (one record of arrays per image) and uint8 labels, in id order."""
+
+    name: str
+    ids: tuple[str, ...]
+    records: tuple[dict[str, np.ndarray], ...]
+    labels: tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for r in self.records for a in r.values()) + sum(lab.nbytes for lab in self.labels)
+
+
+def load_cached_set(store: ResultsStore, run_id: str, model: str, dataset: str, max_images: int = 0) -> CachedSet:
+    """Read every shard of one (run, model, dataset) output cache; ``max_images`` keeps the first ids (sorted)."""
+    cache = ShardCache(store.root, run_id, model, dataset, "outputs")
+    shards = cache.shards()
+    if not shards:
+        raise FileNotFoundError(f"{cache.dir}: no cached outputs of run {run_id!r}, model {model!r}, dataset "
+                                f"{dataset!r}")
+    items = sorted((i for p in shards for i in cache.read_shard(p)), key=lambda x: x[0])[: max_images or None]
+    records, labels = [], []
+    for _, rec in items:
+        rec = dict(rec)
+        labels.append(np.ascontiguousarray(rec.pop("label"), dtype=np.uint8))
+        records.append(rec)
+    return CachedSet(dataset, tuple(i for i, _ in items), tuple(records), tuple(labels))
+
+
+def cached_sets(store: ResultsStore, run_id: str, model: str) -> set[str]:
+    """Datasets of ``run_id`` whose score unit is committed and whose output cache has shards."""
+    done = {d for m, d, s in store.completed_units(run_id) if m == model and s == "score"}
+    return {d for d in done if ShardCache(store.root, run_id, model, d, "outputs").shards()}
+
+
+def _same_spec(a: dict[str, Any], b: ModelSpec) -> bool:
+    return {**asdict(ModelSpec()), **a} == asdict(b)
+
+
+def find_source_run(store: ResultsStore, spec: ModelSpec, datasets: tuple[str, ...], source_run: str = "") -> str:
+    """The benchmark run whose output cache covers ``datasets`` for ``spec`` ("" when there is none; a given
+    ``source_run`` that does not cover them is a ``ValueError`` naming the missing sets)."""
+    if source_run:
+        missing = set(datasets) - cached_sets(store, source_run, spec.name)
+        if missing:
+            raise ValueError(f"run {source_run!r} has no committed output cache of model {spec.name!r} for "
+                             f"{sorted(missing)} under {store.root}/cache (benchmark it with --cache-outputs true)")
+        return source_run
+    runs = store.read("runs")
+    runs = runs[(runs["job"] == "benchmark") & (runs["status"] == "finished")].sort_values("started_at",
+                                                                                           ascending=False)
+    for row in runs.itertuples():
+        try:
+            models = json.loads(row.config_json).get("models", [])
+        except (TypeError, ValueError):
+            continue
+        if any(_same_spec(m, spec) for m in models if isinstance(m, dict)) and \
+                set(datasets) <= cached_sets(store, row.run_id, spec.name):
+            return str(row.run_id)
+    return ""

@@ -1,0 +1,287 @@
+"""SegmentMeIfYouCan leaderboard pixel metrics: a mergeable re-implementation of the toolkit's ``PixBinaryClass``.
+
+The official toolkit (``SegmentMeIfYouCan/road-anomaly-benchmark``, ``road_anomaly_benchmark/metrics/
+pixel_classification.py`` and ``pixel_classification_curves.py``, 2023-08 head) does not evaluate the pooled
+exact curve that :class:`~oodseg.scoring.metrics.PixelMetrics` computes. Per frame (``binary_confusion_matrix``,
+``bin_strategy='percentiles'``, ``num_bins=768``), on the non-ignored pixels (label < 255; label 1 = anomaly):
+
+* edges = ``unique([vmin − eps, vmax + eps] ∪ quantile(anomaly scores, linspace(0, 1, min(384, n_anomaly)))
+  ∪ quantile(inlier scores, linspace(0, 1, min(384, n_inlier))))`` with ``eps = max(0.01·(vmax − vmin), 0.01)``
+  (numpy ``'linear'`` quantiles; a class without pixels contributes no quantiles);
+* ``np.histogram`` of each class over these edges (bins ``[e_k, e_k+1)``, the last one closed); every bin is
+  kept with its LOWER edge ``e_k`` as its threshold.
+
+Pooling (``aggregate_dynamic_bins`` + ``curves_from_cmats``): all frames' (lower edge, anomaly count, inlier count)
+entries are sorted by edge, high to low, and cumulated; of each run of equal edges only the last cumulative point
+is kept, except that the very first entry is always kept (with tied top edges it is a partial point); (0, 0) is
+prepended. Then AP = ``Σ (R_i − R_{i−1})·P_i`` (precision 1 where nothing is predicted), AUROC = trapezoid over
+(FPR, TPR), FPR95 = FPR at the first point with TPR ≥ 0.95 (no interpolation), best F1 and its threshold (the
+lower edge of that point). Every pixel thus counts as if it scored its bin's lower edge, a per-frame rounding down
+that is coarse where a frame has few quantile edges: above its anomaly scores, and above all in frames with few or
+no anomaly pixels, whose highest-scoring inliers share one top bin of ~1/383 of the frame. Fewer false positives
+at high thresholds overstate AuPRC: measured on synthetic blob maps (8 frames, 3 % anomaly) +4e-3..3e-2 with 1-3
+frames anomaly-free, +2e-3..6e-3 with anomalies in every 64×128 frame, while with ≥ 10^4 anomaly pixels in every
+frame (512×1024) the gap is a few 1e-4 and of either sign (tests/test_metrics_smiyc.py).
+
+Reproduction details (verified against the toolkit's code and numpy's ``_lerp``): quantiles form the neighbour
+difference in the scores' dtype and interpolate in float64; the range ends are float64 (numpy 1.23.3, pinned by
+the toolkit, promotes ``float32 scalar * python float`` to float64); frames without any valid pixel are skipped
+(the toolkit would fail on ``np.min`` of an empty array). The toolkit stores scores as float16 before evaluating
+(``evaluation.py``: ``anomaly_p.astype(np.float16)``); ``fp16=True`` does the same. One choice is ours: with
+several frames tied at the top edge, which entry becomes the partial first point depends in the toolkit on
+``np.argsort``'s tie order and on its worker pool's frame order (``imap_unordered``), i.e. it is not defined; here
+it is the tied entry with the fewest anomaly pixels, then fewest inlier pixels, which makes the result
+independent of frame and merge order (everything else pools by exact integer sums).
+
+State: per frame the ≤ 768 bins (float64 lower edge, int32 counts: ≤ 12 KiB) and the frame's pixel counts; memory
+grows with frames × bins, never with pixels, and merging concatenates.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from oodseg.labels import ANOMALY, INLIER
+from oodseg.scoring.metrics.base import MergeableMetric, check_anomaly_labels, check_scores, register_metric, \
+    scores_and_labels
+
+NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
+QUANTILES_PER_CLASS = NUM_BINS // 2
+TPR_TARGET = 0.95
+Array = np.ndarray | torch.Tensor
+Bins = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One frame
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _take(sorted_vals: Array, idx: np.ndarray) -> np.ndarray:
+    """``sorted_vals[idx]`` on the host, in the scores' dtype (a small gather; torch input stays on its device)."""
+    if isinstance(sorted_vals, torch.Tensor):
+        return sorted_vals[torch.from_numpy(idx).to(sorted_vals.device)].cpu().numpy()
+    return sorted_vals[idx]
+
+
+def _count_below(sorted_vals: Array, edges: np.ndarray) -> np.ndarray:
+    """``#{v < e}`` for every edge but the last, ``#{v ≤ e}`` for the last (``np.histogram``'s cumulative counts),
+    comparing exactly (scores promoted to float64)."""
+    if isinstance(sorted_vals, torch.Tensor):
+        vals = sorted_vals.double()
+        e = torch.from_numpy(edges).to(vals.device)
+        left = torch.searchsorted(vals, e[:-1])
+        last = torch.searchsorted(vals, e[-1:], right=True)
+        return torch.cat([left, last]).cpu().numpy().astype(np.int64)
+    left = np.searchsorted(sorted_vals, edges[:-1], side="left")
+    last = np.searchsorted(sorted_vals, edges[-1:], side="right")
+    return np.concatenate([left, last]).astype(np.int64)
+
+
+def linear_quantiles(sorted_vals: Array, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """``np.quantile(x, np.linspace(0, 1, min(384, n)))`` (float64) from ``x`` sorted ascending, rounding exactly as
+    numpy's ``'linear'`` method (``_lerp``): the neighbour difference ``b − a`` in the scores' dtype, then
+    ``a + (b − a)·γ`` in float64, or ``b − (b − a)·(1 − γ)`` when ``γ ≥ 0.5``. Also returns ``[min, max]`` in the
+    scores' dtype ``dtype`` (float16 scores may be held as float32: numpy sorts float16 ~6x slower). Sorting (not
+    ``torch.quantile``, which caps its input size) keeps it usable on any device."""
+    n = int(sorted_vals.shape[0])
+    virtual = (n - 1) * np.linspace(0.0, 1.0, min(QUANTILES_PER_CLASS, n))
+    lo = np.floor(virtual).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    gamma = virtual - lo
+    vals = _take(sorted_vals, np.concatenate([lo, hi])).astype(dtype, copy=False)  # lo[0] = 0, hi[-1] = n − 1
+    a, b = vals[: lo.size], vals[lo.size :]
+    diff = b - a  # in the scores' dtype, as numpy
+    out = a + diff * gamma
+    upper = gamma >= 0.5
+    out[upper] = b[upper] - diff[upper] * (1 - gamma[upper])
+    return out, np.array([a[0], b[-1]])
+
+
+def frame_bins(pos_sorted: Array, neg_sorted: Array, dtype: type = np.float32) -> Bins:
+    """One frame's ``binary_confusion_matrix(..., bin_strategy='percentiles', num_bins=768)``: (ascending lower bin
+    edges float64, anomaly counts, inlier counts) from the frame's sorted anomaly and inlier scores (not both empty)
+    whose values are of dtype ``dtype``.
+    """
+    quantiles, extremes = zip(*(linear_quantiles(v, dtype) for v in (pos_sorted, neg_sorted) if v.shape[0]))
+    vmin, vmax = min(e[0] for e in extremes), max(e[1] for e in extremes)  # numpy scalars of the scores' dtype
+    with np.errstate(over="ignore"):  # vmax − vmin in the scores' dtype (may overflow to inf, as in the toolkit)
+        vrange = float(vmax - vmin)
+    eps = max(vrange * 1e-2, 1e-2)  # float64: numpy 1.23 (the toolkit's pin) promotes float32 scalar * float
+    edges = np.unique(np.concatenate([np.array([float(vmin) - eps, float(vmax) + eps]), *quantiles]))
+    counts = [np.diff(_count_below(v, edges)).astype(np.int32) if v.shape[0] else np.zeros(edges.size - 1, np.int32)
+              for v in (pos_sorted, neg_sorted)]
+    return edges[:-1], counts[0], counts[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pooled curve
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def pooled_curve(edges: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> dict[str, np.ndarray]:
+    """The toolkit's curve points (after ``curves_from_cmats``' de-duplication and end points) from all frames'
+    bin entries: ``threshold``, ``tp``, ``fp`` (float64), high to low thresholds. Order-independent: groups of equal
+    edges are summed, and the partial first point is the tied top entry with the fewest (anomaly, inlier) pixels."""
+    thr, inv = np.unique(edges, return_inverse=True)
+    g_tp = np.bincount(inv, weights=tp, minlength=thr.size)[::-1]
+    g_fp = np.bincount(inv, weights=fp, minlength=thr.size)[::-1]
+    top = np.flatnonzero(inv == thr.size - 1)
+    first = top[np.lexsort((fp[top], tp[top]))[0]]
+    t = np.concatenate([[thr[-1]], thr[::-1]])
+    c_tp = np.concatenate([[float(tp[first])], np.cumsum(g_tp)])
+    c_fp = np.concatenate([[float(fp[first])], np.cumsum(g_fp)])
+    if c_tp[0] != 0 or c_fp[0] != 0:  # the curve starts at (0, 0)
+        t, c_tp, c_fp = np.r_[t.max() + 1, t], np.r_[0.0, c_tp], np.r_[0.0, c_fp]
+    if c_tp[-1] != n_pos or c_fp[-1] != n_neg:  # ... and ends with every pixel predicted
+        t, c_tp, c_fp = np.r_[t, t.max() - 1], np.r_[c_tp, n_pos], np.r_[c_fp, n_neg]
+    return {"threshold": t, "tp": c_tp, "fp": c_fp}
+
+
+def leaderboard_metrics(curve: Mapping[str, np.ndarray], n_pos: int, n_neg: int) -> dict[str, float]:
+    """``auprc``, ``auroc``, ``fpr95``, ``best_f1``, ``threshold`` from :func:`pooled_curve`, by the toolkit's
+    ``curves_from_cmats`` rules (both classes present)."""
+    tp, fp = curve["tp"], curve["fp"]
+    tpr, fpr = tp / n_pos, fp / n_neg
+    n_pred = tp + fp
+    precision = np.ones_like(tp)
+    np.divide(tp, n_pred, out=precision, where=n_pred > 0)
+    f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
+    k95 = int(np.searchsorted(tpr, TPR_TARGET))
+    best = int(np.nanargmax(f1))
+    return {
+        "auprc": float(np.sum(np.diff(tpr) * precision[1:])),
+        "auroc": float(np.trapezoid(tpr, fpr)),
+        "fpr95": float(fpr[k95]) if k95 < tpr.size else 1.0,
+        "best_f1": float(f1[best]),
+        "threshold": float(curve["threshold"][best]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The mergeable metric
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _sorted(x: Array) -> Array:
+    return torch.sort(x.reshape(-1)).values if isinstance(x, torch.Tensor) else np.sort(x.reshape(-1))
+
+
+def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def split_frames(x: Array) -> list[Array]:
+    """Frames of an input: ``[B, H, W]`` (any ≥ 3-D array: the leading axis) → B frames; ``[H, W]`` or 1-D → one."""
+    return [x[i] for i in range(x.shape[0])] if x.ndim >= 3 else [x]
+
+
+@register_metric("smiyc_pixel")
+class SmiycPixelMetrics(MergeableMetric):
+    """SMIYC leaderboard ``PixBinaryClass`` numbers (see the module docstring) as a mergeable per-frame state.
+
+    ``update(scores, labels)`` takes numpy arrays or torch tensors (on any device: sorting, quantile gathers and
+    counting run there, only ≤ 768 bins per frame cross to the host); ``[B, H, W]`` is B frames, ``[H, W]`` (or a
+    1-D array) one frame. ``fp16=True`` rounds scores to float16 first, as the toolkit stores them (|score| ≥ 65520
+    would become inf and raises ``ValueError``). ``compute()``: ``auprc``, ``auroc``, ``fpr95``, ``best_f1``,
+    ``threshold`` (the toolkit's ``best_f1_threshold``, a lower bin edge that it applies as ``score > threshold``
+    in the scores' dtype), ``n_frames``; NaN (with a ``RuntimeWarning``) without both anomaly and inlier pixels.
+    """
+
+    columns = {"auprc": "auprc_smiyc", "fpr95": "fpr95_smiyc", "auroc": "auroc_smiyc"}
+
+    def __init__(self, fp16: bool = False, validate: bool = True) -> None:
+        self.fp16 = bool(fp16)
+        self.validate = validate  # runtime switch, not part of the state
+        self._edges: list[np.ndarray] = []
+        self._tp: list[np.ndarray] = []
+        self._fp: list[np.ndarray] = []
+        self._n_pos: list[int] = []
+        self._n_neg: list[int] = []
+
+    def config(self) -> dict[str, Any]:
+        return {"fp16": self.fp16}
+
+    def update(self, scores: Any, labels: Any) -> SmiycPixelMetrics:
+        """Add the frame(s) of one batch (see the class docstring); accelerator tensors go to :meth:`_update_torch`."""
+        if isinstance(scores, torch.Tensor) and scores.device.type != "cpu":
+            return self._update_torch(scores, labels)
+        return self.add_frames(*scores_and_labels(scores, labels, self.validate))
+
+    def _update_torch(self, scores: torch.Tensor, labels: Any) -> SmiycPixelMetrics:
+        """:meth:`update` with torch ops on the scores' device (same validation as the numpy path)."""
+        s = scores.detach().float()
+        lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
+        lab = lab.to(s.device)
+        if self.validate:
+            check_anomaly_labels(lab, tuple(s.shape))
+            check_scores(s)
+        return self.add_frames(s, lab)
+
+    def add_frames(self, scores: Array, labels: Array) -> SmiycPixelMetrics:
+        """Add already validated float32 scores and 0/1/255 labels (numpy, or torch on any device) of one or more
+        frames (:func:`split_frames`); all frames are binned before any is added, so a failing batch adds nothing."""
+        frames = [self._frame(s, lab) for s, lab in zip(split_frames(scores), split_frames(labels))]
+        for f in frames:
+            if f is not None:
+                self._add(*f)
+        return self
+
+    def _frame(self, s: Array, lab: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None:
+        """One frame's bins and pixel counts (``None`` if it has no valid pixel)."""
+        if self.fp16:  # round to float16, keep float32 storage (exact; numpy sorts float16 slowly)
+            with np.errstate(over="ignore"):  # overflow is reported just below
+                s = s.half().float() if isinstance(s, torch.Tensor) else s.astype(np.float16).astype(np.float32)
+            n_inf = int((s.isinf() if isinstance(s, torch.Tensor) else np.isinf(s)).sum())
+            if n_inf:
+                raise ValueError(f"SMIYC fp16: {n_inf} scores overflow float16 (|score| >= 65520; the toolkit would "
+                                 "store inf); rescale or clip the scores, or use smiyc_fp16=False")
+        pos, neg = _sorted(s[lab == ANOMALY]), _sorted(s[lab == INLIER])
+        if pos.shape[0] + neg.shape[0] == 0:
+            return None
+        dtype = np.float16 if self.fp16 else np.float32
+        return (*frame_bins(pos, neg, dtype), int(pos.shape[0]), int(neg.shape[0]))
+
+    def _add(self, edges: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> None:
+        self._edges.append(edges)
+        self._tp.append(tp)
+        self._fp.append(fp)
+        self._n_pos.append(n_pos)
+        self._n_neg.append(n_neg)
+
+    def _merge(self, other: SmiycPixelMetrics) -> None:
+        for f in zip(other._edges, other._tp, other._fp, other._n_pos, other._n_neg):
+            self._add(*f)
+
+    def _state(self) -> dict[str, Any]:
+        """Concatenated bins (``edges``, ``tp``, ``fp``), ``n_bins`` / ``n_pos`` / ``n_neg`` per frame."""
+        return {
+            "edges": _concat(self._edges, np.float64), "tp": _concat(self._tp, np.int32),
+            "fp": _concat(self._fp, np.int32),
+            "n_bins": np.array([e.size for e in self._edges], np.int64),
+            "n_pos": np.array(self._n_pos, np.int64), "n_neg": np.array(self._n_neg, np.int64),
+        }
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        bounds = np.cumsum(np.asarray(state["n_bins"], np.int64))[:-1]
+        per = [np.split(np.asarray(state[k], dt), bounds) for k, dt in (("edges", np.float64), ("tp", np.int32),
+                                                                        ("fp", np.int32))]
+        for e, tp, fp, n_pos, n_neg in zip(*per, state["n_pos"], state["n_neg"]):
+            self._add(e, tp, fp, int(n_pos), int(n_neg))
+
+    def _compute(self) -> dict[str, Any]:
+        n_pos, n_neg = sum(self._n_pos), sum(self._n_neg)
+        out: dict[str, Any] = {"n_frames": len(self._edges)}
+        nan = float("nan")
+        if n_pos == 0 or n_neg == 0:
+            warnings.warn(f"SmiycPixelMetrics: {n_pos} anomaly and {n_neg} inlier pixels; the curve needs both, "
+                          "returning NaN", RuntimeWarning, stacklevel=3)
+            return {**out, "auprc": nan, "auroc": nan, "fpr95": nan, "best_f1": nan, "threshold": nan}
+        state = self._state()
+        curve = pooled_curve(state["edges"], state["tp"], state["fp"], n_pos, n_neg)
+        return {**out, **leaderboard_metrics(curve, n_pos, n_neg)}

@@ -1,0 +1,212 @@
+"""How a training step is distributed: one small interface, three strategies (no Ray here).
+
+The training loop (:func:`oodseg.training.loop.fit`) is written once against :class:`Strategy`; a strategy owns the
+optimizer step, the cross-rank reductions and the checkpoint format:
+
+* :class:`LocalStrategy` — one process (CPU or one GPU; bf16/fp16 autocast on CUDA through ``Runtime``);
+* :class:`DDPStrategy` — ``torch.nn.parallel.DistributedDataParallel`` over an initialised process group (Ray Train
+  sets it up); checkpoints hold model/optimizer/scheduler state written by rank 0 (``train_state.pt``, loaded with
+  ``weights_only=True``);
+* :class:`DeepSpeedStrategy` — ``deepspeed.initialize`` with our own ``AdamW`` + ``LambdaLR`` (DeepSpeed never
+  JIT-compiles FusedAdam), ZeRO stage 0/1/2, bf16 on CUDA, fp32 on CPU over gloo; on CPU the compiled shared-memory
+  all-reduce is switched off unless ``shm_comm``. Its own checkpoint loader unpickles; we swap in an engine that
+  loads with ``weights_only=True`` (allow-listing only DeepSpeed's ``LossScaler``, ``ZeroStageEnum``,
+  ``fragment_address``). Every rank saves its ZeRO partition.
+
+A step consumes ``accum`` micro-batches and makes one optimizer update on their mean loss
+(:mod:`oodseg.training.step`); all strategies follow the same learning-rate curve (:mod:`oodseg.training.schedule`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from oodseg.models.runtime import Runtime
+from oodseg.training.config import TrainConfig
+from oodseg.training.schedule import build_scheduler
+from oodseg.training.step import deepspeed_step, torch_step
+
+TRAIN_STATE = "train_state.pt"
+DS_TAG = "state"
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter, ICLR 2019); no weight decay on 1-d tensors (norm scales, biases)."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+class Strategy:
+    """Base: single-process bookkeeping; subclasses override what distribution changes."""
+
+    name = "local"
+
+    def __init__(self, device: torch.device | str | None = None, rank: int = 0, world: int = 1) -> None:
+        self.runtime = Runtime(device=str(device) if device is not None else "auto")
+        self.device = self.runtime.torch_device
+        self.rank, self.world = rank, world
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+        """Move the model to the device and build the optimizer and LR schedule for ``params``."""
+        self.model = self.runtime.prepare(model)
+        self.optimizer = build_optimizer(params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
+        self.grad_clip = cfg.grad_clip
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: nn.Module) -> float:
+        autocast = self.runtime.dtype if self.runtime.dtype != torch.float32 else None
+        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, loss_fn,
+                          forward=self._forward(), autocast_dtype=autocast, grad_clip=self.grad_clip)
+
+    def _forward(self) -> nn.Module | None:
+        return None
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-rank scalar over all ranks."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def gather(self, state: Any) -> Any:
+        """Merge a per-rank mergeable state (``state_dict`` / ``from_state_dict`` / ``merge``) over all ranks."""
+        if self.world == 1:
+            return state
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, state.state_dict())
+        merged = type(state).from_state_dict(parts[0])
+        for part in parts[1:]:
+            merged.merge(type(state).from_state_dict(part))
+        return merged
+
+    def save(self, directory: Path, step: int) -> None:
+        """Write this rank's share of the training state into ``directory``."""
+        if self.rank == 0:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "step": step}, Path(directory) / TRAIN_STATE)
+
+    def load(self, directory: Path) -> int:
+        """Restore from ``directory``; returns the step it was saved at."""
+        path = Path(directory) / TRAIN_STATE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a {self.name} checkpoint (written by another strategy?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
+
+    def close(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+class LocalStrategy(Strategy):
+    """One process: plain torch steps, checkpoints as :data:`TRAIN_STATE`."""
+
+
+class DDPStrategy(Strategy):
+    """``DistributedDataParallel`` (gradients all-reduced on the last micro-batch); same checkpoint as local."""
+
+    name = "ddp"
+
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+        super().setup(model, params, cfg)
+        cuda = self.device.type == "cuda"
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+                    if self.world > 1 else None)
+
+    def _forward(self) -> nn.Module | None:
+        return self.ddp
+
+
+class DeepSpeedStrategy(Strategy):
+    """A DeepSpeed engine over our optimizer and schedule (module docstring)."""
+
+    name = "deepspeed"
+
+    def __init__(self, zero_stage: int = 1, shm_comm: bool = False, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.zero_stage, self.shm_comm = zero_stage, shm_comm
+
+    def config(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The DeepSpeed JSON config: batch sizes from ``TrainConfig``, ZeRO stage, precision, clipping."""
+        return {
+            "train_batch_size": cfg.global_batch,
+            "train_micro_batch_size_per_gpu": cfg.global_batch // (self.world * cfg.accum),
+            "gradient_accumulation_steps": cfg.accum,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.device.type == "cuda"},
+            "gradient_clipping": float(cfg.grad_clip or 0.0),
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+        import deepspeed
+        import deepspeed.ops
+
+        super().setup(model, params, cfg)
+        if self.device.type != "cuda" and not self.shm_comm:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo all-reduce, nothing to compile
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                    lr_scheduler=self.scheduler, config=self.config(cfg),
+                                                    dist_init_required=False)
+        self.engine.checkpoint_engine = _weights_only_engine()
+        self.scheduler = self.engine.lr_scheduler
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: nn.Module) -> float:
+        return deepspeed_step(self.engine, self.model, micro_batches, loss_fn)
+
+    def save(self, directory: Path, step: int) -> None:
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})
+
+    def load(self, directory: Path) -> int:
+        if not (Path(directory) / DS_TAG).is_dir():
+            raise FileNotFoundError(f"{directory}: not a deepspeed checkpoint (written by another strategy?)")
+        _, client = self.engine.load_checkpoint(str(directory), tag=DS_TAG)
+        return int(client["step"])
+
+
+def _weights_only_engine() -> Any:
+    """A DeepSpeed checkpoint engine that reads with ``torch.load(weights_only=True)``, allowing only the three
+    plain-data DeepSpeed classes its ZeRO optimizer states contain."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
+def create_strategy(name: str, **kw: Any) -> Strategy:
+    """``local`` | ``ddp`` | ``deepspeed`` (``zero_stage``, ``shm_comm`` for DeepSpeed)."""
+    classes = {"local": LocalStrategy, "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
+    if name not in classes:
+        raise ValueError(f"unknown strategy {name!r}; use one of {sorted(classes)}")
+    if name != "deepspeed":
+        kw = {k: v for k, v in kw.items() if k not in ("zero_stage", "shm_comm")}
+    return classes[name](**kw)
