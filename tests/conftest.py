@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per test session, tiny synthetic suite on disk."""
+"""Shared fixtures: one local Ray per test session; every test that uses it is marked ``slow``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ import pytest
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_AUTH_TOKEN", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start Ray (they use ``ray_session``, directly or through a fixture) are end-to-end: ``slow``."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import ray
 import yaml
 
 from oodseg.config import build_config
-from oodseg.platform.pipeline import BenchmarkConfig
+from oodseg.platform.benchmark import BenchmarkConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"

@@ -9,6 +9,7 @@ loss curves must agree up to float rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -18,11 +19,39 @@ import pytest
 import torch
 from PIL import Image
 
-from oodseg.platform.trainer import FinetuneConfig, deepspeed_config, run_finetune
+import os
+import sys
+
+import ray.cloudpickle
+
+from oodseg.config import ConfigError
+from oodseg.platform.trainer import FinetuneConfig, check_resume, run_finetune
 from oodseg.training.config import TrainConfig
+from oodseg.training.strategy import DeepSpeedStrategy
 
 pytestmark = pytest.mark.slow
 STEPS = 6
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the step hook runs inside Ray workers
+
+
+class FaultAt:
+    """Test-only step hook: rank ``rank`` exits at ``step`` unless ``marker`` exists (so only on the first attempt).
+    It waits until the checkpoints reported before are committed: a report still in flight when the worker group
+    fails is dropped by Ray Train, which would make "resume from the step-k checkpoint" a race."""
+
+    def __init__(self, step: int, rank: int, marker: Path) -> None:
+        self.step, self.rank, self.marker = step, rank, Path(marker)
+
+    def __call__(self, step: int, rank: int) -> None:
+        import ray.train
+
+        if step != self.step or rank != self.rank or self.marker.exists():
+            return
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                               timeout_s=120)
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(f"rank {rank} exited at step {step}\n")
+        os._exit(1)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +87,17 @@ def runs(ray_session, city_root, tmp_path_factory):
     marker = storage / "fault.marker"
     out = {
         "one": run_finetune(_cfg(city_root, storage, "one", 1)),
-        "fault": run_finetune(_cfg(city_root, storage, "fault", 2, fault_step=4, fault_marker=str(marker),
-                                   export=str(storage / "export" / "model.safetensors"))),
+        "fault": run_finetune(_cfg(city_root, storage, "fault", 2, export=str(storage / "export" /
+                                                                                "model.safetensors")),
+                              step_hook=FaultAt(4, 1, marker)),
     }
     out["ddp"] = run_finetune(_cfg(city_root, storage, "ddp", 2, strategy="ddp"))
     base = _cfg(city_root, storage, "fault", 2)
-    out["rerun"] = run_finetune(replace(base, train=replace(base.train, steps=STEPS + 2)))
+    longer = replace(base, train=replace(base.train, steps=STEPS + 2))
+    assert check_resume(longer) is not None  # same run, more steps: resumes
+    out["rerun"] = run_finetune(longer)
     out["marker"] = marker
+    out["storage"] = storage
     return out
 
 
@@ -98,7 +131,7 @@ def test_killed_worker_resumes_from_last_checkpoint_and_continues_the_same_curve
 
 
 def test_rerun_with_same_name_resumes_and_exports_loadable_model(runs):
-    from oodseg.models import model_from_safetensors
+    from oodseg.models import create_model
     from oodseg.models.checkpoint import read_safetensors_metadata
 
     rows = sorted(runs["rerun"].history, key=lambda r: r["step"])
@@ -106,20 +139,33 @@ def test_rerun_with_same_name_resumes_and_exports_loadable_model(runs):
     assert rows[-1]["step"] == STEPS + 2
     export = Path(runs["fault"].model_path)
     assert export.name == "model.safetensors" and "export" in export.parts
-    model = model_from_safetensors(export)
+    model = create_model(checkpoint=export)
     meta = read_safetensors_metadata(export)
     assert json.loads(meta["oodseg.finetune.config"])["train"]["steps"] == STEPS
     assert torch.isfinite(model.predict(torch.zeros(1, 32, 64, 3, dtype=torch.uint8)).logits).all()
 
 
+def test_resume_refuses_another_loss_model_or_strategy(runs, city_root):
+    """The README trap: a rerun under an existing name with another loss or strategy must not silently resume."""
+    base = _cfg(city_root, runs["storage"], "fault", 2)
+    for other, what in ((replace(base, train=replace(base.train, loss="logitnorm")), "loss 'ce'"),
+                        (replace(base, strategy="ddp"), "strategy 'deepspeed'"),
+                        (replace(base, train=replace(base.train, model_cfg={"width": 0.5, "input_size": None})),
+                         "model_cfg")):
+        with pytest.raises(ConfigError, match=what):
+            check_resume(other)
+    assert check_resume(replace(base, name="fresh")) is None
+
+
 def test_deepspeed_config_batch_arithmetic(city_root, tmp_path):
     cfg = _cfg(city_root, tmp_path, "x", 2)
     cfg = replace(cfg, train=replace(cfg.train, global_batch=8, accum=2))
-    ds = deepspeed_config(cfg, world=2, bf16=False)
+    ds = DeepSpeedStrategy(device="cpu", rank=0, world=2).config(cfg.train)
     # DeepSpeed requires train_batch_size = micro_batch * accum * world
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"] == 8
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is False
     with pytest.raises(ValueError, match="divisible"):
         replace(cfg, num_workers=3)
+    assert not any(f.name.startswith("fault") for f in dataclasses.fields(FinetuneConfig))  # test hooks stay out
     with pytest.raises(ValueError, match="zero_stage"):
         replace(cfg, zero_stage=3)

@@ -132,7 +132,7 @@ def test_ray_job_submit_with_token_auth(token_cluster, tmp_path):
     assert "succeeded" in (out.stdout + out.stderr).lower()
     assert "Cityscapes mIoU" in out.stdout  # the job printed the standard table
     store = ResultsStore(str(results))
-    assert store.completed_units("submitted") == {("tiny", "fs_static"), ("tiny", "cityscapes")}
+    assert store.completed_units("submitted") == {("tiny", "fs_static", "score"), ("tiny", "cityscapes", "score")}
     runs = store.read("runs")
     assert runs.status.tolist() == ["finished"]
     metrics = store.read("metrics")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
 from transformers.models.eomt.modeling_eomt import EomtForUniversalSegmentationOutput
 
-from oodseg.models import check_partition, create_model, model_from_safetensors, save_safetensors
+from oodseg.models import check_partition, create_model, save_safetensors
 from oodseg.models.eomt import window_starts
 from oodseg.outputs import MaskOutputs
 
@@ -146,7 +146,7 @@ def test_from_pretrained_dir_round_trip(tmp_path: Path):
     torch.testing.assert_close(out.mask_logits, ref.masks_queries_logits, rtol=1e-4, atol=1e-4)
     # fine-tuning export → rebuild from the safetensors header alone
     path = save_safetensors(ours, tmp_path / "eomt.safetensors", {"recipe": "queries"})
-    again = model_from_safetensors(path).eval()
+    again = create_model(checkpoint=path).eval()
     out2 = again.predict(torch.from_numpy(img))
     torch.testing.assert_close(out2.class_logits, out.class_logits, rtol=0, atol=0)
 

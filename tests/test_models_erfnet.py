@@ -20,7 +20,6 @@ from oodseg.models import (
     create_model,
     list_models,
     load_checkpoint,
-    model_from_safetensors,
     read_state_dict,
     save_safetensors,
 )
@@ -140,7 +139,7 @@ def test_original_format_checkpoint_loads_and_matches_functional_reference(tmp_p
     sd = published_like_state_dict(seed=1)
     path = tmp_path / "erfnet_pretrained.pth"
     torch.save(sd, path)
-    model = create_model("erfnet", pretrained=str(path), keep_void=True).eval()
+    model = create_model("erfnet", checkpoint=str(path), keep_void=True).eval()
     x = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(x).logits
@@ -148,13 +147,13 @@ def test_original_format_checkpoint_loads_and_matches_functional_reference(tmp_p
     assert ours.shape == ref.shape == (1, 20, 64, 128)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     # default: void channel (index 19) dropped
-    dropped = create_model("erfnet", pretrained=str(path)).eval()
+    dropped = create_model("erfnet", checkpoint=str(path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(dropped(x).logits, ours[:, :19])
     # the same weights with BN counters (PyTorch >= 0.4 saves) and nested {'state_dict': ...} also load
     path2 = tmp_path / "nested.pt"
     torch.save({"epoch": 3, "state_dict": published_like_state_dict(seed=1, with_counters=True)}, path2)
-    again = create_model("erfnet", pretrained=str(path2), keep_void=True).eval()
+    again = create_model("erfnet", checkpoint=str(path2), keep_void=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, ours)
 
@@ -165,7 +164,7 @@ def test_truncated_checkpoint_error_names_file(tmp_path: Path):
     bad = tmp_path / "truncated.pth"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated.pth.*weights_only"):
-        create_model("erfnet", pretrained=str(bad))
+        create_model("erfnet", checkpoint=str(bad))
     with pytest.raises(CheckpointError, match="missing.pth.*not found"):
         read_state_dict(tmp_path / "missing.pth")
 
@@ -178,7 +177,7 @@ def test_wrong_checkpoint_error_names_keys(tmp_path: Path):
     path = tmp_path / "wrong.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError) as info:
-        create_model("erfnet", pretrained=str(path))
+        create_model("erfnet", checkpoint=str(path))
     msg = str(info.value)
     assert "wrong.pth" in msg
     assert "1 missing key(s): decoder.output_conv.bias" in msg
@@ -196,7 +195,7 @@ def test_tiny_width_and_safetensors_round_trip(tmp_path: Path):
     model = create_model("erfnet", width=0.25, num_classes=5, void_class=False, input_size=None).eval()
     assert model.export_cfg()["channels"] == [4, 16, 32]
     path = save_safetensors(model, tmp_path / "m.safetensors", {"step": 3, "note": "x"})
-    again = model_from_safetensors(path).eval()
+    again = create_model(checkpoint=path).eval()
     x = torch.rand(1, 3, 37, 45)  # not a multiple of 8: padded internally, cropped back
     with torch.no_grad():
         a, b = model(x).logits, again(x).logits
@@ -263,7 +262,7 @@ def test_isomax_erfnet_loads_published_weights(tmp_path: Path):
     sd = published_like_state_dict(seed=3)
     path = tmp_path / "erfnet_pretrained.pth"
     torch.save(sd, path)
-    model = create_model("erfnet", head="isomax", pretrained=str(path)).eval()
+    model = create_model("erfnet", head="isomax", checkpoint=str(path), fresh=("head.",)).eval()
     torch.testing.assert_close(
         model.state_dict()["decoder.output_conv.weight"], sd["module.decoder.output_conv.weight"]
     )
@@ -271,7 +270,7 @@ def test_isomax_erfnet_loads_published_weights(tmp_path: Path):
     out = model(x).logits
     assert out.shape == (2, 19, 32, 64) and bool((out <= 0).all())
     # the fresh head (identity prototypes) predicts what the published linear model predicts, pixel for pixel
-    linear = create_model("erfnet", pretrained=str(path)).eval()
+    linear = create_model("erfnet", checkpoint=str(path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(out.argmax(1), linear(x).logits.argmax(1), rtol=0, atol=0)
     groups = model.param_groups()

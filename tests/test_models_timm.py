@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodseg.models import check_partition, create_model, model_from_safetensors, save_safetensors
+from oodseg.models import check_partition, create_model, save_safetensors
 from oodseg.outputs import PixelLogits
 
 
@@ -59,6 +59,6 @@ def test_isomax_head_and_safetensors_round_trip(tmp_path: Path):
         a = model(x).logits
     assert bool((a <= 0).all())  # −|s|·distance
     path = save_safetensors(model, tmp_path / "t.safetensors", {"epoch": 1})
-    again = model_from_safetensors(path).eval()
+    again = create_model(checkpoint=path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, a, rtol=0, atol=0)

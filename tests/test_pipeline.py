@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from oodseg.data import create_dataset
-from oodseg.models import create_model, model_from_safetensors, save_safetensors
+from oodseg.models import create_model, save_safetensors
 from oodseg.outputs import PixelLogits
 from oodseg.platform.cache import ShardCache, output_nbytes
-from oodseg.platform.pipeline import BenchmarkConfig, ModelSpec, run_benchmark
+from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec, run_benchmark
 from oodseg.platform.results import ResultsStore
 from oodseg.scoring import create_scorer
-from oodseg.scoring.metrics import ComponentMetrics, ConfusionMatrix, PixelMetrics
+from oodseg.scoring.metrics import ComponentMetrics, ConfusionMatrix, PixelMetrics, S2MMetrics
 
 SCORERS = ("msp", "energy", "rba")
 TEMPERATURES = (1.0, 2.0)
@@ -50,7 +50,7 @@ def make_cfg(results: Path, data_root: Path, model: Path, **kw) -> BenchmarkConf
     base = dict(
         results=str(results), data_root=str(data_root), models=(ModelSpec(name="tiny", checkpoint=str(model)),),
         datasets=DATASETS, scorers=SCORERS, temperatures=TEMPERATURES, batch_size=N_IMAGES,
-        actor_num_cpus=1.0, read_num_cpus=0.5, read_concurrency=1, heatmaps=1, progress=False,
+        actor_num_cpus=1.0, read_num_cpus=0.5, read_concurrency=1, heatmaps=1, progress=False, cache_outputs=True,
     )
     base.update(kw)
     return BenchmarkConfig(**base)
@@ -66,7 +66,7 @@ def benchmark_run(ray_session, tiny_suite, tiny_model, tmp_path_factory):
 def reference_metrics(data_root: Path, model_path: Path, dataset: str, skip: set[str] = frozenset()) -> dict:
     """Single-process loop: the same numbers computed the obvious way, one image after another."""
     torch.set_num_threads(1)
-    model = model_from_safetensors(model_path).eval()
+    model = create_model(checkpoint=model_path).eval()
     ds = create_dataset(dataset, root=str(data_root))
     refs = [r for r in ds.samples if r.id not in skip]
     samples = [ds.load(r) for r in refs]
@@ -86,12 +86,19 @@ def reference_metrics(data_root: Path, model_path: Path, dataset: str, skip: set
                     for b, s in enumerate(samples)]
             pm = PixelMetrics()
             for m, s in zip(maps, samples):
-                pm.update(m, s["label"])
+                pm.update(m, s["label"])  # one frame per image, as the SMIYC leaderboard counts them
             px = pm.compute()
             comp = ComponentMetrics(px["threshold"], track=ds.track)
+            smiyc = ComponentMetrics.at_threshold(pm, ds.track, rule="smiyc")
+            s2m = S2MMetrics()
             for m, s in zip(maps, samples):
-                comp.update(m.astype(np.float16), s["label"])  # components are defined on fp16 score maps
-            out[(name, t)] = {**px, **comp.compute(), "n_images": len(samples)}
+                m16 = m.astype(np.float16)  # components are defined on the fp16 score maps
+                comp.update(m16, s["label"])
+                smiyc.update(m16, s["label"])
+                s2m.update((m16 > np.float32(px["threshold"])).astype(np.float32), s["label"])
+            smiyc_row = {k.replace("_smiyc", "") + "_smiyc_comp": v for k, v in smiyc.row().items()}
+            out[(name, t)] = {**px, **comp.compute(), **smiyc_row, **{f"s2m_{k}": v for k, v in s2m.compute().items()},
+                              "n_images": len(samples)}
     return out
 
 
@@ -123,7 +130,10 @@ def test_pipeline_matches_single_process_loop(benchmark_run, tiny_suite, tiny_mo
             assert row.n_pixels == r["n_pixels"] and row.n_anomaly_pixels == r["n_anomaly"] > 0
             for col, key in [("auprc", "auprc"), ("fpr95", "fpr95"), ("auroc", "auroc"),
                              ("best_threshold", "threshold"), ("siou", "siou"), ("ppv", "ppv"),
-                             ("mean_f1", "mean_f1")]:
+                             ("mean_f1", "mean_f1"), ("auprc_smiyc", "auprc_smiyc"), ("fpr95_smiyc", "fpr95_smiyc"),
+                             ("auroc_smiyc", "auroc_smiyc"), ("fpr95_interp", "fpr95_interp"),
+                             ("siou_smiyc", "siou_smiyc_comp"), ("mean_f1_smiyc", "mean_f1_smiyc_comp"),
+                             ("s2m_iou", "s2m_iou"), ("s2m_mean_f1", "s2m_mean_f1")]:
                 assert same(getattr(row, col), r[key]), (dataset, row.scorer, row.temperature, col,
                                                          getattr(row, col), r[key])
     # component metrics were actually computed for some unit (not all NaN)
@@ -145,7 +155,7 @@ def test_per_image_and_output_cache(benchmark_run, tiny_suite, tiny_model):
     fs = per_image[(per_image.dataset == "fs_static") & (per_image.scorer == "msp") & (per_image.temperature == 1.0)]
     assert len(fs) == N_IMAGES and (fs.n_anomaly > 0).all()
     # per-image summary against a direct computation for one image
-    model = model_from_safetensors(tiny_model).eval()
+    model = create_model(checkpoint=tiny_model).eval()
     ds = create_dataset("fs_static", root=str(tiny_suite))
     samples = [ds.load(r) for r in ds.samples]
     sample = samples[0]
@@ -203,49 +213,56 @@ def test_resume_after_killed_run_skips_committed_units(ray_session, tiny_suite, 
     results = tmp_path / "results"
     cfg = make_cfg(results, tiny_suite, tiny_model, datasets=("fs_static", "road_anomaly_21"), run_id="resume",
                    scorers=("msp",), temperatures=(1.0,), component_metrics=False, cache_outputs=True, heatmaps=0)
-    real_commit = ResultsStore.commit_unit
+    real_commit = ResultsStore.commit_tables
 
-    def killed_at_second_unit(self, run_id, model, dataset, tables):
-        if dataset == "road_anomaly_21":
+    def killed_at_second_unit(self, key, tables):
+        if key == "resume__tiny__road_anomaly_21":
             # the process dies after writing some parts of the unit but before its metrics part
-            self.write_part("per_image", "resume__tiny__road_anomaly_21", tables["per_image"])
+            self.write_part("per_image", key, tables["per_image"])
             raise KeyboardInterrupt("SIGINT while committing")
-        return real_commit(self, run_id, model, dataset, tables)
+        return real_commit(self, key, tables)
 
-    monkeypatch.setattr(ResultsStore, "commit_unit", killed_at_second_unit)
+    monkeypatch.setattr(ResultsStore, "commit_tables", killed_at_second_unit)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(cfg)
     monkeypatch.undo()
     store = ResultsStore(str(results))
-    assert store.completed_units("resume") == {("tiny", "fs_static")}
+    assert store.completed_units("resume") == {("tiny", "fs_static", "score")}
     first_part = Path(store.part_path("metrics", "resume__tiny__fs_static"))
     stamp = first_part.stat().st_mtime_ns
 
     run_benchmark(cfg)
-    assert store.completed_units("resume") == {("tiny", "fs_static"), ("tiny", "road_anomaly_21")}
+    assert store.completed_units("resume") == {("tiny", "fs_static", "score"), ("tiny", "road_anomaly_21", "score")}
     assert first_part.stat().st_mtime_ns == stamp  # the finished unit was skipped, not redone
     per_image = store.read("per_image")
     assert len(per_image[per_image.dataset == "road_anomaly_21"]) == N_IMAGES  # redone unit: no duplicate rows
     cache = ShardCache(store.root, "resume", "tiny", "road_anomaly_21", "outputs")
     assert len(list(cache.items())) == N_IMAGES  # its cache was cleared before the redo
     runs = store.read("runs")
-    assert sorted(runs.status) == ["failed", "finished"]
+    assert sorted(runs.status) == ["finished", "interrupted"]
 
 
-def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_suite):
-    from oodseg.report import COLUMNS, heatmaps_from_cache, standard_table
+def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_suite, capsys):
+    from oodseg.__main__ import main as oodseg_main
+    from oodseg.report import dataset_title, standard_table
 
     store, run_id = benchmark_run
-    table, info = standard_table(store, run_id)
+    table, info = standard_table(store, [run_id])
     metrics = store.read("metrics")
     for r in metrics[(metrics.kind == "anomaly") & (metrics.temperature == 2.0)].itertuples():
-        cell = table.loc[("tiny", f"{r.scorer} (cl, T=2)"), (COLUMNS[r.dataset], "AuPRC")]
+        cell = table.loc[("tiny", f"{r.scorer} (cl, T=2)"), (dataset_title(r.dataset), "AuPRC")]
         assert cell == pytest.approx(100 * r.auprc, rel=1e-12)
     miou = metrics[metrics.dataset == "cityscapes"].miou.iloc[0]
     assert table[("Cityscapes mIoU", "mIoU")].tolist() == pytest.approx([100 * miou] * len(table))
     image_id = create_dataset("fs_static", root=str(tiny_suite)).samples[2].id
-    (path,) = heatmaps_from_cache(store, run_id, "tiny", "fs_static", [image_id], scorer="energy")
-    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    args = ["report", "--results", store.root, "--runs", run_id, "--no-plots", "--scorer", "energy"]
+    assert oodseg_main([*args, "--heatmap", f"tiny:fs_static:{image_id}"]) == 0
+    (path,) = Path(store.root, "plots", run_id, "heatmaps").glob(f"tiny__fs_static__{image_id}__energy.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert oodseg_main([*args, "--heatmap", "tiny:fs_static:no_such_image"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_image" in err[0] and image_id in err[0]  # names the cached ids
 
 
 TINY_EOMT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=8,
@@ -259,12 +276,12 @@ def test_mask_model_placements_and_cache(ray_session, tiny_suite, tmp_path):
     path = save_safetensors(create_model("eomt", config=TINY_EOMT), tmp_path / "eomt.safetensors")
     cfg = make_cfg(tmp_path / "results", tiny_suite, path, models=(ModelSpec(name="mask", checkpoint=str(path)),),
                    datasets=("fs_static",), scorers=("msp", "energy"), temperatures=(0.5, 1.0),
-                   placements=("cl", "pl"), run_id="mask", heatmaps=0, plots=False)
+                   placements=("cl", "pl"), run_id="mask", heatmaps=0, plots=False, cache_outputs=True)
     run_benchmark(cfg)
     store = ResultsStore(cfg.results)
     rows = store.read("metrics")
-    assert len(rows) == 2 * 2 * 2
-    model = model_from_safetensors(path).eval()
+    assert len(rows) == 2 * 2 * 2 and set(rows.stage) == {"score"}
+    model = create_model(checkpoint=path).eval()
     ds = create_dataset("fs_static", root=str(tiny_suite))
     samples = [ds.load(r) for r in ds.samples]
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from oodseg.config import ConfigError, build_config, config_parser, from_dict, parse_config, to_dict
-from oodseg.platform.pipeline import BenchmarkConfig, ModelSpec
+from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,10 +89,11 @@ class FakeRay:
 
 def test_cpu_budget_keeps_reads_alive_on_two_cores(tmp_path):
     """The 2-core deadlock trap: actors may never take the CPUs the read tasks need."""
-    from oodseg.platform.pipeline import BenchmarkRunner
+    from oodseg.platform.benchmark.stage import ModelRun
 
     def plan(ray, **kw):
-        return BenchmarkRunner(BenchmarkConfig(results=str(tmp_path), **kw))._resources(ray)
+        run = ModelRun(BenchmarkConfig(results=str(tmp_path), **kw), None, "r", ModelSpec(), None, "pixel", {}, {})
+        return run.resources(ray)
 
     res, n = plan(FakeRay(CPU=2), num_actors=2, actor_num_cpus=1.0, read_num_cpus=0.5, read_concurrency=2)
     assert n == 1 and res == {"num_cpus": 1.0, "num_gpus": 0}  # 1 actor CPU + 2 × 0.5 read CPUs = 2

@@ -40,12 +40,13 @@ def test_unknown_column_is_an_error(tmp_path):
 
 def test_same_unit_key_overwrites_instead_of_duplicating(tmp_path):
     store = ResultsStore(str(tmp_path))
-    store.commit_unit("r1", "m", "d", {"metrics": [metric_row("r1", "m", "d", 0.1)]})
-    store.commit_unit("r1", "m", "d", {"metrics": [metric_row("r1", "m", "d", 0.2)]})
-    store.commit_unit("r1", "m", "e", {"metrics": [metric_row("r1", "m", "e", 0.3)]})
-    df = store.read("metrics").sort_values("dataset")
-    assert df["auprc"].tolist() == [0.2, 0.3]
-    assert store.completed_units("r1") == {("m", "d"), ("m", "e")}
+    store.commit_tables("r1__m__d", {"metrics": [metric_row("r1", "m", "d", 0.1)]})
+    store.commit_tables("r1__m__d", {"metrics": [metric_row("r1", "m", "d", 0.2)]})
+    store.commit_tables("r1__m__e", {"metrics": [metric_row("r1", "m", "e", 0.3)]})
+    store.commit_tables("r1__m__e__s2m", {"metrics": [{**metric_row("r1", "m", "e", 0.4), "stage": "s2m"}]})
+    df = store.read("metrics").sort_values(["dataset", "auprc"])
+    assert df["auprc"].tolist() == [0.2, 0.3, 0.4]
+    assert store.completed_units("r1") == {("m", "d", "score"), ("m", "e", "score"), ("m", "e", "s2m")}
     assert store.completed_units("other") == set()
 
 
@@ -82,7 +83,7 @@ def test_commit_unit_writes_metrics_last(tmp_path, monkeypatch):
     order = []
     real = store.write_part
     monkeypatch.setattr(store, "write_part", lambda t, k, rows: (order.append(t), real(t, k, rows))[1])
-    store.commit_unit("r", "m", "d", {
+    store.commit_tables("r__m__d", {
         "metrics": [metric_row("r", "m", "d", 0.1)],
         "per_image": [{"run_id": "r", "model": "m", "dataset": "d", "image_id": "x"}],
         "failures": [{"run_id": "r", "model": "m", "dataset": "d", "file": "f", "stage": "read", "error": "e"}],

@@ -27,7 +27,7 @@ from oodseg.scoring import pixel_class_scores
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("tdos", clip="tiny")
+    return create_model("tdos", clip="tiny", window=128)
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +380,26 @@ def test_mining_orders_groups_by_distance():
         N.mine_negative_groups(cands, ["road"], encode, n_groups=20, source="my-words")
 
 
+def test_wordnet_vocabulary_through_nltk(monkeypatch):
+    import sys
+    import types
+
+    class FakeWordNet:
+        @staticmethod
+        def all_lemma_names(pos: str) -> list[str]:
+            return {"n": ["ice_cream", "dog"], "a": ["blue"]}[pos]
+
+    corpus = types.ModuleType("nltk.corpus")
+    corpus.wordnet = FakeWordNet()
+    monkeypatch.setitem(sys.modules, "nltk", types.ModuleType("nltk"))
+    monkeypatch.setitem(sys.modules, "nltk.corpus", corpus)
+    assert N.wordnet_vocabulary(["noun", "adj"]) == [("dog", "noun"), ("ice cream", "noun"), ("blue", "adj")]
+    monkeypatch.setitem(sys.modules, "nltk", None)
+    monkeypatch.delitem(sys.modules, "nltk.corpus")
+    with pytest.raises(RuntimeError, match="--wordlist FILE"):
+        N.wordnet_vocabulary(["noun"])
+
+
 def test_cli_writes_groups_that_the_model_reads(tmp_path, tiny_clip, capsys):
     with pytest.raises(SystemExit) as e:
         N.main(["--help"])
@@ -405,6 +425,37 @@ def test_cli_writes_groups_that_the_model_reads(tmp_path, tiny_clip, capsys):
     short.write_text("a\nb\nc\n")
     with pytest.raises(ValueError, match="short.txt: 3 candidate words"):
         N.main(["--clip", "tiny", "--wordlist", str(short), "--out", str(out), "--groups", "5"])
+
+
+def test_local_clip_directory_with_its_own_tokenizer(tmp_path, monkeypatch):
+    """A saved CLIPModel + CLIPTokenizer directory (byte-level vocabulary, no merges) loads offline; its tokenizer's
+    ids pooled at the first EOT give get_text_features."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from oodseg.models.tdos.clip import TINY_TEXT, TINY_VISION
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(tmp_path / "clip")
+    text = {**TINY_TEXT, "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(
+        tmp_path / "clip")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    small = {"dim": 32, "heads": 2, "decoder_layers": 1, "decoder_ffn": 32, "pixel_layers": 1, "pixel_ffn": 32,
+             "context_width": 32, "context_heads": 2, "context_layers": 1, "n_negative": 2, "window": 64}
+    m = create_model("tdos", clip=str(tmp_path / "clip"), **small).eval()
+    assert m.text.ids[7, 0] == 512 and (m.text.ids[7] == 513).any()  # "traffic sign": SOT … EOT pad
+    clip, tok = m.clip, load_tokenizer(str(tmp_path / "clip"), m.clip)
+    ids = tok(["road", "traffic light", "a clean origami of a bus"], 16)
+    enc = PromptTextEncoder(clip, ids, tok.sot_id, tok.eot_id, n_ctx=0, n_negative=0, neg_len=1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(), clip.get_text_features(input_ids=ids).pooler_output, rtol=1e-5, atol=1e-6)
+        ref = F.normalize(clip.get_text_features(input_ids=tok(["a clean origami of a road"])).pooler_output, dim=-1)
+    torch.testing.assert_close(m.reg_targets[:1], ref)
+    assert m.predict(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).class_logits.shape == (1, 20, 21)
 
 
 # ----------------------------------------------------------------------------------------------------- bad input

@@ -249,10 +249,11 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 # --- demo model -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, tmp_path):
     from safetensors.torch import load_file
 
-    from oodseg.models import model_from_safetensors
+    from oodseg.models import create_model
     from oodseg.models.checkpoint import read_safetensors_metadata
     from oodseg.training.demo import DEMO_MODEL_CFG, get_demo_checkpoint
 
@@ -267,7 +268,7 @@ def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, 
     assert c != a and not torch.equal(load_file(c)["decoder.output_conv.weight"], ta["decoder.output_conv.weight"])
     meta = read_safetensors_metadata(a)
     assert 0.0 <= float(meta["oodseg.demo.val_miou"]) <= 1.0
-    model = model_from_safetensors(a)
+    model = create_model(checkpoint=a)
     assert model.cfg["input_size"] == DEMO_MODEL_CFG["input_size"]
     out = model.eval().predict(torch.zeros(1, 64, 128, 3, dtype=torch.uint8))
     assert out.size == (64, 128) and out.logits.shape[1] == 19

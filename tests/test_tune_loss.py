@@ -14,7 +14,7 @@ import pytest
 from oodseg.losses import loss_space
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.trainer import FinetuneConfig
-from oodseg.platform.tune_loss import SQL_COMPLETED, LossSearchConfig, run_loss_search, with_objectives
+from oodseg.platform.tuning.loss import SQL_COMPLETED, LossSearchConfig, run_loss_search, with_objectives
 from oodseg.training.config import TrainConfig
 
 STEPS = 4  # = max_t: one validation (Tune iteration) per step
@@ -108,6 +108,7 @@ def test_asha_loss_search(ray_session, tmp_path, suite):
         f"WHERE t.run_id = 'loss1' AND {SQL_COMPLETED.format(STEPS)} ORDER BY t.value DESC LIMIT 1"
     ).fetchone()
     assert best[1] == pytest.approx(res.best_value) and best[2:] == ("tune_loss", "finished")
+    assert {t["mode"] for t in res.trials} == {"max"}
     assert json.loads(best[0])["lr"] == pytest.approx(res.best_config["lr"])
     assert len(list(Path(res.experiment_dir).glob("*/events.out.tfevents*"))) == 4
     assert (Path(res.best_checkpoint) / "model.safetensors").is_file()  # the fine-tuned model of the best trial

@@ -8,8 +8,8 @@ from ray import tune
 
 from oodseg.losses import loss_space
 from oodseg.platform.trainer import FinetuneConfig
-from oodseg.platform.tune_loss import LossSearchConfig, search_space, trial_finetune_config
-from oodseg.platform.tuners import tune_space
+from oodseg.platform.tuning.loss import LossSearchConfig, search_space, trial_finetune_config
+from oodseg.platform.tuning.spaces import tune_space
 from oodseg.scoring import scorer_space
 from oodseg.training.config import TrainConfig
 
@@ -54,5 +54,5 @@ def test_loss_search_space_and_trial_config():
     assert trial.train.lr == 3e-4 and trial.train.loss_cfg == {"variant": "bce", "weight": 0.5}
     # every report must carry validation metrics: logs and checkpoints only at multiples of val_every
     assert trial.train.log_every == 4 and trial.checkpoint_every == 8
-    assert (trial.name, trial.storage_path, trial.export) == ("train-x", "/tmp/s", None)
+    assert (trial.name, trial.storage_path) == ("train-x", "/tmp/s")
     assert cfg.max_t == 3

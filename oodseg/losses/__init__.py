@@ -1,4 +1,4 @@
-"""Training losses: ``ce``, ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (IsoMax+).
+"""Training losses: ``ce``, ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (IsoMax+), ``tdos`` (TDOS).
 
 ``create_loss(name, **cfg)(outputs, target, outlier_mask=None) -> scalar``; ``loss_info(name)`` holds the facts a
 registration declares (Tune space, model changes, how it combines with a model's own loss); ``loss_space(name,
@@ -6,7 +6,7 @@ output_kind)`` is its Tune search space. Conventions (255 ignore, 254 pasted out
 ``base``. A new loss is one file (a module with ``@register_loss``) plus its import line here.
 """
 
-from oodseg.losses import modules  # noqa: F401  (registers ce, oe, logitnorm, eim)
+from oodseg.losses import modules, tdos  # noqa: F401  (register ce, oe, logitnorm, eim; tdos)
 from oodseg.losses.base import (
     LOSSES,
     LossInfo,
@@ -24,6 +24,7 @@ from oodseg.losses.modules import (
     LogitNormLoss,
     OutlierExposureLoss,
 )
+from oodseg.losses.tdos import TdosLoss
 
 __all__ = [
     "LOSSES",
@@ -33,6 +34,7 @@ __all__ = [
     "LossInfo",
     "OutlierExposureLoss",
     "PixelBatch",
+    "TdosLoss",
     "create_loss",
     "list_losses",
     "loss_info",

@@ -5,12 +5,15 @@
 
 * ``erfnet``   — :class:`oodseg.models.erfnet.ERFNet` (pixel logits; published Cityscapes checkpoint layout);
 * ``eomt``     — :class:`oodseg.models.eomt.EoMT` (mask outputs; transformers ``EomtForUniversalSegmentation``);
-* ``timm_seg`` — :class:`oodseg.models.timm_seg.TimmSeg` (pixel logits on any timm backbone).
+* ``timm_seg`` — :class:`oodseg.models.timm_seg.TimmSeg` (pixel logits on any timm backbone);
+* ``tdos``     — :class:`oodseg.models.tdos.model.TDOS` (mask outputs with an ``ood`` class; CLIP text-driven OOD).
+
+SAM (prompted masks, not a segmentation model) lives in :mod:`oodseg.models.sam`.
 
 A new model is one file with ``@register_model("name")`` on its ``SegModel`` subclass, plus its import line here.
 """
 
-from oodseg.models import eomt, erfnet, timm_seg  # noqa: F401  (each registers itself)
+from oodseg.models import eomt, erfnet, tdos, timm_seg  # noqa: F401  (each registers itself)
 from oodseg.models.base import SegModel, check_partition, to_nchw_uint8
 from oodseg.models.checkpoint import (
     CheckpointError,

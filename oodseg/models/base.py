@@ -11,7 +11,8 @@ A ``SegModel`` is an ``nn.Module`` with
   model's device (each model applies the input convention it was trained with);
 * ``forward(x, target=None)``: training path on preprocessed input. Returns the outputs; a model that trains with a
   loss of its own (EoMT's mask-classification loss) returns ``(outputs, own_loss)`` when given the semantic
-  ``target`` ``[B,H,W]`` (see ``own_loss`` and ``oodseg.losses`` for how a registered loss combines with it);
+  ``target`` ``[B,H,W]`` (see ``own_loss`` and ``oodseg.losses`` for how a registered loss combines with it); a
+  model with ``wants_targets`` gets ``target`` and ``outlier_mask`` in training (TDOS's OOD feature augmentation);
 * ``predict(images_uint8)``: inference (no grad, preprocessing, resizing / sliding windows) with ``size`` = input size;
 * ``param_groups()``: ``name → list[Parameter]`` with names among ``backbone``, ``decoder``, ``head``, ``queries``
   (these top-level groups partition the trainable parameters) and ``blocks.<i>`` (finer, possibly overlapping the
@@ -57,6 +58,8 @@ class SegModel(nn.Module):
     output_kind: ClassVar[str] = "pixel"
     #: whether ``forward(x, target)`` also returns a loss of the model's own (mask-classification models)
     own_loss: ClassVar[bool] = False
+    #: whether training passes ``target`` and ``outlier_mask`` to ``forward`` (feature-level augmentations, TDOS)
+    wants_targets: ClassVar[bool] = False
     #: registry name, set by ``register_model`` / ``create_model`` (used by ``save_safetensors``)
     model_name: str = ""
     input_size: tuple[int, int] | None = None

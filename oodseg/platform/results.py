@@ -195,7 +195,8 @@ class ResultsStore:
         """``{(model, dataset, stage)}`` already committed for ``run_id`` (their ``metrics`` part exists)."""
         df = self.read("metrics")
         df = df[df["run_id"] == run_id]
-        return {(m, d, s or "score") for m, d, s in zip(df["model"], df["dataset"], df["stage"])}
+        return {(m, d, s if isinstance(s, str) and s else "score") for m, d, s in
+                zip(df["model"], df["dataset"], df["stage"])}
 
     def duckdb(self):
         """A DuckDB connection with one view per table (``SELECT … FROM metrics JOIN runs USING (run_id)``)."""

@@ -42,8 +42,9 @@ def forward_loss(
     mask = batch.get("outlier_mask")
     mask = None if mask is None else mask.to(device, non_blocking=True)
     if not getattr(model, "own_loss", False):
+        kwargs = {"target": target, "outlier_mask": mask} if getattr(model, "wants_targets", False) else {}
         with ctx:
-            out = (forward or model)(x)
+            out = (forward or model)(x, **kwargs)
         return loss_fn(out, target, mask)
     # A model with a loss of its own (EoMT's mask-classification loss, computed in its forward pass): the loss's
     # registration says whether it *is* that objective (``ce``) or adds a term to it (``oe``); per-pixel-only

@@ -91,7 +91,7 @@ PRESETS = {
     "base": TdosConfig(),
     "tiny": TdosConfig(n_ctx=4, name_len=8, neg_len=4, dim=32, heads=2, decoder_layers=3, decoder_ffn=64,
                        pixel_layers=1, pixel_ffn=64, pixel_attn="none", context_width=32, context_heads=2,
-                       context_layers=1, context_dropout=0.0, window=128),
+                       context_layers=1, context_dropout=0.0, window=256),
 }
 
 
@@ -139,6 +139,7 @@ class TDOS(SegModel):
 
     output_kind = "mask"
     own_loss = False
+    wants_targets = True
     ood_channels = (OOD_INDEX,)
 
     def __init__(self, clip: str | dict[str, Any] = "tiny", class_names: Any = CITYSCAPES_OOD_CLASSES,

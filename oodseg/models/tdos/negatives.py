@@ -54,7 +54,7 @@ def wordnet_vocabulary(pos: Sequence[str]) -> list[tuple[str, str]]:
 
         tags = {"noun": "n", "adj": "a"}
         out = [(w.replace("_", " "), p) for p in pos for w in sorted(wn.all_lemma_names(pos=tags[p]))]
-    except (ImportError, LookupError) as e:
+    except (ImportError, LookupError, OSError) as e:
         raise RuntimeError(f"--wordnet needs nltk with its 'wordnet' corpus ({type(e).__name__}); pass "
                            "--wordlist FILE instead") from None
     return out

@@ -144,6 +144,8 @@ class BenchmarkConfig:
     verbose: bool = field(default=False, metadata=_h("show Ray's own log output"))
 
     def __post_init__(self) -> None:
+        specs = tuple(DatasetSpec(d) if isinstance(d, str) else d for d in self.datasets)
+        object.__setattr__(self, "datasets", specs)  # plain names are accepted in code too
         if self.max_images < 0:
             raise ValueError(f"max_images must be ≥ 0 (0: all images), got {self.max_images}")
         if not self.models:
