@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_AUTH_TOKEN", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Train controller polling: tests end sooner
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

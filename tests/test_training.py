@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from oodseg.training.params import (
     train_mode,
 )
 from oodseg.training.schedule import build_scheduler, lr_factor
-from oodseg.training.step import torch_step
+from oodseg.training.step import forward_loss, torch_step
 
 TINY = {"width": 0.25, "input_size": None}
 
@@ -241,7 +242,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         params = select_parameters(model, "full")
         opt = torch.optim.AdamW(params, lr=1e-2)
         train_mode(model, frozen_stats=True)
-        losses = [torch_step(model, opt, None, data[k], loss_fn) for k in range(len(data))]
+        compute = partial(forward_loss, loss_fn=loss_fn)
+        losses = [torch_step(model, opt, None, data[k], compute) for k in range(len(data))]
         finals.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
     np.testing.assert_allclose(finals[0][0], finals[1][0], rtol=1e-5)
     for n, p in finals[0][1].items():

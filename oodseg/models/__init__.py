@@ -32,7 +32,7 @@ from oodseg.models.factory import (
     resolve_checkpoint,
 )
 from oodseg.models.heads import IsoMaxPlusHead
-from oodseg.models.runtime import Runtime
+from oodseg.models.runtime import Runtime, tune_allocator
 
 __all__ = [
     "CheckpointError",
@@ -52,4 +52,5 @@ __all__ = [
     "resolve_checkpoint",
     "save_safetensors",
     "to_nchw_uint8",
+    "tune_allocator",
 ]

@@ -201,20 +201,27 @@ class SamSegmenter(nn.Module):
     def masks_from_boxes(self, img: SamImage, boxes: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask per xyxy box (original pixels), ``multimask_output=False`` (S2M's call): bool ``[K, H, W]`` and
         predicted IoU ``[K]``, on the model's device; prompts run in chunks of ``prompt_batch``."""
+        logits, ious = self.mask_logits_from_boxes(img, boxes)
+        return logits[:, 0] > 0, ious[:, 0]
+
+    def mask_logits_from_boxes(self, img: SamImage, boxes: np.ndarray | torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """Box prompts ``[K, 4]`` xyxy (original pixels) → mask logits ``[K, 1, H, W]`` at the original size
+        (differentiable) and predicted IoU ``[K, 1]``."""
         b = self._as_tensor(boxes, torch.float32)
         if b.ndim != 2 or b.shape[-1] != 4:
             raise ValueError(f"boxes must be [K, 4] xyxy, got {tuple(b.shape)}")
         h, w = img.original_size
         if b.shape[0] == 0:
-            return (torch.zeros(0, h, w, dtype=torch.bool, device=self.device),
-                    torch.zeros(0, device=self.device))
+            z = img.embeddings.new_zeros
+            return z(0, 1, h, w), z(0, 1)
         b = to_input_frame(b, img.original_size, img.input_size)
-        masks, ious = [], []
+        logits, ious = [], []
         for chunk in b.split(self.prompt_batch):
             out = self.model(image_embeddings=img.embeddings, input_boxes=chunk[None], multimask_output=False)
-            masks.append(self.upsample(img, out.pred_masks[0])[:, 0] > 0)
-            ious.append(out.iou_scores[0, :, 0])
-        return torch.cat(masks), torch.cat(ious)
+            logits.append(self.upsample(img, out.pred_masks[0]))
+            ious.append(out.iou_scores[0])
+        return torch.cat(logits), torch.cat(ious)
 
     @contextmanager
     def _capture_iou_token(self) -> Iterator[list[torch.Tensor]]:

@@ -25,11 +25,12 @@ from typing import Any, Literal
 import torch
 
 from oodseg.config import ConfigError, from_dict, to_dict, to_json
-from oodseg.models import resolve_checkpoint
+from oodseg.models import resolve_checkpoint, tune_allocator
 from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import MODEL, RUN, fit, run_fingerprint
+from oodseg.training.tasks import TASKS
 from oodseg.training.strategy import create_strategy
 
 RESUME_KEYS = ("strategy", "model", "model_cfg", "init", "loss", "loss_cfg", "params", "dataset", "data_root",
@@ -94,6 +95,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, cfg.cpus_per_worker))
+    if not cfg.use_gpu:
+        tune_allocator()
     strategy = create_strategy(cfg.strategy, zero_stage=cfg.zero_stage, shm_comm=cfg.shm_comm,
                                device=ray.train.torch.get_device(), rank=rank, world=ctx.get_world_size())
     progress = config.get("progress")
@@ -128,7 +131,7 @@ def resolve_data(cfg: FinetuneConfig, cache_dir: str | os.PathLike[str] | None =
         suite = synthetic_suite(cache, tc.seed)
         tc = replace(tc, data_root=str(suite), coco_root=tc.coco_root or str(suite / "coco"), init=tc.init or "demo")
     init = resolve_checkpoint(tc.init, cache_dir=cache, data_root=tc.data_root, seed=tc.seed)
-    return replace(cfg, train=replace(tc, init=init))
+    return replace(cfg, train=TASKS.get(tc.task).resolve(replace(tc, init=init), cache))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -200,17 +200,16 @@ def _best_of_three(sam: Any, img: Any, points: np.ndarray) -> tuple[torch.Tensor
     return logits[torch.arange(len(best), device=logits.device), best], token
 
 
-def saom_step(sam: Any, head: nn.Module, optimizer: torch.optim.Optimizer, image: np.ndarray,
-              masks: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray, grid: np.ndarray,
-              min_fraction: float = 0.5) -> dict[str, float]:
-    """One SAOM step on one image with all its GT masks ``[K, H, W]`` (classes ``[K]``) as one prompt batch; the
-    ``[0, 1]`` ``grid`` comes from :func:`point_grid`. Returns the loss terms and ``n_masks``; with no usable mask
-    no step is taken (terms 0, ``n_masks`` 0)."""
+def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.Tensor | np.ndarray,
+                    classes: torch.Tensor | np.ndarray, grid: np.ndarray,
+                    min_fraction: float = 0.5) -> dict[str, torch.Tensor] | None:
+    """SAOM's loss terms on one image with all its GT masks ``[K, H, W]`` (classes ``[K]``) as one prompt batch
+    (the ``[0, 1]`` ``grid`` comes from :func:`point_grid`); None when no mask is usable."""
     encoder_grad = any(p.requires_grad for p in sam.param_groups()["encoder"])
     img = sam.embed(image, grad=encoder_grad)
     points, keep = saom_prompts(sam, img, masks, grid, min_fraction)
     if not keep.any():
-        return {"loss": 0.0, "dice": 0.0, "focal": 0.0, "ce": 0.0, "n_masks": 0.0}
+        return None
     dev = img.embeddings.device
     gt = torch.as_tensor(masks, device=dev)[torch.as_tensor(keep, device=dev)]
     cls = torch.as_tensor(classes, device=dev).long()[torch.as_tensor(keep, device=dev)]
@@ -218,11 +217,21 @@ def saom_step(sam: Any, head: nn.Module, optimizer: torch.optim.Optimizer, image
     if n_cls is not None and (cls.min() < 0 or cls.max() >= n_cls):
         raise ValueError(f"SAOM classes must be in [0, {n_cls}), got {sorted(set(cls.tolist()))}")
     logits, token = _best_of_three(sam, img, points[keep])
-    terms = saom_loss(logits, gt, head(token), cls)
+    return {**saom_loss(logits, gt, head(token), cls), "n_masks": torch.tensor(float(keep.sum()))}
+
+
+def saom_step(sam: Any, head: nn.Module, optimizer: torch.optim.Optimizer, image: np.ndarray,
+              masks: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray, grid: np.ndarray,
+              min_fraction: float = 0.5) -> dict[str, float]:
+    """One optimizer step of :func:`saom_image_loss` on one image. Returns the loss terms and ``n_masks``; with
+    no usable mask no step is taken (terms 0, ``n_masks`` 0)."""
+    terms = saom_image_loss(sam, head, image, masks, classes, grid, min_fraction)
+    if terms is None:
+        return {"loss": 0.0, "dice": 0.0, "focal": 0.0, "ce": 0.0, "n_masks": 0.0}
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     optimizer.step()
-    return {**{k: float(v.detach()) for k, v in terms.items()}, "n_masks": float(keep.sum())}
+    return {k: float(v.detach()) for k, v in terms.items()}
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@
 * ``data``                                     deterministic augmentation, OE paste, rank-sliced global batches
 * ``step``                                     one optimizer step (plain/DDP or a DeepSpeed engine)
 * ``strategy``                                 local | ddp | deepspeed behind one interface
+* ``task`` / ``tasks``                         what is trained (segmentation; S2M detector and SAOM in refine/)
 * ``loop.fit``                                 the one training loop; ``train_local`` for a single process
 * ``evaluate``                                 mergeable validation (mIoU + AuPRC/FPR95)
 * ``demo``                                     the cached demo ERFNet (named checkpoint ``"demo"``)
@@ -18,6 +19,9 @@ from oodseg.training.loop import fit, train_local
 from oodseg.training.params import merge_lora, select_parameters, train_mode
 from oodseg.training.schedule import build_scheduler, lr_factor
 from oodseg.training.strategy import create_strategy
+from oodseg.training.task import SegmentationTask, Task
+from oodseg.training.tasks import create_task, list_tasks, register_task
 
-__all__ = ["TrainConfig", "build_scheduler", "create_strategy", "fit", "lr_factor", "merge_lora",
-           "select_parameters", "train_local", "train_mode"]
+__all__ = ["SegmentationTask", "Task", "TrainConfig", "build_scheduler", "create_strategy", "create_task", "fit",
+           "list_tasks", "lr_factor", "merge_lora", "register_task", "select_parameters", "train_local",
+           "train_mode"]

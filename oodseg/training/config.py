@@ -14,6 +14,7 @@ from oodseg.losses import list_losses
 from oodseg.models import list_models
 from oodseg.scoring import list_scorers
 from oodseg.training.schedule import SCHEDULES
+from oodseg.training.tasks import list_tasks
 
 
 def _h(text: str, **extra: Any) -> dict[str, Any]:
@@ -24,6 +25,9 @@ def _h(text: str, **extra: Any) -> dict[str, Any]:
 class TrainConfig:
     """Model, data, objective, optimisation and validation settings of a training run."""
 
+    task: str = field(default="segmentation", metadata=_h("what is trained (segmentation | s2m_detector | saom)",
+                                                          choices=list_tasks))
+    task_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("settings of a non-segmentation task"))
     model: str = field(default="erfnet", metadata=_h("registered model", choices=list_models))
     model_cfg: dict[str, Any] = field(default_factory=dict, metadata=_h("model keyword arguments, e.g. {width: "
                                                                         "0.375} (erfnet), {clip: tiny} (tdos)"))

@@ -19,6 +19,7 @@ crop so pasted objects are never cropped away. Pasted pixels carry ``OUTLIER_ID 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +67,27 @@ def augment(image: np.ndarray, label: np.ndarray, aug: SegAugment, rng: np.rando
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack samples: ``images`` uint8 [B,H,W,3], ``target`` int64 [B,H,W], ``outlier_mask`` uint8 [B,H,W]."""
+    return {
+        "images": torch.from_numpy(np.stack([s["image"] for s in samples])),
+        "target": torch.from_numpy(np.stack([s["target"] for s in samples]).astype(np.int64)),
+        "outlier_mask": torch.from_numpy(np.stack([s["outlier_mask"] for s in samples])),
+    }
+
+
 class TrainSamples:
     """Augmented (and optionally outlier-pasted) training samples of a semantic dataset, addressed by (index, epoch).
 
     ``cache=True`` keeps decoded source frames in memory (only for small sets such as the synthetic suite).
     """
 
-    def __init__(self, dataset: Any, aug: SegAugment, *, seed: int, paste: Any = None, cache: bool = False) -> None:
+    def __init__(self, dataset: Any, aug: SegAugment, *, seed: int, paste: Any = None, cache: bool = False,
+                 collate: Callable[[list[dict[str, np.ndarray]]], dict[str, torch.Tensor]] = collate) -> None:
         if len(dataset) == 0:
             raise ValueError(f"training dataset {getattr(dataset, 'name', dataset)!r} is empty")
         self.dataset, self.aug, self.seed, self.paste = dataset, aug, seed, paste
+        self.collate = collate
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -122,17 +134,9 @@ def step_items(
     return [items[i : i + micro] for i in range(0, per_rank, micro)]
 
 
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack samples: ``images`` uint8 [B,H,W,3], ``target`` int64 [B,H,W], ``outlier_mask`` uint8 [B,H,W]."""
-    return {
-        "images": torch.from_numpy(np.stack([s["image"] for s in samples])),
-        "target": torch.from_numpy(np.stack([s["target"] for s in samples]).astype(np.int64)),
-        "outlier_mask": torch.from_numpy(np.stack([s["outlier_mask"] for s in samples])),
-    }
-
-
 class StepBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose item ``k`` is the list of micro-batches for optimizer step ``start + k``.
+    """Map-style dataset whose item ``k`` is the list of micro-batches for optimizer step ``start + k``
+    (``samples.get(index, epoch)`` per item, ``samples.collate`` per micro-batch).
 
     Wrap it in ``DataLoader(..., batch_size=None, num_workers=…)`` to decode/augment ahead of the compute.
     """
@@ -148,4 +152,4 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> list[dict[str, torch.Tensor]]:
         micro = step_items(self.start + k, **self.kw)
-        return [collate([self.samples.get(i, e) for i, e in mb]) for mb in micro]
+        return [self.samples.collate([self.samples.get(i, e) for i, e in mb]) for mb in micro]

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from oodseg.data.synthetic import MARKER, ensure_suite
-from oodseg.models import register_checkpoint_source, save_safetensors
+from oodseg.models import register_checkpoint_source, save_safetensors, tune_allocator
 from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import train_local
@@ -142,6 +142,7 @@ def get_demo_checkpoint(
             return out
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
+        tune_allocator()
         try:
             t0 = time.perf_counter()
             result = train_local(cfg, progress=progress)

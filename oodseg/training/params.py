@@ -70,7 +70,10 @@ def apply_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its base layer and put the plain layer back (in place; returns the module)."""
+    """Fold every LoRA adapter into its base layer and put the plain layer back (in place; returns the module).
+    A model without adapters is returned as it is (peft is only imported when there is something to merge)."""
+    if not any(LORA_PREFIX in name for name, _ in model.named_parameters()):
+        return model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, BaseTunerLayer)]

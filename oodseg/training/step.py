@@ -61,13 +61,14 @@ def torch_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     micro_batches: list[dict[str, torch.Tensor]],
-    loss_fn: Callable[..., torch.Tensor],
+    compute: Callable[..., torch.Tensor],
     *,
     forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
 ) -> float:
-    """Plain torch / DDP step: gradients of all micro-batches accumulate locally; DDP all-reduces on the last one."""
+    """Plain torch / DDP step: gradients of all micro-batches accumulate locally; DDP all-reduces on the last one.
+    ``compute(model, micro_batch, forward=…, autocast_dtype=…)`` is the micro-batch loss (a task's ``loss``)."""
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     total = 0.0
@@ -76,7 +77,7 @@ def torch_step(
         if i < n - 1 and hasattr(forward, "no_sync"):
             sync = forward.no_sync()  # type: ignore[union-attr]
         with sync:
-            loss = forward_loss(model, mb, loss_fn, forward=forward, autocast_dtype=autocast_dtype)
+            loss = compute(model, mb, forward=forward, autocast_dtype=autocast_dtype)
             (loss / n).backward()
         total += float(loss.detach())
     if grad_clip:
@@ -91,7 +92,7 @@ def deepspeed_step(
     engine: Any,
     model: nn.Module,
     micro_batches: list[dict[str, torch.Tensor]],
-    loss_fn: Callable[..., torch.Tensor],
+    compute: Callable[..., torch.Tensor],
 ) -> float:
     """DeepSpeed step: ``engine.backward`` + ``engine.step`` per micro-batch; the engine updates (and steps its LR
     scheduler) at the accumulation boundary, which ``len(micro_batches) == gradient_accumulation_steps`` makes the
@@ -99,7 +100,7 @@ def deepspeed_step(
     dtype = next(engine.module.parameters()).dtype
     total = 0.0
     for mb in micro_batches:
-        loss = forward_loss(model, mb, loss_fn, forward=engine, input_dtype=dtype)
+        loss = compute(model, mb, forward=engine, input_dtype=dtype)
         engine.backward(loss)
         engine.step()
         total += float(loss.detach())

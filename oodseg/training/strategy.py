@@ -66,9 +66,10 @@ class Strategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: nn.Module) -> float:
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
+        """One optimizer step over ``micro_batches``; ``compute`` is the task's micro-batch loss."""
         autocast = self.runtime.dtype if self.runtime.dtype != torch.float32 else None
-        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, loss_fn,
+        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, compute,
                           forward=self._forward(), autocast_dtype=autocast, grad_clip=self.grad_clip)
 
     def _forward(self) -> nn.Module | None:
@@ -171,8 +172,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine.checkpoint_engine = _weights_only_engine()
         self.scheduler = self.engine.lr_scheduler
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: nn.Module) -> float:
-        return deepspeed_step(self.engine, self.model, micro_batches, loss_fn)
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
+        return deepspeed_step(self.engine, self.model, micro_batches, compute)
 
     def save(self, directory: Path, step: int) -> None:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})

@@ -11,11 +11,13 @@ Lists (F1 per τ, …) go to ``extra_json``.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.platform.results import ResultsStore, safe_key
+from oodseg.refine.prompters import ScoreCalibration
 
 EXTRA = {"components": ("f1", "n_gt", "n_pred"), "confusion": ("iou_per_class",)}
 
@@ -38,6 +40,15 @@ def slot_values(unit: UnitResult, index: int) -> tuple[dict[str, Any], dict[str,
     return row, extra
 
 
+def calibration(pixel: Any) -> dict[str, float] | None:
+    """The scorer's calibration statistics on this set (best-F1 threshold, inlier median and IQR scale), which the
+    refine stage's ``components`` prompter reads back; None when undefined (no anomaly pixel, a constant score)."""
+    try:
+        return asdict(ScoreCalibration.from_pixel_metrics(pixel))
+    except ValueError:
+        return None
+
+
 def metric_rows(unit: UnitResult, base: dict[str, Any]) -> list[dict[str, Any]]:
     """The unit's ``metrics`` rows (one per scored key; one semantic row; one empty row if nothing was scored)."""
     info = unit.info
@@ -51,9 +62,9 @@ def metric_rows(unit: UnitResult, base: dict[str, Any]) -> list[dict[str, Any]]:
     elif info.kind == "anomaly":
         for key in unit.scored_keys():
             values, extra = slot_values(unit, unit.keys.index(key))
+            extra.update(params=dict(key.params), calibration=calibration(unit.metric(key, "pixel")))
             rows.append({**common, **values, "scorer": key.method, "placement": key.placement,
-                         "temperature": key.temperature,
-                         "extra_json": json.dumps({**extra, "params": dict(key.params)}, default=str)})
+                         "temperature": key.temperature, "extra_json": json.dumps(extra, default=str)})
     return rows or [common]  # every image failed: the unit is still marked done
 
 

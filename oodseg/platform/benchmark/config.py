@@ -56,11 +56,16 @@ class DatasetSpec:
 class RefineSpec:
     """The S2M refine stage (``refine: s2m``): anomaly scores → box prompts → SAM masks → refined score maps."""
 
-    prompter: str = "detector"
-    prompter_cfg: dict[str, Any] = field(default_factory=dict)
-    sam: str = "demo"
-    scorers: tuple[str, ...] = ()
-    threshold: str = "best_f1"
+    prompter: str = field(default="detector", metadata={"help": "registered prompter: detector (S2M) | components"})
+    prompter_cfg: dict[str, Any] = field(default_factory=dict, metadata={"help": "prompter keyword arguments"})
+    detectors: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "detector checkpoint per scorer, {msp: FILE}; the demo model's scorers default to demo-detector"})
+    sam: str = field(default="demo-saom", metadata={
+        "help": "SAM: demo-saom | demo-sam (tiny SAMs trained on the synthetic suite) | a .safetensors file | a hub id "
+                "such as facebook/sam-vit-base | a local directory"})
+    scorers: tuple[str, ...] = field(default=("msp", "rba"), metadata={"help": "scorers whose maps are refined"})
+    calibration: str = field(default="best_f1", metadata={
+        "help": "components prompter threshold / scale: best_f1 (each set's own) or a dataset key"})
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class BenchmarkRunner:
             for spec in self.cfg.models:
                 run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
                                plan.output_kinds[spec.name], plan.datasets, plan.infos,
-                               plan.store.completed_units(self.run_id))
+                               plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
                 for stage_cls in STAGES:
                     self.run_stage(ray, stage_cls(run))
         except BaseException as e:
@@ -80,7 +80,7 @@ class BenchmarkRunner:
         bar = progress_bar(sum(u.expected for u in units.values()), f"{run.spec.name} {stage.name}",
                            self.cfg.progress)
         reducer = Reducer(units, on_image=lambda _: bar.update(1), on_info=lambda m: log(f"{run.spec.name}: {m}"))
-        stream = stage.stream(ray, pending).iter_batches(batch_size=None, batch_format="pyarrow")
+        stream = stage.stream(ray, pending)
         try:
             for unit in reducer.consume(stream):
                 if self.cfg.component_metrics:

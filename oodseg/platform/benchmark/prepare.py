@@ -29,7 +29,8 @@ from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import log
-from oodseg.scoring import scorer_applies
+from oodseg.refine import list_prompters
+from oodseg.scoring import list_scorers, scorer_applies
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 
 
@@ -45,6 +46,7 @@ class Plan:
     infos: dict[str, UnitInfo]
     checkpoints: dict[str, str | None]
     output_kinds: dict[str, str]
+    refine: dict[str, dict[str, Any]]
 
 
 def check_results_root(results: str) -> ResultsStore:
@@ -100,6 +102,34 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     return checkpoint, model_output_kind(name)
 
 
+def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root: str) -> dict[str, Any]:
+    """The refine stage's SAM and per-scorer prompter settings, checkpoints resolved (demo sources trained once)."""
+    r = cfg.refine_cfg
+    if not cfg.refine:
+        return {}
+    if r.prompter not in list_prompters():
+        raise ConfigError(f"--refine-cfg.prompter {r.prompter}: not a registered prompter ({list_prompters()})")
+    scored = set(cfg.scorers) or set(list_scorers())
+    if not r.scorers or set(r.scorers) - scored:
+        raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
+    context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
+    sam = resolve_checkpoint(r.sam, **context)
+    if sam and sam.endswith(".safetensors"):
+        check_checkpoint(sam)
+    prompters = {}
+    for scorer in r.scorers:
+        pc: dict[str, Any] = {"name": r.prompter, **r.prompter_cfg}
+        if r.prompter == "detector":
+            source = r.detectors.get(scorer) or ("demo-detector" if spec.checkpoint == "demo" else "")
+            if not source:
+                raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
+                                  "train one (python jobs/train_detector.py) and give {scorer: FILE}")
+            pc["checkpoint"] = resolve_checkpoint(source, scorer=scorer, **context)
+            check_checkpoint(pc["checkpoint"])
+        prompters[scorer] = pc
+    return {"sam": sam, "prompters": prompters}
+
+
 def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
     """Every configured dataset, listed (``max_images`` applied); missing or empty ones are errors."""
     out = {}
@@ -131,8 +161,9 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
             log(f"building the synthetic road suite (seed {cfg.seed}, once; cache: {cache_dir})")
         root = str(synthetic_suite(cache_dir, cfg.seed))
     datasets = open_datasets(cfg, root)
-    checkpoints, kinds = {}, {}
+    checkpoints, kinds, refine = {}, {}, {}
     for spec in cfg.models:
         checkpoints[spec.name], kinds[spec.name] = resolve_model(cfg, spec, cache_dir, root)
+        refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
     specs = {d.result_key: d for d in cfg.datasets}
-    return Plan(cfg, store, root, cache_dir, datasets, unit_infos(datasets, specs), checkpoints, kinds)
+    return Plan(cfg, store, root, cache_dir, datasets, unit_infos(datasets, specs), checkpoints, kinds, refine)

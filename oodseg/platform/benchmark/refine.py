@@ -1,14 +1,198 @@
-"""Stage "s2m" (WIP placeholder while the refine core lands)."""
+"""Stage "s2m": S2M's object-level refinement of the score stage's maps (Zhao et al., CVPR 2024).
+
+Input: the committed score units of a model and their fp16 score maps (the score stage keeps them when a refine
+stage follows). For every configured scorer (``refine_cfg.scorers``), each image's map goes through a registered
+prompter (``components`` or S2M's ``detector``) → box prompts → SAM (one image embedding per image, every box a
+prompt, one mask each) → :func:`~oodseg.refine.assemble_masks`: the refined map, zero where no box landed.
+
+Output: rows like the score stage's, for the keys ``<scorer>+s2m`` — pixel metrics per key here; the component pass
+then adds SMIYC's component metrics and S2M's own IoU / AuIoU / mean F1 on the refined maps (written as shards of
+kind ``refined``). The actors (one GPU each on a cluster) load SAM and the prompter once; only shard paths and
+small states travel through the object store. A map the prompter refuses (all-NaN, constant) is a failure row for
+that image; every other image is still scored.
+
+Calibration of the ``components`` prompter (``refine_cfg.calibration``): ``best_f1`` uses each set's own pixel
+best-F1 threshold — the threshold the SMIYC component metrics use, the S2M paper's "dataset-optimal" baselines —
+and its inlier median / IQR scale; a dataset key uses that set's statistics for every set; both come from the score
+stage's committed rows (``extra_json.calibration``), so a resumed run needs no recomputation.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from oodseg.models.sam import create_sam
+from oodseg.platform.benchmark.config import ScorerKey
+from oodseg.platform.benchmark.read import course_resize
+from oodseg.platform.benchmark.rows import Rows
+from oodseg.platform.benchmark.score import F16_MAX, ScoreStage, import_plugins
 from oodseg.platform.benchmark.stage import Stage
+from oodseg.platform.benchmark.units import UnitResult
+from oodseg.platform.cache import ShardCache
+from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
+from oodseg.scoring.metrics import PixelMetrics
+
+
+class RefineActor:
+    """Ray Data UDF (module docstring): SAM + prompter loaded once; per call, score shards → refined rows."""
+
+    def __init__(self, keys: Sequence[ScorerKey], sources: Mapping[int, int], prompters: Mapping[str, dict],
+                 sam: str, calibrations: Mapping[str, Mapping[str, dict]], datasets: Mapping[str, Any],
+                 cache: Mapping[str, str], *, device: str = "auto", torch_threads: int = 1, protocol: str = "field",
+                 smiyc: bool = True, plugins: Sequence[str] = ()) -> None:
+        import_plugins(plugins)
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.sam = create_sam(sam).to(dev).eval()
+        self.keys, self.sources = list(keys), dict(sources)
+        self.prompters = {name: create_prompter(**cfg) for name, cfg in prompters.items()}
+        self.calibrations, self.datasets, self.cache = calibrations, datasets, dict(cache)
+        self.refs = {k: {r.id: r for r in ds.samples} for k, ds in datasets.items()}
+        self.protocol, self.smiyc = protocol, smiyc
+        self.writer = f"{socket.gethostname()}-{os.getpid()}"
+        self.calls = 0
+
+    def _image(self, dataset: str, image_id: str, label: np.ndarray) -> np.ndarray:
+        image = self.datasets[dataset].load(self.refs[dataset][image_id])["image"]
+        return course_resize(image, label)[0] if image.shape[:2] != label.shape else image
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        rows = Rows()
+        states: dict[str, dict] = defaultdict(dict)
+        covered: dict[str, int] = defaultdict(int)
+        for row in batch.to_pylist():
+            dataset = row["dataset"]
+            source = ShardCache(**{**self.cache, "dataset": dataset, "kind": "scores"})
+            records, ids = [], []
+            for item in source.items([row["path"]]):
+                covered[dataset] += 1
+                refined = self._refine(dataset, item, rows, states[dataset])
+                if refined is not None:
+                    records.append({"label": item.label, "scores": refined, "keys": np.arange(len(self.keys))})
+                    ids.append(item.id)
+            if records:
+                target = ShardCache(**{**self.cache, "dataset": dataset, "kind": "refined"})
+                target.write(f"{self.writer}-{self.calls}", records, ids)
+        for dataset, n in covered.items():
+            rows.state(dataset, states[dataset], n)
+        return rows.table()
+
+    def _refine(self, dataset: str, item: Any, rows: Rows, states: dict) -> np.ndarray | None:
+        src = {"dataset": dataset, "id": item.id}
+        try:
+            image = self._image(dataset, item.id, item.label)
+            maps, summary = [], []
+            for i, key in enumerate(self.keys):
+                score = item.scores[int(np.flatnonzero(item.keys == self.sources[i])[0])].astype(np.float32)
+                cal = self.calibrations.get(dataset, {}).get(key.scorer)
+                refined, boxes = refine_s2m(image, score, self.prompters[key.scorer], self.sam,
+                                            ScoreCalibration(**cal) if cal else None)
+                maps.append(refined.numpy())
+                summary.append({"scorer": key.method, "placement": key.placement, "temperature": key.temperature,
+                                "n_valid": int((item.label != 255).sum()), "n_anomaly": int((item.label == 1).sum()),
+                                "score_max": float(refined.max()) if refined.numel() else 0.0})
+        except (ValueError, RuntimeError) as e:  # a refused map (NaN / constant) fails this image only
+            rows.failure(src, "refine", f"{dataset}/{item.id}: {type(e).__name__}: {e}")
+            return None
+        for i, m in enumerate(maps):
+            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.smiyc)).update(m, item.label)
+        rows.image(src, summary)
+        return np.clip(np.stack(maps), -F16_MAX, F16_MAX).astype(np.float16)
 
 
 class RefineStage(Stage):
+    """The refine pass (module docstring) on an actor pool."""
+
     name = "s2m"
     cache_kind = "refined"
     refined = True
 
     def enabled(self) -> bool:
         return self.run.cfg.refine == "s2m"
+
+    def keys(self) -> list[ScorerKey]:
+        cfg = self.run.cfg
+        plain = self.score_keys()
+        return [ScorerKey(s, plain[0].placement, plain[0].temperature, (), "s2m") for s in cfg.refine_cfg.scorers]
+
+    def score_keys(self) -> list[ScorerKey]:
+        return ScoreStage(self.run).keys()
+
+    def sources(self) -> dict[int, int]:
+        """Refine key index → index of the plain key whose maps it refines (T = first temperature, first placement)."""
+        plain = self.score_keys()
+        out = {}
+        for i, key in enumerate(self.keys()):
+            match = [j for j, k in enumerate(plain) if (k.scorer, k.placement, k.temperature) ==
+                     (key.scorer, key.placement, key.temperature)]
+            if not match:
+                raise ValueError(f"refine_cfg.scorers: {key.scorer!r} is not among the scored keys")
+            out[i] = match[0]
+        return out
+
+    def units(self, pending: list[str]) -> dict[str, UnitResult]:
+        scored = self.run.store.read("metrics")
+        scored = scored[(scored.run_id == self.run.run_id) & (scored.model == self.run.spec.name)]
+        out = {}
+        for k in pending:
+            info = self.run.infos[k]
+            if info.kind != "anomaly":
+                continue
+            rows = scored[(scored.dataset == k) & (scored.stage.fillna("score") == "score")]
+            out[k] = UnitResult(info, self.keys(), expected=int(rows.n_images.iloc[0]) if len(rows) else 0)
+        return out
+
+    def calibrations(self) -> dict[str, dict[str, dict]]:
+        """Dataset → scorer → ScoreCalibration fields, from the committed score rows (module docstring)."""
+        m = self.run.store.read("metrics")
+        m = m[(m.run_id == self.run.run_id) & (m.model == self.run.spec.name) & m.scorer.notna()]
+        stats: dict[str, dict[str, dict]] = defaultdict(dict)
+        for r in m.itertuples():
+            cal = json.loads(r.extra_json or "{}").get("calibration")
+            if cal:
+                stats[r.dataset][r.scorer] = cal
+        source = self.run.cfg.refine_cfg.calibration
+        if source == "best_f1":
+            return dict(stats)
+        if source not in stats:
+            raise ValueError(f"refine_cfg.calibration: {source!r} is neither best_f1 nor a scored anomaly set")
+        return {d: stats[source] for d in self.run.infos}
+
+    def stream(self, ray: Any, pending: list[str]) -> Any:
+        from ray.data import ActorPoolStrategy
+
+        run, cfg = self.run, self.run.cfg
+        items = [{"dataset": k, "path": p} for k in pending for p in run.cache(k, "scores").shards()]
+        for k in pending:
+            run.cache(k, "refined").delete()
+        if not items:  # nothing was scored (every image failed): the units commit empty
+            return iter(())
+        res, max_actors = run.resources(ray)
+        cache = {"results_root": run.store.root, "run_id": run.run_id, "model": run.spec.name}
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            RefineActor,
+            fn_constructor_kwargs=dict(
+                keys=self.keys(), sources=self.sources(), prompters=run.refine["prompters"], sam=run.refine["sam"],
+                calibrations=self.calibrations(), datasets={k: run.datasets[k] for k in pending}, cache=cache,
+                device=cfg.device, torch_threads=cfg.torch_threads or max(1, math.ceil(cfg.actor_num_cpus)),
+                protocol=cfg.protocol, smiyc=cfg.smiyc, plugins=cfg.plugins),
+            batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
+        return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+    def after_commit(self, unit: UnitResult) -> None:
+        if not self.run.cfg.keep_score_cache:
+            for kind in ("scores", "refined"):
+                self.run.cache(unit.info.key, kind).delete()

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
-from oodseg.models import Runtime, SegModel, create_model
+from oodseg.models import Runtime, SegModel, create_model, tune_allocator
 from oodseg.platform.benchmark.config import ModelSpec, ScorerKey, scorer_keys
 from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.rows import Rows
@@ -82,6 +82,8 @@ class ScoreActor:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.runtime = Runtime(device=device, precision=precision)
+        if self.runtime.torch_device.type == "cpu":
+            tune_allocator()
         self.model = self.runtime.prepare(build_model(spec, checkpoint, protocol))
         first = keys[0].placement if keys else "cl"
         self.keys = [k for k in keys if (self.model.output_kind == "mask" or k.placement == first)
@@ -211,7 +213,7 @@ class ScoreStage(Stage):
                             batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.read_num_cpus,
                             compute=TaskPoolStrategy(size=min(cfg.read_concurrency, blocks)))
         threads = cfg.torch_threads or max(1, math.ceil(cfg.actor_num_cpus))
-        return ds.map_batches(
+        ds = ds.map_batches(
             ScoreActor,
             fn_constructor_kwargs=dict(
                 spec=run.spec, checkpoint=run.checkpoint, keys=self.keys(), units=run.infos,
@@ -221,6 +223,7 @@ class ScoreStage(Stage):
             batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1,
                                                                                          max_size=max_actors),
             **res)
+        return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def _write_scores(self) -> bool:
         cfg = self.run.cfg

@@ -35,6 +35,7 @@ class ModelRun:
     datasets: dict[str, Any]  # result key → opened dataset
     infos: dict[str, UnitInfo]
     done: set[tuple[str, str, str]] = field(default_factory=set)  # committed (model, dataset, stage)
+    refine: dict[str, Any] = field(default_factory=dict)  # resolved refine inputs: "sam", "prompters" per scorer
 
     def cache(self, dataset: str, kind: str) -> ShardCache:
         return ShardCache(self.store.root, self.run_id, self.spec.name, dataset, kind)
@@ -78,7 +79,7 @@ class Stage:
         raise NotImplementedError
 
     def stream(self, ray: Any, pending: list[str]) -> Any:
-        """A Ray Dataset of output rows for the ``pending`` units."""
+        """The output rows for the ``pending`` units: an iterable of Arrow tables (a Ray Dataset's batches)."""
         raise NotImplementedError
 
     def after_commit(self, unit: UnitResult) -> None:

@@ -17,8 +17,6 @@ binned variant is in :mod:`oodseg.scoring.metrics.smiyc`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 
@@ -60,10 +58,3 @@ def cumulative_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndar
     last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
     tp = np.cumsum(y)[last]
     return s[last], tp, (last + 1) - tp
-
-
-def pixel_metrics(scores: Any, labels: Any, bits: int = 24) -> dict[str, Any]:
-    """One-shot :class:`~oodseg.scoring.metrics.PixelMetrics` of one array of scores and 0/1/255 labels."""
-    from oodseg.scoring.metrics.pixel import PixelMetrics
-
-    return PixelMetrics(bits=bits).update(scores, labels).compute()

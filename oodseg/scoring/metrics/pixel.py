@@ -263,3 +263,6 @@ class PixelMetrics(MergeableMetric):
         }
 
 
+def pixel_metrics(scores: Any, labels: Any, bits: int = 24) -> dict[str, Any]:
+    """One-shot :class:`PixelMetrics` of one array of scores and 0/1/255 labels (notebooks, one-off checks)."""
+    return PixelMetrics(bits=bits).update(scores, labels).compute()

@@ -1,0 +1,217 @@
+"""Training SAM with the one training loop (``TrainConfig(task="saom")``): SAOM fine-tuning, and the promptable
+pre-training a from-scratch demo SAM needs first.
+
+Data: Cityscapes-format frames with ``gtFine/*_instanceIds.png`` (:class:`~oodseg.data.instances.CityscapesInstances`:
+one mask per object of a class with instances, one per evaluated stuff class), one image per sample; a micro-batch
+of images averages their per-image losses. Model: a :class:`~oodseg.models.sam.SamSegmenter` plus SAOM's class head
+on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
+
+* ``grid`` — SAOM (Khan et al., ICIP 2024; ``mariiak2021/SAOMv1-SAOMv2-and-PanoSAM``): one positive point per GT mask
+  by nearest-neighbour assignment on the everything-mode grid, best of 3 masks by predicted IoU, Dice + focal +
+  class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.refine.saom`).
+* ``box`` — SAM's own promptable objective (Kirillov et al., ICCV 2023), for a SAM trained from scratch: each GT
+  mask prompted by its box (one mask) and by a random interior point (3 masks, the lowest-loss one trained), Dice +
+  focal; every part trains.
+
+Validation: the SAOM protocol (:class:`~oodseg.refine.saom.SaomEval`: per-class pooled IoU and pixel recall over
+instances, prompts from the same GT-based grid assignment). Export: the SAM as self-describing safetensors
+(``create_sam(path)``), which S2M loads with one config line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oodseg.config import from_dict
+from oodseg.data.instances import CityscapesInstances
+from oodseg.models import resolve_checkpoint
+from oodseg.models.sam import SamSegmenter, create_sam, save_sam
+from oodseg.refine.saom import (
+    SaomEval,
+    SaomHead,
+    dice_loss,
+    focal_loss,
+    point_grid,
+    saom_image_loss,
+    saom_predict,
+    select_saom_parameters,
+)
+from oodseg.scoring.metrics import MetricSet
+from oodseg.training.task import Task
+from oodseg.training.tasks import register_task
+
+PROMPTS = ("grid", "box")
+
+
+@dataclass(frozen=True)
+class SaomTaskConfig:
+    """``TrainConfig.task_cfg`` of the ``saom`` task."""
+
+    sam: str = "tiny"  # the SAM to start from: tiny (random) | a file | hub id | local dir | a named source
+    sam_cfg: dict[str, Any] = field(default_factory=dict)
+    prompts: str = "grid"
+    grid: tuple[int, int] = (32, 32)
+    train_encoder: bool = False
+    num_classes: int = 19
+    min_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.prompts not in PROMPTS:
+            raise ValueError(f"task_cfg.prompts must be one of {PROMPTS}, got {self.prompts!r}")
+
+
+class SaomModel(nn.Module):
+    """SAM + SAOM's class head, as one module whose ``forward(batch)`` is the training loss, so DDP / DeepSpeed
+    wrappers see the forward pass that produces the gradients they reduce."""
+
+    def __init__(self, sam: SamSegmenter, head: SaomHead, opts: SaomTaskConfig, seed: int) -> None:
+        super().__init__()
+        self.sam, self.head, self.opts, self.seed = sam, head, opts, seed
+        self.grid = point_grid(*opts.grid)
+
+    def forward(self, batch: Sequence[dict[str, Any]]) -> torch.Tensor:
+        grad_encoder = any(p.requires_grad for p in self.sam.param_groups()["encoder"])
+        terms = []
+        for s in batch:
+            if self.opts.prompts == "box":
+                rng = np.random.default_rng([self.seed, s["epoch"], s["index"], 7])
+                t = box_prompt_loss(self.sam, s["image"], s["masks"], rng, grad_encoder)
+            else:
+                out = saom_image_loss(self.sam, self.head, s["image"], s["masks"], s["classes"], self.grid,
+                                      self.opts.min_fraction)
+                t = None if out is None else out["loss"]
+            if t is not None:
+                terms.append(t)
+        if not terms:  # no usable mask in the micro-batch: a zero loss that still touches the parameters
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        return torch.stack(terms).mean()
+
+
+def _sample_collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return samples
+
+
+class InstanceSamples:
+    """Instance samples addressable by ``(index, epoch)`` (whole frames; horizontal flip drawn per sample)."""
+
+    def __init__(self, dataset: CityscapesInstances, seed: int, hflip: bool) -> None:
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset!r}: no frames with instance masks")
+        self.dataset, self.seed, self.hflip = dataset, seed, hflip
+        self.collate = _sample_collate
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int, epoch: int) -> dict[str, Any]:
+        s = self.dataset[index]
+        image, masks = s["image"], s["masks"]
+        if self.hflip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+        return {"image": np.ascontiguousarray(image), "masks": np.ascontiguousarray(masks), "classes": s["classes"],
+                "index": index, "epoch": epoch}
+
+
+def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+                    grad_encoder: bool) -> torch.Tensor | None:
+    """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
+    (3 masks, the lowest-loss one counts), Dice + focal (None without masks)."""
+    keep = masks.reshape(len(masks), -1).any(1)
+    if not keep.any():
+        return None
+    masks = masks[keep]
+    img = sam.embed(image, grad=grad_encoder)
+    gt = torch.as_tensor(masks, device=img.embeddings.device)
+    boxes = np.stack([_box(m) for m in masks])
+    box_logits, _ = sam.mask_logits_from_boxes(img, boxes)
+    points = np.stack([_random_point(m, rng) for m in masks])[:, None, :]
+    pt_logits, _, _ = sam.mask_logits_from_points(img, points, np.ones((len(masks), 1), np.int64), multimask=True)
+    per = torch.stack([_mask_losses(pt_logits[:, j], gt) for j in range(pt_logits.shape[1])], dim=1)
+    return _mask_losses(box_logits[:, 0], gt).mean() + per.min(dim=1).values.mean()
+
+
+def _mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-mask Dice + focal ``[K]`` (the SAOM terms, not summed over masks)."""
+    return torch.stack([dice_loss(logits[k: k + 1], gt[k: k + 1]) + focal_loss(logits[k: k + 1], gt[k: k + 1])
+                        for k in range(len(gt))])
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+
+
+def _random_point(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    k = int(rng.integers(len(ys)))
+    return np.array([xs[k] + 0.5, ys[k] + 0.5], dtype=np.float32)
+
+
+@register_task("saom")
+class SaomTask(Task):
+    """SAM training on instance masks (module docstring)."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.opts: SaomTaskConfig = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
+        self.grid = point_grid(*self.opts.grid)
+
+    @classmethod
+    def resolve(cls, cfg: Any, cache_dir: Any) -> Any:
+        opts = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
+        path = resolve_checkpoint(opts.sam, cache_dir=cache_dir, data_root=cfg.data_root, seed=cfg.seed)
+        return replace(cfg, task_cfg={**cfg.task_cfg, "sam": path})
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.seed)
+        sam = create_sam(self.opts.sam, **{"seed": self.cfg.seed, **self.opts.sam_cfg} if self.opts.sam == "tiny"
+                         else self.opts.sam_cfg)
+        return SaomModel(sam, SaomHead(sam.hidden_size, self.opts.num_classes), self.opts, self.cfg.seed)
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        if self.opts.prompts == "box":  # from-scratch promptable training: everything but the head learns
+            model.head.requires_grad_(False)
+            return [p for p in model.sam.parameters() if p.requires_grad]
+        return select_saom_parameters(model.sam, self.opts.train_encoder, model.head)
+
+    def samples(self, split: str | None = None) -> InstanceSamples:
+        ds = CityscapesInstances(self.cfg.data_root, split=split or self.cfg.train_split, strict=False)
+        return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and split is None)
+
+    def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]], *, forward: Any = None,
+             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (forward or model)(batch)
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def eval_data(self) -> Any:
+        if not self.cfg.val_split:
+            return None
+        samples = self.samples(split=self.cfg.val_split)
+        n = len(samples) if not self.cfg.val_images else min(self.cfg.val_images, len(samples))
+        return [samples.get(i, 0) for i in range(n)]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Sequence[dict[str, Any]], rank: int = 0, world: int = 1) -> MetricSet:
+        metric = SaomEval(self.opts.num_classes)
+        was = model.training
+        model.eval()
+        for s in data[rank::world]:
+            pred, _ = saom_predict(model.sam, model.head, s["image"], s["masks"], self.grid, self.opts.min_fraction)
+            metric.update(pred.cpu(), s["masks"], s["classes"])
+        model.train(was)
+        return MetricSet({"saom": metric})
+
+    def summarize(self, state: MetricSet) -> dict[str, float]:
+        values = state["saom"].compute()
+        return {"val_saom_miou": values["miou"], "val_saom_macc": values["macc"]}
+
+    def export(self, model: nn.Module, path: Any, metadata: dict[str, Any]) -> Any:
+        return save_sam(model.sam, path, {**metadata, "oodseg.saom.prompts": self.opts.prompts})
