@@ -10,6 +10,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("oodseg.platform.jobs.benchmark", "benchmark models × datasets × scorers (= jobs/benchmark.py)"),
     "finetune": ("oodseg.platform.jobs.finetune", "fine-tune on Ray Train, DeepSpeed or DDP (= jobs/finetune.py)"),
+    "train-detector": ("oodseg.platform.jobs.train_detector", "train S2M's box detector on score maps (Ray Train)"),
+    "train-saom": ("oodseg.platform.jobs.train_saom", "SAOM fine-tuning of SAM on instance masks (Ray Train)"),
     "tune-temperature": ("oodseg.platform.jobs.tune_temperature", "search a scorer's temperature on cached outputs"),
     "tune-loss": ("oodseg.platform.jobs.tune_loss", "ASHA search over loss hyper-parameters"),
     "report": ("oodseg.report.cli", "standard tables, PR/ROC plots and heatmaps from a results store"),

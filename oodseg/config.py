@@ -291,18 +291,27 @@ def config_parser(cls: type, description: str | None = None, prog: str | None = 
 
 def parse_config(
     cls: type[C], argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None,
-    aliases: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None,
 ) -> C:
     """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance; see the module docstring.
-    A bad value exits with code 2 and one line naming the option."""
+    ``base`` holds a job's own defaults (below the YAML file). A bad value exits with code 2 and one line naming
+    the option."""
     parser = config_parser(cls, description=description, prog=prog, aliases=aliases)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return build_config(cls, config_file=args.config, overrides=args.overrides, fields={
             k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("field:")
-        })
+        }, base=base)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def build_config(
@@ -310,8 +319,9 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
     fields: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
 ) -> C:
-    """Programmatic twin of :func:`parse_config`: YAML file, then ``key=value`` overrides, then field values."""
+    """Programmatic twin of :func:`parse_config`: ``base``, the YAML file, ``key=value`` overrides, field values."""
     data: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
@@ -323,6 +333,7 @@ def build_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    data = _merged(base or {}, data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")

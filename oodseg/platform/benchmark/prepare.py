@@ -29,6 +29,7 @@ from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import log
+from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
 from oodseg.refine import list_prompters
 from oodseg.scoring import list_scorers, scorer_applies
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)

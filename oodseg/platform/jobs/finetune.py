@@ -8,6 +8,7 @@ summary: the validation metrics, the exported model and the command that benchma
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from oodseg.config import ConfigError, parse_config, to_json
@@ -17,6 +18,7 @@ from oodseg.platform.benchmark.prepare import check_results_root
 from oodseg.platform.cli import run_cli
 from oodseg.platform.runs import RunRecord, init_ray, log, status_of
 from oodseg.platform.trainer import FinetuneConfig, check_resume, resolve_data, run_finetune
+from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
 
 ALIASES = {f"--{k.replace('_', '-')}": f"train.{k}" for k in ("model", "loss", "params", "steps", "init", "lr",
                                                                "data_root")}
@@ -43,8 +45,11 @@ def validate(cfg: FinetuneConfig) -> None:
         log(f"resuming {cfg.name} from {last}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(FinetuneConfig, argv, prog="python jobs/finetune.py", description=__doc__, aliases=ALIASES)
+def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
+         prog: str = "python jobs/finetune.py", description: str | None = None) -> int:
+    """Parse (``preset``: the job's own defaults, below ``--config``), validate, train, report."""
+    cfg = parse_config(FinetuneConfig, argv, prog=prog, description=description or __doc__, aliases=ALIASES,
+                       base=preset)
 
     def body() -> int:
         t0 = time.time()
@@ -62,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         final = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
         print(f"finished {cfg.name} in {time.time() - t0:.0f} s: " +
               ", ".join(f"{k} {100 * v:.1f}%" for k, v in final.items() if v is not None), flush=True)
-        print(f"model: {result.model_path}\nbenchmark it: python jobs/benchmark.py --set 'models=[{{name: demo, "
-              f"checkpoint: demo}}, {{name: {cfg.name}, checkpoint: {result.model_path}}}]'", flush=True)
+        print(f"model: {result.model_path}", flush=True)
+        if run.train.task == "segmentation":
+            print(f"benchmark it: python jobs/benchmark.py --set 'models=[{{name: demo, checkpoint: demo}}, "
+                  f"{{name: {cfg.name}, checkpoint: {result.model_path}}}]'", flush=True)
         return 0
 
     return run_cli(body, lambda: f"rerun the same command to resume {cfg.name} from its last checkpoint")

@@ -1,0 +1,90 @@
+"""The S2M demo models, trained once on the synthetic suite by the project's own training tasks and cached
+(:func:`oodseg.training.cached.cached_fit`), as named checkpoint sources:
+
+* ``demo-sam`` — a tiny SAM trained from scratch on the suite's instance masks with SAM's promptable objective
+  (``saom`` task, ``prompts="box"``: box and point prompts, encoder trainable): the "stock" SAM;
+* ``demo-saom`` — ``demo-sam`` fine-tuned with SAOM's recipe (``prompts="grid"``: grid points by nearest-neighbour
+  assignment, best of 3, class head; encoder frozen): the SAOM SAM;
+* ``demo-detector`` — S2M's detector (tiny backbone) on the score maps of the demo ERFNet for one scorer
+  (``resolve_checkpoint("demo-detector", scorer="rba", …)``; default ``msp``).
+
+No pretrained SAM reaches CI or the laptops the demo runs on; these small models show the object-level path working
+end to end on the synthetic suite, not SAM-B's quality (a real run points ``refine_cfg.sam`` at
+``facebook/sam-vit-base`` and trains a detector on real data with ``jobs/train_detector.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from oodseg.data.synthetic import MARKER
+from oodseg.models import register_checkpoint_source, resolve_checkpoint
+from oodseg.paths import default_cache_dir, synthetic_suite
+from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
+from oodseg.training import demo  # noqa: F401  (registers the "demo" ERFNet source)
+from oodseg.training.cached import cached_fit, printer
+from oodseg.training.config import TrainConfig
+
+SAM_VERSION = 1
+DETECTOR_VERSION = 1
+SAM_CFG = {"image_size": 256, "hidden": 32, "layers": 2, "heads": 2}
+SAM_STEPS = {"box": 240, "grid": 120}
+DETECTOR_STEPS = 160
+
+
+def _suite_and_cache(cache_dir: Any, data_root: Any, seed: int) -> tuple[Path, Path]:
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    given = Path(data_root) if data_root else None
+    suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache, seed)
+    return suite, cache
+
+
+def sam_config(suite: Path, seed: int, prompts: str, init: str = "tiny") -> TrainConfig:
+    """The demo SAM recipes: ``box`` from scratch (encoder trains), then ``grid`` (SAOM) from it (encoder frozen)."""
+    return TrainConfig(
+        task="saom", task_cfg={"sam": init, "sam_cfg": dict(SAM_CFG) if init == "tiny" else {}, "prompts": prompts,
+                               "grid": [16, 16], "train_encoder": prompts == "box", "num_classes": 19},
+        data_root=str(suite), dataset="cityscapes", val_split="val", anomaly_set=None, lr=2e-3 if prompts == "box"
+        else 5e-4, weight_decay=1e-4, schedule="cosine", warmup=10, steps=SAM_STEPS[prompts], global_batch=4,
+        val_images=8, seed=seed, log_every=40)
+
+
+def detector_config(suite: Path, seed: int, scorer: str, scoring_model: str) -> TrainConfig:
+    """The demo detector recipe: the tiny backbone on 128×256 crops with one pasted COCO object each."""
+    return TrainConfig(
+        task="s2m_detector", task_cfg={"scorer": scorer, "scoring_model": scoring_model,
+                                       "detector": {"backbone": "tiny"}},
+        data_root=str(suite), coco_root=str(suite / "coco"), dataset="cityscapes", val_split="val", anomaly_set=None,
+        lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup=10, steps=DETECTOR_STEPS, global_batch=8,
+        crop=(128, 256), scale=(0.4, 0.65), val_images=16, seed=seed, log_every=40)
+
+
+@register_checkpoint_source("demo-sam")
+def demo_sam(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
+             seed: int = 0, **_: object) -> str:
+    """The stock demo SAM (module docstring)."""
+    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    return str(cached_fit("demo-sam", sam_config(suite, seed, "box"), suite, cache, SAM_VERSION, printer("demo-sam")))
+
+
+@register_checkpoint_source("demo-saom")
+def demo_saom(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
+              seed: int = 0, **_: object) -> str:
+    """The SAOM demo SAM (module docstring)."""
+    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    init = demo_sam(cache, suite, seed)
+    cfg = sam_config(suite, seed, "grid", init=init)
+    return str(cached_fit("demo-saom", cfg, suite, cache, SAM_VERSION, printer("demo-saom")))
+
+
+@register_checkpoint_source("demo-detector")
+def demo_detector(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
+                  seed: int = 0, scorer: str = "msp", **_: object) -> str:
+    """The demo detector for ``scorer`` on the demo ERFNet's maps (module docstring)."""
+    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    scoring = resolve_checkpoint("demo", cache_dir=cache, data_root=suite, seed=seed)
+    cfg = detector_config(suite, seed, scorer, scoring)
+    return str(cached_fit(f"demo-detector-{scorer}", cfg, suite, cache, DETECTOR_VERSION,
+                          printer(f"demo-detector {scorer}")))

@@ -1,0 +1,119 @@
+"""Models trained once on the synthetic suite and cached: the demo ERFNet, the demo SAMs, the S2M demo detectors
+and the demo TDOS are each one :class:`~oodseg.training.config.TrainConfig` run by the one training loop, cached
+as ``<cache>/<name>-<hash>.safetensors``.
+
+* The hash covers everything that determines the weights: the training config (paths excluded, so a moved suite
+  still hits the cache), the suite's build parameters (``.oodseg_suite.json``) and the recipe's ``version``.
+* An existing file is returned without training. Writes are atomic (temp file + ``os.replace``) and serialised by a
+  lock file, so concurrent callers train once. Reproducible from the seed (init, data order, augmentation).
+* The file is the task's export (self-describing) with ``oodseg.demo.*`` header entries: the hash, the training
+  config, the final validation metrics and the training time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodseg.data.synthetic import MARKER
+from oodseg.models import tune_allocator
+from oodseg.training.config import TrainConfig
+from oodseg.training.loop import train_local
+from oodseg.training.tasks import create_task
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def suite_params(suite_root: Path) -> dict[str, Any]:
+    marker = Path(suite_root) / MARKER
+    try:
+        params = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{marker}: not a synthetic suite marker ({e})") from None
+    params.pop("build_seconds", None)
+    return params
+
+
+def _file_names(value: Any) -> Any:
+    """Existing file paths → their names (cached inputs carry their own hash in the name), recursively."""
+    if isinstance(value, dict):
+        return {k: _file_names(v) for k, v in value.items()}
+    if isinstance(value, str) and os.sep in value and Path(value).is_file():
+        return Path(value).name
+    return value
+
+
+def config_hash(cfg: TrainConfig, suite_root: Path, version: int) -> str:
+    """Hash of everything that determines the weights (see the module docstring)."""
+    paths = ("data_root", "coco_root", "log_every", "data_workers")
+    key = _file_names({k: v for k, v in asdict(cfg).items() if k not in paths})
+    blob = json.dumps({"version": version, "cfg": key, "suite": suite_params(suite_root)}, sort_keys=True,
+                      default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def printer(tag: str) -> Progress:
+    """A progress printer: ``[tag] step N loss=… lr=… (x steps/s) val_…=…``."""
+
+    def show(row: dict[str, Any]) -> None:
+        extra = "".join(f" {k}={v:.3f}" for k, v in row.items() if k.startswith("val_") and isinstance(v, float))
+        print(f"[{tag}] step {int(row['step'])} loss={row['loss']:.3f} lr={row['lr']:.2e} "
+              f"({row['steps_per_s']:.2f} steps/s){extra}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], cache_dir: str | os.PathLike[str],
+               version: int, progress: Progress | None = None) -> Path:
+    """The cached export of ``cfg`` trained on the suite at ``suite_root``; trains it first when absent."""
+    suite_root, cache_dir = Path(suite_root), Path(cache_dir)
+    digest = config_hash(cfg, suite_root, version)
+    out = cache_dir / f"{name}-{digest}.safetensors"
+    if out.is_file():
+        return out
+    with locked(cache_dir / f".{name}.lock"):
+        if out.is_file():  # trained by a concurrent caller while we waited
+            return out
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
+        tune_allocator()
+        try:
+            t0 = time.perf_counter()
+            result = train_local(cfg, progress=progress)
+            seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
+        if progress is not None and result.metrics:
+            progress({"step": cfg.steps, "loss": result.history[-1]["loss"], "lr": 0.0,
+                      "steps_per_s": cfg.steps / seconds, **result.metrics})
+        meta = {"oodseg.demo.hash": digest, "oodseg.demo.train_seconds": f"{seconds:.1f}",
+                "oodseg.demo.train_config": json.dumps(asdict(replace(cfg, data_root=None, coco_root=None)),
+                                                       default=list),
+                "oodseg.demo.metrics": json.dumps({k: float(v) for k, v in result.metrics.items()})}
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        create_task(cfg).export(result.model.cpu(), tmp, meta)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    return out

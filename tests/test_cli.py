@@ -1,0 +1,172 @@
+"""The first hour, from the command line: bad input fails before Ray starts, in one line naming the file or option,
+with exit code 2 and nothing recorded; ``--help`` lists the valid values; errors survive pickling through Ray."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oodseg.data import DataError
+from oodseg.models import CheckpointError, create_model, save_safetensors
+from oodseg.platform.jobs import benchmark, finetune, tune_temperature
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory) -> Path:
+    from oodseg.data.synthetic import build_suite
+
+    return build_suite(tmp_path_factory.mktemp("cli") / "suite", seed=2, size=(64, 128), n_train=2, n_val=2,
+                       n_anomaly=2, n_coco=2)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None),
+                            tmp_path_factory.mktemp("cli_model") / "tiny.safetensors")
+
+
+def run(main, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """Exit code and stderr lines of one job invocation (SystemExit from argparse included)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def bench(suite: Path, model: Path, results: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(suite), "--results", str(results),
+            "--set", f"models=[{{name: tiny, checkpoint: {model}}}]", *extra]
+
+
+def one_error(code: int, err: list[str], *needles: str) -> None:
+    assert code == 2, err
+    assert len(err) == 1, err  # one line, no traceback
+    for needle in needles:
+        assert needle in err[0], err
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--max-images", "-3"], ["max_images"]),
+    (["--precision", "fp8"], ["precision", "fp8"]),
+    (["--placements", "cl,xx"], ["placements", "xx"]),
+    (["--scorers", "msp,nope"], ["scorers", "nope"]),
+    (["--datasets", "road_anomly_21"], ["road_anomly_21"]),
+    (["--set", "models=[{name: oe"], ["--set models", "YAML"]),
+    (["--set", "models=[{name: x, arch: resnet_unet}]"], ["arch", "resnet_unet"]),
+    (["--device", "cuda"], ["--device cuda"]),
+    (["--refine", "s2m", "--set", "refine_cfg.scorers=[nope]"], ["refine"]),
+])
+def test_bad_options_are_one_line_before_ray(suite, model, tmp_path, capsys, extra, needles):
+    if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a CUDA device exists")
+    results = tmp_path / "results"
+    code, err = run(benchmark.main, bench(suite, model, results, *extra), capsys)
+    one_error(code, err, *needles)
+    assert not (results / "runs").exists()  # nothing recorded: the job never started
+
+
+def test_missing_or_empty_data_is_an_error_naming_the_expected_folder(suite, model, tmp_path, capsys):
+    missing = tmp_path / "does-not-exist"
+    code, err = run(benchmark.main, bench(missing, model, tmp_path / "r1", "--datasets", "road_anomaly_21"), capsys)
+    one_error(code, err, str(missing))
+    empty = tmp_path / "empty"
+    (empty / "Validation_Dataset" / "RoadAnomaly21" / "images").mkdir(parents=True)
+    code, err = run(benchmark.main, bench(empty, model, tmp_path / "r2", "--datasets", "road_anomaly_21"), capsys)
+    one_error(code, err, "Validation_Dataset/RoadAnomaly21/images", "no images")
+    # a root that holds only some datasets names the folder of the missing one
+    code, err = run(benchmark.main, bench(empty, model, tmp_path / "r3", "--datasets", "fs_static"), capsys)
+    one_error(code, err, "Validation_Dataset/fs_static")
+
+
+@pytest.mark.parametrize("content,needles", [
+    (b"not a safetensors header at all", ["garbage.safetensors", "not a readable safetensors file"]),
+    (None, ["garbage.safetensors", "not found"]),
+])
+def test_bad_checkpoints_are_one_line(suite, tmp_path, capsys, content, needles):
+    path = tmp_path / "garbage.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    argv = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--set",
+            f"models=[{{name: x, checkpoint: {path}}}]"]
+    one_error(*run(benchmark.main, argv, capsys), *needles)
+    pth = tmp_path / "weights.pth"
+    pth.write_bytes(os.urandom(64))
+    argv[-1] = f"models=[{{name: x, checkpoint: {pth}}}]"
+    one_error(*run(benchmark.main, argv, capsys), "weights.pth", "arch")  # a .pth does not say what it is
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_results_root(suite, model, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        one_error(*run(benchmark.main, bench(suite, model, ro / "results"), capsys), "--results", "not writable")
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_help_lists_valid_values_without_internal_type_names(capsys):
+    code, _ = run(benchmark.main, ["--help"], capsys)
+    assert code == 0
+    # argparse printed to stdout; capsys.readouterr() in run() consumed it: rerun reading stdout
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    text = capsys.readouterr().out
+    for value in ("road_obstacle_21", "fs_lost_found", "smiyc_anomaly", "folder", "maxentropy", "p_ood",
+                  "field|course", "true|false", "a,b", "eomt, erfnet, tdos, timm_seg"):
+        assert value in text, value
+    assert "TUPLE[" not in text and "OODSEG." not in text and "ModelSpec" not in text
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    text = capsys.readouterr().out
+    for value in ("--loss", "--steps", "--init", "ce|eim|logitnorm|oe|tdos", "deepspeed|ddp"):
+        assert value in text, value
+    assert "fault" not in text  # test hooks are not user options
+
+
+def test_finetune_and_search_reject_bad_names_before_ray(tmp_path, capsys):
+    one_error(*run(finetune.main, ["--loss", "foo"], capsys), "loss", "foo")
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"\x00" * 16)
+    code, err = run(finetune.main, ["--init", str(garbage), "--data-root", str(tmp_path), "--results",
+                                    str(tmp_path / "r")], capsys)
+    one_error(code, err, "g.safetensors")
+    one_error(*run(tune_temperature.main, ["--scorer", "nope"], capsys), "scorer", "nope")
+    one_error(*run(tune_temperature.main, ["--val-set", "fs_static_typo"], capsys), "fs_static_typo")
+
+
+def test_user_errors_survive_pickling_through_ray_workers():
+    for err in (CheckpointError("/x.pth", "bad header"), DataError("/y.png", "corrupt")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err) and again.path == err.path
+
+
+def test_folder_dataset_needs_and_takes_a_mapping_from_the_config(tmp_path, capsys):
+    from oodseg.config import build_config
+    from oodseg.platform.benchmark import BenchmarkConfig
+    from oodseg.platform.benchmark.prepare import open_datasets
+
+    root = tmp_path / "mine"
+    for sub in ("img", "gt"):
+        (root / sub).mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "img" / "a.png")
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(root / "gt" / "a.png")
+    cfg = build_config(BenchmarkConfig, overrides=[
+        f"datasets=[{{name: folder, key: mine, title: Mine, cfg: {{root: {root}, image_dir: img, mask_dir: gt, "
+        "mapping: {0: 0, 7: 1, 255: 255}}}]"])
+    (ds,) = open_datasets(cfg, str(tmp_path)).values()
+    assert ds.load(ds.samples[0])["label"].max() == 1  # 7 → anomaly
+    code, err = run(benchmark.main, ["--data-root", str(root), "--datasets", "folder", "--results",
+                                     str(tmp_path / "r")], capsys)
+    one_error(code, err, "folder", "mapping")
