@@ -36,11 +36,17 @@ class CheckpointError(ValueError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        self.problem = _one_line(problem)
+        super().__init__(f"{path}: {self.problem}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable, so the message survives Ray workers
         return (type(self), (self.path, self.problem))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut to ``limit`` characters (library errors such as torch.load's span paragraphs)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)

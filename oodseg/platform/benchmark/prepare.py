@@ -75,9 +75,9 @@ def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
         return spec.arch
     stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
     if stored is None:
-        what = "no checkpoint" if not checkpoint else f"{checkpoint} is not a self-describing .safetensors"
-        raise CheckpointError(checkpoint or spec.checkpoint or "<none>", f"model {spec.name!r}: {what}; give "
-                              f"arch: one of {MODELS.list()}")
+        what = "no checkpoint" if not checkpoint else "not a self-describing .safetensors"
+        raise CheckpointError(checkpoint or "<none>", f"model {spec.name!r}: {what}; give its arch: one of "
+                              f"{MODELS.list()}")
     if stored[0] not in MODELS:
         raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
     return stored[0]
