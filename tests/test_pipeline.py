@@ -306,3 +306,71 @@ def test_mask_model_placements_and_cache(ray_session, tiny_suite, tmp_path):
         cached = by_id[s["id"]].outputs
         assert cached.mask_logits.dtype == torch.float16 and cached.n_images == 1
         np.testing.assert_allclose(msp(cached.to(dtype=torch.float32))[0].numpy(), msp(out)[b].numpy(), atol=2e-3)
+
+
+def reference_s2m(data_root: Path, model_path: Path, sam_path: Path, dataset: str, prompter_cfg: dict) -> dict:
+    """Single-process S2M loop: score maps (fp16, as the score stage stores them) → components prompter at the set's
+    own calibration → SAM masks → assembled map; then every metric on the refined maps image by image."""
+    from oodseg.models.sam import create_sam
+    from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
+
+    torch.set_num_threads(1)
+    model = create_model(checkpoint=model_path).eval()
+    sam = create_sam(str(sam_path)).eval()
+    ds = create_dataset(dataset, root=str(data_root))
+    samples = [ds.load(r) for r in ds.samples]
+    with torch.inference_mode():
+        logits = model.predict(torch.from_numpy(np.stack([s["image"] for s in samples]))).logits
+    maps = [create_scorer("msp")(PixelLogits(logits[b : b + 1]), size=s["label"].shape)[0].numpy()
+            for b, s in enumerate(samples)]
+    calibration = ScoreCalibration.from_pixel_metrics(
+        PixelMetrics().update(np.stack(maps), np.stack([s["label"] for s in samples])))
+    prompter = create_prompter("components", **prompter_cfg)
+    with torch.inference_mode():
+        refined = [refine_s2m(s["image"], m.astype(np.float16).astype(np.float32), prompter, sam, calibration)[0]
+                   .numpy() for m, s in zip(maps, samples)]
+    pm = PixelMetrics()
+    for m, s in zip(refined, samples):
+        pm.update(m, s["label"])
+    px = pm.compute()
+    comp, s2m = ComponentMetrics(px["threshold"], track=ds.track), S2MMetrics()
+    for m, s in zip(refined, samples):
+        comp.update(m.astype(np.float16), s["label"])
+        s2m.update(m.astype(np.float16).astype(np.float32), s["label"])
+    return {**px, **comp.compute(), **{f"s2m_{k}": v for k, v in s2m.compute().items()},
+            "boxes": sum(int(m.max() > 0) for m in refined)}
+
+
+def test_s2m_refine_stage_matches_single_process_loop(ray_session, tiny_suite, tiny_model, tmp_path):
+    """``refine: s2m`` (components prompter, a tiny SAM file) against :func:`reference_s2m`: same rows, and the
+    plain rows of the same run are untouched by the extra stage."""
+    from oodseg.models.sam import create_sam, save_sam
+    from oodseg.platform.benchmark.config import RefineSpec
+
+    torch.manual_seed(2)
+    sam_path = save_sam(create_sam("tiny", image_size=64), tmp_path / "sam.safetensors")
+    prompter_cfg = {"min_area": 4}
+    datasets = ("road_anomaly_21", "fs_static")
+    cfg = make_cfg(tmp_path / "results", tiny_suite, tiny_model, datasets=datasets, scorers=("msp", "energy"),
+                   temperatures=(1.0,), run_id="s2m", refine="s2m", heatmaps=0, plots=False, cache_outputs=False,
+                   refine_cfg=RefineSpec(prompter="components", prompter_cfg=prompter_cfg, sam=str(sam_path),
+                                         scorers=("msp",)))
+    run_benchmark(cfg)
+    store = ResultsStore(cfg.results)
+    rows = store.read("metrics")
+    assert sorted(rows.scorer.unique()) == ["energy", "msp", "msp+s2m"]
+    assert set(map(tuple, rows[["scorer", "stage"]].drop_duplicates().values)) == {
+        ("msp", "score"), ("energy", "score"), ("msp+s2m", "s2m")}
+    assert store.completed_units("s2m") == {("tiny", d, st) for d in datasets for st in ("score", "s2m")}
+    prompted = 0
+    for dataset in datasets:
+        ref = reference_s2m(tiny_suite, tiny_model, sam_path, dataset, prompter_cfg)
+        prompted += ref["boxes"]
+        (row,) = rows[(rows.dataset == dataset) & (rows.scorer == "msp+s2m")].itertuples()
+        assert row.n_images == N_IMAGES
+        for col, key in [("auprc", "auprc"), ("fpr95", "fpr95"), ("siou", "siou"), ("ppv", "ppv"),
+                         ("mean_f1", "mean_f1"), ("s2m_iou", "s2m_iou"), ("s2m_auiou", "s2m_auiou"),
+                         ("s2m_mean_f1", "s2m_mean_f1")]:
+            assert same(getattr(row, col), ref[key]), (dataset, col, getattr(row, col), ref[key])
+    assert prompted > 0  # some image got a box, so SAM ran and the comparison covers the masks
+    assert not ShardCache(store.root, "s2m", "tiny", "fs_static", "refined").shards()  # scratch maps cleaned up
