@@ -7,7 +7,9 @@ Values are parsed by the field's type annotation; lists and tuples accept YAML (
 comma-separated text (``--datasets a,b``). A dataclass field also accepts a plain string when the dataclass has a
 ``from_str`` classmethod (``datasets: [road_anomaly_21, {name: folder, ...}]``). Help text comes from
 ``field(metadata={"help": ..., "choices": ...})``; ``choices`` (a sequence, or a callable returning one, such as a
-registry's ``list``) are listed in ``--help`` and enforced. Unknown keys are errors, never silently ignored.
+registry's ``list``) are listed in ``--help`` and enforced. A field's ``on_parse`` hook runs on its value before the
+other fields are checked (``plugins``: importing them registers names the other fields may use). Unknown keys are
+errors, never silently ignored.
 
 Usage::
 
@@ -154,9 +156,15 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(fields)}")
     kwargs = {}
-    for k, v in data.items():
+    # fields with an ``on_parse`` hook first: it may change what the other fields accept (plugins register names)
+    for k, v in sorted(data.items(), key=lambda kv: "on_parse" not in fields[kv[0]].metadata):
         kwargs[k] = coerce(hints[k], v, prefix + k)
         _check_choices(fields[k], kwargs[k], prefix + k)
+        if "on_parse" in fields[k].metadata:
+            try:
+                fields[k].metadata["on_parse"](kwargs[k])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

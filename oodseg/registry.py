@@ -10,7 +10,8 @@ lists of their own. ``registered(...)`` scopes a registration (tests, notebooks)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -80,3 +81,14 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import a user's plugin modules, whose import registers their scorers / models / datasets / losses; the
+    benchmark calls it in the driver (before its config is checked) and in every Ray worker."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"plugins: cannot import {name!r} ({e}); put the module on PYTHONPATH or in the job's "
+                             "--working-dir") from None

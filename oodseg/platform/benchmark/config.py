@@ -8,6 +8,7 @@ from typing import Any
 
 from oodseg.data import default_datasets, list_datasets
 from oodseg.models import list_models
+from oodseg.registry import import_plugins
 from oodseg.scoring import PLACEMENTS, list_scorers
 
 PROTOCOLS = ("field", "course")
@@ -127,8 +128,9 @@ class BenchmarkConfig:
     smiyc: bool = field(default=True, metadata=_h("also report the SMIYC leaderboard's binned pixel metrics"))
     refine: str = field(default="", metadata=_h("refine stage after scoring (empty: none)", choices=("", "s2m")))
     refine_cfg: RefineSpec = field(default_factory=RefineSpec, metadata=_h("refine stage settings"))
-    plugins: tuple[str, ...] = field(default=(), metadata=_h("modules to import in the driver and every worker "
-                                                             "(user-registered scorers, models, datasets)"))
+    plugins: tuple[str, ...] = field(default=(), metadata={**_h(
+        "modules to import in the driver and every worker (user-registered scorers, models, datasets); on "
+        "PYTHONPATH or in the job's --working-dir"), "on_parse": import_plugins})
     batch_size: int = field(default=8, metadata=_h("images per actor call (model batch)"))
     num_actors: int = field(default=0, metadata=_h("max scoring actors (0: #GPUs, or 1 on CPU)"))
     actor_num_cpus: float = field(default=1.0, metadata=_h("CPUs reserved per scoring actor"))

@@ -24,7 +24,7 @@ from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, 
 from oodseg.models.factory import MODELS, checkpoint_model_cfg
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
-from oodseg.platform.benchmark.score import import_plugins
+from oodseg.registry import import_plugins
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore

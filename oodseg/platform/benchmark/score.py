@@ -16,7 +16,6 @@ leaves out frames without anomaly pixels, as the course evaluation code does.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import socket
@@ -36,16 +35,11 @@ from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.stage import Stage
 from oodseg.platform.benchmark.units import UnitInfo, UnitResult
 from oodseg.platform.cache import ShardCache, split_outputs
+from oodseg.registry import import_plugins
 from oodseg.scoring import create_scorer, list_scorers, score_many, scorer_applies, semantic_prediction
 from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
 
 F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
-
-
-def import_plugins(modules: Sequence[str]) -> None:
-    """Import the user's plugin modules (their registrations must exist in every worker process too)."""
-    for name in modules:
-        importlib.import_module(name)
 
 
 def build_model(spec: ModelSpec, checkpoint: str | None, protocol: str = "field") -> SegModel:

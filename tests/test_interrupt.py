@@ -1,0 +1,147 @@
+"""Ctrl-C, SIGKILL and resume of the real benchmark command, in subprocesses: one line and exit 130 on SIGINT, the
+``runs`` row never left ``running`` (the next attempt repairs a killed one), committed units skipped on rerun, no
+Ray process left behind. A plugin module (on ``PYTHONPATH``, listed in ``plugins``) registers a slow scorer with a
+parameter set through ``scorer_params``: the run is slow enough to interrupt, and the plugin must be known inside
+the Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from oodseg.models import create_model, save_safetensors
+from oodseg.platform.results import ResultsStore
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ("road_anomaly_21", "road_obstacle_21", "fs_static", "fs_lost_found", "road_anomaly")
+PLUGIN = '''
+"""A user's scorer: max-logit times ``scale``, sleeping ``delay`` seconds per call."""
+import time
+
+from oodseg.scoring import register_scorer
+
+
+@register_scorer("slow_maxlogit", space={})
+def slow_maxlogit(z, temperature, delay=0.0, scale=1.0):
+    time.sleep(delay)
+    return -scale * z.amax(dim=1)
+'''
+
+
+def ray_processes(core_only: bool = False) -> set[int]:
+    """Ray's processes on this machine (``core_only``: the raylet and GCS server, not their agents)."""
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "raylet" in cmd or "gcs_server" in cmd or (not core_only and cmd.startswith("ray::")):
+            out.add(p.pid)
+    return out
+
+
+def wait_gone(pids: set[int], timeout: float = 30.0) -> set[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+        if not left:
+            return set()
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from oodseg.data.synthetic import build_suite
+
+    work = tmp_path_factory.mktemp("interrupt")
+    suite = build_suite(work / "suite", seed=4, size=(64, 128), n_train=2, n_val=2, n_anomaly=4, n_coco=2)
+    torch.manual_seed(0)
+    model = save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None), work / "tiny.safetensors")
+    plugins = work / "plugins"
+    plugins.mkdir()
+    (plugins / "slow_scorer.py").write_text(textwrap.dedent(PLUGIN))
+    return suite, model, plugins, work
+
+
+def start(setup, results: Path, run_id: str) -> subprocess.Popen:
+    suite, model, plugins, _ = setup
+    cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--data-root", str(suite), "--results", str(results),
+           "--run-id", run_id, "--num-cpus", "2", "--batch-size", "1", "--plots", "false",
+           "--datasets", ",".join(DATASETS), "--scorers", "maxlogit,slow_maxlogit", "--plugins", "slow_scorer",
+           "--set", f"models=[{{name: tiny, checkpoint: {model}}}]",
+           "--set", "scorer_params={slow_maxlogit: {delay: 0.4, scale: 2.0}}"]
+    env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(cmd, cwd=setup[3], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_commit(proc: subprocess.Popen, lines: list[str], timeout: float = 120.0) -> None:
+    """Read stderr until the first unit is committed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if ", committed (" in line:  # a unit's summary line, not "resuming, 1 unit(s) already committed"
+            return
+    proc.kill()
+    pytest.fail("no unit committed:\n" + "\n".join(lines))
+
+
+def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
+    results, run_id = tmp_path / "results", "interrupted-run"
+    before = ray_processes()
+
+    # 1. Ctrl-C after the first committed unit: one line, exit 130, row "interrupted", no Ray process left
+    proc, lines = start(setup, results, run_id), []
+    wait_for_commit(proc, lines)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines += err.splitlines()
+    assert proc.returncode == 130, "\n".join(lines)
+    assert "Traceback" not in err and lines[-1] == f"interrupted; rerun with --run-id {run_id} to resume", lines
+    store = ResultsStore(str(results))
+    assert list(store.read("runs").status) == ["interrupted"]
+    first = store.completed_units(run_id)
+    assert 1 <= len(first) < len(DATASETS)
+    assert not wait_gone(ray_processes() - before), "Ray processes left after Ctrl-C"
+
+    # 2. SIGKILL during the resumed run: the row stays "running" until the next attempt repairs it
+    proc, lines = start(setup, results, run_id), []
+    wait_for_commit(proc, lines)
+    assert any("resuming" in line for line in lines), lines
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert sorted(store.read("runs").status) == ["interrupted", "running"]
+    second = store.completed_units(run_id)
+    assert first < second  # the committed units were skipped and one more was committed
+    # a SIGKILLed driver cannot clean up: Ray's fate sharing takes the raylet and GCS down with it; their agents
+    # (ray::DashboardAgent, ray::RuntimeEnvAgent) notice the raylet is gone and exit on their own a minute later
+    assert not wait_gone(ray_processes(core_only=True) - before), "raylet / GCS left after SIGKILL"
+    before |= ray_processes()
+
+    # 3. The final attempt repairs the killed row and finishes the rest
+    proc = start(setup, results, run_id)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert sorted(store.read("runs").status) == ["finished", "interrupted", "interrupted"]
+    assert store.completed_units(run_id) == {("tiny", d, "score") for d in DATASETS}
+    per_image = store.read("per_image")
+    assert not per_image.duplicated(["dataset", "image_id", "scorer"]).any()  # no unit was committed twice
+    # the plugin scorer ran in the actors with its parameters: 2 · max-logit ranks pixels like max-logit
+    m = store.read("metrics").set_index(["dataset", "scorer"])
+    for d in DATASETS:
+        assert m.loc[(d, "slow_maxlogit"), "auprc"] == pytest.approx(m.loc[(d, "maxlogit"), "auprc"], rel=1e-9)
+    assert '"scale": 2.0' in m.loc[(DATASETS[0], "slow_maxlogit"), "extra_json"]
+    assert not wait_gone(ray_processes() - before)
