@@ -69,63 +69,64 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     tp = inner
     if tp is Any:
         return value
-    origin = typing.get_origin(tp)
     try:
-        if _is_dataclass_type(tp) and isinstance(value, str) and hasattr(tp, "from_str"):
-            return tp.from_str(value)
         if _is_dataclass_type(tp):
+            if isinstance(value, str) and hasattr(tp, "from_str"):
+                return tp.from_str(value)
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
             return from_dict(tp, value, prefix=f"{key}.")
+        origin = typing.get_origin(tp)
         if origin in (list, tuple, Sequence) or tp in (list, tuple):
-            if isinstance(value, str):
-                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-                value = parsed
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            args = typing.get_args(tp)
-            if origin is tuple and args and args[-1] is not Ellipsis:
-                if len(args) != len(value):
-                    raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-                return tuple(coerce(a, v, key) for a, v in zip(args, value))
-            elem = args[0] if args else Any
-            items = [coerce(elem, v, key) for v in value]
-            return tuple(items) if origin is tuple or tp is tuple else items
+            return _coerce_sequence(tp, value, key)
         if origin in (dict, Mapping) or tp is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
+            value = yaml.safe_load(value) if isinstance(value, str) else value
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
             return dict(value)
-        if origin is typing.Literal:
-            allowed = typing.get_args(tp)
-            for a in allowed:
-                if value == a or (isinstance(value, str) and str(a) == value):
-                    return a
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{key}: {value!r} is not a boolean")
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ConfigError(f"{key}: {value!r} is not an integer")
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-        if tp is Path:
-            return Path(value)
+        return _coerce_scalar(tp, value, key)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{key}: cannot convert {value!r} to {tp}: {e}") from None
+
+
+def _coerce_sequence(tp: Any, value: Any, key: str) -> list[Any] | tuple[Any, ...]:
+    """A list / tuple field from YAML (``[a, b]``), comma text (``a,b``) or a single value."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(coerce(a, v, key) for a, v in zip(args, value))
+    items = [coerce(args[0] if args else Any, v, key) for v in value]
+    return tuple(items) if origin is tuple or tp is tuple else items
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    """Literal, bool (true/false/yes/no/on/off/1/0), int (no silent truncation), float, str, Path."""
+    if typing.get_origin(tp) is typing.Literal:
+        allowed = typing.get_args(tp)
+        for a in allowed:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: {value!r} is not a boolean")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return int(value)
+    if tp in (float, str, Path):
+        return tp(value)
     return value
 
 

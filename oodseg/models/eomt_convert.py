@@ -196,6 +196,22 @@ def _mlp_shape(state: SourceState, dim: int) -> tuple[int, bool]:
     )
 
 
+def _image_size(state: SourceState, patch: int, image_size: int | None) -> int:
+    """The training image size: ``pos_embed`` must be a square grid of patches; a given size must fit it."""
+    path = state.path
+    positions = int(state.require(B + "pos_embed", "the image size").shape[-2])
+    grid = math.isqrt(positions)
+    if grid * grid != positions:
+        raise CheckpointError(path, f"pos_embed has {positions} positions, not a square patch grid (non-square "
+                                    "training size, or class-token positions: only no_embed_class ViTs are supported)")
+    if image_size is None:
+        return grid * patch
+    if image_size % patch or (image_size // patch) ** 2 != positions:
+        raise CheckpointError(path, f"--image-size {image_size} does not fit pos_embed ({positions} positions of "
+                                    f"patch {patch}: image size {grid * patch})")
+    return int(image_size)
+
+
 def infer_config(
     state: SourceState, *, image_size: int | None = None, num_heads: int | None = None, layer_norm_eps: float = 1e-6
 ) -> Any:
@@ -210,22 +226,7 @@ def infer_config(
     if proj.ndim != 4 or proj.shape[-1] != proj.shape[-2]:
         raise CheckpointError(path, f"patch_embed.proj.weight {list(proj.shape)} is not a square-patch conv")
     patch = int(proj.shape[-1])
-    positions = int(state.require(B + "pos_embed", "the image size").shape[-2])
-    grid = math.isqrt(positions)
-    if grid * grid != positions:
-        raise CheckpointError(
-            path,
-            f"pos_embed has {positions} positions, not a square patch grid (non-square "
-            "training size, or class-token positions: only no_embed_class ViTs are supported)",
-        )
-    if image_size is None:
-        image_size = grid * patch
-    elif image_size % patch or (image_size // patch) ** 2 != positions:
-        raise CheckpointError(
-            path,
-            f"--image-size {image_size} does not fit pos_embed ({positions} positions of patch "
-            f"{patch}: image size {grid * patch})",
-        )
+    image_size = _image_size(state, patch, image_size)
     heads = num_heads or (dim // HEAD_DIM if dim % HEAD_DIM == 0 else 0)
     if heads <= 0 or dim % heads:
         raise CheckpointError(path, f"hidden size {dim} is not a multiple of {HEAD_DIM}: give num_heads (--num-heads)")
