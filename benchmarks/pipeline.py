@@ -1,45 +1,48 @@
-"""Throughput of the benchmark job vs the bare batched model forward on the same images and device.
+"""Throughput of the benchmark job (``oodseg.platform.benchmark``) vs the bare batched model forward, same images.
 
-    python benchmarks/pipeline.py                         # synthetic suite (256x512), published-size ERFNet
-    python benchmarks/pipeline.py --width 0.25 --input-size 128 256   # a tiny model: scoring cost dominates
-    python benchmarks/pipeline.py --input-size 512 1024 --batch-size 8   # ERFNet's Cityscapes input size (GPU)
+    python benchmarks/pipeline.py                    # CPU default: 5 anomaly sets x 8 images of 128x256, ERFNet
+    python benchmarks/pipeline.py --width 0.25       # a tiny model: the scoring cost dominates
+    python benchmarks/pipeline.py --image-size 512 1024 --images 32 --batch-size 8 --num-cpus 0   # GPU machine
+    python benchmarks/pipeline.py --data-root /data  # real datasets instead of a temporary synthetic suite
 
 Prints images/s of (a) ``model.predict`` alone over the in-memory images in batches (device-synchronised), (w) the
-same per-batch work as the actors (read, predict, every scorer, metric states) in one process without Ray, (b) the
-Ray Data scoring pass (read + decode + predict + every scorer + metric states + reduce, incl. actor start-up), (c)
-the whole job (Ray start, model load, component pass, Parquet commit); the ratios to (a) (target ≥ 0.9) and (b)/(w)
-(Ray's own overhead), the peak object-store use sampled during the run, and the output-cache bytes per image of
-ERFNet and EoMT-L.
+same per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
+states, fp16 score shards) in this process without Ray, (b) the Ray Data scoring pass (from the score stage's start,
+actor start-up included, to its last row) and (b') the same pass after its first batch arrived (steady state), (c)
+the whole job (prepare, Ray start, score stage, component pass, Parquet commit); the ratios to (a) (target ≥ 0.9
+for (b') on a GPU) and to (w) (Ray's own overhead), the peak object-store use sampled during the run, and the
+output-cache bytes per image of ERFNet and EoMT-L (``oodseg.platform.cache.output_nbytes``). With the small CPU
+defaults the fixed costs (Ray start, actor start-up: seconds) dominate (b) and (c); (b') shows the per-image cost.
+Weights are random: only the timing is meaningful. Everything is written to a temporary directory; Ray is shut down
+at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import queue
 import re
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from oodseg.data import create_dataset
-from oodseg.models import Runtime, create_model, save_safetensors
+from oodseg.data import default_datasets
+from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
+from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, ModelSpec, Plan, prepare
+from oodseg.platform.benchmark.read import image_items, read_batch
+from oodseg.platform.benchmark.score import ScoreActor, ScoreStage
+from oodseg.platform.benchmark.stage import ModelRun, Stage
 from oodseg.platform.cache import output_nbytes
-from oodseg.platform.pipeline import (
-    ANOMALY_DATASETS,
-    BenchmarkConfig,
-    BenchmarkRunner,
-    DatasetInfo,
-    ModelSpec,
-    ScoreActor,
-    read_batch,
-    scorer_keys,
-    scorer_names,
-    synthetic_suite,
-)
+from oodseg.platform.runs import init_ray
 
 
 class ObjectStorePeak(threading.Thread):
@@ -72,10 +75,79 @@ class ObjectStorePeak(threading.Thread):
         return self.peak_mib
 
 
-def bare_forward(model, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
-    """images/s of ``model.predict`` alone (same-size images batched; one warm-up batch not timed)."""
+@dataclass
+class StreamTiming:
+    """When a stage's row batches arrived, seconds from the stage's start: the first (after actor start-up) and the
+    last, and how many images the first batch and the whole stream carried."""
+
+    first_s: float = 0.0
+    first_n: int = 0
+    last_s: float = 0.0
+    n: int = 0
+
+    def add(self, batch: pa.Table, at_s: float) -> None:
+        images = sum(k in ("image", "failure") for k in batch.column("row").to_pylist())
+        if not self.n:
+            self.first_s, self.first_n = at_s, images
+        self.n += images
+        self.last_s = at_s
+
+    @property
+    def steady_rate(self) -> float:
+        """images/s between the first and the last batch (start-up excluded)."""
+        span = self.last_s - self.first_s
+        return (self.n - self.first_n) / span if span > 0 else float("nan")
+
+
+class TimedRunner(BenchmarkRunner):
+    """The benchmark driver, recording per enabled stage its :class:`StreamTiming` and its seconds to the last
+    commit (component pass included). A reader thread pulls the stage's row stream and stamps each batch on arrival,
+    so the driver's component pass and commits of finished units (run between batches) do not delay the stamps."""
+
+    def __init__(self, cfg: BenchmarkConfig) -> None:
+        super().__init__(cfg)
+        self.streams: dict[str, StreamTiming] = {}
+        self.stage_s: dict[str, float] = {}
+
+    def run_stage(self, ray: Any, stage: Stage) -> None:
+        if not stage.enabled():
+            return
+        t0 = time.perf_counter()
+        stream, timing = stage.stream, self.streams.setdefault(stage.name, StreamTiming())
+
+        def timed(ray_: Any, pending: list[str]) -> Any:
+            batches: queue.Queue = queue.Queue()
+            rows = stream(ray_, pending)
+
+            def pump() -> None:
+                try:
+                    for batch in rows:
+                        timing.add(batch, time.perf_counter() - t0)
+                        batches.put(batch)
+                except BaseException as e:  # noqa: BLE001 - handed to the driver thread, which raises it
+                    batches.put(e)
+                batches.put(None)
+
+            threading.Thread(target=pump, daemon=True).start()
+            while (item := batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        stage.stream = timed  # type: ignore[method-assign]
+        super().run_stage(ray, stage)
+        self.stage_s[stage.name] = time.perf_counter() - t0
+
+
+def bare_forward(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
+    """images/s of ``model.predict`` alone (same-size images batched, as the actors do; one warm-up batch not
+    timed)."""
     model = runtime.prepare(model).eval()
-    batches = [torch.from_numpy(np.stack(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for im in images:
+        by_shape.setdefault(im.shape, []).append(im)
+    batches = [torch.from_numpy(np.stack(group[i : i + batch_size])) for group in by_shape.values()
+               for i in range(0, len(group), batch_size)]
     sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
     with torch.inference_mode(), runtime.autocast():
         model.predict(batches[0])
@@ -87,87 +159,44 @@ def bare_forward(model, images: list[np.ndarray], batch_size: int, runtime: Runt
     return len(images) / (time.perf_counter() - t0)
 
 
-def in_process_actor(cfg: BenchmarkConfig, ckpt: str, datasets: list[str], threads: int) -> float:
-    """images/s of the same per-batch work (read, predict, every scorer, metric states, score-map shards) run by
-    one in-process :class:`ScoreActor` without Ray: what the pipeline costs on top of the work itself."""
-    import pyarrow as pa
-
+def in_process_actor(cfg: BenchmarkConfig, plan: Plan, threads: int) -> float:
+    """images/s of the score stage's per-batch work (decode, predict, every scorer, metric states, fp16 score
+    shards) by one in-process :class:`ScoreActor` without Ray: what the pipeline costs on top of the work."""
     spec = cfg.models[0]
-    opened = {n: create_dataset(n, root=cfg.data_root) for n in datasets}
-    keys = scorer_keys(scorer_names(cfg), cfg.placements, cfg.temperatures, "mask")
-    infos = {n: DatasetInfo(n, d.kind, d.track, 19) for n, d in opened.items()}
-    rows = [{"dataset": n, "idx": i, "id": r.id, "image_path": r.image_path, "label_path": r.label_path or ""}
-            for n, d in opened.items() for i, r in enumerate(d.samples)]
-    with tempfile.TemporaryDirectory() as tmp:
-        actor = ScoreActor(spec, ckpt, keys, infos, tmp, "inproc", torch_threads=threads, cache_outputs=False,
-                           model_batch=cfg.batch_size)
-        batches = [pa.Table.from_pylist(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
-        actor(read_batch(batches[0], opened))  # warm-up
-        t0 = time.perf_counter()
-        for b in batches:
-            actor(read_batch(b, opened))
-        return len(rows) / (time.perf_counter() - t0)
+    run = ModelRun(cfg, plan.store, "inproc", spec, plan.checkpoints[spec.name], plan.output_kinds[spec.name],
+                   plan.datasets, plan.infos)
+    actor = ScoreActor(spec, run.checkpoint, ScoreStage(run).keys(), plan.infos, plan.store.root, "inproc",
+                       device=cfg.device, precision=cfg.precision, torch_threads=threads, write_scores=True,
+                       model_batch=cfg.batch_size, protocol=cfg.protocol, smiyc=cfg.smiyc)
+    rows = image_items(plan.datasets)
+    batches = [pa.Table.from_pylist(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
+    actor(read_batch(batches[0], plan.datasets, cfg.protocol))  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        actor(read_batch(b, plan.datasets, cfg.protocol))
+    return len(rows) / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=1.0, help="ERFNet width multiplier (1.0 = the published model)")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="model input size (default: the images' own size)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--datasets", nargs="+", default=list(ANOMALY_DATASETS))
-    p.add_argument("--repeat", type=int, default=1, help="use every image this many times (longer, steadier run)")
-    p.add_argument("--cache-dir", default=None, help="where the synthetic suite lives (default: $OODSEG_CACHE)")
-    p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the local Ray (0: all)")
-    p.add_argument("--actor-cpus", type=float, default=1.0,
-                   help="CPUs per scoring actor; the bare loop uses as many torch threads, for a like-for-like ratio")
-    a = p.parse_args(argv)
+def whole_job(cfg: BenchmarkConfig) -> tuple[float, TimedRunner, float]:
+    """(job seconds incl. Ray start, the runner with its stage timings, peak object-store MiB); Ray is shut down."""
+    import ray
 
-    from oodseg.platform.pipeline import default_cache_dir
-
-    cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
-    suite = synthetic_suite(cache_dir, 0)
-    runtime = Runtime()
-    threads = max(1, int(np.ceil(a.actor_cpus)))
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
-    images = []
-    for name in a.datasets:
-        ds = create_dataset(name, root=str(suite))
-        images += [ds.load(r)["image"] for r in ds.samples] * a.repeat
-    n = len(images) // a.repeat
-    at = tuple(a.input_size) if a.input_size else "native size"
-    print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at {at}, "
-          f"{n} images of {images[0].shape[1]}x{images[0].shape[0]}, batch {a.batch_size}, {threads} thread(s)",
-          file=sys.stderr)
-    bare = bare_forward(model, images[:n], a.batch_size, runtime)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = save_safetensors(model.cpu(), Path(tmp) / "model.safetensors")
-        cfg = BenchmarkConfig(
-            results=str(Path(tmp) / "results"), data_root=str(suite),
-            models=(ModelSpec("bench", checkpoint=str(ckpt)),),
-            datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
-            progress=False, num_cpus=a.num_cpus, actor_num_cpus=a.actor_cpus, torch_threads=threads,
-        )
-        work = in_process_actor(cfg, str(ckpt), a.datasets, threads)
-        runner = BenchmarkRunner(cfg)
-        sampler = ObjectStorePeak()
-        sampler.start()
-        t0 = time.perf_counter()
+    sampler = ObjectStorePeak()
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        init_ray(cfg.ray_address, cfg.num_cpus)
+        runner = TimedRunner(cfg)
         runner.run()
         job_s = time.perf_counter() - t0
+    finally:
         peak = sampler.stop()
-    score_rate = runner.n_images / runner.timings["score_pass"]
-    job_rate = runner.n_images / job_s
-    print(f"bare batched forward        : {bare:8.2f} images/s")
-    print(f"same work in-process, no Ray: {work:8.2f} images/s   ratio {work / bare:.2f} (scoring cost)")
-    print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}"
-          f"  (vs in-process work {score_rate / work:.2f})")
-    print(f"whole job (start to commit) : {job_rate:8.2f} images/s   ratio {job_rate / bare:.2f}")
-    print("stage seconds               : " + ", ".join(f"{k} {v:.1f}" for k, v in runner.timings.items()))
-    print(f"peak object store use       : {peak:.1f} MiB")
+        ray.shutdown()
+    return job_s, runner, peak
+
+
+def cache_sizes() -> str:
+    """Output-cache bytes per image (fp16) of ERFNet at 512x1024 and EoMT-L Cityscapes."""
     mib = 2**20
     erf19 = output_nbytes("pixel", 19, (512, 1024))
     erf20 = output_nbytes("pixel", 20, (512, 1024))
@@ -175,9 +204,75 @@ def main(argv: list[str] | None = None) -> int:
     # 1024x1024 (2 per 1024x2048 frame), mask logits at 4x the 64x64 patch grid = 256x256 natively
     eomt_native = output_nbytes("mask", 19, (256, 256), num_queries=100, n_crops=2)
     eomt_full = output_nbytes("mask", 19, (1024, 1024), num_queries=100, n_crops=2)
-    print(f"output cache per image (fp16): ERFNet 512x1024 {erf20 / mib:.1f} MiB with void / {erf19 / mib:.1f} MiB "
-          f"scored; EoMT-L 1024 {eomt_native / mib:.1f} MiB native 256x256 masks "
-          f"({eomt_full / mib:.0f} MiB if upsampled to the window)")
+    return (f"output cache per image (fp16): ERFNet 512x1024 {erf20 / mib:.1f} MiB with void / {erf19 / mib:.1f} MiB "
+            f"scored; EoMT-L 1024 {eomt_native / mib:.1f} MiB native 256x256 masks ({eomt_full / mib:.0f} MiB if "
+            "upsampled to the window)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", type=float, default=1.0, help="ERFNet width multiplier (1.0 = the published model)")
+    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="model input size (default: the images' own size)")
+    p.add_argument("--image-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"),
+                   help="synthetic suite image size")
+    p.add_argument("--images", type=int, default=8, help="images per synthetic anomaly set")
+    p.add_argument("--data-root", default="", help="existing dataset root (default: a temporary synthetic suite)")
+    p.add_argument("--datasets", nargs="+", default=list(default_datasets("anomaly")))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (0: all)")
+    p.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="CPUs per scoring actor; the bare loop uses as many torch threads, for a like-for-like ratio")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    runtime = Runtime(device=a.device, precision=a.precision)
+    threads = max(1, math.ceil(a.actor_cpus))
+    torch.set_num_threads(threads)
+    if runtime.torch_device.type == "cpu":
+        tune_allocator()  # as the score actors do
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = a.data_root
+        if not root:
+            from oodseg.data.synthetic import ensure_suite
+
+            root = str(ensure_suite(work / "suite", seed=0, size=tuple(a.image_size), n_train=1, n_val=1,
+                                    n_anomaly=a.images, n_coco=1))
+        torch.manual_seed(0)
+        model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
+        ckpt = save_safetensors(model, work / "model.safetensors")
+        cfg = BenchmarkConfig(
+            results=str(work / "results"), data_root=root, models=(ModelSpec("bench", checkpoint=str(ckpt)),),
+            datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
+            progress=False, num_cpus=a.num_cpus, actor_num_cpus=a.actor_cpus, torch_threads=threads,
+            device=a.device, precision=a.precision)
+        plan = prepare(cfg)
+        images = [ds.load(r)["image"] for ds in plan.datasets.values() for r in ds.samples]
+        n = len(images)
+        print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at "
+              f"{tuple(a.input_size) if a.input_size else 'native size'}, {n} images of "
+              f"{sorted({im.shape[:2] for im in images})}, batch {a.batch_size}, {threads} thread(s)", file=sys.stderr)
+        bare = bare_forward(model, images, a.batch_size, runtime)
+        work_rate = in_process_actor(cfg, plan, threads)
+        job_s, runner, peak = whole_job(cfg)
+    score = runner.streams["score"]
+    score_rate, job_rate = n / score.last_s, n / job_s
+    print(f"bare batched forward        : {bare:8.2f} images/s")
+    print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost)")
+    print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}"
+          f"  (vs in-process work {score_rate / work_rate:.2f}; actor start-up included)")
+    print(f"  after its first batch     : {score.steady_rate:8.2f} images/s   ratio {score.steady_rate / bare:.2f}"
+          f"  (vs in-process work {score.steady_rate / work_rate:.2f})")
+    print(f"whole job (start to commit) : {job_rate:8.2f} images/s   ratio {job_rate / bare:.2f}")
+    print(f"seconds                     : job {job_s:.1f}; score stage: first rows {score.first_s:.1f}, last rows "
+          f"{score.last_s:.1f}, committed {runner.stage_s['score']:.1f}")
+    print(f"peak object store use       : {peak:.1f} MiB")
+    print(cache_sizes())
     return 0
 
 

@@ -1,51 +1,137 @@
 """Cost of one temperature-search trial (scoring cached outputs) vs one forward pass over the same images.
 
-    python benchmarks/tune.py                                   # ERFNet width 1.0 at 256×512, 8 images, this machine
-    python benchmarks/tune.py --width 1.0 --input-size 512 1024 --images 16
+    python benchmarks/tune.py                                    # CPU default: ERFNet at 128x256, 8 images
+    python benchmarks/tune.py --image-size 512 1024 --images 16 --num-cpus 0       # ERFNet's Cityscapes size
 
-Builds (once) a synthetic suite at the requested size, saves a randomly initialised ERFNet of the requested width,
-runs the temperature job in grid mode on an empty results store (which runs the benchmark once to create the output
-cache), then again on the filled store with ``time_forward`` so the forward pass is timed separately with
-``model.predict`` over the validation images. Prints the job's table and the per-trial vs forward timing line
-(target: a trial ≤ 10 % of a forward pass). Weights are random: only the timing is meaningful.
+Builds a synthetic suite at the requested size in a temporary directory, saves a randomly initialised ERFNet, and
+runs the temperature search (``oodseg.platform.tuning.temperature.run_temperature_search``) in grid mode on an empty
+results store, so it first runs the benchmark once to create the output cache (the only forward pass of the search),
+then one Ray Tune trial per grid temperature. A trial's cost is its ``eval_s`` (scoring every cached validation image
+and its pixel metrics) and its ``time_total_s`` (Tune's trial wall time: the object-store read included), from the
+``trials`` rows (trials run concurrently, one per ``trial_cpus``), and ``evaluate_temperature`` over the grid in
+this process right after the forward pass (same load conditions). The forward pass is timed here: ``model.predict``
+over the same validation images, batched, with as many torch threads as a trial has (``ceil(trial_cpus)``), one
+warm-up batch untimed. Prints each and its ratio to the forward pass (target: a trial ≤ 10 % of a forward pass).
+Weights are random: only the timing is meaningful. Ray is shut down at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from oodseg.models import create_model, save_safetensors
-from oodseg.platform.pipeline import ModelSpec
-from oodseg.platform.tune_temperature import TemperatureSearchConfig, format_result, run_temperature_search
+from oodseg.data import create_dataset
+from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
+from oodseg.platform.benchmark import ModelSpec
+from oodseg.platform.output_cache import load_cached_set
+from oodseg.platform.results import ResultsStore
+from oodseg.platform.tuning.temperature import (
+    TemperatureSearchConfig,
+    evaluate_temperature,
+    run_temperature_search,
+)
+
+VAL_SET = "road_anomaly_21"
+
+
+def forward_seconds(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
+    """Seconds of ``model.predict`` over ``images`` in batches (one untimed warm-up batch; CUDA synchronised)."""
+    model = runtime.prepare(model).eval()
+    batches = [torch.from_numpy(np.stack(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), runtime.autocast():
+        model.predict(batches[0])
+        sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            model.predict(b)
+        sync()
+    return time.perf_counter() - t0
+
+
+def trial_costs(trials: list[dict[str, Any]]) -> tuple[list[float], list[float], int]:
+    """(eval_s, time_total_s, images) of every trial, from its ``trials`` row's ``metrics_json``."""
+    metrics = [json.loads(t["metrics_json"]) for t in trials]
+    return [m["eval_s"] for m in metrics], [m["time_total_s"] for m in metrics], int(metrics[0]["n_images"])
+
+
+def in_process_trial(cfg: TemperatureSearchConfig, source_run: str) -> float:
+    """Mean seconds of ``evaluate_temperature`` over the grid in this process (no Ray, same conditions as the
+    forward timing), on the output cache the search created."""
+    data = load_cached_set(ResultsStore(cfg.results), source_run, cfg.model.name, cfg.val_set)
+    return float(np.mean([evaluate_temperature(data, cfg.scorer, t, bits=cfg.bits)["eval_s"] for t in cfg.grid]))
+
+
+def search(cfg: TemperatureSearchConfig) -> Any:
+    """Run the search; Ray (started by it) is shut down afterwards."""
+    import ray
+
+    try:
+        return run_temperature_search(cfg)
+    finally:
+        ray.shutdown()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=float, default=1.0, help="ERFNet width multiplier")
+    ap.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="model input size (default: the images' own size)")
+    ap.add_argument("--image-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"),
+                    help="synthetic suite image size")
+    ap.add_argument("--images", type=int, default=8, help="validation images")
+    ap.add_argument("--grid", type=float, nargs="+", default=[0.5, 0.75, 1.1], help="trial temperatures")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--trial-cpus", type=float, default=1.0)
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (0: all)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of the forward pass")
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--width", type=float, default=1.0, help="ERFNet width multiplier")
-    ap.add_argument("--input-size", type=int, nargs=2, default=(256, 512), help="suite image size H W")
-    ap.add_argument("--images", type=int, default=8, help="validation images")
-    ap.add_argument("--out", default="", help="work directory (default: a temporary one)")
-    args = ap.parse_args(argv)
-
+    a = parse_args(argv)
     from oodseg.data.synthetic import ensure_suite
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.out or tmp)
-        size = tuple(args.input_size)
-        suite = ensure_suite(work / f"suite-{size[0]}x{size[1]}", seed=0, size=size, n_train=2, n_val=2,
-                             n_anomaly=args.images, n_coco=2)
+        work = Path(tmp)
+        suite = ensure_suite(work / "suite", seed=0, size=tuple(a.image_size), n_train=1, n_val=1,
+                             n_anomaly=a.images, n_coco=1)
         torch.manual_seed(0)
-        model = create_model("erfnet", width=args.width, input_size=None)
-        ckpt = save_safetensors(model, work / f"erfnet-w{args.width}.safetensors")
-        base = dict(results=str(work / "results"), data_root=str(suite), model=ModelSpec("bench", checkpoint=str(ckpt)),
-                    val_set="road_anomaly_21", datasets=("road_anomaly_21",), search="grid", trial_cpus=1.0)
-        run_temperature_search(TemperatureSearchConfig(**base, time_forward=False))  # creates the output cache
-        cfg = TemperatureSearchConfig(**base, time_forward=True)
-        print(format_result(run_temperature_search(cfg), cfg), flush=True)
+        model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
+        ckpt = save_safetensors(model, work / "model.safetensors")
+        cfg = TemperatureSearchConfig(
+            results=str(work / "results"), data_root=str(suite), model=ModelSpec("bench", checkpoint=str(ckpt)),
+            val_set=VAL_SET, datasets=(VAL_SET,), search="grid", grid=tuple(a.grid), trial_cpus=a.trial_cpus,
+            batch_size=a.batch_size, num_cpus=a.num_cpus)
+        t0 = time.perf_counter()
+        res = search(cfg)
+        search_s = time.perf_counter() - t0
+        ds = create_dataset(VAL_SET, root=str(suite))
+        images = [ds.load(r)["image"] for r in ds.samples]
+        threads = max(1, math.ceil(a.trial_cpus))
+        torch.set_num_threads(threads)
+        runtime = Runtime(device=a.device)
+        if runtime.torch_device.type == "cpu":
+            tune_allocator()  # as the benchmark's score actors do
+        fwd = forward_seconds(model, images, a.batch_size, runtime)
+        local = in_process_trial(cfg, res.source_run)
+    evals, totals, n = trial_costs(res.studies[0].trials)
+    print(f"ERFNet width {a.width}, {len(images)} images of {images[0].shape[0]}x{images[0].shape[1]}, forward on "
+          f"{runtime.torch_device} with {threads} thread(s); search {search_s:.1f} s incl. Ray start and the "
+          f"cache-creating benchmark", file=sys.stderr)
+    print(f"forward pass (model.predict)   : {1000 * fwd:8.1f} ms for {len(images)} images")
+    for what, s in (("trial, scoring only (eval_s)   ", np.mean(evals)), ("trial, Tune wall (time_total_s)",
+                    np.mean(totals)), ("same scoring in this process  ", local)):
+        print(f"{what}: {1000 * s:8.1f} ms for {n} images   ratio to forward {s / fwd:.3f}   (target ≤ 0.10)")
     return 0
 
 

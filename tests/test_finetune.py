@@ -4,7 +4,8 @@ Runs share one tiny Cityscapes-format dataset written here in the real layout (t
 every image has the same number of labelled pixels) and a tiny ERFNet with BatchNorm on running statistics and no
 dropout (``frozen_stats``): then one optimizer step on a global batch of 4 is the same computation whether one
 worker sees 4 images or two workers see 2 each (DeepSpeed / DDP average the per-rank mean gradients), and the
-loss curves must agree up to float rounding.
+loss curves must agree up to float rounding. TDOS (tiny random CLIP, its own loss) trains on the same trainer with
+two DeepSpeed workers and resumes from its checkpoint when rerun with more steps.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def _cfg(city_root: Path, storage: Path, name: str, workers: int, **kw) -> Finet
                           checkpoint_every=2, extensions_dir=str(storage / "ext"), **kw)
 
 
+def _tdos_cfg(city_root: Path, storage: Path, steps: int) -> FinetuneConfig:
+    """TDOS (tiny random CLIP) with its own loss, two DeepSpeed workers (issue: TDOS trains on the same trainer)."""
+    tc = TrainConfig(model="tdos", model_cfg={"clip": "tiny", "window": 64}, loss="tdos",
+                     loss_cfg={"num_points": 64, "align_pixels": 256}, data_root=str(city_root), val_split="",
+                     anomaly_set=None, steps=steps, global_batch=4, crop=(32, 64), scale=(1.0, 1.0), lr=1e-3,
+                     warmup=1, log_every=1)
+    return FinetuneConfig(train=tc, name="tdos", storage_path=str(storage), num_workers=2, zero_stage=1,
+                          checkpoint_every=2, extensions_dir=str(storage / "ext"))
+
+
 @pytest.fixture(scope="module")
 def runs(ray_session, city_root, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
@@ -92,10 +103,11 @@ def runs(ray_session, city_root, tmp_path_factory):
                               step_hook=FaultAt(4, 1, marker)),
     }
     out["ddp"] = run_finetune(_cfg(city_root, storage, "ddp", 2, strategy="ddp"))
-    base = _cfg(city_root, storage, "fault", 2)
-    longer = replace(base, train=replace(base.train, steps=STEPS + 2))
+    tdos = _tdos_cfg(city_root, storage, steps=2)
+    out["tdos"] = run_finetune(tdos)
+    longer = replace(tdos, train=replace(tdos.train, steps=4))
     assert check_resume(longer) is not None  # same run, more steps: resumes
-    out["rerun"] = run_finetune(longer)
+    out["tdos_rerun"] = run_finetune(longer)
     out["marker"] = marker
     out["storage"] = storage
     return out
@@ -130,19 +142,33 @@ def test_killed_worker_resumes_from_last_checkpoint_and_continues_the_same_curve
     np.testing.assert_allclose(_losses(runs["fault"])[2:], _losses(runs["one"])[2:], rtol=2e-4, atol=1e-5)
 
 
-def test_rerun_with_same_name_resumes_and_exports_loadable_model(runs):
+def test_fault_run_exports_to_the_given_path(runs):
     from oodseg.models import create_model
     from oodseg.models.checkpoint import read_safetensors_metadata
 
-    rows = sorted(runs["rerun"].history, key=lambda r: r["step"])
-    assert [r["start_step"] for r in rows if r["step"] > STEPS] == [STEPS, STEPS]
-    assert rows[-1]["step"] == STEPS + 2
     export = Path(runs["fault"].model_path)
     assert export.name == "model.safetensors" and "export" in export.parts
     model = create_model(checkpoint=export)
-    meta = read_safetensors_metadata(export)
-    assert json.loads(meta["oodseg.finetune.config"])["train"]["steps"] == STEPS
+    assert json.loads(read_safetensors_metadata(export)["oodseg.finetune.config"])["train"]["steps"] == STEPS
     assert torch.isfinite(model.predict(torch.zeros(1, 32, 64, 3, dtype=torch.uint8)).logits).all()
+
+
+def test_tdos_two_deepspeed_workers_resume_and_export_a_p_ood_model(runs):
+    """TDOS trains with DeepSpeed on two workers; a rerun with more steps resumes from the step-2 checkpoint; the
+    export rebuilds TDOS alone and its ``ood`` channel feeds ``p_ood``."""
+    from oodseg.models import create_model
+    from oodseg.scoring import create_scorer
+
+    first = sorted(runs["tdos"].history, key=lambda r: r["step"])
+    assert [r["step"] for r in first] == [1, 2] and all(np.isfinite(r["loss"]) for r in first)
+    rows = sorted(runs["tdos_rerun"].history, key=lambda r: r["step"])
+    assert [r["start_step"] for r in rows if r["step"] > 2] == [2, 2]
+    assert rows[-1]["step"] == 4
+    model = create_model(checkpoint=runs["tdos_rerun"].model_path).eval()
+    assert type(model).__name__ == "TDOS" and model.ood_channels == (19,)
+    with torch.inference_mode():
+        p = create_scorer("p_ood")(model.predict(torch.zeros(1, 32, 64, 3, dtype=torch.uint8)))
+    assert p.shape == (1, 32, 64) and bool(((p >= 0) & (p <= 1)).all())
 
 
 def test_resume_refuses_another_loss_model_or_strategy(runs, city_root):

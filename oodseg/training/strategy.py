@@ -163,6 +163,10 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
         import deepspeed.ops
 
+        scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+        if scalars:  # deepspeed's initial broadcast views each parameter as bytes, which fails for 0-dim tensors
+            raise ValueError(f"--strategy deepspeed: the model has 0-dim parameters {scalars[:5]}, which DeepSpeed "
+                             "cannot broadcast; use --strategy ddp")
         super().setup(model, params, cfg)
         if self.device.type != "cuda" and not self.shm_comm:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo all-reduce, nothing to compile

@@ -151,11 +151,14 @@ class TDOS(SegModel):
         self.class_names = check_class_names(class_names)
         self.groups = _groups(negatives, cfg.n_negative)
         self.clip, pretrained = load_clip(clip)
+        # CLIP's contrastive logit scale is unused (TDOS's alignment has its own τ); as a 0-dim parameter it would
+        # also break DeepSpeed's initial parameter broadcast (which views every parameter as bytes)
+        del self.clip.logit_scale
         tok = load_tokenizer(clip, self.clip)
         ids, self.sot_id, self.eot_id = self._class_ids(tok, class_token_ids, sot_id, eot_id, cfg.name_len)
         self.freeze_towers = bool(freeze_towers)
         for name, p in self.clip.named_parameters():
-            p.requires_grad_(not self.freeze_towers and name != "logit_scale")
+            p.requires_grad_(not self.freeze_towers)
         n_layers = self.clip.vision_model.config.num_hidden_layers
         blocks = cfg.feature_blocks if cfg.feature_blocks is not None else scaled_blocks(n_layers)
         aug_blocks = cfg.augment_blocks if cfg.augment_blocks is not None else (n_layers - 1,)
