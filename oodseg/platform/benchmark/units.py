@@ -42,7 +42,7 @@ class UnitResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     n_images: int = 0
     covered: int = 0  # images (scored or failed) whose state rows have arrived
-    started: float = field(default_factory=time.time)
+    started: float | None = None  # when the batch holding its first row was requested (Reducer)
 
     @property
     def done(self) -> bool:
@@ -50,7 +50,9 @@ class UnitResult:
 
     @property
     def wall_s(self) -> float:
-        return time.time() - self.started
+        """Seconds from the request of the batch with its first row to now (commit): its own share of the stream,
+        not the units streamed before it (the first unit of a pass includes the actors' start-up)."""
+        return time.time() - self.started if self.started is not None else 0.0
 
     def merge_states(self, states: Mapping[tuple[int, str], Any]) -> None:
         """Merge packed ``{(key index, slot): state}`` (see :func:`~oodseg.platform.benchmark.rows.metric_states`)."""
@@ -79,8 +81,10 @@ class Reducer:
         self.on_image, self.on_info = on_image, on_info
         self.pending = [k for k, u in self.units.items() if not u.done]
 
-    def _take(self, r: Mapping[str, Any]) -> None:
+    def _take(self, r: Mapping[str, Any], requested: float) -> None:
         unit = self.units[r["dataset"]]
+        if unit.started is None:
+            unit.started = requested
         if r["row"] == "info":
             if self.on_info:
                 self.on_info(r["summary"])
@@ -103,9 +107,11 @@ class Reducer:
         """Yield units as they complete (units with no image to process first), then any that remain."""
         for key in [k for k, u in self.units.items() if u.done]:
             yield self.units[key]
+        requested = time.time()
         for batch in batches:
             for r in batch.to_pylist():
-                self._take(r)
+                self._take(r, requested)
+            requested = time.time()
             # a call's state row comes after its image rows and says how many images it covers
             for key in [k for k in self.pending if self.units[k].done]:
                 self.pending.remove(key)
