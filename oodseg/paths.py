@@ -34,3 +34,15 @@ def synthetic_suite(cache_dir: str | os.PathLike[str] | None = None, seed: int =
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return Path(ensure_suite(cache / f"suite-seed{seed}", seed=seed))
+
+
+def demo_suite(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
+               seed: int = 0) -> tuple[Path, Path]:
+    """``(suite, cache)`` for a demo model source: ``data_root`` when it is a synthetic suite, else the suite built
+    (once) under the cache."""
+    from oodseg.data.synthetic import MARKER
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    given = Path(data_root) if data_root else None
+    suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache, seed)
+    return suite, cache

@@ -19,9 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oodseg.data.synthetic import MARKER
 from oodseg.models import register_checkpoint_source, resolve_checkpoint
-from oodseg.paths import default_cache_dir, synthetic_suite
+from oodseg.paths import demo_suite
 from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
 from oodseg.training import demo  # noqa: F401  (registers the "demo" ERFNet source)
 from oodseg.training.cached import cached_fit, printer
@@ -32,13 +31,6 @@ DETECTOR_VERSION = 1
 SAM_CFG = {"image_size": 256, "hidden": 32, "layers": 2, "heads": 2}
 SAM_STEPS = {"box": 240, "grid": 120}
 DETECTOR_STEPS = 160
-
-
-def _suite_and_cache(cache_dir: Any, data_root: Any, seed: int) -> tuple[Path, Path]:
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    given = Path(data_root) if data_root else None
-    suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache, seed)
-    return suite, cache
 
 
 def sam_config(suite: Path, seed: int, prompts: str, init: str = "tiny") -> TrainConfig:
@@ -65,7 +57,7 @@ def detector_config(suite: Path, seed: int, scorer: str, scoring_model: str) -> 
 def demo_sam(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
              seed: int = 0, **_: object) -> str:
     """The stock demo SAM (module docstring)."""
-    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    suite, cache = demo_suite(cache_dir, data_root, seed)
     return str(cached_fit("demo-sam", sam_config(suite, seed, "box"), suite, cache, SAM_VERSION, printer("demo-sam")))
 
 
@@ -73,7 +65,7 @@ def demo_sam(cache_dir: str | os.PathLike[str] | None = None, data_root: str | o
 def demo_saom(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
               seed: int = 0, **_: object) -> str:
     """The SAOM demo SAM (module docstring)."""
-    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    suite, cache = demo_suite(cache_dir, data_root, seed)
     init = demo_sam(cache, suite, seed)
     cfg = sam_config(suite, seed, "grid", init=init)
     return str(cached_fit("demo-saom", cfg, suite, cache, SAM_VERSION, printer("demo-saom")))
@@ -83,7 +75,7 @@ def demo_saom(cache_dir: str | os.PathLike[str] | None = None, data_root: str | 
 def demo_detector(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
                   seed: int = 0, scorer: str = "msp", **_: object) -> str:
     """The demo detector for ``scorer`` on the demo ERFNet's maps (module docstring)."""
-    suite, cache = _suite_and_cache(cache_dir, data_root, seed)
+    suite, cache = demo_suite(cache_dir, data_root, seed)
     scoring = resolve_checkpoint("demo", cache_dir=cache, data_root=suite, seed=seed)
     cfg = detector_config(suite, seed, scorer, scoring)
     return str(cached_fit(f"demo-detector-{scorer}", cfg, suite, cache, DETECTOR_VERSION,
