@@ -105,6 +105,12 @@ def test_bad_checkpoints_are_one_line(suite, tmp_path, capsys, content, needles)
     one_error(*run(benchmark.main, argv, capsys), "weights.pth", "give its arch")  # a .pth does not say what it is
 
 
+def test_results_root_under_a_file_is_one_line(suite, model, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    one_error(*run(benchmark.main, bench(suite, model, tmp_path / "file" / "results"), capsys), "--results")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_unwritable_results_root(suite, model, tmp_path, capsys):
     ro = tmp_path / "ro"

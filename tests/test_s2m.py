@@ -304,6 +304,7 @@ def test_detector_no_test_resize_and_normalisation() -> None:
     assert boxes.xyxy.shape[1] == 4 and len(boxes) <= 100 and bool((boxes.xyxy[:, 2] <= 80).all())
 
 
+@pytest.mark.slow  # trains
 def test_detector_trains_and_recalls_square(tmp_path) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

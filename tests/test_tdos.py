@@ -317,6 +317,7 @@ def test_param_groups_partition_trainable_parameters():
     assert unfrozen.param_groups()["backbone"] and unfrozen.param_groups()["text"]
 
 
+@pytest.mark.slow  # trains
 def test_training_steps_lower_the_loss_and_leave_towers_unchanged():
     torch.manual_seed(0)
     m = create_model("tdos", clip="tiny", augment="off", pixel_attn="global").train()
