@@ -3,6 +3,7 @@ with exit code 2 and nothing recorded; ``--help`` lists the valid values; errors
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
@@ -178,3 +179,28 @@ def test_folder_dataset_needs_and_takes_a_mapping_from_the_config(tmp_path, caps
     code, err = run(benchmark.main, ["--data-root", str(root), "--datasets", "folder", "--results",
                                      str(tmp_path / "r")], capsys)
     one_error(code, err, "folder", "mapping")
+
+
+def test_refine_inputs_that_do_not_fit_fail_before_ray(suite, model, tmp_path, capsys):
+    """S2M: a SAM file missing weights, a file that is not a detector, an unknown prompter option."""
+    from safetensors.torch import load_file, save_file
+
+    from oodseg.models.checkpoint import read_safetensors_metadata
+    from oodseg.models.sam import create_sam, save_sam
+
+    good = save_sam(create_sam("tiny", image_size=64), tmp_path / "sam.safetensors")
+    tensors = load_file(good)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    broken = tmp_path / "broken_sam.safetensors"
+    save_file(tensors, broken, metadata=read_safetensors_metadata(good))
+    base = [*bench(suite, model, tmp_path / "r"), "--scorers", "msp", "--refine", "s2m"]
+    cases = [
+        ({"prompter": "components", "sam": str(broken)}, ["broken_sam.safetensors", dropped]),
+        ({"prompter": "detector", "sam": str(good), "detectors": {"msp": str(good)}}, ["sam.safetensors", "detector"]),
+        ({"prompter": "components", "sam": str(good), "prompter_cfg": {"min_aera": 3}}, ["prompter-cfg", "min_aera"]),
+    ]
+    for refine_cfg, needles in cases:
+        argv = [*base, "--set", f"refine_cfg={json.dumps({**refine_cfg, 'scorers': ['msp']})}"]
+        one_error(*run(benchmark.main, argv, capsys), *needles)
+    assert not (tmp_path / "r" / "runs").exists()  # nothing recorded: Ray never started

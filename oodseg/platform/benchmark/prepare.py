@@ -30,7 +30,8 @@ from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import log
 from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
-from oodseg.refine import list_prompters
+from oodseg.models.sam import create_sam
+from oodseg.refine import create_prompter, list_prompters
 from oodseg.scoring import list_scorers, scorer_applies
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 
@@ -128,7 +129,22 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
             pc["checkpoint"] = resolve_checkpoint(source, scorer=scorer, **context)
             check_checkpoint(pc["checkpoint"])
         prompters[scorer] = pc
+    check_refine_models(sam, prompters)
     return {"sam": sam, "prompters": prompters}
+
+
+def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -> None:
+    """Build each prompter and a SAM file once here (small), so unknown options and weights that do not fit their
+    stored config fail before Ray starts, naming the file (a hub SAM is checked when the actors load it)."""
+    for scorer, pc in prompters.items():
+        try:
+            create_prompter(**pc)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
+    if sam and sam.endswith(".safetensors"):
+        create_sam(sam)
 
 
 def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
