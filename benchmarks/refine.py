@@ -29,13 +29,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pipeline import TimedRunner  # benchmarks/pipeline.py (this script's folder is on sys.path)
 
 from oodseg.models import create_model, save_safetensors
 from oodseg.models.sam import create_sam, save_sam
 from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec, RefineSpec
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import init_ray
-from pipeline import TimedRunner  # benchmarks/pipeline.py (this script's folder is on sys.path)
 
 
 def sam_source(a: argparse.Namespace, work: Path) -> str:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from oodseg.data import DataError, SampleRef, cityscapes_id_to_train_id, create_dataset, list_datasets
 
+
 def _img(path: Path, h: int = 12, w: int = 16, seed: int = 0) -> np.ndarray:
     """A smooth colour ramp (so lossy jpg/webp round trips stay close) with a seed-dependent offset."""
     yy, xx = np.mgrid[0:h, 0:w]

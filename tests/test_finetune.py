@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.cloudpickle
 import torch
 from PIL import Image
-
-import os
-import sys
-
-import ray.cloudpickle
 
 from oodseg.config import ConfigError
 from oodseg.platform.trainer import FinetuneConfig, check_resume, run_finetune

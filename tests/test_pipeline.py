@@ -19,8 +19,8 @@ import torch
 from oodseg.data import create_dataset
 from oodseg.models import create_model, save_safetensors
 from oodseg.outputs import PixelLogits
-from oodseg.platform.cache import ShardCache, output_nbytes
 from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec, run_benchmark
+from oodseg.platform.cache import ShardCache, output_nbytes
 from oodseg.platform.results import ResultsStore
 from oodseg.scoring import create_scorer
 from oodseg.scoring.metrics import ComponentMetrics, ConfusionMatrix, PixelMetrics, S2MMetrics

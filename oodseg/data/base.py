@@ -169,6 +169,38 @@ class ListedDataset:
             raise err
         self.errors.append(err)
 
+    def _list_cityscapes(self, root: str | os.PathLike[str] | None, split: str, gt_suffixes: tuple[str, ...],
+                         what: str = "label") -> Path | None:
+        """List a Cityscapes-layout split into ``samples``: ``leftImg8bit/<split>/<city>/<prefix>_leftImg8bit.png``
+        paired with the first existing ``gtFine/<split>/<city>/<prefix><suffix>``; images without a ``what`` file
+        and ``what`` files without an image are listing problems. Returns the dataset root (None if not found)."""
+        try:
+            found = resolve_root(root, "cityscapes", "leftImg8bit")
+        except DataError as err:
+            self._problem(err.path, err.problem)
+            return None
+        img_suffix = "_leftImg8bit.png"
+        img_dir, gt_dir = found / "leftImg8bit" / split, found / "gtFine" / split
+        images = sorted(img_dir.glob(f"*/*{img_suffix}"))
+        if not images:
+            self._problem(img_dir, f"no *{img_suffix} images for split {split!r}")
+        seen: set[tuple[str, str]] = set()
+        for img in images:
+            city, prefix = img.parent.name, img.name[: -len(img_suffix)]
+            seen.add((city, prefix))
+            candidates = [gt_dir / city / f"{prefix}{suffix}" for suffix in gt_suffixes]
+            gt = next((c for c in candidates if c.is_file()), None)
+            if gt is None:
+                self._problem(img, f"image has no {what} file (expected {candidates[-1]})")
+                continue
+            self.samples.append(SampleRef(prefix, str(img), str(gt)))
+        for suffix in gt_suffixes:
+            for gt in sorted(gt_dir.glob(f"*/*{suffix}")):
+                if (gt.parent.name, gt.name[: -len(suffix)]) not in seen:
+                    self._problem(gt, f"{what} file has no image (expected {img_dir / gt.parent.name}/"
+                                      f"{gt.name[: -len(suffix)]}{img_suffix})")
+        return found
+
     def _decode_label(self, ref: SampleRef) -> np.ndarray:
         raise NotImplementedError
 

@@ -37,6 +37,18 @@ DEFAULT_EXCLUDE: dict[str, str] = {
 }
 
 
+def coco_api(ann_path: str | os.PathLike[str]) -> Any:
+    """pycocotools' ``COCO`` index of an annotation file (its progress prints silenced); ``DataError`` naming the
+    file when it is not a valid COCO annotation file."""
+    from pycocotools.coco import COCO
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(ann_path))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(ann_path, f"invalid COCO annotation file ({exc})") from None
+
+
 @dataclass(frozen=True)
 class CocoObject:
     """One object crop: ``image`` uint8 hxwx3 RGB and boolean ``mask`` hxw (tight box of the mask)."""
@@ -100,13 +112,7 @@ class CocoObjects:
     @property
     def coco(self) -> Any:
         if self._coco is None:
-            from pycocotools.coco import COCO
-
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                    self._coco = COCO(str(self.ann_path))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(self.ann_path, f"invalid COCO annotation file ({exc})") from None
+            self._coco = coco_api(self.ann_path)
         return self._coco
 
     def __getstate__(self) -> dict[str, Any]:

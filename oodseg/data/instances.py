@@ -15,15 +15,14 @@ Datasets return :class:`InstanceSample` (``image`` uint8 HxWx3, ``masks`` bool `
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oodseg.data.base import DataError, ListedDataset, SampleRef, read_image, read_label, resolve_root
+from oodseg.data.base import DataError, ListedDataset, SampleRef, read_image, read_label
+from oodseg.data.coco import coco_api
 
 INSTANCE_OFFSET = 1000  # Cityscapes: id = labelId * 1000 + instance index
 
@@ -93,37 +92,13 @@ class CityscapesInstances(ListedDataset):
 
     kind = "instances"
     num_classes = 19
-    IMG_SUFFIX = "_leftImg8bit.png"
     INST_SUFFIX = "_gtFine_instanceIds.png"
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", strict: bool = True,
                  stuff: bool = True, groups: bool = False, name: str = "cityscapes_instances") -> None:
         super().__init__(strict)
         self.name, self.split, self.stuff, self.groups = name, split, stuff, groups
-        try:
-            self.root = resolve_root(root, "cityscapes", "leftImg8bit")
-        except DataError as err:
-            self.root = None
-            self._problem(err.path, err.problem)
-            return
-        img_dir, gt_dir = self.root / "leftImg8bit" / split, self.root / "gtFine" / split
-        images = sorted(img_dir.glob(f"*/*{self.IMG_SUFFIX}"))
-        if not images:
-            self._problem(img_dir, f"no *{self.IMG_SUFFIX} images for split {split!r}")
-        seen: set[tuple[str, str]] = set()
-        for img in images:
-            city, prefix = img.parent.name, img.name[: -len(self.IMG_SUFFIX)]
-            seen.add((city, prefix))
-            inst = gt_dir / city / f"{prefix}{self.INST_SUFFIX}"
-            if not inst.is_file():
-                self._problem(img, f"image has no instance file (expected {inst})")
-                continue
-            self.samples.append(SampleRef(prefix, str(img), str(inst)))
-        for inst in sorted(gt_dir.glob(f"*/*{self.INST_SUFFIX}")):
-            prefix = inst.name[: -len(self.INST_SUFFIX)]
-            if (inst.parent.name, prefix) not in seen:
-                self._problem(inst, f"instance file has no image (expected {img_dir / inst.parent.name}/"
-                                    f"{prefix}{self.IMG_SUFFIX})")
+        self.root = self._list_cityscapes(root, split, (self.INST_SUFFIX,), what="instance")
 
     def load(self, ref: SampleRef) -> InstanceSample:  # type: ignore[override]
         """Decode one frame; ``DataError`` (naming the file) on corrupt files, unknown ids or size mismatch."""
@@ -187,13 +162,7 @@ class CocoInstances:
     @property
     def coco(self) -> Any:
         if self._coco is None:
-            from pycocotools.coco import COCO
-
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                    self._coco = COCO(str(self.ann_path))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(self.ann_path, f"invalid COCO annotation file ({exc})") from None
+            self._coco = coco_api(self.ann_path)
         return self._coco
 
     def __getstate__(self) -> dict[str, Any]:

@@ -58,7 +58,6 @@ class CityscapesDataset(ListedDataset):
     kind = "semantic"
     track = None
     num_classes = 19
-    IMG_SUFFIX = "_leftImg8bit.png"
     ID_SUFFIX = "_gtFine_labelIds.png"
     TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"
 
@@ -68,32 +67,7 @@ class CityscapesDataset(ListedDataset):
         self.name, self.split = name, split
         self._id_lut = value_lut(cityscapes_id_to_train_id())
         self._train_lut = value_lut({**{i: i for i in range(19)}, 255: 255})
-        try:
-            self.root = resolve_root(root, "cityscapes", "leftImg8bit")
-        except DataError as err:
-            self.root = None
-            self._problem(err.path, err.problem)
-            return
-        img_dir, gt_dir = self.root / "leftImg8bit" / split, self.root / "gtFine" / split
-        images = sorted(img_dir.glob(f"*/*{self.IMG_SUFFIX}"))
-        if not images:
-            self._problem(img_dir, f"no *{self.IMG_SUFFIX} images for split {split!r}")
-        seen: set[tuple[str, str]] = set()
-        for img in images:
-            city, prefix = img.parent.name, img.name[: -len(self.IMG_SUFFIX)]
-            seen.add((city, prefix))
-            train_ids = gt_dir / city / f"{prefix}{self.TRAIN_ID_SUFFIX}"
-            ids = gt_dir / city / f"{prefix}{self.ID_SUFFIX}"
-            label = train_ids if train_ids.is_file() else ids
-            if not label.is_file():
-                self._problem(img, f"image has no label file (expected {ids})")
-                continue
-            self.samples.append(SampleRef(prefix, str(img), str(label)))
-        for suffix in (self.ID_SUFFIX, self.TRAIN_ID_SUFFIX):
-            for lab in sorted(gt_dir.glob(f"*/*{suffix}")):
-                if (lab.parent.name, lab.name[: -len(suffix)]) not in seen:
-                    self._problem(lab, f"label has no image (expected {img_dir / lab.parent.name}/"
-                                       f"{lab.name[: -len(suffix)]}{self.IMG_SUFFIX})")
+        self.root = self._list_cityscapes(root, split, (self.TRAIN_ID_SUFFIX, self.ID_SUFFIX))
 
     def _decode_label(self, ref: SampleRef) -> np.ndarray:
         assert ref.label_path is not None

@@ -78,7 +78,7 @@ class SegModel(nn.Module):
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:  # noqa: D102
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:
         raise NotImplementedError
 
     @torch.no_grad()

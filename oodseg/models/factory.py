@@ -66,7 +66,7 @@ def register_checkpoint_source(name: str) -> Callable[[Callable[..., str | None]
 @register_checkpoint_source("scratch")
 def _scratch(**context: Any) -> None:
     """Random initialisation: no checkpoint."""
-    return None
+    return
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, **context: Any) -> str | None:

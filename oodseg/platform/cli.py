@@ -36,7 +36,7 @@ def run_cli(body: Callable[[], int], resume_hint: Callable[[], str] | None = Non
         hint = resume_hint() if resume_hint else ""
         print(f"\ninterrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - user errors become one line, the rest is re-raised
+    except Exception as e:
         err = user_error(e)
         if err is None:
             raise

@@ -30,8 +30,8 @@ from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import MODEL, RUN, fit, run_fingerprint
-from oodseg.training.tasks import TASKS
 from oodseg.training.strategy import create_strategy
+from oodseg.training.tasks import TASKS
 
 RESUME_KEYS = ("strategy", "model", "model_cfg", "init", "loss", "loss_cfg", "params", "dataset", "data_root",
                "coco_root")

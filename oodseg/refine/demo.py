@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from oodseg.models import register_checkpoint_source, resolve_checkpoint
 from oodseg.paths import demo_suite

@@ -17,11 +17,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from oodseg.report.tables import dataset_title, method_label, select_rows  # noqa: E402
+from oodseg.report.tables import dataset_title, method_label, select_rows
 
 STYLES = ("-", "--", ":", "-.")
 

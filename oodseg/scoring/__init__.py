@@ -27,7 +27,7 @@ __all__ = [
     "pixel_class_scores",
     "register_scorer",
     "score_many",
-    "semantic_prediction",
     "scorer_applies",
     "scorer_space",
+    "semantic_prediction",
 ]

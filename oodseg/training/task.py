@@ -34,6 +34,7 @@ from oodseg.training.params import merge_lora, select_parameters, train_mode
 from oodseg.training.step import forward_loss
 from oodseg.training.tasks import register_task
 
+
 class Task:
     """The training contract (module docstring). ``samples`` must be addressable by ``(index, epoch)`` and carry a
     ``collate``; ``loss`` gets one collated micro-batch and returns a scalar."""

@@ -22,16 +22,16 @@ from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
 from oodseg.models.factory import MODELS, checkpoint_model_cfg
+from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
-from oodseg.registry import import_plugins
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import log
-from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
-from oodseg.models.sam import create_sam
 from oodseg.refine import create_prompter, list_prompters
+from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
+from oodseg.registry import import_plugins
 from oodseg.scoring import list_scorers, scorer_applies
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 

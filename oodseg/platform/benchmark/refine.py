@@ -36,11 +36,11 @@ from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.read import course_resize
 from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.score import F16_MAX, ScoreStage
-from oodseg.registry import import_plugins
 from oodseg.platform.benchmark.stage import Stage
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.platform.cache import ShardCache
 from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
+from oodseg.registry import import_plugins
 from oodseg.scoring.metrics import PixelMetrics
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class MergeableMetric:
     def config(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def update(self: M, *args: Any, **kwargs: Any) -> M:
+    def update(self, *args: Any, **kwargs: Any) -> Self:
         raise NotImplementedError
 
     def _state(self) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class MergeableMetric:
     def _compute(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def merge(self: M, other: M) -> M:
+    def merge(self, other: Self) -> Self:
         """Add ``other``'s state into this one (same type and config); exact and order-independent."""
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
@@ -89,12 +89,12 @@ class MergeableMetric:
         return {"config": copy.deepcopy(self.config()), "state": self._state()}
 
     @classmethod
-    def from_state_dict(cls: type[M], d: Mapping[str, Any]) -> M:
+    def from_state_dict(cls, d: Mapping[str, Any]) -> Self:
         metric = cls(**d["config"])
         metric._load(d["state"])
         return metric
 
-    def reset(self: M) -> M:
+    def reset(self) -> Self:
         """Forget everything accumulated (the config stays)."""
         self.__dict__.update(type(self)(**self.config()).__dict__)
         return self

@@ -15,8 +15,13 @@ import numpy as np
 import torch
 
 from oodseg.labels import IGNORE_ID
-from oodseg.scoring.metrics.base import MergeableMetric, check_anomaly_labels, check_scores, register_metric, \
-    scores_and_labels
+from oodseg.scoring.metrics.base import (
+    MergeableMetric,
+    check_anomaly_labels,
+    check_scores,
+    register_metric,
+    scores_and_labels,
+)
 from oodseg.scoring.metrics.functional import curve_metrics
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 

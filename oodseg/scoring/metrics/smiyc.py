@@ -47,8 +47,13 @@ import numpy as np
 import torch
 
 from oodseg.labels import ANOMALY, INLIER
-from oodseg.scoring.metrics.base import MergeableMetric, check_anomaly_labels, check_scores, register_metric, \
-    scores_and_labels
+from oodseg.scoring.metrics.base import (
+    MergeableMetric,
+    check_anomaly_labels,
+    check_scores,
+    register_metric,
+    scores_and_labels,
+)
 
 NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
 QUANTILES_PER_CLASS = NUM_BINS // 2
