@@ -89,8 +89,14 @@ def _setup(cfg: TrainConfig, strategy: Strategy, model: nn.Module | None, resume
         run.history = [r for r in json.loads((Path(resume) / HISTORY).read_text()) if r["step"] <= run.start]
     batches = StepBatches(task.samples(), start=run.start, stop=cfg.steps, global_batch=cfg.global_batch,
                           seed=cfg.seed, rank=strategy.rank, world=strategy.world, accum=cfg.accum)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.data_workers)
+    # collate_fn: the micro-batches are already collated by the task; the default would turn numpy arrays into tensors
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.data_workers,
+                                         collate_fn=_as_is)
     return run, loader
+
+
+def _as_is(item: Any) -> Any:
+    return item
 
 
 def fit(cfg: TrainConfig, strategy: Strategy | None = None, *, model: nn.Module | None = None,
