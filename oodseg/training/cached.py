@@ -112,7 +112,7 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
                 "oodseg.demo.train_config": json.dumps(asdict(replace(cfg, data_root=None, coco_root=None)),
                                                        default=list),
                 "oodseg.demo.metrics": json.dumps({k: float(v) for k, v in result.metrics.items()})}
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
         create_task(cfg).export(result.model.cpu(), tmp, meta)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
