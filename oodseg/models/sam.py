@@ -274,6 +274,10 @@ def _create_tiny(cfg: dict[str, Any]) -> SamSegmenter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.get("seed", 0)))
         model = SamModel(config).eval()
+        # SAM's random Fourier position features have std 1 (segment-anything PositionEmbeddingRandom, scale=1.0);
+        # transformers initialises them with std hidden/2 (16 here), a high-frequency code a from-scratch model
+        # barely learns to localise box prompts with (pretrained weights overwrite it, so it matters only here)
+        torch.nn.init.normal_(model.shared_image_embedding.positional_embedding, std=1.0)
     proc = SamProcessor(image_processor=_image_processor(size, (size, size)))
     return SamSegmenter(model, proc, int(cfg.get("prompt_batch", 64)))
 
