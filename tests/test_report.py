@@ -18,9 +18,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 COLUMNS = {d: dataset_info(d).title for d in default_datasets("anomaly")}
 
 
-def _run(store: ResultsStore, run_id: str, when: datetime, data_root: str = "") -> None:
+def _run(store: ResultsStore, run_id: str, when: datetime, data_root: str = "", protocol: str = "field") -> None:
     store.write_part("runs", run_id, [{"run_id": run_id, "attempt": "a", "job": "benchmark", "status": "finished",
-                                       "started_at": when, "config_json": f'{{"data_root": "{data_root}"}}'}])
+                                       "started_at": when,
+                                       "config_json": f'{{"data_root": "{data_root}", "protocol": "{protocol}"}}'}])
 
 
 @pytest.fixture()
@@ -86,6 +87,22 @@ def test_default_table_compares_models_across_runs(store):
     table, _ = standard_table(store, ["new"])
     assert table.loc[("erfnet", "msp"), ("my_city mIoU", "mIoU")] == pytest.approx(50.0)
     assert not math.isnan(table.loc[("erfnet", "msp"), ("Cityscapes mIoU", "mIoU")])
+
+
+def test_course_protocol_rows_show_the_course_codes_fpr95(store):
+    """The course evaluation reports ood_metrics' interpolated FPR95; field-protocol rows keep the exact one."""
+    when = datetime(2026, 2, 1, tzinfo=timezone.utc)
+    _run(store, "course", when, protocol="course")
+    store.write_part("metrics", "course", [
+        {"run_id": "course", "model": "c", "dataset": "fs_static", "kind": "anomaly", "scorer": "msp",
+         "placement": "cl", "temperature": 1.0, "auprc": 0.5, "fpr95": 0.40, "fpr95_interp": 0.37,
+         "committed_at": when}])
+    table, info = standard_table(store, ["course", "new"])
+    assert table.loc[("c", "msp"), ("FS Static", "FPR95")] == pytest.approx(37.0)
+    raw = pq.read_table(f"{store.root}/metrics").to_pandas()
+    exact = raw[(raw.run_id == "new") & (raw.model == "erfnet") & (raw.scorer == "msp") & (raw.dataset == "fs_static")]
+    assert table.loc[("erfnet", "msp"), ("FS Static", "FPR95")] == pytest.approx(100 * exact.fpr95.iloc[0])
+    assert info["mixed"]  # the two runs used different protocols: the report warns
 
 
 def test_table_of_an_older_run_and_temperature_labels(store):
