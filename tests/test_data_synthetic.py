@@ -1,4 +1,5 @@
-"""Synthetic suite: the readers and pycocotools load it unchanged; counts, formats, label values, determinism."""
+"""Synthetic suite: the readers and pycocotools load it unchanged; counts, formats, label values, instance ids,
+determinism, and the OE objects' independence from the test anomalies."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodseg.data import create_dataset
+from oodseg.data import cityscapes_id_to_train_id, create_dataset
 from oodseg.data import synthetic as syn
+from oodseg.data.instances import CityscapesInstances
+from oodseg.data.synthetic import suite as suite_module
 
 SMALL = dict(size=(96, 192), n_train=6, n_val=3, n_anomaly=5, n_coco=4)
 SETS = {"road_anomaly_21": ("RoadAnomaly21", "PNG"), "road_obstacle_21": ("RoadObsticle21", "WEBP"),
@@ -43,6 +46,38 @@ def test_cityscapes_splits_load_with_official_ids(suite):
         assert {7, 8, 23} <= set(np.unique(raw).tolist())
     name = Path(ds.samples[0].image_path).name
     assert name.startswith("synthburg_") and len(name.split("_")[1]) == 6 and len(name.split("_")[2]) == 6
+
+
+def test_instance_ids_decode_and_agree_with_label_ids(suite):
+    """Every frame has a 16-bit instanceIds map in the official encoding: labelId·1000 + k on person / car pixels,
+    the plain labelId elsewhere; ``oodseg.data.instances`` decodes it into masks that partition the evaluated
+    pixels with the trainIds of the labelIds file."""
+    lut = np.full(256, 255, np.int64)
+    for label_id, train_id in cityscapes_id_to_train_id().items():
+        lut[label_id] = train_id
+    objects = 0
+    for split, n in (("train", 6), ("val", 3)):
+        ds = CityscapesInstances(suite, split=split)
+        assert len(ds) == n and not ds.errors
+        for ref in ds.samples:
+            with Image.open(ref.label_path) as im:
+                assert im.format == "PNG" and im.mode == "I;16"
+                raw = np.asarray(im).astype(np.int64)
+            label_ids = np.asarray(Image.open(ref.label_path.replace("_instanceIds", "_labelIds"))).astype(np.int64)
+            things = np.isin(label_ids, [24, 26])  # person, car: the suite's classes with instances
+            np.testing.assert_array_equal(raw[~things], label_ids[~things])
+            assert (raw[things] >= 1000).all()
+            np.testing.assert_array_equal(raw[things] // 1000, label_ids[things])
+            sample = ds.load(ref)
+            cover = sample.masks.sum(0)
+            train = lut[label_ids]
+            assert (cover[train != 255] == 1).all() and (cover[train == 255] == 0).all()
+            decoded = np.tensordot(sample.classes, sample.masks.astype(np.int64), 1)
+            np.testing.assert_array_equal(decoded[train != 255], train[train != 255])
+            ids = np.unique(raw[raw >= 1000])
+            assert len(ids) == int((sample.classes >= 11).sum())  # one mask per object (persons 11, cars 13)
+            objects += len(ids)
+    assert objects >= 9  # the frames do hold several objects
 
 
 @pytest.mark.parametrize("name", list(SETS))
@@ -88,6 +123,31 @@ def test_coco_json_loads_with_pycocotools(suite):
     assert len(objects) == sum(coco.loadCats(a["category_id"])[0]["name"] not in DEFAULT_EXCLUDE for a in anns)
 
 
+def test_oe_objects_are_not_test_anomalies(suite):
+    """No leakage: test-anomaly pixels are drawn from the saturated hue table (up to their 0.8–1.0 brightness factor,
+    sensor noise and ramps), the OE objects' pixels are not (smooth random colours from another generator)."""
+    from pycocotools.coco import COCO
+
+    from oodseg.data.synthetic.anomalies import HUES
+
+    table = np.concatenate([HUES * f for f in (0.8, 0.9, 1.0)])
+
+    def distance(px: np.ndarray) -> np.ndarray:  # to the nearest table colour, per pixel
+        return np.sqrt(((px[:, None, :].astype(np.float64) - table[None]) ** 2).sum(-1)).min(1)
+
+    ds = create_dataset("road_anomaly_21", root=suite)
+    anomaly = distance(np.concatenate([s["image"][s["label"] == 1] for s in ds]))
+    coco = COCO(str(suite / "coco/annotations/instances_train2017.json"))
+    objects = []
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        info = coco.loadImgs(ann["image_id"])[0]
+        image = np.asarray(Image.open(suite / "coco/train2017" / info["file_name"]))
+        objects.append(image[coco.annToMask(ann).astype(bool)])
+    oe = distance(np.concatenate(objects))
+    assert np.median(anomaly) < 30 and (anomaly < 60).mean() > 0.8
+    assert np.median(oe) > 60
+
+
 def test_deterministic_and_seed_dependent(suite, tmp_path):
     again = _files(syn.build_suite(tmp_path / "again", seed=3, workers=2, **SMALL))  # parallel == serial
     assert again == _files(suite)
@@ -111,7 +171,7 @@ def test_ensure_suite_builds_once_and_atomically(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(syn, "_write_coco", boom)
+    monkeypatch.setattr(suite_module, "write_coco", boom)
     with pytest.raises(KeyboardInterrupt):
         syn.ensure_suite(tmp_path / "killed", seed=0, **kw)
     assert not (tmp_path / "killed").exists() and not list(tmp_path.glob(".killed*"))
