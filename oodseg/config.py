@@ -251,9 +251,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def config_parser(cls: type, description: str | None = None, prog: str | None = None,
-                  aliases: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose ``--help`` documents every field of ``cls`` (value hint, allowed values, default,
-    help text) and the ``aliases`` (``"--loss" → "train.loss"``)."""
+                  aliases: Mapping[str, str] | None = None,
+                  base: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose ``--help`` documents every field of ``cls`` (value hint, allowed values, default —
+    the job's own ``base`` over the class defaults —, help text) and the ``aliases`` (``"--loss" → "train.loss"``)."""
     parser = OneLineParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip(),
@@ -270,7 +271,7 @@ def config_parser(cls: type, description: str | None = None, prog: str | None = 
         metavar="KEY=VALUE",
         help="override one field (dotted for nested fields); value parsed as YAML; repeatable",
     )
-    defaults = to_dict(cls())
+    defaults = _merged(to_dict(cls()), base or {})
     leaves = {dotted: (tp, f) for dotted, tp, f in _leaf_fields(cls)}
     if aliases:
         short = parser.add_argument_group("shortcuts")
@@ -305,7 +306,7 @@ def parse_config(
     """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance; see the module docstring.
     ``base`` holds a job's own defaults (below the YAML file). A bad value exits with code 2 and one line naming
     the option."""
-    parser = config_parser(cls, description=description, prog=prog, aliases=aliases)
+    parser = config_parser(cls, description=description, prog=prog, aliases=aliases, base=base)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return build_config(cls, config_file=args.config, overrides=args.overrides, fields={

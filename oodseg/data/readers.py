@@ -209,7 +209,7 @@ def folder(root: str | os.PathLike[str] | None = None, *, mapping: Mapping[Any, 
     ``mapping`` (e.g. ``{0: 0, 1: 1, 2: 1, 255: 255}``; YAML string keys are accepted)."""
     if not mapping:
         raise DataError("<folder dataset>", "needs a value mapping raw → {0, 1, 255}, e.g. "
-                        "datasets=[{name: folder, root: DIR, mapping: {0: 0, 1: 1, 255: 255}}]")
+                        "datasets=[{name: folder, cfg: {root: DIR, mapping: {0: 0, 1: 1, 255: 255}}}]")
     base = data_root(root)
     return MaskFolderDataset(base / image_dir, base / mask_dir, mapping, name=name, track=track,
                              label_suffix=label_suffix, label_ext=label_ext, strict=strict)

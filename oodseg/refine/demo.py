@@ -25,10 +25,10 @@ from oodseg.training import demo  # noqa: F401  (registers the "demo" ERFNet sou
 from oodseg.training.cached import cached_fit, printer
 from oodseg.training.config import TrainConfig
 
-SAM_VERSION = 1
-DETECTOR_VERSION = 1
+SAM_VERSION = 2
+DETECTOR_VERSION = 2
 SAM_CFG = {"image_size": 256, "hidden": 32, "layers": 2, "heads": 2}
-SAM_STEPS = {"box": 240, "grid": 120}
+SAM_STEPS = {"box": 1200, "grid": 120}
 DETECTOR_STEPS = 160
 
 
@@ -37,8 +37,9 @@ def sam_config(suite: Path, seed: int, prompts: str, init: str = "tiny") -> Trai
     return TrainConfig(
         task="saom", task_cfg={"sam": init, "sam_cfg": dict(SAM_CFG) if init == "tiny" else {}, "prompts": prompts,
                                "grid": [16, 16], "train_encoder": prompts == "box", "num_classes": 19},
-        data_root=str(suite), dataset="cityscapes", val_split="val", anomaly_set=None, lr=2e-3 if prompts == "box"
-        else 5e-4, weight_decay=1e-4, schedule="cosine", warmup=10, steps=SAM_STEPS[prompts], global_batch=4,
+        data_root=str(suite), dataset="cityscapes", val_split="val", anomaly_set=None, lr=3e-3 if prompts == "box"
+        else 5e-4, weight_decay=1e-4, schedule="cosine", warmup=10, steps=SAM_STEPS[prompts],
+        global_batch=2 if prompts == "box" else 4,
         val_images=8, seed=seed, log_every=40)
 
 
@@ -49,7 +50,7 @@ def detector_config(suite: Path, seed: int, scorer: str, scoring_model: str) -> 
                                        "detector": {"backbone": "tiny"}},
         data_root=str(suite), coco_root=str(suite / "coco"), dataset="cityscapes", val_split="val", anomaly_set=None,
         lr=2e-3, weight_decay=1e-4, schedule="cosine", warmup=10, steps=DETECTOR_STEPS, global_batch=8,
-        crop=(128, 256), scale=(0.4, 0.65), val_images=16, seed=seed, log_every=40)
+        crop=(128, 256), scale=(0.85, 1.3), val_images=16, seed=seed, log_every=40)
 
 
 @register_checkpoint_source("demo-sam")

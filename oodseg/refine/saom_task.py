@@ -9,9 +9,12 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
 * ``grid`` — SAOM (Khan et al., ICIP 2024; ``mariiak2021/SAOMv1-SAOMv2-and-PanoSAM``): one positive point per GT mask
   by nearest-neighbour assignment on the everything-mode grid, best of 3 masks by predicted IoU, Dice + focal +
   class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.refine.saom`).
-* ``box`` — SAM's own promptable objective (Kirillov et al., ICCV 2023), for a SAM trained from scratch: each GT
-  mask prompted by its box (one mask) and by a random interior point (3 masks, the lowest-loss one trained), Dice +
-  focal; every part trains.
+* ``box`` — SAM's own promptable objective (Kirillov et al., ICCV 2023), for a SAM trained from scratch: each object
+  mask (classes with instances only: a box around a stuff region says nothing about it) prompted by its box (one mask)
+  and by a random interior point (3 masks, the lowest-loss one trained), Dice + per-pixel BCE; every part trains.
+  BCE rather than SAM's focal term: from scratch, with whole frames prompted (stuff included) and focal α 0.25, the
+  tiny model's loss never left its start value (1.7–1.8 over 200 steps); objects only with Dice + BCE reach a
+  validation box mIoU of 0.48 in 2,400 images.
 
 Validation: the SAOM protocol (:class:`~oodseg.refine.saom.SaomEval`: per-class pooled IoU and pixel recall over
 instances, prompts from the same GT-based grid assignment). Export: the SAM as self-describing safetensors
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from oodseg.config import from_dict
@@ -35,8 +39,6 @@ from oodseg.models.sam import SamSegmenter, create_sam, save_sam
 from oodseg.refine.saom import (
     SaomEval,
     SaomHead,
-    dice_loss,
-    focal_loss,
     point_grid,
     saom_image_loss,
     saom_predict,
@@ -122,7 +124,7 @@ def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng
                     grad_encoder: bool) -> torch.Tensor | None:
     """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
     (3 masks, the lowest-loss one counts), Dice + focal (None without masks)."""
-    keep = masks.reshape(len(masks), -1).any(1)
+    keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)
     if not keep.any():
         return None
     masks = masks[keep]
@@ -137,9 +139,11 @@ def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng
 
 
 def _mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-mask Dice + focal ``[K]`` (the SAOM terms, not summed over masks)."""
-    return torch.stack([dice_loss(logits[k: k + 1], gt[k: k + 1]) + focal_loss(logits[k: k + 1], gt[k: k + 1])
-                        for k in range(len(gt))])
+    """Per-mask Dice + mean per-pixel BCE ``[K]`` (not summed over masks)."""
+    x, t = logits.flatten(1), gt.float().flatten(1)
+    p = x.sigmoid()
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+    return dice + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
@@ -181,7 +185,8 @@ class SaomTask(Task):
         return select_saom_parameters(model.sam, self.opts.train_encoder, model.head)
 
     def samples(self, split: str | None = None) -> InstanceSamples:
-        ds = CityscapesInstances(self.cfg.data_root, split=split or self.cfg.train_split, strict=False)
+        ds = CityscapesInstances(self.cfg.data_root, split=split or self.cfg.train_split, strict=False,
+                                 stuff=self.opts.prompts != "box")
         return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and split is None)
 
     def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]], *, forward: Any = None,

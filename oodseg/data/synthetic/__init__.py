@@ -3,13 +3,14 @@
 ``build_suite(out, seed)`` (or the cached ``ensure_suite``) writes, under ``out``:
 
 * ``cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/<city>_<6d>_<6d>_{leftImg8bit,gtFine_labelIds,
-  gtFine_instanceIds}.png`` with real Cityscapes labelIds (road 7, sidewalk 8, building 11, pole 17, traffic sign 20,
+  gtFine_instanceIds}.png`` with real Cityscapes labelIds (road 7, sidewalk 8, building 11,
   vegetation 21, terrain 22, sky 23, person 24, car 26, ego vehicle 1), so the reader's official table yields
   trainIds, and 16-bit instanceIds in the official encoding (``labelId·1000 + k`` per person / car, plain labelId
   elsewhere; ``oodseg.data.instances`` reads them).
 * ``Validation_Dataset/{RoadAnomaly21 (png), RoadObsticle21 (webp), FS_LostFound_full (png), fs_static (jpg),
   RoadAnomaly (jpg, anomaly=2)}/{images,labels_masks}`` with 0/1/255 labels; the obstacle set marks everything off
-  the road as 255 (SMIYC obstacle-track convention); every 5th frame has no anomaly; the ego-vehicle hood is void.
+  the road as 255 (SMIYC obstacle-track convention); in the two SMIYC sets every 5th frame has no anomaly; the
+  ego-vehicle hood is void.
 * ``coco/annotations/instances_train2017.json`` + ``coco/train2017/*.jpg``: Outlier-Exposure objects with polygon and
   RLE masks in categories both excluded (person, car, ...) and kept by ``oodseg.data.coco`` (real COCO ids/names).
 

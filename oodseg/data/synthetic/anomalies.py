@@ -6,8 +6,8 @@ four-legged animal, crate). The Outlier-Exposure objects of the COCO-format fold
 (polygons and ellipse clusters in smooth random colours), so OE never sees a test anomaly.
 
 Each set has its own :class:`AnomalyStyle`, after the character of the real benchmark it stands in for: large
-objects anywhere on the ground (RoadAnomaly21, Road Anomaly, and the pasted objects of Fishyscapes Static), small
-obstacles on the road (RoadObstacle21, Lost&Found).
+objects anywhere on the ground (RoadAnomaly21's fill up to 60 % of the frame width; Road Anomaly, and the pasted
+objects of Fishyscapes Static), small obstacles on the road (RoadObstacle21, Lost&Found).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ KINDS = ("blob", "star", "animal", "crate")
 class AnomalyStyle:
     """Objects per frame (inclusive range), width as a fraction of the road half-width at the object's depth, depth
     of its foot as a fraction of the ground rows below the horizon, lateral extent in road half-widths, silhouettes,
-    and whether the foot must stand on a road pixel."""
+    whether the foot must stand on a road pixel, the largest width as a fraction of the frame width, and every how
+    many frames one has no anomaly (0: never)."""
 
     count: tuple[int, int]
     size: tuple[float, float]
@@ -36,13 +37,15 @@ class AnomalyStyle:
     lateral: float
     kinds: tuple[str, ...] = KINDS
     on_road: bool = False
+    max_width: float = 0.35
+    empty_every: int = 0
 
 
-STYLES = {
-    "RoadAnomaly21": AnomalyStyle((1, 2), (0.9, 1.5), (0.35, 0.9), 1.1),
-    "RoadObsticle21": AnomalyStyle((1, 3), (0.1, 0.24), (0.3, 0.85), 0.75, on_road=True),
+STYLES = {  # SMIYC's sets include frames without anomalies (component metrics reward predicting nothing there)
+    "RoadAnomaly21": AnomalyStyle((1, 2), (1.4, 2.4), (0.35, 0.9), 1.1, max_width=0.6, empty_every=5),
+    "RoadObsticle21": AnomalyStyle((1, 3), (0.1, 0.24), (0.3, 0.85), 0.75, on_road=True, empty_every=5),
     "FS_LostFound_full": AnomalyStyle((1, 3), (0.12, 0.26), (0.3, 0.9), 0.7, ("crate", "blob"), on_road=True),
-    "fs_static": AnomalyStyle((1, 2), (0.7, 1.2), (0.3, 0.9), 1.3),
+    "fs_static": AnomalyStyle((1, 2), (0.8, 1.4), (0.3, 0.9), 1.3, max_width=0.45),
     "RoadAnomaly": AnomalyStyle((1, 2), (1.0, 1.6), (0.4, 0.9), 0.9, ("animal", "blob", "star", "crate")),
 }
 
@@ -110,7 +113,7 @@ def paste_anomalies(rng: np.random.Generator, scene: Scene, style: AnomalyStyle)
             continue
         yb, xc, half_road = spot
         size = half_road * rng.uniform(*style.size)
-        bw = int(np.clip(size, 4, 0.35 * w))
+        bw = int(np.clip(size, 4, style.max_width * w))
         bh = int(np.clip(size * rng.uniform(0.6, 1.1), 4, 0.4 * h))
         m = silhouette(rng, str(rng.choice(style.kinds)), bh, bw)
         tex = pattern(rng, bh, bw) * rng.uniform(0.8, 1.0)

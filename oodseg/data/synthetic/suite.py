@@ -20,7 +20,7 @@ from oodseg.data.synthetic.anomalies import STYLES, paste_anomalies
 from oodseg.data.synthetic.outliers import write_coco
 from oodseg.data.synthetic.scene import EGO, ROAD, render_scene
 
-SUITE_VERSION = 3  # bump whenever generated content changes: invalidates cached suites (and the demo models on them)
+SUITE_VERSION = 4  # bump whenever generated content changes: invalidates cached suites (and the demo models on them)
 MARKER = ".oodseg_suite.json"
 CITIES = {"train": ("synthtown", "synthville"), "val": ("synthburg",)}
 ANOMALY_SETS = {  # folder: (image ext, anomaly value, track)
@@ -74,13 +74,14 @@ def _city_frame(out: Path, seed: int, size: tuple[int, int], split: str, i: int)
 
 
 def _anomaly_frame(out: Path, seed: int, size: tuple[int, int], folder: str, i: int) -> None:
-    """Frame ``i`` of anomaly set ``folder``; every 5th frame has no anomaly; the ego hood is void, and so is
+    """Frame ``i`` of anomaly set ``folder`` (SMIYC sets: every 5th has no anomaly); the ego hood is void, and so is
     everything off the road in the obstacle track (SMIYC convention)."""
     ext, value, track = ANOMALY_SETS[folder]
     rng = _rng(seed, STREAM_ANOMALY + list(ANOMALY_SETS).index(folder), i)
     scene = render_scene(rng, *size)
-    has = i % 5 != 4
-    anomaly = paste_anomalies(rng, scene, STYLES[folder]) if has else np.zeros(scene.labels.shape, bool)
+    style = STYLES[folder]
+    has = not style.empty_every or i % style.empty_every != style.empty_every - 1
+    anomaly = paste_anomalies(rng, scene, style) if has else np.zeros(scene.labels.shape, bool)
     label = np.zeros(scene.labels.shape, np.uint8)
     if track == "obstacle":
         label[scene.labels != ROAD] = 255

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ FORMAT = "oodseg.tdos.negatives/1"
 TEMPLATES = {"noun": "the nice {}", "adj": "This is a {} photo"}
 ID_TEMPLATE = "the nice {}"
 
-log = logging.getLogger(__name__)
 
 
 def read_word_list(path: str | Path) -> list[str]:
@@ -167,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           args.percentile, source=source)
     write_groups(args.out, groups, scores, clip=str(args.clip), vocabulary=source, percentile=args.percentile,
                  keep=args.keep, id_classes=list(CITYSCAPES_OOD_CLASSES[:-1]))
-    log.info("wrote %d groups of %d words to %s", len(groups), len(groups[0]), args.out)
+    print(f"wrote {len(groups)} groups of {len(groups[0])} words to {args.out}", file=sys.stderr)
     return 0
 
 

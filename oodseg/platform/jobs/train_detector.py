@@ -9,7 +9,7 @@ from __future__ import annotations
 from oodseg.platform.jobs.finetune import main as finetune_main
 
 PRESET = {"name": "detector", "strategy": "ddp", "train": {
-    "task": "s2m_detector", "anomaly_set": None, "lr": 2e-3, "steps": 160, "crop": [128, 256], "scale": [0.4, 0.65],
+    "task": "s2m_detector", "anomaly_set": None, "lr": 2e-3, "steps": 160, "crop": [128, 256], "scale": [0.85, 1.3],
     "val_every": 40, "val_images": 16,
     "task_cfg": {"scorer": "msp", "scoring_model": "demo", "detector": {"backbone": "tiny"}}}}
 
