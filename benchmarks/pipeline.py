@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from common import bench_suite, forward_seconds  # benchmarks/common.py: the script's own folder is on sys.path
 from oodseg.data import default_datasets
 from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
 from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, ModelSpec, Plan, prepare
@@ -142,21 +143,12 @@ class TimedRunner(BenchmarkRunner):
 def bare_forward(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
     """images/s of ``model.predict`` alone (same-size images batched, as the actors do; one warm-up batch not
     timed)."""
-    model = runtime.prepare(model).eval()
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for im in images:
         by_shape.setdefault(im.shape, []).append(im)
     batches = [torch.from_numpy(np.stack(group[i : i + batch_size])) for group in by_shape.values()
                for i in range(0, len(group), batch_size)]
-    sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), runtime.autocast():
-        model.predict(batches[0])
-        sync()
-        t0 = time.perf_counter()
-        for b in batches:
-            model.predict(b)
-        sync()
-    return len(images) / (time.perf_counter() - t0)
+    return len(images) / forward_seconds(model, batches, runtime)
 
 
 def in_process_actor(cfg: BenchmarkConfig, plan: Plan, threads: int) -> float:
@@ -239,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         root = a.data_root
         if not root:
-            from oodseg.data.synthetic import ensure_suite
-
-            root = str(ensure_suite(work / "suite", seed=0, size=tuple(a.image_size), n_train=1, n_val=1,
-                                    n_anomaly=a.images, n_coco=1))
+            root = str(bench_suite(work, a.image_size, a.images))
         torch.manual_seed(0)
         model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
         ckpt = save_safetensors(model, work / "model.safetensors")

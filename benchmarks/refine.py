@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from pipeline import TimedRunner  # benchmarks/pipeline.py (this script's folder is on sys.path)
 
+from common import bench_suite  # benchmarks/common.py: the script's own folder is on sys.path
 from oodseg.models import create_model, save_safetensors
 from oodseg.models.sam import create_sam, save_sam
 from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec, RefineSpec
@@ -99,12 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from oodseg.data.synthetic import ensure_suite
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        suite = ensure_suite(work / "suite", seed=0, size=tuple(a.image_size), n_train=1, n_val=1,
-                             n_anomaly=a.images, n_coco=1)
+        suite = bench_suite(work, a.image_size, a.images)
         torch.manual_seed(0)
         ckpt = save_safetensors(create_model("erfnet", channels=list(a.channels), input_size=None),
                                 work / "model.safetensors")

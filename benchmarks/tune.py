@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import bench_suite, forward_seconds  # benchmarks/common.py: the script's own folder is on sys.path
 from oodseg.data import create_dataset
 from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
 from oodseg.platform.benchmark import ModelSpec
@@ -43,19 +44,10 @@ from oodseg.platform.tuning.temperature import (
 VAL_SET = "road_anomaly_21"
 
 
-def forward_seconds(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
-    """Seconds of ``model.predict`` over ``images`` in batches (one untimed warm-up batch; CUDA synchronised)."""
-    model = runtime.prepare(model).eval()
+def forward_seconds_over(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
+    """Seconds of ``model.predict`` over ``images`` in batches of ``batch_size``."""
     batches = [torch.from_numpy(np.stack(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), runtime.autocast():
-        model.predict(batches[0])
-        sync()
-        t0 = time.perf_counter()
-        for b in batches:
-            model.predict(b)
-        sync()
-    return time.perf_counter() - t0
+    return forward_seconds(model, batches, runtime)
 
 
 def trial_costs(trials: list[dict[str, Any]]) -> tuple[list[float], list[float], int]:
@@ -99,12 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    from oodseg.data.synthetic import ensure_suite
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        suite = ensure_suite(work / "suite", seed=0, size=tuple(a.image_size), n_train=1, n_val=1,
-                             n_anomaly=a.images, n_coco=1)
+        suite = bench_suite(work, a.image_size, a.images)
         torch.manual_seed(0)
         model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
         ckpt = save_safetensors(model, work / "model.safetensors")
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = Runtime(device=a.device)
         if runtime.torch_device.type == "cpu":
             tune_allocator()  # as the benchmark's score actors do
-        fwd = forward_seconds(model, images, a.batch_size, runtime)
+        fwd = forward_seconds_over(model, images, a.batch_size, runtime)
         local = in_process_trial(cfg, res.source_run)
     evals, totals, n = trial_costs(res.studies[0].trials)
     print(f"ERFNet width {a.width}, {len(images)} images of {images[0].shape[0]}x{images[0].shape[1]}, forward on "

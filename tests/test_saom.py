@@ -325,3 +325,43 @@ def test_remove_small_regions_hand_case():
     tiny[0, 0] = tiny[3, 3] = tiny[3, 4] = True
     kept, _ = S.remove_small_regions(tiny, 10, "islands")  # all small: the largest stays
     assert kept.sum() == 2 and kept[3, 3]
+
+
+# -- the saom task's box objective (from-scratch demo SAM) ------------------------------------------------------------
+def test_box_objective_samples_objects_with_pasted_outliers(tmp_path):
+    from oodseg.data.synthetic import build_suite
+    from oodseg.labels import IGNORE_ID
+    from oodseg.refine import saom_task  # noqa: F401  (registers the saom task)
+    from oodseg.training.config import TrainConfig
+    from oodseg.training.tasks import create_task
+
+    suite = build_suite(tmp_path / "s", seed=0, size=(64, 128), n_train=6, n_val=2, n_anomaly=1, n_coco=3)
+    cfg = TrainConfig(task="saom", task_cfg={"sam": "tiny", "sam_cfg": {"image_size": 128}, "prompts": "box",
+                                             "train_encoder": True, "outliers": 2},
+                      data_root=str(suite), coco_root=str(suite / "coco"), val_split=None, anomaly_set=None,
+                      steps=1, global_batch=2, seed=0)
+    task = create_task(cfg)
+    samples, plain = task.samples(), create_task(replace_outliers(cfg, 0)).samples()
+    pasted = 0
+    for i in range(len(samples)):
+        s, p = samples.get(i, 0), plain.get(i, 0)
+        assert set(s["classes"].tolist()) <= {11, 13, IGNORE_ID}  # objects only: no stuff region is box-prompted
+        assert s["masks"].sum(0).max() <= 1  # later pastes occlude earlier masks: disjoint
+        new = s["masks"][s["classes"] == IGNORE_ID]
+        pasted += len(new)
+        for m in new:  # a pasted object's pixels are new image content, and the frame's own masks lost them
+            assert m.any() and (s["image"][m] != p["image"][m]).any()
+        own = s["masks"][s["classes"] != IGNORE_ID]
+        assert own.shape == p["masks"].shape and not (own & ~p["masks"]).any()
+    assert pasted > 0
+    model = task.build_model()
+    loss = model([samples.get(i, 0) for i in range(2)])
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0
+                                        for p in model.sam.param_groups()["encoder"])
+
+
+def replace_outliers(cfg, n):
+    from dataclasses import replace
+
+    return replace(cfg, task_cfg={**cfg.task_cfg, "outliers": n})

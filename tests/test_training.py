@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -269,7 +270,7 @@ def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, 
     c = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=1, steps=2, progress=None)
     assert c != a and not torch.equal(load_file(c)["decoder.output_conv.weight"], ta["decoder.output_conv.weight"])
     meta = read_safetensors_metadata(a)
-    assert 0.0 <= float(meta["oodseg.demo.val_miou"]) <= 1.0
+    assert 0.0 <= json.loads(meta["oodseg.demo.metrics"])["val_miou"] <= 1.0
     model = create_model(checkpoint=a)
     assert model.cfg["input_size"] == DEMO_MODEL_CFG["input_size"]
     out = model.eval().predict(torch.zeros(1, 64, 128, 3, dtype=torch.uint8))

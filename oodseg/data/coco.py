@@ -49,6 +49,23 @@ def coco_api(ann_path: str | os.PathLike[str]) -> Any:
         raise DataError(ann_path, f"invalid COCO annotation file ({exc})") from None
 
 
+class LazyCoco:
+    """Mixin: the pycocotools index of ``self.ann_path``, built on first use and never pickled (Ray workers rebuild
+    it, so a dataset travels as its file list)."""
+
+    ann_path: Any
+    _coco: Any = None
+
+    @property
+    def coco(self) -> Any:
+        if self._coco is None:
+            self._coco = coco_api(self.ann_path)
+        return self._coco
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_coco": None}
+
+
 @dataclass(frozen=True)
 class CocoObject:
     """One object crop: ``image`` uint8 hxwx3 RGB and boolean ``mask`` hxw (tight box of the mask)."""
@@ -67,7 +84,7 @@ class CocoObjectRef:
     area: float
 
 
-class CocoObjects:
+class CocoObjects(LazyCoco):
     """Instance objects from ``root/ann_file`` (``instances_<split>.json``; images in ``<ann dir>/../<split>/``).
 
     Kept: non-crowd annotations whose category is not in ``exclude`` and whose mask area ≥ ``min_area`` px and box
@@ -92,7 +109,6 @@ class CocoObjects:
         self.image_dir = root / image_dir if image_dir else self.ann_path.parent.parent / split
         self.exclude = frozenset(exclude)
         self.min_area, self.min_side = float(min_area), int(min_side)
-        self._coco: Any = None
         coco = self.coco
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         self.objects: list[CocoObjectRef] = []
@@ -108,15 +124,6 @@ class CocoObjects:
                                               float(ann["area"])))
         if not self.objects:
             raise DataError(self.ann_path, "no COCO objects left after category/size filtering")
-
-    @property
-    def coco(self) -> Any:
-        if self._coco is None:
-            self._coco = coco_api(self.ann_path)
-        return self._coco
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_coco": None}
 
     def __len__(self) -> int:
         return len(self.objects)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from oodseg.data.base import DataError, ListedDataset, SampleRef, read_image, read_label
-from oodseg.data.coco import coco_api
+from oodseg.data.coco import LazyCoco
 
 INSTANCE_OFFSET = 1000  # Cityscapes: id = labelId * 1000 + instance index
 
@@ -125,7 +125,7 @@ def read_coco_instances(coco: Any, image_id: int, include_crowd: bool = False) -
     return masks, np.asarray([int(a["category_id"]) for a in anns], dtype=np.int64)
 
 
-class CocoInstances:
+class CocoInstances(LazyCoco):
     """Every COCO image with at least one (non-crowd) annotation: ``root/ann_file`` with images in
     ``<ann dir>/../<split>/`` (the layout :class:`oodseg.data.coco.CocoObjects` reads; ``root`` may hold ``coco/``).
     ``classes`` are contiguous indices of the sorted category ids (``category_ids``, ``class_names``); images
@@ -144,7 +144,6 @@ class CocoInstances:
             raise DataError(self.ann_path, "COCO annotation file not found")
         split = self.ann_path.stem.removeprefix("instances_")
         self.image_dir = root / image_dir if image_dir else self.ann_path.parent.parent / split
-        self._coco: Any = None
         cats = self.coco.loadCats(self.coco.getCatIds())
         cats = sorted(cats, key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in cats]
@@ -158,15 +157,6 @@ class CocoInstances:
                 self.n_empty += 1
                 continue
             self.samples.append(SampleRef(str(img["id"]), str(self.image_dir / img["file_name"]), str(self.ann_path)))
-
-    @property
-    def coco(self) -> Any:
-        if self._coco is None:
-            self._coco = coco_api(self.ann_path)
-        return self._coco
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_coco": None}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,8 +1,9 @@
 """The S2M demo models, trained once on the synthetic suite by the project's own training tasks and cached
 (:func:`oodseg.training.cached.cached_fit`), as named checkpoint sources:
 
-* ``demo-sam`` — a tiny SAM trained from scratch on the suite's instance masks with SAM's promptable objective
-  (``saom`` task, ``prompts="box"``: box and point prompts, encoder trainable): the "stock" SAM;
+* ``demo-sam`` — a tiny SAM trained from scratch on the suite's person / car masks plus up to two pasted COCO-format
+  outlier objects per frame, with SAM's promptable objective (``saom`` task, ``prompts="box"``: box and point
+  prompts, encoder trainable): the "stock" SAM;
 * ``demo-saom`` — ``demo-sam`` fine-tuned with SAOM's recipe (``prompts="grid"``: grid points by nearest-neighbour
   assignment, best of 3, class head; encoder frozen): the SAOM SAM;
 * ``demo-detector`` — S2M's detector (tiny backbone) on the score maps of the demo ERFNet for one scorer
@@ -25,7 +26,7 @@ from oodseg.training import demo  # noqa: F401  (registers the "demo" ERFNet sou
 from oodseg.training.cached import cached_fit, printer
 from oodseg.training.config import TrainConfig
 
-SAM_VERSION = 2
+SAM_VERSION = 3
 DETECTOR_VERSION = 2
 SAM_CFG = {"image_size": 256, "hidden": 32, "layers": 2, "heads": 2}
 SAM_STEPS = {"box": 1200, "grid": 120}
@@ -34,13 +35,13 @@ DETECTOR_STEPS = 160
 
 def sam_config(suite: Path, seed: int, prompts: str, init: str = "tiny") -> TrainConfig:
     """The demo SAM recipes: ``box`` from scratch (encoder trains), then ``grid`` (SAOM) from it (encoder frozen)."""
+    box = prompts == "box"
+    task_cfg = {"sam": init, "sam_cfg": dict(SAM_CFG) if init == "tiny" else {}, "prompts": prompts,
+                "grid": [16, 16], "train_encoder": box, "num_classes": 19, "outliers": 2 if box else 0}
     return TrainConfig(
-        task="saom", task_cfg={"sam": init, "sam_cfg": dict(SAM_CFG) if init == "tiny" else {}, "prompts": prompts,
-                               "grid": [16, 16], "train_encoder": prompts == "box", "num_classes": 19},
-        data_root=str(suite), dataset="cityscapes", val_split="val", anomaly_set=None, lr=3e-3 if prompts == "box"
-        else 5e-4, weight_decay=1e-4, schedule="cosine", warmup=10, steps=SAM_STEPS[prompts],
-        global_batch=2 if prompts == "box" else 4,
-        val_images=8, seed=seed, log_every=40)
+        task="saom", task_cfg=task_cfg, data_root=str(suite), coco_root=str(suite / "coco"), dataset="cityscapes",
+        val_split="val", anomaly_set=None, lr=3e-3 if box else 5e-4, weight_decay=1e-4, schedule="cosine",
+        warmup=10, steps=SAM_STEPS[prompts], global_batch=2 if box else 4, val_images=8, seed=seed, log_every=40)
 
 
 def detector_config(suite: Path, seed: int, scorer: str, scoring_model: str) -> TrainConfig:

@@ -14,7 +14,10 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
   and by a random interior point (3 masks, the lowest-loss one trained), Dice + per-pixel BCE; every part trains.
   BCE rather than SAM's focal term: from scratch, with whole frames prompted (stuff included) and focal α 0.25, the
   tiny model's loss never left its start value (1.7–1.8 over 200 steps); objects only with Dice + BCE reach a
-  validation box mIoU of 0.48 in 2,400 images.
+  validation box mIoU of 0.48 in 2,400 images. SAM's class-agnostic masks come from SA-1B's variety; a from-scratch
+  SAM that saw only persons and cars does not carry over to other objects, so with ``train.coco_root`` set up to
+  ``outliers`` COCO-format objects per frame are pasted (:class:`~oodseg.data.paste.OutlierPaste`, one at a time,
+  later pastes occluding earlier masks) and prompted like the frame's own objects.
 
 Validation: the SAOM protocol (:class:`~oodseg.refine.saom.SaomEval`: per-class pooled IoU and pixel recall over
 instances, prompts from the same GT-based grid assignment). Export: the SAM as self-describing safetensors
@@ -33,7 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodseg.config import from_dict
+from oodseg.data.coco import CocoObjects
 from oodseg.data.instances import CityscapesInstances
+from oodseg.data.paste import OutlierPaste
+from oodseg.labels import IGNORE_ID
 from oodseg.models import resolve_checkpoint
 from oodseg.models.sam import SamSegmenter, create_sam, save_sam
 from oodseg.refine.saom import (
@@ -62,6 +68,7 @@ class SaomTaskConfig:
     train_encoder: bool = False
     num_classes: int = 19
     min_fraction: float = 0.5
+    outliers: int = 0  # box objective: up to this many COCO objects pasted per frame as extra objects
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPTS:
@@ -100,12 +107,14 @@ def _sample_collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class InstanceSamples:
-    """Instance samples addressable by ``(index, epoch)`` (whole frames; horizontal flip drawn per sample)."""
+    """Instance samples addressable by ``(index, epoch)`` (whole frames; horizontal flip drawn per sample; with
+    ``paste``, 0..``outliers`` pasted objects added as instances)."""
 
-    def __init__(self, dataset: CityscapesInstances, seed: int, hflip: bool) -> None:
+    def __init__(self, dataset: CityscapesInstances, seed: int, hflip: bool, paste: OutlierPaste | None = None,
+                 outliers: int = 0) -> None:
         if len(dataset) == 0:
             raise ValueError(f"{dataset!r}: no frames with instance masks")
-        self.dataset, self.seed, self.hflip = dataset, seed, hflip
+        self.dataset, self.seed, self.hflip, self.paste, self.outliers = dataset, seed, hflip, paste, outliers
         self.collate = _sample_collate
 
     def __len__(self) -> int:
@@ -114,10 +123,27 @@ class InstanceSamples:
     def get(self, index: int, epoch: int) -> dict[str, Any]:
         s = self.dataset[index]
         image, masks = s["image"], s["masks"]
-        if self.hflip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5:
+        classes = s["classes"]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        if self.hflip and rng.random() < 0.5:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
-        return {"image": np.ascontiguousarray(image), "masks": np.ascontiguousarray(masks), "classes": s["classes"],
+        if self.paste is not None and self.outliers:
+            image, masks, classes = self._paste(rng, np.ascontiguousarray(image), masks, classes)
+        return {"image": np.ascontiguousarray(image), "masks": np.ascontiguousarray(masks), "classes": classes,
                 "index": index, "epoch": epoch}
+
+    def _paste(self, rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, classes: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Paste objects one by one; each new one occludes the masks before it (class ``IGNORE_ID``: no class)."""
+        free = np.zeros(image.shape[:2], np.uint8)  # every pixel may take an object
+        masks, classes = list(masks), list(classes)
+        for _ in range(int(rng.integers(0, self.outliers + 1))):
+            image, _, new = self.paste.paste(image, free, rng)
+            new = new == 1
+            masks = [m & ~new for m in masks] + [new]
+            classes.append(IGNORE_ID)
+        stacked = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), bool)
+        return image, stacked, np.asarray(classes, np.int64)
 
 
 def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
@@ -187,7 +213,14 @@ class SaomTask(Task):
     def samples(self, split: str | None = None) -> InstanceSamples:
         ds = CityscapesInstances(self.cfg.data_root, split=split or self.cfg.train_split, strict=False,
                                  stuff=self.opts.prompts != "box")
-        return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and split is None)
+        train = split is None
+        paste = None
+        if train and self.opts.outliers and self.opts.prompts == "box":
+            if not self.cfg.coco_root:
+                raise ValueError("task_cfg.outliers pastes COCO objects: train.coco_root must be set")
+            paste = OutlierPaste(CocoObjects(self.cfg.coco_root, self.cfg.coco_ann), ood_prob=1.0, n_objects=(1, 1),
+                                 scale=(0.1, 0.6), seed=self.cfg.seed)
+        return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and train, paste, self.opts.outliers)
 
     def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]], *, forward: Any = None,
              autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,15 +12,14 @@ cache when ``data_root`` is not a synthetic suite.
 
 * ``suite_root``: a synthetic suite (``oodseg.data.synthetic.ensure_suite``); training uses its Cityscapes-format
   ``train`` split (``create_dataset("cityscapes", root=suite_root, split="train")``) only.
-* Cached: the file name carries a hash of the training config, the suite's build parameters
-  (``.oodseg_suite.json``) and ``DEMO_VERSION``; an existing file is returned without training. Writes are
-  atomic (temp file + ``os.replace``) and serialised by a lock file, so concurrent callers train once.
+* Cached by :func:`oodseg.training.cached.cached_fit` (as every demo model): the file name carries a hash of the
+  training config, the suite's build parameters and ``DEMO_VERSION``; concurrent callers train once.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
   ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)), ≈0.45 s/step with 2 threads on a free 2-core
   box, i.e. ≈2 min. Plain CE with class weights from the train split's pixel frequencies (:func:`class_weights`).
-* Header metadata (besides ``oodseg.model`` / ``oodseg.cfg`` from ``save_safetensors``):
-  ``oodseg.demo.hash``, ``oodseg.demo.train_config`` (JSON), ``oodseg.demo.val_miou`` (synthetic val split),
+* Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
+  (JSON), ``oodseg.demo.metrics`` (JSON: ``val_miou`` on the synthetic val split, ``val_auprc``),
   ``oodseg.demo.train_seconds``.
 
 Training entry point (the plain single-process loop of ``oodseg.training.loop.train_local``, the same step function
@@ -32,27 +31,18 @@ the Ray trainer runs)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
-import json
 import os
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from oodseg.data import cityscapes_id_to_train_id, create_dataset, read_label
 from oodseg.data.base import value_lut
 from oodseg.data.synthetic import MARKER, ensure_suite
-from oodseg.models import register_checkpoint_source, save_safetensors, tune_allocator
+from oodseg.models import register_checkpoint_source
 from oodseg.paths import default_cache_dir, synthetic_suite
+from oodseg.training.cached import Progress, cached_fit, printer
 from oodseg.training.config import TrainConfig
-from oodseg.training.loop import train_local
 
 # Chosen by measurement on 2 CPU cores (synthetic suite v3, seed 0): see the README table. The first benchmark run
 # (suite + training + scoring) must stay within 3 minutes.
@@ -108,82 +98,17 @@ def demo_config(suite_root: str | os.PathLike[str], seed: int = 0, steps: int = 
     )
 
 
-def _suite_params(suite_root: Path) -> dict:
-    marker = suite_root / MARKER
-    try:
-        params = json.loads(marker.read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{marker}: not a synthetic suite marker ({e})") from None
-    params.pop("build_seconds", None)
-    return params
-
-
-def config_hash(cfg: TrainConfig, suite_root: Path) -> str:
-    """Hash of everything that determines the weights (paths excluded, so a moved suite still hits the cache)."""
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("data_root", "coco_root", "log_every", "data_workers")}
-    blob = json.dumps({"demo": DEMO_VERSION, "cfg": key, "suite": _suite_params(suite_root)}, sort_keys=True,
-                      default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _print_progress(row: dict[str, float]) -> None:
-    extra = "".join(f" {k}={row[k]:.3f}" for k in ("val_miou", "val_auprc") if k in row)
-    print(f"[demo] step {int(row['step'])} loss={row['loss']:.3f} lr={row['lr']:.2e} "
-          f"({row['steps_per_s']:.2f} steps/s){extra}", file=sys.stderr, flush=True)
-
-
 def get_demo_checkpoint(
     suite_root: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
     seed: int = 0,
     *,
     steps: int = DEMO_STEPS,
-    progress: Callable[[dict[str, float]], None] | None = _print_progress,
+    progress: Progress | None = printer("demo"),
 ) -> Path:
     """Path of the cached demo checkpoint for (suite, seed); trains it first when absent (see module docstring)."""
-    suite_root, cache_dir = Path(suite_root), Path(cache_dir)
     cfg = demo_config(suite_root, seed=seed, steps=steps)
-    digest = config_hash(cfg, suite_root)
-    out = cache_dir / f"demo-erfnet-{digest}.safetensors"
-    if out.is_file():
-        return out
-    with _locked(cache_dir / ".demo.lock"):
-        if out.is_file():  # trained by a concurrent caller while we waited
-            return out
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
-        tune_allocator()
-        try:
-            t0 = time.perf_counter()
-            result = train_local(cfg, progress=progress)
-            seconds = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
-        meta = {
-            "oodseg.demo.hash": digest,
-            "oodseg.demo.train_config": json.dumps(asdict(replace(cfg, data_root=None)), default=list),
-            "oodseg.demo.val_miou": f"{result.metrics.get('val_miou', float('nan')):.4f}",
-            "oodseg.demo.train_seconds": f"{seconds:.1f}",
-        }
-        if progress is not None:
-            progress({"step": cfg.steps, "loss": result.history[-1]["loss"], "lr": 0.0,
-                      "steps_per_s": cfg.steps / seconds, **result.metrics})
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        save_safetensors(result.model.cpu(), tmp, meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    return out
+    return cached_fit("demo-erfnet", cfg, suite_root, cache_dir, DEMO_VERSION, progress)
 
 
 def demo_checkpoint(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,

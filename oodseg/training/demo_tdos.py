@@ -35,7 +35,7 @@ def tdos_config(suite: Path, seed: int = 0, steps: int = TDOS_STEPS) -> TrainCon
         model="tdos", model_cfg=dict(TDOS_MODEL_CFG), loss="tdos", loss_cfg=dict(TDOS_LOSS_CFG),
         data_root=str(suite), coco_root=str(suite / "coco"), dataset="cityscapes", val_split="val",
         anomaly_set="road_anomaly_21", ood_prob=0.5, lr=1e-3, weight_decay=1e-4, schedule="poly", warmup=20,
-        steps=steps, global_batch=8, crop=(128, 256), scale=(0.5, 1.0), scorer="p_ood", val_images=16, seed=seed,
+        steps=steps, global_batch=8, crop=(128, 256), scale=(0.85, 1.3), scorer="p_ood", val_images=16, seed=seed,
         log_every=50)
 
 

@@ -194,3 +194,16 @@ def scores_and_labels(scores: Any, labels: Any, validate: bool = True) -> tuple[
         check_scores(s)
         check_anomaly_labels(lab, s.shape)
     return s, lab.astype(np.uint8, copy=False)
+
+
+def torch_scores_and_labels(scores: torch.Tensor, labels: Any, validate: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of :func:`scores_and_labels`: float32 scores and uint8 labels on the scores' device, validated
+    by the same checks unless ``validate=False``."""
+    s = scores.detach().float()
+    lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
+    lab = lab.to(s.device)
+    if validate:
+        check_anomaly_labels(lab, tuple(s.shape))
+        check_scores(s)
+    return s, lab.to(torch.uint8) if lab.dtype == torch.bool else lab

@@ -17,10 +17,9 @@ import torch
 from oodseg.labels import IGNORE_ID
 from oodseg.scoring.metrics.base import (
     MergeableMetric,
-    check_anomaly_labels,
-    check_scores,
     register_metric,
     scores_and_labels,
+    torch_scores_and_labels,
 )
 from oodseg.scoring.metrics.functional import curve_metrics
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
@@ -134,14 +133,7 @@ class PixelMetrics(MergeableMetric):
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
         """:meth:`update` with torch ops on the scores' device: the same validation (shared with the numpy path),
         keys, bins and counts as the numpy path, ``float32_keys`` done on the int32 view as int64."""
-        s = scores.detach().float()
-        lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
-        lab = lab.to(s.device)
-        if self.validate:
-            check_anomaly_labels(lab, tuple(s.shape))
-            check_scores(s)
-        if lab.dtype == torch.bool:
-            lab = lab.to(torch.uint8)
+        s, lab = torch_scores_and_labels(scores, labels, self.validate)
         if self._smiyc is not None:
             self._smiyc.add_frames(s, lab)
         valid = lab != IGNORE_ID

@@ -49,10 +49,9 @@ import torch
 from oodseg.labels import ANOMALY, INLIER
 from oodseg.scoring.metrics.base import (
     MergeableMetric,
-    check_anomaly_labels,
-    check_scores,
     register_metric,
     scores_and_labels,
+    torch_scores_and_labels,
 )
 
 NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
@@ -220,12 +219,7 @@ class SmiycPixelMetrics(MergeableMetric):
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> SmiycPixelMetrics:
         """:meth:`update` with torch ops on the scores' device (same validation as the numpy path)."""
-        s = scores.detach().float()
-        lab = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels))
-        lab = lab.to(s.device)
-        if self.validate:
-            check_anomaly_labels(lab, tuple(s.shape))
-            check_scores(s)
+        s, lab = torch_scores_and_labels(scores, labels, self.validate)
         return self.add_frames(s, lab)
 
     def add_frames(self, scores: Array, labels: Array) -> SmiycPixelMetrics:
