@@ -7,7 +7,7 @@ Same as ``python -m oodseg report``; options: ``--help``.
 
 import sys
 
-from oodseg.report.cli import main
+from oodseg.platform.jobs.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-saom": ("oodseg.platform.jobs.train_saom", "SAOM fine-tuning of SAM on instance masks (Ray Train)"),
     "tune-temperature": ("oodseg.platform.jobs.tune_temperature", "search a scorer's temperature on cached outputs"),
     "tune-loss": ("oodseg.platform.jobs.tune_loss", "ASHA search over loss hyper-parameters"),
-    "report": ("oodseg.report.cli", "standard tables, PR/ROC plots and heatmaps from a results store"),
+    "report": ("oodseg.platform.jobs.report", "standard tables, PR/ROC plots and heatmaps from a results store"),
     "cache": ("oodseg.platform.jobs.cache", "list or delete the per-run output / score-map caches"),
     "convert-checkpoint": ("oodseg.models.eomt_convert", "convert a tue-mps EoMT .ckpt to a transformers directory"),
     "mine-negatives": ("oodseg.models.tdos.negatives", "mine TDOS's distance-ordered negative word groups"),

@@ -1,5 +1,5 @@
-"""Results reporting: the standard tables (:mod:`.tables`), plots (:mod:`.plots`) and ``python -m oodseg report``
-(:mod:`.cli`), all read from the Parquet results store with DuckDB."""
+"""Results reporting: the standard tables (:mod:`.tables`) and plots (:mod:`.plots`), which ``python -m oodseg report``
+(:mod:`oodseg.platform.jobs.report`) and the jobs draw from the Parquet results store."""
 
 from oodseg.report.plots import curves_figure, heatmap_png, plot_curves
 from oodseg.report.tables import (

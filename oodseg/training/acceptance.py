@@ -35,7 +35,7 @@ import torch
 from oodseg.data.synthetic import ensure_suite
 from oodseg.models import create_model
 from oodseg.training.config import TrainConfig
-from oodseg.training.demo import get_demo_checkpoint
+from oodseg.training.demo import DEMO_SCALE, get_demo_checkpoint
 from oodseg.training.evaluate import eval_datasets, evaluate, summarize
 from oodseg.training.loop import train_local
 
@@ -61,7 +61,7 @@ def finetune_config(suite: Path, init: Path, loss: str, steps: int, seed: int = 
     return TrainConfig(
         model="erfnet", init=str(init), data_root=str(suite), coco_root=str(suite / "coco"),
         ood_prob=0.5, loss=loss, loss_cfg=dict(LOSS_CFG.get(loss, {})), params="full", lr=5e-4, warmup=10, schedule="cosine", steps=steps,
-        global_batch=8, crop=(128, 256), scale=(0.4, 0.65), seed=seed, anomaly_set="road_anomaly_21",
+        global_batch=8, crop=(128, 256), scale=DEMO_SCALE, seed=seed, anomaly_set="road_anomaly_21",
         log_every=20,
     )
 

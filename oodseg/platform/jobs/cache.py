@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from oodseg.config import ConfigError
 from oodseg.platform.results import resolve_fs
-from oodseg.report.cli import open_store
+from oodseg.platform.jobs.report import open_store
 
 
 def sizes(results: str) -> dict[tuple[str, ...], int]:

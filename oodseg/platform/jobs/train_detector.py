@@ -7,11 +7,12 @@ validation box recall / AP at IoU 0.5; checkpoints, resume, a safetensors export
 from __future__ import annotations
 
 from oodseg.platform.jobs.finetune import main as finetune_main
+from oodseg.refine.demo import DETECTOR_CFG
 
 PRESET = {"name": "detector", "strategy": "ddp", "train": {
-    "task": "s2m_detector", "anomaly_set": None, "lr": 2e-3, "steps": 160, "crop": [128, 256], "scale": [0.85, 1.3],
+    "task": "s2m_detector", "anomaly_set": None, "lr": 2e-3, "steps": 600, "crop": [128, 256], "scale": [0.85, 1.3],
     "val_every": 40, "val_images": 16,
-    "task_cfg": {"scorer": "msp", "scoring_model": "demo", "detector": {"backbone": "tiny"}}}}
+    "task_cfg": {"scorer": "msp", "scoring_model": "demo", "detector": dict(DETECTOR_CFG)}}}
 
 
 def main(argv: list[str] | None = None) -> int:
