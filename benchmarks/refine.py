@@ -29,9 +29,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import bench_suite  # benchmarks/common.py: the script's own folder is on sys.path
 from pipeline import TimedRunner  # benchmarks/pipeline.py (this script's folder is on sys.path)
 
-from common import bench_suite  # benchmarks/common.py: the script's own folder is on sys.path
 from oodseg.models import create_model, save_safetensors
 from oodseg.models.sam import create_sam, save_sam
 from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec, RefineSpec

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from common import bench_suite, forward_seconds  # benchmarks/common.py: the script's own folder is on sys.path
+
 from oodseg.data import create_dataset
 from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
 from oodseg.platform.benchmark import ModelSpec

@@ -84,8 +84,7 @@ class BenchmarkRunner:
         try:
             for unit in reducer.consume(stream):
                 if self.cfg.component_metrics:
-                    run_components(ray, unit, run.cache(unit.info.key, stage.cache_kind), self.cfg.read_num_cpus,
-                                   refined=stage.refined)
+                    run_components(ray, unit, run.cache(unit.info.key, stage.cache_kind), refined=stage.refined)
                 rows = commit_unit(run.store, run.run_id, run.spec.name, stage.name, unit)
                 if self.cfg.plots and self.cfg.heatmaps and unit.info.kind == "anomaly":
                     write_heatmaps(run, unit, stage)

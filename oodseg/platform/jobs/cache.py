@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import pyarrow.fs as pafs
 
 from oodseg.config import ConfigError
-from oodseg.platform.results import resolve_fs
 from oodseg.platform.jobs.report import open_store
+from oodseg.platform.results import resolve_fs
 
 
 def sizes(results: str) -> dict[tuple[str, ...], int]:
