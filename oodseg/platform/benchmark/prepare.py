@@ -139,9 +139,9 @@ def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -
     for scorer, pc in prompters.items():
         try:
             create_prompter(**pc)
+        except CheckpointError:
+            raise  # already one line naming the detector file
         except (TypeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
             raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
     if sam and sam.endswith(".safetensors"):
         create_sam(sam)
