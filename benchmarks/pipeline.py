@@ -38,7 +38,8 @@ from common import bench_suite, forward_seconds  # benchmarks/common.py: the scr
 
 from oodseg.data import default_datasets
 from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
-from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, ModelSpec, Plan, prepare
+from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, ModelSpec, Plan
+from oodseg.platform.benchmark.prepare import prepare
 from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.score import ScoreActor, ScoreStage
 from oodseg.platform.benchmark.stage import ModelRun, Stage

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "oodseg"
@@ -113,3 +115,13 @@ def test_module_and_function_sizes():
                 if n > MAX_FUNCTION_LINES:
                     long_functions.append(f"{name}:{node.lineno} {node.name} ({n} lines)")
     assert long_modules == {} and long_functions == []
+
+
+def test_ray_workers_import_only_what_they_run():
+    """A read task imports ``oodseg.platform.benchmark.read`` in a fresh worker process: the package must not drag in
+    torch (a new worker paid ~7 s on 2 cores for the whole package); the prompter registry must not import
+    torchvision's detection stack until a detector is built."""
+    code = ("import sys, oodseg.platform.benchmark.read; a = 'torch' in sys.modules; import oodseg.refine; "
+            "print(a, 'torchvision.models.detection' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -30,19 +30,12 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.rpn import AnchorGenerator
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from oodseg.models.checkpoint import CheckpointError, load_checkpoint, read_safetensors_metadata
 from oodseg.refine.prompters import Boxes, ScoreCalibration, mask_box, register_prompter, score_map_array
@@ -85,58 +78,6 @@ class DetectorConfig:
             raise ValueError(f"detector: invalid sizes or box filters in {self}")
 
 
-class _ScoreTransform(GeneralizedRCNNTransform):
-    """torchvision's batching transform without the test-time resize (unless ``resize_test``) and without
-    normalisation (done on the score map by :class:`ScoreDetector`)."""
-
-    def __init__(self, min_size: int, max_size: int, resize_test: bool) -> None:
-        super().__init__(min_size, max_size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0])
-        self.resize_test = resize_test
-
-    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any]:
-        if self.training or self.resize_test:
-            return super().resize(image, target)
-        return image, target
-
-
-def _tiny_parts(norm: str) -> dict[str, Any]:
-    """A 3-conv stride-8 backbone (32 channels, GroupNorm(8) or BatchNorm, ~15 k parameters) with matching anchors
-    and box head, for tests and demos (GroupNorm makes a few dozen Adam steps converge reliably from scratch)."""
-    layers: list[nn.Module] = []
-    for c_in, c_out in ((3, 16), (16, 32), (32, 32)):
-        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GroupNorm(8, c_out) if norm == "gn" else nn.BatchNorm2d(c_out),
-                   nn.ReLU(inplace=True)]
-    body = nn.Sequential(*layers)
-    body.out_channels = 32
-    return {
-        "backbone": body,
-        "rpn_anchor_generator": AnchorGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
-        "box_roi_pool": MultiScaleRoIAlign(["0"], 7, 2),
-        "box_head": TwoMLPHead(32 * 7 * 7, 64),
-        "box_predictor": FastRCNNPredictor(64, 2),
-    }
-
-
-def _build_rcnn(cfg: DetectorConfig) -> FasterRCNN:
-    if cfg.backbone == "tiny":
-        parts: dict[str, Any] = _tiny_parts(cfg.norm)
-        num_classes = None
-    else:
-        norm = partial(nn.GroupNorm, 32) if cfg.norm == "gn" else nn.BatchNorm2d
-        parts = {"backbone": resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm,
-                                                 trainable_layers=5)}
-        num_classes = 2  # background + the anomaly class; default FPN anchors, RoIAlign and 1024-d box head
-    rcnn = FasterRCNN(
-        num_classes=num_classes, min_size=cfg.min_size, max_size=cfg.max_size,
-        image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, box_score_thresh=cfg.score_thresh,
-        box_nms_thresh=cfg.nms_thresh, box_detections_per_img=cfg.detections_per_img,
-        box_batch_size_per_image=cfg.box_batch_size_per_image, **parts,
-    )
-    rcnn.transform = _ScoreTransform(cfg.min_size, cfg.max_size, cfg.resize_test)
-    return rcnn
-
-
 def multiplicative_noise(x: torch.Tensor, noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x · U(1 − noise, 1 + noise)`` element-wise (S2M: ``noise = 0.01``)."""
     device = x.device if generator is None else generator.device
@@ -153,7 +94,9 @@ class ScoreDetector(nn.Module):
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.rcnn = _build_rcnn(cfg)
+        from oodseg.refine.rcnn import build_rcnn  # torchvision's detection stack: ~2 s to import
+
+        self.rcnn = build_rcnn(cfg)
         self.meta: dict[str, str] = {}
 
     def inputs(self, score_maps: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
@@ -279,6 +222,8 @@ class DetectorPrompter:
 
 
 def _iou_matrix(pred: Boxes, gt: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
     return box_iou(pred.xyxy, torch.as_tensor(gt, dtype=torch.float32).reshape(-1, 4))
 
 

@@ -10,11 +10,26 @@ Stages, each one module with a documented input and output:
 * :mod:`.refine`     — the S2M refine stage (score maps → box prompts → SAM masks);
 * :mod:`.commit`     — one unit → its rows in the results tables, atomically;
 * :mod:`.driver`     — the loop over models and stages (:data:`~.driver.STAGES`).
+
+Importing the package imports none of them: Ray workers import only the stage module they run (a read task needs
+``read``, ~0.5 s; the whole package with torch, torchvision and pandas took ~7 s per new worker process). The names
+below resolve on first use (PEP 562); ``prepare`` is the submodule, its function is ``prepare.prepare``.
 """
 
-from oodseg.platform.benchmark.config import BenchmarkConfig, DatasetSpec, ModelSpec, RefineSpec, ScorerKey
-from oodseg.platform.benchmark.driver import STAGES, BenchmarkRunner, run_benchmark
-from oodseg.platform.benchmark.prepare import Plan, prepare
+from __future__ import annotations
 
-__all__ = ["STAGES", "BenchmarkConfig", "BenchmarkRunner", "DatasetSpec", "ModelSpec", "Plan", "RefineSpec",
-           "ScorerKey", "prepare", "run_benchmark"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BenchmarkConfig": "config", "DatasetSpec": "config", "ModelSpec": "config", "RefineSpec": "config",
+    "ScorerKey": "config", "STAGES": "driver", "BenchmarkRunner": "driver", "run_benchmark": "driver",
+    "Plan": "prepare",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

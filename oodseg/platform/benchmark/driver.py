@@ -15,7 +15,7 @@ from typing import Any
 
 from oodseg.config import to_json
 from oodseg.platform.benchmark.commit import commit_unit
-from oodseg.platform.benchmark.components import run_components
+from oodseg.platform.benchmark.components import ComponentPass
 from oodseg.platform.benchmark.config import BenchmarkConfig
 from oodseg.platform.benchmark.heatmaps import write_heatmaps
 from oodseg.platform.benchmark.prepare import Plan, prepare
@@ -46,12 +46,14 @@ class BenchmarkRunner:
         self.cfg = cfg
         self.run_id = cfg.run_id or new_run_id()
         self.plan = plan
+        self.components: ComponentPass | None = None
 
     def run(self) -> str:
         plan = self.plan or prepare(self.cfg)
         ray = init_ray(self.cfg.ray_address, self.cfg.num_cpus, verbose=self.cfg.verbose)
         record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed).start(gpu_names(ray))
         log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
+        self.components = ComponentPass(ray) if self.cfg.component_metrics else None
         try:
             for spec in self.cfg.models:
                 run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
@@ -62,6 +64,9 @@ class BenchmarkRunner:
         except BaseException as e:
             record.finish(status_of(e))
             raise
+        finally:
+            if self.components:
+                self.components.stop()
         record.finish("finished")
         return self.run_id
 
@@ -83,8 +88,8 @@ class BenchmarkRunner:
         stream = stage.stream(ray, pending)
         try:
             for unit in reducer.consume(stream):
-                if self.cfg.component_metrics:
-                    run_components(ray, unit, run.cache(unit.info.key, stage.cache_kind), refined=stage.refined)
+                if self.components:
+                    self.components.run(unit, run.cache(unit.info.key, stage.cache_kind), refined=stage.refined)
                 rows = commit_unit(run.store, run.run_id, run.spec.name, stage.name, unit)
                 if self.cfg.plots and self.cfg.heatmaps and unit.info.kind == "anomaly":
                     write_heatmaps(run, unit, stage)

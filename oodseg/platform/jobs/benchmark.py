@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 
 from oodseg.config import parse_config
-from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, prepare
+from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner
+from oodseg.platform.benchmark.prepare import prepare
 from oodseg.platform.cli import run_cli
 from oodseg.report import component_table, format_components, format_table, object_table, plot_curves, standard_table
 from oodseg.report.tables import failure_summary
