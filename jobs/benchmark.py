@@ -8,9 +8,8 @@
 Every option: ``python jobs/benchmark.py --help``. The job: ``oodseg/platform/jobs/benchmark.py``.
 """
 
-import sys
-
+from oodseg.platform.cli import exit_fast
 from oodseg.platform.jobs.benchmark import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())
