@@ -28,10 +28,10 @@ STYLES = ("-", "--", ":", "-.")
 
 def _png(fig: Any) -> bytes:
     """PNG bytes at 110 dpi; ``tight_layout`` rather than ``bbox_inches="tight"``, which renders every figure twice
-    (measured: 5 curve figures 12.4 → 9.2 s on a busy 2-core box)."""
+    (5 curve figures: 12.4 → 9.2 s on a busy 2-core box), and zlib level 1 (a heatmap: 0.59 → 0.50 s, 13 % larger)."""
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return buf.getvalue()
 
