@@ -16,8 +16,8 @@ cache when ``data_root`` is not a synthetic suite.
   training config, the suite's build parameters and ``DEMO_VERSION``; concurrent callers train once.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
-  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 159 s on a free 2-core box (measured,
-  1.7 steps/s with the final validation). Plain CE with class weights from the train split's pixel frequencies (:func:`class_weights`).
+  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 150–175 s on a free 2-core box (measured,
+  1.5–1.7 steps/s with the final validation). Plain CE with class weights from the train split's pixel frequencies (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.metrics`` (JSON: ``val_miou`` on the synthetic val split, ``val_auprc``),
   ``oodseg.demo.train_seconds``.
@@ -45,7 +45,7 @@ from oodseg.training.cached import Progress, cached_fit, printer
 from oodseg.training.config import TrainConfig
 
 # Chosen by measurement on 2 CPU cores (synthetic suite v4, seed 0: val mIoU 71.9, README table). The first
-# benchmark run takes 4 min 28 s, over its 3-minute target: fewer steps would cost the mIoU / AuPRC targets.
+# benchmark run takes 3 min 45 s, over its 3-minute target: fewer steps would cost the mIoU / AuPRC targets.
 DEMO_VERSION = 4
 DEMO_STEPS = 260
 DEMO_BATCH = 8
