@@ -86,8 +86,12 @@ def printer(tag: str) -> Progress:
 
 
 def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], cache_dir: str | os.PathLike[str],
-               version: int, progress: Progress | None = None) -> Path:
-    """The cached export of ``cfg`` trained on the suite at ``suite_root``; trains it first when absent."""
+               version: int, progress: Progress | None = None, flush_denormal: bool = False) -> Path:
+    """The cached export of ``cfg`` trained on the suite at ``suite_root``; trains it first when absent.
+
+    ``flush_denormal``: train with the CPU's flush-to-zero / denormals-are-zero modes (``torch.set_flush_denormal``):
+    denormal floats slow x86 arithmetic by orders of magnitude. Only for a recipe whose weights were checked to stay
+    bit-identical (flushing can change results in general)."""
     suite_root, cache_dir = Path(suite_root), Path(cache_dir)
     digest = config_hash(cfg, suite_root, version)
     out = cache_dir / f"{name}-{digest}.safetensors"
@@ -99,12 +103,14 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
         tune_allocator()
+        torch.set_flush_denormal(flush_denormal)
         try:
             t0 = time.perf_counter()
             result = train_local(cfg, progress=progress)
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
+            torch.set_flush_denormal(False)
         if progress is not None and result.metrics:
             progress({"step": cfg.steps, "loss": result.history[-1]["loss"], "lr": 0.0,
                       "steps_per_s": cfg.steps / seconds, **result.metrics})
