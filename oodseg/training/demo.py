@@ -45,7 +45,7 @@ from oodseg.training.cached import Progress, cached_fit, printer
 from oodseg.training.config import TrainConfig
 
 # Chosen by measurement on 2 CPU cores (synthetic suite v4, seed 0: val mIoU 71.9, README table). The first
-# benchmark run takes 3 min 45 s, over its 3-minute target: fewer steps would cost the mIoU / AuPRC targets.
+# benchmark run takes 3 min 20 s, over its 3-minute target: fewer steps would cost the mIoU / AuPRC targets.
 DEMO_VERSION = 4
 DEMO_STEPS = 260
 DEMO_BATCH = 8
