@@ -17,7 +17,8 @@ cache when ``data_root`` is not a synthetic suite.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
   ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 141 s on a free 2-core box (measured,
-  1.85 steps/s with denormals flushed; 173 s without, same weights). Plain CE with class weights from the train split's pixel frequencies (:func:`class_weights`).
+  1.85 steps/s with denormals flushed; 173 s without, same weights). Plain CE with class weights from the train
+  split's pixel frequencies (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.metrics`` (JSON: ``val_miou`` on the synthetic val split, ``val_auprc``),
   ``oodseg.demo.train_seconds``.
