@@ -127,7 +127,12 @@ def test_ray_job_submit_with_token_auth(token_cluster, tmp_path):
         "--set", f"models=[{{name: tiny, checkpoint: {model}}}]", "--datasets", "fs_static,cityscapes",
         "--scorers", "msp,energy", "--batch-size", "2", "--heatmaps", "0", "--progress", "false",
     ]
-    out = subprocess.run(job, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    deadline = time.time() + 60
+    while True:  # the head answers `ray job list` before its job agent registers; Ray then refuses the submission
+        out = subprocess.run(job, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+        if "No available agent to submit job" not in out.stdout + out.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in (out.stdout + out.stderr).lower()
     assert "Cityscapes mIoU" in out.stdout  # the job printed the standard table
