@@ -302,7 +302,7 @@ def test_oe_uses_254_but_not_255_pixels():
     assert _f(loss(logits + 5.0 * outl, target)) != pytest.approx(base)  # all tanh → 1: s drops, hinge grows
 
 
-@pytest.mark.parametrize("name", ["ce", "oe", "logitnorm", "eim"])
+@pytest.mark.parametrize("name", ["ce", "oe", "energy_oe", "logitnorm", "eim"])
 def test_low_resolution_logits_are_upsampled_bilinearly(name):
     logits, target = make_batch(9, H=8, W=10)
     low = torch.randn(2, 4, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
@@ -315,7 +315,7 @@ def test_low_resolution_logits_are_upsampled_bilinearly(name):
     assert _f(loss(nearest, target)) != pytest.approx(want)  # the check can tell resampling modes apart
 
 
-@pytest.mark.parametrize("name", ["ce", "oe", "logitnorm", "eim"])
+@pytest.mark.parametrize("name", ["ce", "oe", "energy_oe", "logitnorm", "eim"])
 def test_gradients_flow_only_where_labelled(name):
     logits, target = make_batch(11)
     z = logits.float().requires_grad_(True)
@@ -326,7 +326,7 @@ def test_gradients_flow_only_where_labelled(name):
     labelled = ~void & ~outlier
     assert not z.grad[void].any()
     assert z.grad[labelled].abs().sum() > 0
-    assert bool(z.grad[outlier].any()) == (name == "oe")
+    assert bool(z.grad[outlier].any()) == (name in ("oe", "energy_oe"))
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -6,7 +6,7 @@ output_kind)`` is its Tune search space. Conventions (255 ignore, 254 pasted out
 ``base``. A new loss is one file (a module with ``@register_loss``) plus its import line here.
 """
 
-from oodseg.losses import modules, tdos  # noqa: F401  (register ce, oe, logitnorm, eim; tdos)
+from oodseg.losses import energy, modules, tdos  # noqa: F401  (register ce, oe, logitnorm, eim; energy_oe; tdos)
 from oodseg.losses.base import (
     LOSSES,
     LossInfo,
