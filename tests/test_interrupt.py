@@ -8,6 +8,7 @@ the Ray actors.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from oodseg.platform.results import ResultsStore
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+RAY_LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]")  # "[date time,ms I pid tid]"
 DATASETS = ("road_anomaly_21", "road_obstacle_21", "fs_static", "fs_lost_found", "road_anomaly")
 PLUGIN = '''
 """A user's scorer: max-logit times ``scale``, sleeping ``delay`` seconds per call."""
@@ -135,6 +137,8 @@ def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
     proc = start(setup, results, run_id)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    ray_lines = [line for line in err.splitlines() if RAY_LOG_LINE.match(line)]
+    assert not ray_lines, ray_lines  # Ray's own log lines stay in its log files
     assert sorted(store.read("runs").status) == ["finished", "interrupted", "interrupted"]
     assert store.completed_units(run_id) == {("tiny", d, "score") for d in DATASETS}
     per_image = store.read("per_image")

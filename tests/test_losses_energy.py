@@ -99,3 +99,13 @@ def test_space_and_bad_settings():
         create_loss("energy_oe", m_in=-1.0, m_out=-2.0)
     with pytest.raises(ValueError, match="weight must be >= 0"):
         create_loss("energy_oe", weight=-0.1)
+
+
+def test_mask_space_lies_in_the_reachable_energy_range():
+    """Mask class scores L ∈ [0, 1] bound E = −logsumexp(L) to [−ln C − 1, −ln C]; margins outside it would make
+    one hinge always or never active."""
+    lo, hi = -math.log(19) - 1, -math.log(19)
+    space = loss_space("energy_oe", "mask")
+    for key in ("m_in", "m_out"):
+        assert all(lo < v < hi for v in space[key]["values"]), key
+    assert max(space["m_in"]["values"]) < min(space["m_out"]["values"])

@@ -1,4 +1,5 @@
-"""Training losses: ``ce``, ``oe`` (RbA outlier exposure), ``logitnorm``, ``eim`` (IsoMax+), ``tdos`` (TDOS).
+"""Training losses: ``ce``, ``oe`` (RbA outlier exposure), ``energy_oe`` (energy-bounded OE), ``logitnorm``, ``eim``
+(IsoMax+), ``tdos`` (TDOS).
 
 ``create_loss(name, **cfg)(outputs, target, outlier_mask=None) -> scalar``; ``loss_info(name)`` holds the facts a
 registration declares (Tune space, model changes, how it combines with a model's own loss); ``loss_space(name,

@@ -10,7 +10,8 @@ Inlier pixels are pushed below ``m_in`` and pasted-outlier pixels above ``m_out`
 ``CE(inlier pixels) + weight·OE``; ``MaskOutputs`` → ``weight·OE`` (the model adds its own loss).
 The paper's CIFAR margins (m_in −25, m_out −7, weight 0.1) are for its logit scale; the defaults here sit on the
 demo ERFNet's (energy quartiles on the synthetic RoadAnomaly21: inliers −6.4 / −5.7 / −4.8, anomalies −5.0 / −4.4
-/ −3.9): inliers above −5, outliers below −2 are penalised.
+/ −3.9): inliers above −5, outliers below −2 are penalised. Mask models' class scores lie in [0, 1], which
+confines E to [−ln C − 1, −ln C]; their margins (``kind_space["mask"]``) sit inside that range.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def energy_hinge(energy: torch.Tensor, inlier: torch.Tensor, outlier: torch.Tens
         "m_in": {"type": "choice", "values": [-7.0, -6.0, -5.0]},
         "m_out": {"type": "choice", "values": [-3.0, -2.0, -1.0]},
     },
+    # mask models: L ∈ [0, 1], so E ∈ [−ln C − 1, −ln C] = [−3.94, −2.94] for 19 classes
+    kind_space={"mask": {"m_in": {"type": "choice", "values": [-3.8, -3.6]},
+                         "m_out": {"type": "choice", "values": [-3.2, -3.0]}}},
 )
 class EnergyOutlierExposureLoss(nn.Module):
     """Energy-bounded outlier exposure (module docstring)."""

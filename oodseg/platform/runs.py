@@ -6,23 +6,27 @@
   (SIGKILL, a lost node) is rewritten as ``interrupted`` by the next attempt with the same run id.
 * :func:`init_ray` — connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray, quiet by default: Ray's and Ray
   Data's loggers at WARNING, worker output kept in Ray's log files (``log_to_driver=False``), the C++ backend at
-  ERROR, Ray Data's own progress bars off (the stages draw one bar each); ``verbose=True`` restores Ray's output.
+  fatal errors only (the one line the C++ logger then prints about that setting is dropped from the console), Ray
+  Data's own progress bars off (the stages draw one bar each); ``verbose=True`` restores Ray's output.
 * :func:`log` — the one console logger (``oodseg``, stderr, one line per event); :func:`progress_bar` — one tqdm
   bar per stage, on a terminal only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform as _platform
 import socket
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,6 +37,8 @@ from tqdm import tqdm
 from oodseg.platform.results import ResultsStore, safe_key
 
 LOGGER = logging.getLogger("oodseg")
+# Ray's C++ logger announces RAY_BACKEND_LOG_LEVEL on the driver's stderr at INFO whatever level it sets
+RAY_LEVEL_BANNER = re.compile(r"logging\.cc:\d+: Set ray log level from environment variable")
 STATUSES = ("running", "finished", "failed", "interrupted")
 
 
@@ -145,6 +151,26 @@ def quiet_ray_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def filtered_stderr(drop: re.Pattern[str]) -> Iterator[None]:
+    """Capture file descriptor 2 (C++ code writes there, bypassing ``sys.stderr``) while the body runs, then write
+    every captured line except those matching ``drop`` to the console."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines(True) if not drop.search(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtime_env: Mapping[str, Any] | None = None,
              dashboard: bool = False) -> Any:
     """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray (module docstring); reuses a running Ray."""
@@ -161,7 +187,8 @@ def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtim
                 kwargs["num_cpus"] = num_cpus
         if runtime_env:
             kwargs["runtime_env"] = dict(runtime_env)
-        ray.init(address=address, **kwargs)
+        with contextlib.nullcontext() if verbose else filtered_stderr(RAY_LEVEL_BANNER):
+            ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.enable_operator_progress_bars = verbose
