@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import platform as _platform
-import socket
 import re
+import socket
 import subprocess
 import sys
 import tempfile
