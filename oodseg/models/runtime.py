@@ -40,6 +40,8 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
