@@ -106,6 +106,17 @@ def test_bad_checkpoints_are_one_line(suite, tmp_path, capsys, content, needles)
     one_error(*run(benchmark.main, argv, capsys), "weights.pth", "give its arch")  # a .pth does not say what it is
 
 
+def test_model_arch_and_cfg_are_checked_against_the_checkpoint_before_ray(suite, model, tmp_path, capsys):
+    """An arch that contradicts the checkpoint's header, or a keyword the model does not take, failed in every score
+    actor (a 240-line traceback flood, exit 1)."""
+    argv = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--set"]
+    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, arch: timm_seg, checkpoint: {model}}}]"], capsys)
+    one_error(code, err, "tiny.safetensors", "'erfnet' model", "'timm_seg'")
+    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, checkpoint: {model}, cfg: {{bogus: 1}}}}]"], capsys)
+    one_error(code, err, "'x' (erfnet) takes no 'bogus'", "width")
+    assert not (tmp_path / "r" / "runs").exists()
+
+
 def test_results_root_under_a_file_is_one_line(suite, model, tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     one_error(*run(benchmark.main, bench(suite, model, tmp_path / "file" / "results"), capsys), "--results")
@@ -137,7 +148,7 @@ def test_help_lists_valid_values_without_internal_type_names(capsys):
     with pytest.raises(SystemExit):
         finetune.main(["--help"])
     text = capsys.readouterr().out
-    for value in ("--loss", "--steps", "--init", "ce|eim|logitnorm|oe|tdos", "deepspeed|ddp"):
+    for value in ("--loss", "--steps", "--init", "ce|eim|energy_oe|logitnorm|oe|tdos", "deepspeed|ddp"):
         assert value in text, value
     assert "--fault" not in text and "fault_" not in text  # test hooks are not user options
 

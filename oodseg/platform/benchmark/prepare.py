@@ -9,6 +9,7 @@ Errors are :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointErr
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 from dataclasses import dataclass
@@ -71,10 +72,16 @@ def check_device(cfg: BenchmarkConfig) -> None:
 
 
 def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
-    """The registered model behind ``spec`` (its ``arch``, else the self-describing checkpoint's header)."""
-    if spec.arch:
-        return spec.arch
+    """The registered model behind ``spec`` (its ``arch``, else the self-describing checkpoint's header); an ``arch``
+    that contradicts the header is an error here, not in every score actor."""
     stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    if spec.arch:
+        if stored is not None and stored[0] != spec.arch:
+            hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" \
+                else ""
+            raise CheckpointError(checkpoint, f"holds a {stored[0]!r} model, not model {spec.name!r}'s arch "
+                                              f"{spec.arch!r}{hint}")
+        return spec.arch
     if stored is None:
         what = "no checkpoint" if not checkpoint else "not a self-describing .safetensors"
         raise CheckpointError(checkpoint or "<none>", f"model {spec.name!r}: {what}; give its arch: one of "
@@ -82,6 +89,18 @@ def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
     if stored[0] not in MODELS:
         raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
     return stored[0]
+
+
+def check_model_cfg(spec: ModelSpec, name: str, checkpoint: str | None) -> None:
+    """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
+    params = inspect.signature(MODELS.get(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    unknown = sorted((set(spec.cfg) | set(stored[1] if stored else ())) - set(params))
+    if unknown:
+        raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
+                          f"{', '.join(params)}")
 
 
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str) -> tuple[str | None, str]:
@@ -93,6 +112,7 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     if checkpoint is not None:
         check_checkpoint(checkpoint)
     name = model_name_of(spec, checkpoint)
+    check_model_cfg(spec, name, checkpoint)
     if cfg.protocol == "course" and name != "erfnet":
         raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
                           f"(model {spec.name!r})")
