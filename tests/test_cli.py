@@ -153,8 +153,14 @@ def test_help_lists_valid_values_without_internal_type_names(capsys):
     assert "--fault" not in text and "fault_" not in text  # test hooks are not user options
 
 
-def test_finetune_and_search_reject_bad_names_before_ray(tmp_path, capsys):
+def test_finetune_and_search_reject_bad_names_before_ray(tmp_path, capsys, suite, model):
     one_error(*run(finetune.main, ["--loss", "foo"], capsys), "loss", "foo")
+    # the init checkpoint's model and the model's keywords: each failed in every Ray Train worker (exit 1, traceback)
+    base = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--init", str(model)]
+    one_error(*run(finetune.main, [*base, "--model", "timm_seg"], capsys), "tiny.safetensors", "'erfnet' model",
+              "--model 'timm_seg'")
+    one_error(*run(finetune.main, [*base, "--set", "train.model_cfg={bogus: 1}"], capsys), "train.model_cfg",
+              "takes no 'bogus'")
     garbage = tmp_path / "g.safetensors"
     garbage.write_bytes(b"\x00" * 16)
     code, err = run(finetune.main, ["--init", str(garbage), "--data-root", str(tmp_path), "--results",
@@ -168,6 +174,16 @@ def test_user_errors_survive_pickling_through_ray_workers():
     for err in (CheckpointError("/x.pth", "bad header"), DataError("/y.png", "corrupt")):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err) and again.path == err.path
+    # a Ray Train failure carries each rank's exception; the job prints the user's error from it
+    from ray.train import ControllerError, WorkerGroupError
+
+    from oodseg.platform.cli import user_error
+
+    err = DataError("/y.png", "corrupt")
+    failed = pickle.loads(pickle.dumps(WorkerGroupError("rank 1 failed", {0: RuntimeError("x"), 1: err})))
+    assert str(user_error(failed)) == str(err)
+    assert user_error(ControllerError(err)) is err
+    assert user_error(WorkerGroupError("bug", {0: RuntimeError("a bug")})) is None  # bugs keep their traceback
 
 
 def test_folder_dataset_needs_and_takes_a_mapping_from_the_config(tmp_path, capsys):

@@ -17,9 +17,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,6 +87,18 @@ def checkpoint_model_cfg(path: str | os.PathLike[str]) -> tuple[str, dict[str, A
     if META_MODEL not in meta or META_CFG not in meta:
         return None
     return meta[META_MODEL], json.loads(meta[META_CFG])
+
+
+def unknown_model_args(name: str, cfg: Mapping[str, Any], checkpoint: str | os.PathLike[str] | None = None
+                       ) -> tuple[list[str], list[str]]:
+    """``(unknown, accepted)``: the keywords ``create_model(name, checkpoint=…, **cfg)`` would pass to the model's
+    constructor (the self-describing header's cfg, then ``cfg``) that it does not take, and those it takes; checked
+    from the signature, without building the model (nothing is unknown to a constructor taking ``**kwargs``)."""
+    params = inspect.signature(MODELS.get(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return [], list(params)
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    return sorted((set(cfg) | set(stored[1] if stored else ())) - set(params)), list(params)
 
 
 def create_model(

@@ -21,13 +21,19 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def user_error(exc: BaseException) -> BaseException | None:
-    """The user-facing error inside ``exc`` (itself, or a Ray error's ``cause`` chain), if there is one."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, USER_ERRORS):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-        seen += 1
+    """The user-facing error inside ``exc``: itself, or one found through a Ray error's ``cause`` chain or a Ray
+    Train failure's per-rank ``worker_failures`` / ``controller_failure``."""
+    todo: list[BaseException | None] = [exc]
+    for _ in range(16):
+        if not todo:
+            break
+        e = todo.pop(0)
+        if e is None:
+            continue
+        if isinstance(e, USER_ERRORS):
+            return e
+        todo += [getattr(e, "cause", None) or e.__cause__, getattr(e, "controller_failure", None),
+                 *getattr(e, "worker_failures", {}).values()]
     return None
 
 

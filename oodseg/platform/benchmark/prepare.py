@@ -9,7 +9,6 @@ Errors are :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointErr
 
 from __future__ import annotations
 
-import inspect
 import os
 import uuid
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
-from oodseg.models.factory import MODELS, checkpoint_model_cfg
+from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
@@ -93,14 +92,10 @@ def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
 
 def check_model_cfg(spec: ModelSpec, name: str, checkpoint: str | None) -> None:
     """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
-    params = inspect.signature(MODELS.get(name)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
-    unknown = sorted((set(spec.cfg) | set(stored[1] if stored else ())) - set(params))
+    unknown, accepted = unknown_model_args(name, spec.cfg, checkpoint)
     if unknown:
         raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
-                          f"{', '.join(params)}")
+                          f"{', '.join(accepted)}")
 
 
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str) -> tuple[str | None, str]:

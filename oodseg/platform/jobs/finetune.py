@@ -13,12 +13,14 @@ from typing import Any
 
 from oodseg.config import ConfigError, parse_config, to_json
 from oodseg.losses import loss_info
-from oodseg.models import check_checkpoint
+from oodseg.models import CheckpointError, check_checkpoint
+from oodseg.models.factory import checkpoint_model_cfg, unknown_model_args
 from oodseg.platform.benchmark.prepare import check_results_root
 from oodseg.platform.cli import run_cli
 from oodseg.platform.runs import RunRecord, init_ray, log, status_of
 from oodseg.platform.trainer import FinetuneConfig, check_resume, resolve_data, run_finetune
 from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
+from oodseg.training.config import TrainConfig
 
 ALIASES = {f"--{k.replace('_', '-')}": f"train.{k}" for k in ("model", "loss", "params", "steps", "init", "lr",
                                                                "data_root")}
@@ -33,16 +35,30 @@ def format_row(row: dict[str, Any], steps: int) -> str:
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    """Before Ray: the loss fits the model, the init checkpoint is readable, a rerun matches its checkpoint."""
+    """Before Ray: the loss fits the model, the init checkpoint is readable and holds that model, the model takes
+    its keyword arguments, a rerun matches its checkpoint."""
     tc = cfg.train
     allowed = loss_info(tc.loss).models
     if allowed is not None and tc.model not in allowed:
         raise ConfigError(f"--loss {tc.loss}: made for model(s) {list(allowed)}, not {tc.model!r}")
     if tc.init:
         check_checkpoint(tc.init)
+    if tc.task == "segmentation":  # the detector / SAOM tasks build models of their own
+        check_model(tc)
     last = check_resume(cfg)
     if last is not None:
         log(f"resuming {cfg.name} from {last}")
+
+
+def check_model(tc: TrainConfig) -> None:
+    """``--init`` holds a ``--model`` model (self-describing header) and the model takes ``model_cfg``'s keys."""
+    stored = checkpoint_model_cfg(tc.init) if tc.init else None
+    if stored is not None and stored[0] != tc.model:
+        raise CheckpointError(tc.init, f"holds a {stored[0]!r} model, not --model {tc.model!r}")
+    unknown, accepted = unknown_model_args(tc.model, tc.model_cfg, tc.init)
+    if unknown:
+        raise ConfigError(f"--set train.model_cfg: {tc.model} takes no {', '.join(map(repr, unknown))}; it takes "
+                          f"{', '.join(accepted)}")
 
 
 def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
