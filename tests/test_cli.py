@@ -231,3 +231,19 @@ def test_refine_inputs_that_do_not_fit_fail_before_ray(suite, model, tmp_path, c
         argv = [*base, "--set", f"refine_cfg={json.dumps({**refine_cfg, 'scorers': ['msp']})}"]
         one_error(*run(benchmark.main, argv, capsys), *needles)
     assert not (tmp_path / "r" / "runs").exists()  # nothing recorded: Ray never started
+
+
+def test_filtered_stderr_drops_only_matching_lines_written_below_python(capfd):
+    """Ray's C++ logger writes to file descriptor 2 directly; the filter sees those writes and keeps the rest."""
+    import re
+    import sys
+
+    from oodseg.platform.runs import RAY_LEVEL_BANNER, filtered_stderr
+
+    with filtered_stderr(RAY_LEVEL_BANNER):
+        os.write(2, b"[2026-12-02 02:13:19,304 I 1 1] logging.cc:303: Set ray log level from environment variable "
+                    b"RAY_BACKEND_LOG_LEVEL to 3\nkept from C\n")
+        print("kept from Python", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["kept from C", "kept from Python"]  # capfd keeps sys.stderr apart
+    assert not re.search("logging.cc", err)

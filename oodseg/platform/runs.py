@@ -156,7 +156,11 @@ def filtered_stderr(drop: re.Pattern[str]) -> Iterator[None]:
     """Capture file descriptor 2 (C++ code writes there, bypassing ``sys.stderr``) while the body runs, then write
     every captured line except those matching ``drop`` to the console."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (a detached process): nothing reaches a console anyway
+        yield
+        return
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
