@@ -34,8 +34,12 @@ def synthetic_suite(cache_dir: str | os.PathLike[str] | None = None, seed: int =
     from oodseg.data.synthetic import ensure_suite
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return Path(ensure_suite(cache / f"suite-seed{seed}", seed=seed, workers=min(4, cpus)))
+    return Path(ensure_suite(cache / f"suite-seed{seed}", seed=seed, workers=min(4, available_cpus())))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def demo_suite(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,

@@ -89,16 +89,14 @@ def checkpoint_model_cfg(path: str | os.PathLike[str]) -> tuple[str, dict[str, A
     return meta[META_MODEL], json.loads(meta[META_CFG])
 
 
-def unknown_model_args(name: str, cfg: Mapping[str, Any], checkpoint: str | os.PathLike[str] | None = None
-                       ) -> tuple[list[str], list[str]]:
-    """``(unknown, accepted)``: the keywords ``create_model(name, checkpoint=…, **cfg)`` would pass to the model's
-    constructor (the self-describing header's cfg, then ``cfg``) that it does not take, and those it takes; checked
-    from the signature, without building the model (nothing is unknown to a constructor taking ``**kwargs``)."""
+def unknown_model_args(name: str, cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(unknown, accepted)``: the keys of ``cfg`` (all the keywords the model would be built with: a self-describing
+    header's cfg updated by the caller's) that model ``name``'s constructor does not take, and those it takes;
+    checked from the signature, without building the model (nothing is unknown to one taking ``**kwargs``)."""
     params = inspect.signature(MODELS.get(name)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return [], list(params)
-    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
-    return sorted((set(cfg) | set(stored[1] if stored else ())) - set(params)), list(params)
+    return sorted(set(cfg) - set(params)), list(params)
 
 
 def create_model(

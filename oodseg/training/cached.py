@@ -28,6 +28,7 @@ import torch
 
 from oodseg.data.synthetic import MARKER
 from oodseg.models import tune_allocator
+from oodseg.paths import available_cpus
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import train_local
 from oodseg.training.tasks import create_task
@@ -101,7 +102,7 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
         if out.is_file():  # trained by a concurrent caller while we waited
             return out
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(8, len(os.sched_getaffinity(0)))))
+        torch.set_num_threads(min(8, available_cpus()))
         tune_allocator()
         torch.set_flush_denormal(flush_denormal)
         try:

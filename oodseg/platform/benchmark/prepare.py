@@ -70,10 +70,9 @@ def check_device(cfg: BenchmarkConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
 
 
-def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
-    """The registered model behind ``spec`` (its ``arch``, else the self-describing checkpoint's header); an ``arch``
-    that contradicts the header is an error here, not in every score actor."""
-    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+def model_name_of(spec: ModelSpec, checkpoint: str | None, stored: tuple[str, dict[str, Any]] | None) -> str:
+    """The registered model behind ``spec`` (its ``arch``, else ``stored``: the self-describing checkpoint's header);
+    an ``arch`` that contradicts the header is an error here, not in every score actor."""
     if spec.arch:
         if stored is not None and stored[0] != spec.arch:
             hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" \
@@ -90,9 +89,9 @@ def model_name_of(spec: ModelSpec, checkpoint: str | None) -> str:
     return stored[0]
 
 
-def check_model_cfg(spec: ModelSpec, name: str, checkpoint: str | None) -> None:
+def check_model_cfg(spec: ModelSpec, name: str, stored: tuple[str, dict[str, Any]] | None) -> None:
     """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
-    unknown, accepted = unknown_model_args(name, spec.cfg, checkpoint)
+    unknown, accepted = unknown_model_args(name, {**(stored[1] if stored else {}), **spec.cfg})
     if unknown:
         raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
                           f"{', '.join(accepted)}")
@@ -106,8 +105,9 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     checkpoint = resolve_checkpoint(spec.checkpoint, cache_dir=cache_dir, data_root=data_root, seed=cfg.seed)
     if checkpoint is not None:
         check_checkpoint(checkpoint)
-    name = model_name_of(spec, checkpoint)
-    check_model_cfg(spec, name, checkpoint)
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    name = model_name_of(spec, checkpoint, stored)
+    check_model_cfg(spec, name, stored)
     if cfg.protocol == "course" and name != "erfnet":
         raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
                           f"(model {spec.name!r})")
