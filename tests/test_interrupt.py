@@ -2,7 +2,8 @@
 ``runs`` row never left ``running`` (the next attempt repairs a killed one), committed units skipped on rerun, no
 Ray process left behind. A plugin module (on ``PYTHONPATH``, listed in ``plugins``) registers a slow scorer with a
 parameter set through ``scorer_params``: the run is slow enough to interrupt, and the plugin must be known inside
-the Ray actors.
+the Ray actors. It also registers a checkpoint source that trains for ever, so a job can be interrupted or killed
+while its model trains in a child process.
 """
 
 from __future__ import annotations
@@ -28,16 +29,27 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]")  # "[date time,ms I pid tid]"
 DATASETS = ("road_anomaly_21", "road_obstacle_21", "fs_static", "fs_lost_found", "road_anomaly")
 PLUGIN = '''
-"""A user's scorer: max-logit times ``scale``, sleeping ``delay`` seconds per call."""
+"""A user's scorer: max-logit times ``scale``, sleeping ``delay`` seconds per call; a model source that trains the
+demo recipe (on small crops) for 10**6 steps."""
 import time
+from dataclasses import replace
 
+from oodseg.models import register_checkpoint_source
 from oodseg.scoring import register_scorer
+from oodseg.training.cached import cached_fit, printer
+from oodseg.training.demo import demo_config
 
 
 @register_scorer("slow_maxlogit", space={})
 def slow_maxlogit(z, temperature, delay=0.0, scale=1.0):
     time.sleep(delay)
     return -scale * z.amax(dim=1)
+
+
+@register_checkpoint_source("endless-demo")
+def endless_demo(cache_dir=None, data_root=None, seed=0, **_):
+    cfg = replace(demo_config(data_root, seed, steps=10**6), crop=(64, 128), global_batch=2, log_every=5)
+    return str(cached_fit("endless", cfg, data_root, cache_dir, 0, printer("endless")))
 '''
 
 
@@ -75,30 +87,40 @@ def setup(tmp_path_factory):
     return suite, model, plugins, work
 
 
-def start(setup, results: Path, run_id: str) -> subprocess.Popen:
-    suite, model, plugins, _ = setup
+def start(setup, results: Path, run_id: str, checkpoint: str = "") -> subprocess.Popen:
+    suite, model, plugins, work = setup
     cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--data-root", str(suite), "--results", str(results),
            "--run-id", run_id, "--num-cpus", "2", "--batch-size", "1", "--plots", "false",
            "--datasets", ",".join(DATASETS), "--scorers", "maxlogit,slow_maxlogit", "--plugins", "slow_scorer",
-           "--set", f"models=[{{name: tiny, checkpoint: {model}}}]",
+           "--cache-dir", str(work / "cache"), "--set", f"models=[{{name: tiny, checkpoint: {checkpoint or model}}}]",
            "--set", "scorer_params={slow_maxlogit: {delay: 0.4, scale: 2.0}}"]
     env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(cmd, cwd=setup[3], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_commit(proc: subprocess.Popen, lines: list[str], timeout: float = 120.0) -> None:
-    """Read stderr until the first unit is committed."""
+def wait_for(proc: subprocess.Popen, lines: list[str], needle: str, timeout: float = 120.0) -> None:
+    """Read stderr until a line contains ``needle``."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
         lines.append(line.rstrip("\n"))
-        if ", committed (" in line:  # a unit's summary line, not "resuming, 1 unit(s) already committed"
+        if needle in line:
             return
     proc.kill()
-    pytest.fail("no unit committed:\n" + "\n".join(lines))
+    pytest.fail(f"no line with {needle!r}:\n" + "\n".join(lines))
+
+
+def wait_for_commit(proc: subprocess.Popen, lines: list[str]) -> None:
+    wait_for(proc, lines, ", committed (")  # a unit's summary line, not "resuming, 1 unit(s) already committed"
+
+
+def trainers() -> set[int]:
+    """Child processes building a checkpoint source (``oodseg.training.background``)."""
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if "oodseg.training.background" in (p.info["cmdline"] or [])}
 
 
 def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
@@ -149,3 +171,23 @@ def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
         assert m.loc[(d, "slow_maxlogit"), "auprc"] == pytest.approx(m.loc[(d, "maxlogit"), "auprc"], rel=1e-9)
     assert '"scale": 2.0' in m.loc[(DATASETS[0], "slow_maxlogit"), "extra_json"]
     assert not wait_gone(ray_processes() - before)
+
+
+def test_ctrl_c_or_kill_while_the_model_trains_in_a_child_process(setup, tmp_path):
+    before = ray_processes()
+    proc, lines = start(setup, tmp_path / "results", "child-run", checkpoint="endless-demo"), []
+    wait_for(proc, lines, "tiny: Ray is up; waiting for the model's training")  # the child trains meanwhile
+    assert len(trainers()) == 1
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines += err.splitlines()
+    assert proc.returncode == 130 and "Traceback" not in err, "\n".join(lines)
+    assert lines[-1] == "interrupted; rerun with --run-id child-run to resume", lines
+    assert not wait_gone(trainers(), 10) and not wait_gone(ray_processes() - before), "processes left after Ctrl-C"
+
+    proc, lines = start(setup, tmp_path / "results", "child-run", checkpoint="endless-demo"), []
+    wait_for(proc, lines, "[endless] step 5 ")
+    proc.kill()  # no clean-up in the driver: the child notices its parent is gone and exits
+    proc.communicate(timeout=30)
+    assert not wait_gone(trainers(), 10), "trainer left after SIGKILL"
+    assert not wait_gone(ray_processes(core_only=True) - before)

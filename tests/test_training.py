@@ -270,7 +270,8 @@ def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, 
     c = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=1, steps=2, progress=None)
     assert c != a and not torch.equal(load_file(c)["decoder.output_conv.weight"], ta["decoder.output_conv.weight"])
     meta = read_safetensors_metadata(a)
-    assert 0.0 <= json.loads(meta["oodseg.demo.metrics"])["val_miou"] <= 1.0
+    assert json.loads(meta["oodseg.demo.train_config"])["steps"] == 2 and float(meta["oodseg.demo.train_seconds"]) > 0
+    assert "oodseg.demo.metrics" not in meta  # not validated: the benchmark measures the same splits
     model = create_model(checkpoint=a)
     assert model.cfg["input_size"] == DEMO_MODEL_CFG["input_size"]
     out = model.eval().predict(torch.zeros(1, 64, 128, 3, dtype=torch.uint8))

@@ -7,12 +7,19 @@ as ``<cache>/<name>-<hash>.safetensors``.
 * An existing file is returned without training. Writes are atomic (temp file + ``os.replace``) and serialised by a
   lock file, so concurrent callers train once. Reproducible from the seed (init, data order, augmentation).
 * The file is the task's export (self-describing) with ``oodseg.demo.*`` header entries: the hash, the training
-  config, the final validation metrics and the training time.
+  config, the training time and, unless ``evaluate=False``, the final validation metrics.
+* Trained with :data:`TRAIN_THREADS` intra-op threads on every machine: the thread count changes how CPU kernels
+  split their reductions, hence the weights (the demo ERFNet: 304 of its 306 tensors differ after 10 steps with 1
+  instead of 2 threads), so a fixed count makes a machine with more cores train the file the README measured.
+  Other CPU types (other SIMD kernels) and other torch versions can still give other weights.
+* ``with cached_only():`` a call that would train raises :class:`NotCached` instead (the benchmark asks this first,
+  then trains in a child process while it starts Ray: :mod:`oodseg.training.background`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -28,12 +35,27 @@ import torch
 
 from oodseg.data.synthetic import MARKER
 from oodseg.models import tune_allocator
-from oodseg.paths import available_cpus
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import train_local
 from oodseg.training.tasks import create_task
 
 Progress = Callable[[dict[str, Any]], None]
+TRAIN_THREADS = 2  # the README's numbers were measured with this many; see the module docstring
+_TRAIN = contextvars.ContextVar("oodseg_cached_train", default=True)
+
+
+class NotCached(LookupError):
+    """Raised under :func:`cached_only` instead of training a model that is not cached yet."""
+
+
+@contextlib.contextmanager
+def cached_only() -> Iterator[None]:
+    """Within this block, :func:`cached_fit` returns cached files only and raises :class:`NotCached` otherwise."""
+    token = _TRAIN.set(False)
+    try:
+        yield
+    finally:
+        _TRAIN.reset(token)
 
 
 def suite_params(suite_root: Path) -> dict[str, Any]:
@@ -87,8 +109,11 @@ def printer(tag: str) -> Progress:
 
 
 def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], cache_dir: str | os.PathLike[str],
-               version: int, progress: Progress | None = None, flush_denormal: bool = False) -> Path:
+               version: int, progress: Progress | None = None, flush_denormal: bool = False,
+               evaluate: bool = True) -> Path:
     """The cached export of ``cfg`` trained on the suite at ``suite_root``; trains it first when absent.
+
+    ``evaluate``: validate once at the end and store the metrics in the header (``oodseg.demo.metrics``).
 
     ``flush_denormal``: train with the CPU's flush-to-zero / denormals-are-zero modes (``torch.set_flush_denormal``):
     denormal floats slow x86 arithmetic by orders of magnitude. Only for a recipe whose weights were checked to stay
@@ -98,16 +123,18 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
     out = cache_dir / f"{name}-{digest}.safetensors"
     if out.is_file():
         return out
+    if not _TRAIN.get():
+        raise NotCached(f"{out.name} is not built yet")
     with locked(cache_dir / f".{name}.lock"):
         if out.is_file():  # trained by a concurrent caller while we waited
             return out
         threads = torch.get_num_threads()
-        torch.set_num_threads(min(8, available_cpus()))
+        torch.set_num_threads(TRAIN_THREADS)
         tune_allocator()
         torch.set_flush_denormal(flush_denormal)
         try:
             t0 = time.perf_counter()
-            result = train_local(cfg, progress=progress)
+            result = train_local(cfg, progress=progress, evaluate_at_end=evaluate)
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(threads)
@@ -118,7 +145,8 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
         meta = {"oodseg.demo.hash": digest, "oodseg.demo.train_seconds": f"{seconds:.1f}",
                 "oodseg.demo.train_config": json.dumps(asdict(replace(cfg, data_root=None, coco_root=None)),
                                                        default=list),
-                "oodseg.demo.metrics": json.dumps({k: float(v) for k, v in result.metrics.items()})}
+                **({"oodseg.demo.metrics": json.dumps({k: float(v) for k, v in result.metrics.items()})}
+                   if result.metrics else {})}
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
         create_task(cfg).export(result.model.cpu(), tmp, meta)
         os.chmod(tmp, 0o644)

@@ -1,4 +1,5 @@
-"""The benchmark driver: prepare → Ray → for each model, each stage: stream → reduce → components → commit.
+"""The benchmark driver: prepare → Ray (while a model still to be trained trains in a child process) → for each model,
+each stage: stream → reduce → components → commit.
 
 Every (model, dataset, stage) unit is committed the moment its rows are reduced and its component pass is done, so
 an interrupted run loses at most the units in flight; rerunning with the same ``run_id`` skips committed units and
@@ -50,7 +51,12 @@ class BenchmarkRunner:
 
     def run(self) -> str:
         plan = self.plan or prepare(self.cfg)
-        ray = init_ray(self.cfg.ray_address, self.cfg.num_cpus, verbose=self.cfg.verbose)
+        try:
+            ray = init_ray(self.cfg.ray_address, self.cfg.num_cpus, verbose=self.cfg.verbose)
+            plan.finish()  # a model still training in a child process (the demo's first run) while Ray started
+        except BaseException:
+            plan.cancel()
+            raise
         record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed).start(gpu_names(ray))
         log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
         self.components = ComponentPass(ray) if self.cfg.component_metrics else None

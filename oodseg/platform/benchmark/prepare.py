@@ -1,17 +1,21 @@
 """Everything the benchmark checks and resolves before Ray starts, so bad input fails in seconds, in one line.
 
 :func:`prepare` validates the whole config against the registries, resolves the data root (the synthetic suite by
-default) and every model's checkpoint (named sources such as ``demo`` train or reuse a cached model here, with a
-message), opens each checkpoint's header, opens every dataset (a missing or empty dataset is an error naming the
-folder the reader expected), checks that the results root is writable and that the requested device exists.
-Errors are :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
+default) and every model's checkpoint (named sources such as ``demo`` reuse a cached model, or train it once),
+opens each checkpoint's header, opens every dataset (a missing or empty dataset is an error naming the folder the
+reader expected), checks that the results root is writable and that the requested device exists. Errors are
+:class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
+
+A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`) while the runner
+starts Ray; the runner then calls :meth:`Plan.finish`, which waits for it and checks it like any other checkpoint.
+With ``--refine`` the sources train here (the refine stage's demo detectors need the demo model first).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
-from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
+from oodseg.models.factory import CHECKPOINT_SOURCES, MODELS, checkpoint_model_cfg, unknown_model_args
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
@@ -34,6 +38,8 @@ from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam
 from oodseg.registry import import_plugins
 from oodseg.scoring import list_scorers, scorer_applies
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
+from oodseg.training.background import BackgroundBuild
+from oodseg.training.cached import NotCached, cached_only
 
 
 @dataclass
@@ -49,6 +55,23 @@ class Plan:
     checkpoints: dict[str, str | None]
     output_kinds: dict[str, str]
     refine: dict[str, dict[str, Any]]
+    pending: dict[str, BackgroundBuild] = field(default_factory=dict)
+
+    def finish(self) -> None:
+        """Wait for the checkpoints still training in a child process and check them as :func:`prepare` does."""
+        for spec in self.cfg.models:
+            build = self.pending.get(spec.name)
+            if build is not None:  # stays pending while it runs, so that cancel() can stop it
+                log(f"{spec.name}: Ray is up; waiting for the model's training (in a child process)")
+                self.checkpoints[spec.name] = build.wait()
+                del self.pending[spec.name]
+                self.output_kinds[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
+
+    def cancel(self) -> None:
+        """Stop the checkpoint builds still running (an error or Ctrl-C before :meth:`finish` returned)."""
+        for build in self.pending.values():
+            build.cancel()
+        self.pending.clear()
 
 
 def check_results_root(results: str) -> ResultsStore:
@@ -97,12 +120,26 @@ def check_model_cfg(spec: ModelSpec, name: str, stored: tuple[str, dict[str, Any
                           f"{', '.join(accepted)}")
 
 
-def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str) -> tuple[str | None, str]:
-    """(checkpoint path or None, output kind) of one model spec; named sources are built here when needed."""
+def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str,
+                  background: bool = False) -> str | None | BackgroundBuild:
+    """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
+    or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
+    context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
     if spec.checkpoint == "demo":
-        log(f"{spec.name}: demo model (trained once on the synthetic suite, ≈3 min on 2 CPU cores; cached in "
+        log(f"{spec.name}: demo model (trained once on the synthetic suite, ≈2.5 min on 2 CPU cores; cached in "
             f"{cache_dir})")
-    checkpoint = resolve_checkpoint(spec.checkpoint, cache_dir=cache_dir, data_root=data_root, seed=cfg.seed)
+    if background and spec.checkpoint in CHECKPOINT_SOURCES:
+        try:
+            with cached_only():
+                return resolve_checkpoint(spec.checkpoint, **context)
+        except NotCached:
+            return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, **context)
+    return resolve_checkpoint(spec.checkpoint, **context)
+
+
+def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> str:
+    """The output kind of one model spec, after checking its checkpoint's header against ``arch``, ``cfg``, the
+    protocol and the scorers."""
     if checkpoint is not None:
         check_checkpoint(checkpoint)
     stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
@@ -116,7 +153,7 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     if bad:
         raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {spec.name!r} ({name}) has "
                           "none")
-    return checkpoint, model_output_kind(name)
+    return model_output_kind(name)
 
 
 def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root: str) -> dict[str, Any]:
@@ -193,9 +230,18 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
             log(f"building the synthetic road suite (seed {cfg.seed}, once; cache: {cache_dir})")
         root = str(synthetic_suite(cache_dir, cfg.seed))
     datasets = open_datasets(cfg, root)
-    checkpoints, kinds, refine = {}, {}, {}
-    for spec in cfg.models:
-        checkpoints[spec.name], kinds[spec.name] = resolve_model(cfg, spec, cache_dir, root)
-        refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
     specs = {d.result_key: d for d in cfg.datasets}
-    return Plan(cfg, store, root, cache_dir, datasets, unit_infos(datasets, specs), checkpoints, kinds, refine)
+    plan = Plan(cfg, store, root, cache_dir, datasets, unit_infos(datasets, specs), {}, {}, {})
+    try:
+        for spec in cfg.models:
+            checkpoint = resolve_model(cfg, spec, cache_dir, root, background=not cfg.refine)
+            if isinstance(checkpoint, BackgroundBuild):
+                plan.pending[spec.name] = checkpoint
+            else:
+                plan.checkpoints[spec.name] = checkpoint
+                plan.output_kinds[spec.name] = check_model(cfg, spec, checkpoint)
+            plan.refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
+    except BaseException:
+        plan.cancel()
+        raise
+    return plan

@@ -1,0 +1,122 @@
+"""Cached demo models: pinned training threads, ``cached_only``, and the child-process build the benchmark overlaps
+with starting Ray (``oodseg.training.background``, ``Plan.pending`` / ``Plan.finish``)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+PLUGIN = "oodseg_test_sources"
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory) -> Path:
+    from oodseg.data.synthetic import build_suite
+
+    return build_suite(tmp_path_factory.mktemp("suite") / "s", seed=0, size=(64, 128), n_train=8, n_val=4,
+                       n_anomaly=4, n_coco=4)
+
+
+@pytest.fixture()
+def plugin(tmp_path, monkeypatch) -> str:
+    """A plugin module registering three checkpoint sources, importable here and in child processes."""
+    (tmp_path / f"{PLUGIN}.py").write_text(textwrap.dedent('''
+        import time
+        from oodseg.models import register_checkpoint_source
+        from oodseg.training.demo import get_demo_checkpoint
+
+        @register_checkpoint_source("test-tiny-demo")
+        def tiny(cache_dir=None, data_root=None, seed=0, **_):
+            return str(get_demo_checkpoint(data_root, cache_dir, seed=seed, steps=2, progress=None))
+
+        @register_checkpoint_source("test-broken")
+        def broken(**_):
+            raise ValueError("no such weights")
+
+        @register_checkpoint_source("test-slow")
+        def slow(**_):
+            time.sleep(120)
+            return "never"
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    sys.modules.pop(PLUGIN, None)
+    return PLUGIN
+
+
+def test_cached_only_refuses_to_train_and_training_pins_the_thread_count(tiny_suite, tmp_path):
+    from oodseg.training.cached import TRAIN_THREADS, NotCached, cached_only
+    from oodseg.training.demo import get_demo_checkpoint
+
+    cache = tmp_path / "cache"
+    with cached_only(), pytest.raises(NotCached, match=r"demo-erfnet-\w+\.safetensors"):
+        get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2, progress=None)
+    assert not list(cache.glob("*.safetensors"))
+    threads: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2,
+                                   progress=lambda row: "elapsed_s" in row and threads.append(torch.get_num_threads()))
+        assert threads and set(threads) == {TRAIN_THREADS}  # not the caller's 1 thread
+        assert torch.get_num_threads() == 1  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    with cached_only():
+        assert get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2, progress=None) == path
+
+
+@pytest.mark.slow
+def test_a_child_process_builds_the_same_file_the_driver_would(tiny_suite, tmp_path, plugin):
+    from safetensors.torch import load_file
+
+    from oodseg.training.background import BackgroundBuild
+    from oodseg.training.demo import get_demo_checkpoint
+
+    built = Path(BackgroundBuild("test-tiny-demo", cache_dir=tmp_path / "a", data_root=tiny_suite, seed=0,
+                                 plugins=[plugin]).wait())
+    stamp = built.stat().st_mtime_ns
+    assert get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None) == built
+    assert built.stat().st_mtime_ns == stamp  # the driver finds the child's file: not trained twice
+    here = load_file(get_demo_checkpoint(tiny_suite, tmp_path / "b", seed=0, steps=2, progress=None))
+    there = load_file(built)
+    assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
+
+
+@pytest.mark.slow
+def test_a_failed_build_is_one_line_and_cancel_stops_the_child(tmp_path, plugin, capfd):
+    from oodseg.models import CheckpointError
+    from oodseg.training.background import BackgroundBuild
+
+    context = {"cache_dir": tmp_path, "data_root": tmp_path, "seed": 0, "plugins": [plugin]}
+    with pytest.raises(CheckpointError, match=r"test-broken: building it in a child process failed \(exit code 1"):
+        BackgroundBuild("test-broken", **context).wait()
+    err = capfd.readouterr().err
+    assert "error: ValueError: no such weights" in err and "Traceback" not in err
+    slow = BackgroundBuild("test-slow", **context)
+    t0 = time.monotonic()
+    slow.cancel()
+    assert slow.proc.returncode is not None and time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_prepare_leaves_an_unbuilt_model_pending_and_finish_checks_it(tiny_suite, tmp_path, plugin):
+    from oodseg.config import build_config
+    from oodseg.platform.benchmark import BenchmarkConfig
+    from oodseg.platform.benchmark.prepare import prepare
+    from oodseg.training.background import BackgroundBuild
+
+    cfg = build_config(BenchmarkConfig, overrides=[
+        f"data_root={tiny_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
+        f"plugins=[{plugin}]", "datasets=road_anomaly_21", "models=[{name: m, checkpoint: test-tiny-demo}]"])
+    plan = prepare(cfg)
+    assert isinstance(plan.pending["m"], BackgroundBuild) and "m" not in plan.checkpoints
+    plan.finish()
+    assert not plan.pending and Path(plan.checkpoints["m"]).is_file() and plan.output_kinds == {"m": "pixel"}
+    again = prepare(cfg)  # built now: resolved in the driver, nothing pending
+    assert not again.pending and again.checkpoints == plan.checkpoints
