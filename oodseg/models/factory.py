@@ -89,14 +89,17 @@ def checkpoint_model_cfg(path: str | os.PathLike[str]) -> tuple[str, dict[str, A
     return meta[META_MODEL], json.loads(meta[META_CFG])
 
 
-def unknown_model_args(name: str, cfg: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """``(unknown, accepted)``: the keys of ``cfg`` (all the keywords the model would be built with: a self-describing
-    header's cfg updated by the caller's) that model ``name``'s constructor does not take, and those it takes;
-    checked from the signature, without building the model (nothing is unknown to one taking ``**kwargs``)."""
+def unknown_model_args(name: str, cfg: Mapping[str, Any], stored: tuple[str, dict[str, Any]] | None = None
+                       ) -> tuple[list[str], list[str]]:
+    """``(unknown, accepted)``: the keywords ``create_model`` would build model ``name`` with (``stored``, a
+    self-describing header from :func:`checkpoint_model_cfg`: its cfg, then ``cfg``) that the constructor does not
+    take, and those it takes; checked from the signature, without building the model (nothing is unknown to one
+    taking ``**kwargs``)."""
     params = inspect.signature(MODELS.get(name)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return [], list(params)
-    return sorted(set(cfg) - set(params)), list(params)
+    keys = set(cfg) | (set(stored[1]) if stored else set())
+    return sorted(keys - set(params)), list(params)
 
 
 def create_model(

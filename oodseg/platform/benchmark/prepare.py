@@ -25,7 +25,7 @@ from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
-from oodseg.models.factory import CHECKPOINT_SOURCES, MODELS, checkpoint_model_cfg, unknown_model_args
+from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
@@ -114,7 +114,7 @@ def model_name_of(spec: ModelSpec, checkpoint: str | None, stored: tuple[str, di
 
 def check_model_cfg(spec: ModelSpec, name: str, stored: tuple[str, dict[str, Any]] | None) -> None:
     """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
-    unknown, accepted = unknown_model_args(name, {**(stored[1] if stored else {}), **spec.cfg})
+    unknown, accepted = unknown_model_args(name, spec.cfg, stored)
     if unknown:
         raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
                           f"{', '.join(accepted)}")
@@ -128,7 +128,7 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     if spec.checkpoint == "demo":
         log(f"{spec.name}: demo model (trained once on the synthetic suite, ≈2.5 min on 2 CPU cores; cached in "
             f"{cache_dir})")
-    if background and spec.checkpoint in CHECKPOINT_SOURCES:
+    if background:  # a file path never raises NotCached
         try:
             with cached_only():
                 return resolve_checkpoint(spec.checkpoint, **context)

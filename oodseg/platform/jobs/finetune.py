@@ -55,7 +55,7 @@ def check_model(tc: TrainConfig) -> None:
     stored = checkpoint_model_cfg(tc.init) if tc.init else None
     if stored is not None and stored[0] != tc.model:
         raise CheckpointError(tc.init, f"holds a {stored[0]!r} model, not --model {tc.model!r}")
-    unknown, accepted = unknown_model_args(tc.model, {**(stored[1] if stored else {}), **tc.model_cfg})
+    unknown, accepted = unknown_model_args(tc.model, tc.model_cfg, stored)
     if unknown:
         raise ConfigError(f"--set train.model_cfg: {tc.model} takes no {', '.join(map(repr, unknown))}; it takes "
                           f"{', '.join(accepted)}")
