@@ -16,9 +16,10 @@ cache when ``data_root`` is not a synthetic suite.
   training config, the suite's build parameters and ``DEMO_VERSION``; concurrent callers train once.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
-  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 141 s on a free 2-core box (measured,
-  1.85 steps/s with denormals flushed; 173 s without, same weights). Plain CE with class weights from the train
-  split's pixel frequencies (:func:`class_weights`).
+  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 2.2–2.6 min on a free 2-core box (1.65–2.0
+  steps/s: the development machine's speed drifts by ±20 % within an hour, so speed-ups are measured side by side,
+  not one run after another). Plain CE with class weights from the train split's pixel frequencies
+  (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.train_seconds``. No validation at the end of training: the benchmark that asks for the
   model reports the same val mIoU and anomaly AuPRC seconds later (it saves ~5 s of the first run).
@@ -111,7 +112,8 @@ def get_demo_checkpoint(
 ) -> Path:
     """Path of the cached demo checkpoint for (suite, seed); trains it first when absent (see module docstring)."""
     cfg = demo_config(suite_root, seed=seed, steps=steps)
-    # Denormals flushed: the same weights bit for bit (all 345 tensors, seed 0, suite v4), 173 → 141 s of training.
+    # Denormals flushed: the same weights bit for bit (all 345 tensors, seed 0, suite v4) and ≈2 % faster (260 steps
+    # in two concurrent 1-thread processes: 127.4 s flushed, 130.3 s not).
     return cached_fit("demo-erfnet", cfg, suite_root, cache_dir, DEMO_VERSION, progress, flush_denormal=True,
                       evaluate=False)
 
