@@ -16,9 +16,9 @@ cache when ``data_root`` is not a synthetic suite.
   training config, the suite's build parameters and ``DEMO_VERSION``; concurrent callers train once.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
-  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 2.2–2.6 min on a free 2-core box (1.65–2.0
-  steps/s: the development machine's speed drifts by ±20 % within an hour, so speed-ups are measured side by side,
-  not one run after another). Plain CE with class weights from the train split's pixel frequencies
+  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 1.4–2.6 min on a free 2-core box (1.65–3.10
+  steps/s: the development machine's speed drifts by up to 2× within hours, so speed-ups are measured side by side,
+  ``benchmarks/demo_step.py``, not one run after another). Plain CE with class weights from the train split's pixel frequencies
   (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.train_seconds``. No validation at the end of training: the benchmark that asks for the
@@ -47,7 +47,7 @@ from oodseg.training.cached import Progress, cached_fit, printer
 from oodseg.training.config import TrainConfig
 
 # Chosen by measurement on 2 CPU cores (synthetic suite v4, seed 0: val mIoU 71.9, README table). The first
-# benchmark run takes 174–203 s with the machine's speed (its 3-minute target is met on a fast hour
+# benchmark run takes 114–203 s with the machine's speed (its 3-minute target is met at ≥ 1.9 steps/s
 # only), but fewer steps fail the demo's quality targets (215 steps: val mIoU 56.7, FS Static energy AuPRC 21.6)
 # and other training seeds already miss them (README: seed 1 mIoU 54.9, seed 2 FS Static AuPRC 19.2).
 DEMO_VERSION = 4
