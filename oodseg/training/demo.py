@@ -18,8 +18,8 @@ cache when ``data_root`` is not a synthetic suite.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
   ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)): 1.4–2.6 min on a free 2-core box (1.65–3.10
   steps/s: the development machine's speed drifts by up to 2× within hours, so speed-ups are measured side by side,
-  ``benchmarks/demo_step.py``, not one run after another). Plain CE with class weights from the train split's pixel frequencies
-  (:func:`class_weights`).
+  ``benchmarks/demo_step.py``, not one run after another). Plain CE with class weights from the train split's
+  pixel frequencies (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.train_seconds``. No validation at the end of training: the benchmark that asks for the
   model reports the same val mIoU and anomaly AuPRC seconds later (it saves ~5 s of the first run).
