@@ -114,6 +114,11 @@ def test_model_arch_and_cfg_are_checked_against_the_checkpoint_before_ray(suite,
     one_error(code, err, "tiny.safetensors", "'erfnet' model", "'timm_seg'")
     code, err = run(benchmark.main, [*argv, f"models=[{{name: x, checkpoint: {model}, cfg: {{bogus: 1}}}}]"], capsys)
     one_error(code, err, "'x' (erfnet) takes no 'bogus'", "width")
+    # a .pth of another width: it reads, but does not load (a 150-line Ray Data traceback from the score actor, exit 1)
+    pth = tmp_path / "narrow.pth"
+    torch.save(create_model("erfnet", width=0.25).state_dict(), pth)
+    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, arch: erfnet, checkpoint: {pth}}}]"], capsys)
+    one_error(code, err, "narrow.pth: does not fit ERFNet", "shape mismatch")
     assert not (tmp_path / "r" / "runs").exists()
 
 

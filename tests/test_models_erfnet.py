@@ -16,6 +16,7 @@ from oodseg.models import (
     CheckpointError,
     IsoMaxPlusHead,
     Runtime,
+    check_model_fits,
     check_partition,
     create_model,
     list_models,
@@ -189,6 +190,35 @@ def test_wrong_checkpoint_error_names_keys(tmp_path: Path):
     assert report.missing == ["decoder.output_conv.bias"] and report.unexpected == ["decoder.extra.weight"]
     torch.testing.assert_close(model.state_dict()["decoder.layers.0.conv.weight"],
                                sd["module.decoder.layers.0.conv.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors"])
+def test_fit_check_on_the_meta_device_raises_what_loading_raises(tmp_path: Path, fmt: str):
+    """``check_model_fits`` reads names and shapes only (the legacy pre-zip ``.pth`` format cannot be memory-mapped),
+    on a meta-device model, and must agree with the real load: the same message, and silence on a file that loads."""
+    wrong = {k: v for k, v in published_like_state_dict().items() if k != "module.decoder.output_conv.bias"}
+    wrong["module.encoder.initial_block.conv.weight"] = torch.zeros(13, 3, 5, 5)
+    good = {k.removeprefix("module."): v for k, v in published_like_state_dict().items()}
+    paths = []
+    for name, sd in (("wrong", wrong), ("good", good)):
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
+            paths.append(tmp_path / f"{name}.safetensors")
+        else:
+            torch.save({"state_dict": sd}, tmp_path / f"{name}.pth", _use_new_zipfile_serialization=fmt == "zip")
+            paths.append(tmp_path / f"{name}.pth")
+    with pytest.raises(CheckpointError) as loading:
+        create_model("erfnet", checkpoint=str(paths[0]))
+    with pytest.raises(CheckpointError) as checking:
+        check_model_fits("erfnet", checkpoint=str(paths[0]))
+    assert str(checking.value) == str(loading.value) and "1 missing key(s): decoder.output_conv.bias" in str(
+        loading.value)
+    check_model_fits("erfnet", checkpoint=str(paths[1]))
+    create_model("erfnet", checkpoint=str(paths[1]))  # the file the check passes loads
+    with pytest.raises(CheckpointError, match="does not fit ERFNet"):  # a keyword that changes the shapes
+        check_model_fits("erfnet", checkpoint=str(paths[1]), width=0.5)
 
 
 def test_tiny_width_and_safetensors_round_trip(tmp_path: Path):

@@ -24,6 +24,7 @@ from oodseg.models.checkpoint import (
     save_safetensors,
 )
 from oodseg.models.factory import (
+    check_model_fits,
     create_model,
     list_models,
     model_output_kind,
@@ -41,6 +42,7 @@ __all__ = [
     "Runtime",
     "SegModel",
     "check_checkpoint",
+    "check_model_fits",
     "check_partition",
     "create_model",
     "list_models",

@@ -9,6 +9,8 @@
   Loading is strict except under the ``fresh`` parameter prefixes (a newly added head, e.g. ``("head.",)`` when a loss
   swaps in an IsoMax+ head). Model-specific hub sources that define the architecture itself (EoMT's ``pretrained``
   hub id, a timm backbone's ``pretrained``) stay model cfg, as in transformers and timm.
+* ``check_model_fits(name, checkpoint=…, fresh=…, **cfg)``: the same build on the meta device, compared with the
+  checkpoint's tensor names and shapes only, so a job rejects a checkpoint that does not fit before any work starts.
 * Named checkpoint sources: ``resolve_checkpoint("demo", **context)`` → a file path. ``"scratch"`` (random init) is
   built in; other layers register theirs (``oodseg.training.demo`` registers ``"demo"``, the demo ERFNet trained on
   the synthetic suite) with ``@register_checkpoint_source(name)``; a source receives the run context
@@ -27,7 +29,14 @@ from typing import Any, TypeVar
 import torch
 
 from oodseg.models.base import SegModel
-from oodseg.models.checkpoint import META_CFG, META_MODEL, CheckpointError, load_checkpoint, read_safetensors_metadata
+from oodseg.models.checkpoint import (
+    META_CFG,
+    META_MODEL,
+    CheckpointError,
+    check_fit,
+    load_checkpoint,
+    read_safetensors_metadata,
+)
 from oodseg.registry import Registry
 
 S = TypeVar("S", bound=type)
@@ -114,6 +123,26 @@ def create_model(
 
     ``seed`` seeds the random initialisation (of everything, or of the ``fresh`` parts a checkpoint lacks).
     """
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = _build(name, checkpoint, cfg)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, strict=True, fresh=tuple(fresh))
+    return model
+
+
+def check_model_fits(name: str | None = None, *, checkpoint: str | os.PathLike[str], fresh: Sequence[str] = (),
+                     **cfg: Any) -> None:
+    """Raise the CheckpointError that ``create_model(name, checkpoint=…, fresh=…, **cfg)`` would for tensors that do
+    not fit, without reading the weights: the model is built on the meta device (no memory, no initialisation) and
+    compared with the checkpoint's names and shapes (:func:`~oodseg.models.checkpoint.check_fit`)."""
+    with torch.device("meta"):
+        model = _build(name, checkpoint, cfg)
+    check_fit(model, checkpoint, tuple(fresh))
+
+
+def _build(name: str | None, checkpoint: str | os.PathLike[str] | None, cfg: dict[str, Any]) -> SegModel:
+    """``name`` (or the checkpoint header's model) built from the header's cfg, then ``cfg``; weights not loaded."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise CheckpointError(checkpoint, "checkpoint file not found")
     stored = checkpoint_model_cfg(checkpoint) if checkpoint is not None else None
@@ -124,13 +153,9 @@ def create_model(
     if not name:
         raise ValueError(f"{checkpoint or 'no checkpoint'}: give a model name (registered: {', '.join(list_models())}) "
                          "or a self-describing .safetensors checkpoint")
-    if seed is not None:
-        torch.manual_seed(seed)
     try:
         model = MODELS.get(name)(**cfg)
     except TypeError as e:
         raise TypeError(f"model {name!r}: {e}") from None
     model.model_name = name
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=True, fresh=tuple(fresh))
     return model

@@ -29,6 +29,11 @@ class ModelSpec:
     checkpoint: str = field(default="demo", metadata={"help": ".safetensors/.pth file, or demo | scratch"})
     cfg: dict[str, Any] = field(default_factory=dict, metadata={"help": "model keyword arguments"})
 
+    def model_kwargs(self, protocol: str = "field") -> dict[str, Any]:
+        """``create_model``'s keywords under ``protocol``: the course protocol keeps ERFNet's void channel (20
+        outputs) at the reference 512×1024 input."""
+        return {**self.cfg, **({"keep_void": True, "input_size": [512, 1024]} if protocol == "course" else {})}
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

@@ -24,7 +24,7 @@ import torch
 from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
-from oodseg.models import CheckpointError, check_checkpoint, model_output_kind, resolve_checkpoint
+from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, model_output_kind, resolve_checkpoint
 from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
@@ -148,12 +148,25 @@ def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -
     if cfg.protocol == "course" and name != "erfnet":
         raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
                           f"(model {spec.name!r})")
+    if checkpoint is not None:
+        check_fits(spec, checkpoint, cfg.protocol)
     ood = getattr(MODELS.get(name), "ood_channels", ())
     bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
     if bad:
         raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {spec.name!r} ({name}) has "
                           "none")
     return model_output_kind(name)
+
+
+def check_fits(spec: ModelSpec, checkpoint: str, protocol: str) -> None:
+    """The checkpoint's tensors fit the model the score actors build (names and shapes, on the meta device). A model
+    that cannot be built there (a constructor that reads pretrained weights) is checked when an actor loads it."""
+    try:
+        check_model_fits(spec.arch or None, checkpoint=checkpoint, **spec.model_kwargs(protocol))
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - not buildable on the meta device; the actor's real load still checks it
+        return
 
 
 def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root: str) -> dict[str, Any]:

@@ -43,11 +43,8 @@ F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before
 
 
 def build_model(spec: ModelSpec, checkpoint: str | None, protocol: str = "field") -> SegModel:
-    """The benchmarked model in eval mode; the course protocol keeps ERFNet's void channel (20 outputs)."""
-    cfg = dict(spec.cfg)
-    if protocol == "course":
-        cfg.update(keep_void=True, input_size=[512, 1024])
-    return create_model(spec.arch or None, checkpoint=checkpoint, **cfg).eval()
+    """The benchmarked model in eval mode (its keywords: ``ModelSpec.model_kwargs``)."""
+    return create_model(spec.arch or None, checkpoint=checkpoint, **spec.model_kwargs(protocol)).eval()
 
 
 def image_summary(scores: Sequence[np.ndarray], label: np.ndarray, keys: Sequence[ScorerKey]) -> list[dict]:
