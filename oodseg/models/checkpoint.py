@@ -11,8 +11,8 @@
   (:mod:`oodseg.models.factory`) rebuilds the model without any other file (fine-tuning exports this, the benchmark
   loads it).
 * ``check_fit(model, path, fresh)`` applies ``load_checkpoint``'s rule to names and shapes only
-  (:func:`checkpoint_shapes`: the safetensors header, or ``torch.load`` onto the meta device), for a model built on
-  the meta device: a job checks that a checkpoint fits before any work starts.
+  (``read_state_dict(path, meta=True)``: the safetensors header, or ``torch.load`` onto the meta device), for a model
+  built on the meta device: a job checks that a checkpoint fits before any work starts.
 * ``check_checkpoint(path)`` opens only a file's header (safetensors) or its archive (``.pth``) so jobs can reject a
   bad file before any work starts.
 """
@@ -61,26 +61,45 @@ class LoadReport:
     mismatched: list[str]
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat ``name → tensor`` dict from ``path`` (unwrapped, prefixes stripped); CheckpointError on bad input."""
+def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Read a flat ``name → tensor`` dict from ``path`` (unwrapped, prefixes stripped); CheckpointError on bad input.
+
+    ``meta=True``: names and shapes only, as tensors on the meta device: the safetensors header, or ``torch.load``
+    onto the meta device (memory-mapped where the file's format allows it)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            raw: Any = load_file(str(path), device="cpu")
+            if meta:
+                with safe_open(str(path), "pt") as f:
+                    raw: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            else:
+                raw = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
             raise CheckpointError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
     else:
         try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            raw = _torch_load(path, meta)
         except Exception as e:  # truncated zip / pickle, or a pickle that is not weights-only
             raise CheckpointError(
                 path, f"cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})"
             ) from e
     return _flatten(path, raw)
+
+
+def _torch_load(path: Path, meta: bool) -> Any:
+    if not meta:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
+    except RuntimeError as e:  # files in the legacy (pre-zip) format cannot be memory-mapped
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(path), map_location="meta", weights_only=True)
 
 
 def _flatten(path: Path, raw: Any) -> dict[str, torch.Tensor]:
@@ -106,33 +125,6 @@ def _flatten(path: Path, raw: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_shapes(path: str | Path) -> dict[str, torch.Tensor]:
-    """``read_state_dict(path)`` as tensors on the meta device (names and shapes, no data): the safetensors header,
-    or ``torch.load`` onto the meta device (memory-mapped where the file's format allows it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "checkpoint file not found")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                raw: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
-            raise CheckpointError(path, f"not a readable safetensors file ({type(e).__name__}: {e})") from e
-        return _flatten(path, raw)
-    try:
-        try:
-            raw = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
-        except RuntimeError as e:  # files in the legacy (pre-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            raw = torch.load(str(path), map_location="meta", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
-    return _flatten(path, raw)
-
-
 def _fmt(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
@@ -156,8 +148,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, fre
 
 def check_fit(model: nn.Module, path: str | Path, fresh: Sequence[str] = ()) -> None:
     """Raise what ``load_checkpoint(model, path, strict=True, fresh=fresh)`` would, reading only names and shapes
-    (:func:`checkpoint_shapes`); ``model`` may live on the meta device."""
-    _fit(model, model.state_dict(), checkpoint_shapes(path), path, True, fresh)
+    (``read_state_dict(path, meta=True)``); ``model`` may live on the meta device."""
+    _fit(model, model.state_dict(), read_state_dict(path, meta=True), path, True, fresh)
 
 
 def _fit(model: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], path: str | Path,
