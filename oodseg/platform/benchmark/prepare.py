@@ -6,8 +6,8 @@ opens each checkpoint's header, opens every dataset (a missing or empty dataset 
 reader expected), checks that the results root is writable and that the requested device exists. Errors are
 :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
 
-A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`) while the runner
-starts Ray; the runner then calls :meth:`Plan.finish`, which waits for it and checks it like any other checkpoint.
+A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`, one at a time) while
+the runner starts Ray; the runner then calls :meth:`Plan.finish`, which waits for it and checks it like any other checkpoint.
 With ``--refine`` the sources train here (the refine stage's demo detectors need the demo model first).
 """
 
@@ -133,7 +133,7 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
             with cached_only():
                 return resolve_checkpoint(spec.checkpoint, **context)
         except NotCached:
-            return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, **context)
+            return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
     return resolve_checkpoint(spec.checkpoint, **context)
 
 
@@ -249,6 +249,8 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
         for spec in cfg.models:
             checkpoint = resolve_model(cfg, spec, cache_dir, root, background=not cfg.refine)
             if isinstance(checkpoint, BackgroundBuild):
+                if not plan.pending:  # one trainer at a time (Plan.finish starts the next): they share the cores
+                    checkpoint.start()
                 plan.pending[spec.name] = checkpoint
             else:
                 plan.checkpoints[spec.name] = checkpoint
