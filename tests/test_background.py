@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,10 @@ def tiny_suite(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def plugin(tmp_path, monkeypatch) -> str:
-    """A plugin module registering three checkpoint sources, importable here and in child processes."""
+def plugin(tmp_path, monkeypatch) -> Iterator[str]:
+    """A plugin module registering four checkpoint sources, importable here and in child processes."""
     (tmp_path / f"{PLUGIN}.py").write_text(textwrap.dedent('''
+        import os
         import time
         from oodseg.models import register_checkpoint_source
         from oodseg.training.demo import get_demo_checkpoint
@@ -42,11 +44,20 @@ def plugin(tmp_path, monkeypatch) -> str:
         def slow(**_):
             time.sleep(120)
             return "never"
+
+        @register_checkpoint_source("test-env")  # the child's OpenMP settings, as its "path"
+        def env(**_):
+            return f"{os.environ.get('OMP_WAIT_POLICY')}/{os.environ.get('GOMP_SPINCOUNT')}"
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     sys.modules.pop(PLUGIN, None)
-    return PLUGIN
+    yield PLUGIN
+    from oodseg.models.factory import CHECKPOINT_SOURCES
+
+    for name in ("test-tiny-demo", "test-broken", "test-slow", "test-env"):  # registered if imported here
+        if name in CHECKPOINT_SOURCES:
+            CHECKPOINT_SOURCES.unregister(name)
 
 
 def test_cached_only_refuses_to_train_and_training_pins_the_thread_count(tiny_suite, tmp_path):
@@ -120,3 +131,36 @@ def test_prepare_leaves_an_unbuilt_model_pending_and_finish_checks_it(tiny_suite
     assert not plan.pending and Path(plan.checkpoints["m"]).is_file() and plan.output_kinds == {"m": "pixel"}
     again = prepare(cfg)  # built now: resolved in the driver, nothing pending
     assert not again.pending and again.checkpoints == plan.checkpoints
+
+
+def test_the_child_spins_at_openmp_barriers_unless_the_user_chose_a_policy(tmp_path, plugin, monkeypatch):
+    import oodseg
+    from oodseg.training.background import GOMP_SPINCOUNT, BackgroundBuild
+
+    context = {"cache_dir": tmp_path, "data_root": tmp_path, "seed": 0, "plugins": [plugin]}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(oodseg, "OMP_WAIT_POLICY_FROM_USER", False)  # PASSIVE is oodseg's choice
+    build = BackgroundBuild("test-env", start=False, **context)
+    assert build.proc is None
+    assert build.wait() == f"PASSIVE/{GOMP_SPINCOUNT}"  # started by wait(); libgomp's default spinning
+    monkeypatch.setattr(oodseg, "OMP_WAIT_POLICY_FROM_USER", True)
+    assert BackgroundBuild("test-env", **context).wait() == "PASSIVE/None"  # the user's own PASSIVE is kept
+
+
+def test_prepare_starts_one_build_at_a_time(tiny_suite, tmp_path, plugin):
+    from oodseg.config import build_config
+    from oodseg.platform.benchmark import BenchmarkConfig
+    from oodseg.platform.benchmark.prepare import prepare
+
+    cfg = build_config(BenchmarkConfig, overrides=[
+        f"data_root={tiny_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
+        f"plugins=[{plugin}]", "datasets=road_anomaly_21",
+        "models=[{name: a, checkpoint: test-tiny-demo}, {name: b, checkpoint: test-tiny-demo}]"])
+    plan = prepare(cfg)
+    try:  # two trainers on the same cores only slow each other down: b starts when Plan.finish has waited for a
+        assert plan.pending["a"].proc is not None and plan.pending["b"].proc is None
+    finally:
+        first = plan.pending["a"]
+        plan.cancel()
+    assert first.proc.returncode is not None and not plan.pending

@@ -8,9 +8,10 @@ class scores of ``oodseg.scoring.pixel_class_scores``; higher = more anomalous, 
 
 Inlier pixels are pushed below ``m_in`` and pasted-outlier pixels above ``m_out``. Total: per-pixel logits →
 ``CE(inlier pixels) + weight·OE``; ``MaskOutputs`` → ``weight·OE`` (the model adds its own loss).
-The paper's CIFAR margins (m_in −25, m_out −7, weight 0.1) are for its logit scale; the defaults here sit on the
-demo ERFNet's (energy quartiles on the synthetic RoadAnomaly21: inliers −6.4 / −5.7 / −4.8, anomalies −5.0 / −4.4
-/ −3.9): inliers above −5, outliers below −2 are penalised. Mask models' class scores lie in [0, 1], which
+The paper's CIFAR margins (m_in −25, m_out −7, weight 0.1) are for its logit scale; the defaults here were set on
+the former demo ERFNet's (energy quartiles on the synthetic RoadAnomaly21: inliers −6.4 / −5.7 / −4.8, anomalies
+−5.0 / −4.4 / −3.9; the current demo's: −8.3 / −7.1 / −5.7 and −6.0 / −5.1 / −4.6): inliers above −5, outliers
+below −2 are penalised. Mask models' class scores lie in [0, 1], which
 confines E to [−ln C − 1, −ln C]; their margins (``kind_space["mask"]``) sit inside that range.
 """
 

@@ -126,7 +126,7 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
     context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
     if spec.checkpoint == "demo":
-        log(f"{spec.name}: demo model (trained once on the synthetic suite, 1.5–3 min on 2 CPU cores; cached in "
+        log(f"{spec.name}: demo model (trained once on the synthetic suite, 1–3 min on 2 CPU cores; cached in "
             f"{cache_dir})")
     if background:  # a file path never raises NotCached
         try:
