@@ -11,7 +11,7 @@ behind.
 The child has the cores to itself (the driver waits; with several sources the benchmark starts one child at a time),
 so its OpenMP threads spin briefly at barriers as OpenMP does by default (``GOMP_SPINCOUNT`` = GNU libgomp's default
 of 300,000) instead of sleeping at once, as oodseg's ``OMP_WAIT_POLICY=PASSIVE`` makes them (``oodseg/__init__.py``):
-the demo ERFNet's small steps train twice as fast (700 steps on 2 cores: 5.3 steps/s passive, 10.4 spinning; the
+the demo ERFNet's small steps train 1.6× as fast (2 cores: 9.5 vs 5.8 steps/s, ``benchmarks/omp_wait.py``; the
 same weights). A policy the user set is kept.
 """
 
