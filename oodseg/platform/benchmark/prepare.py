@@ -7,7 +7,8 @@ reader expected), checks that the results root is writable and that the requeste
 :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
 
 A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`, one at a time) while
-the runner starts Ray; the runner then calls :meth:`Plan.finish`, which waits for it and checks it like any other checkpoint.
+the runner starts Ray; the runner then calls :meth:`Plan.finish`, which waits for it (starting the next) and checks it
+like any other checkpoint.
 With ``--refine`` the sources train here (the refine stage's demo detectors need the demo model first).
 """
 
@@ -58,7 +59,8 @@ class Plan:
     pending: dict[str, BackgroundBuild] = field(default_factory=dict)
 
     def finish(self) -> None:
-        """Wait for the checkpoints still training in a child process and check them as :func:`prepare` does."""
+        """Wait for the checkpoints still training in a child process, starting each after the one before, and check
+        them as :func:`prepare` does."""
         for spec in self.cfg.models:
             build = self.pending.get(spec.name)
             if build is not None:  # stays pending while it runs, so that cancel() can stop it
