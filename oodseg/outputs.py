@@ -10,6 +10,13 @@
 ``ood_channels`` lists class channels that stand for *unknown* objects rather than an in-distribution class (TDOS's
 ``ood`` class): in-distribution scorers and the closed-set argmax ignore them, ``p_ood`` reads them; models without
 such a class leave it empty. Both are plain dataclasses of tensors so they cross process boundaries (Ray) cheaply.
+
+``features``: per-pixel features ``[N, D, h', w']`` of the same forward pass (one row per image, or per crop with
+sliding windows), set only by ``model.predict(images, features=True)`` (``None`` otherwise, so the default path
+carries nothing extra); which layer each model exposes is said in its docstring (ERFNet: the decoder's penultimate map
+at half resolution; timm_seg: the FPN decoder's fused map at the finest feature stride; EoMT: the per-pixel mask
+embeddings of the last layer at the mask logits' resolution). Feature-reading scorers (``mahalanobis``, ``knn``,
+``react``) score on that grid and resize the map to the label size (crops stitched as the class scores are).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ class PixelLogits:
     logits: torch.Tensor
     size: tuple[int, int] | None = None
     ood_channels: tuple[int, ...] = ()
+    features: torch.Tensor | None = None
 
     @property
     def num_channels(self) -> int:
@@ -34,7 +42,8 @@ class PixelLogits:
         return int(self.logits.shape[0])
 
     def to(self, *args, **kwargs) -> PixelLogits:
-        return replace(self, logits=self.logits.to(*args, **kwargs))
+        f = None if self.features is None else self.features.to(*args, **kwargs)
+        return replace(self, logits=self.logits.to(*args, **kwargs), features=f)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class MaskOutputs:
     frame_size: tuple[int, int] | None = None
     n_images: int | None = None
     ood_channels: tuple[int, ...] = ()
+    features: torch.Tensor | None = None
 
     @property
     def num_channels(self) -> int:
@@ -63,6 +73,7 @@ class MaskOutputs:
             self,
             class_logits=self.class_logits.to(*args, **kwargs),
             mask_logits=self.mask_logits.to(*args, **kwargs),
+            features=None if self.features is None else self.features.to(*args, **kwargs),
         )
 
 

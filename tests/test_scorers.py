@@ -13,6 +13,7 @@ from oodseg.outputs import MaskOutputs, PixelLogits
 from oodseg.scoring import (
     SCORERS,
     create_scorer,
+    default_scorers,
     list_scorers,
     pixel_class_scores,
     register_scorer,
@@ -285,7 +286,7 @@ def test_score_many_matches_single_calls_and_groups_by_class_temperature(mask_ou
 @pytest.mark.parametrize("chunk", [1, 7, 12])  # one row / a row and a bit / two rows of width 5 per block
 def test_score_many_cpu_row_blocks_equal_whole_batch(mask_out, pixel_logits, chunk):
     for outputs in (mask_out, PixelLogits(pixel_logits), replace(mask_out, ood_channels=(2,))):
-        specs = [create_scorer(n, t, p) for n in list_scorers() if scorer_applies(n, outputs.ood_channels)
+        specs = [create_scorer(n, t, p) for n in default_scorers() if scorer_applies(n, outputs.ood_channels)
                  for t, p in ((1.0, "cl"), (0.5, "pl"))]
         whole = score_many(outputs, specs, size=(6, 5), chunk_pixels=0)
         blocks = score_many(outputs, specs, size=(6, 5), chunk_pixels=chunk)

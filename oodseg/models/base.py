@@ -13,7 +13,11 @@ A ``SegModel`` is an ``nn.Module`` with
   loss of its own (EoMT's mask-classification loss) returns ``(outputs, own_loss)`` when given the semantic
   ``target`` ``[B,H,W]`` (see ``own_loss`` and ``oodseg.losses`` for how a registered loss combines with it); a
   model with ``wants_targets`` gets ``target`` and ``outlier_mask`` in training (TDOS's OOD feature augmentation);
-* ``predict(images_uint8)``: inference (no grad, preprocessing, resizing / sliding windows) with ``size`` = input size;
+* ``predict(images_uint8, features=False)``: inference (no grad, preprocessing, resizing / sliding windows) with
+  ``size`` = input size; ``features=True`` (models with ``has_features``) also sets ``outputs.features``, the
+  per-pixel features the post-hoc scorers read, taken from the same forward pass;
+* ``classify(features, size)`` (models with ``has_features``): the logits the model's last layer(s) make of (possibly
+  modified) ``features``, cropped / resized to the logits' ``size`` (ReAct re-runs only this part);
 * ``param_groups()``: ``name → list[Parameter]`` with names among ``backbone``, ``decoder``, ``head``, ``queries``
   (these top-level groups partition the trainable parameters) and ``blocks.<i>`` (finer, possibly overlapping the
   top-level groups; ordered from input (``0``) to output, so the highest indices are the blocks next to the head);
@@ -23,6 +27,7 @@ A ``SegModel`` is an ``nn.Module`` with
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +69,8 @@ class SegModel(nn.Module):
     model_name: str = ""
     input_size: tuple[int, int] | None = None
     ood_channels: tuple[int, ...] = ()
+    #: whether ``predict(..., features=True)`` and ``classify`` exist (see the module docstring)
+    has_features: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -81,16 +88,34 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def predict(self, images_uint8: torch.Tensor) -> PixelLogits | MaskOutputs:
-        """Per-pixel inference (mask models override it): preprocess, resize to ``input_size`` when set (bilinear,
-        antialiased), logits there; ``size`` = the input size, so scorers upsample back to the label."""
+    def model_input(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """What ``predict`` feeds the network (per-pixel models): preprocessed images resized to ``input_size`` when
+        set (bilinear, antialiased), and the input size ``(H, W)``. ODIN differentiates through it."""
         x = self.preprocess(images_uint8)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         if self.input_size is not None and tuple(self.input_size) != size:
             x = nn.functional.interpolate(x, size=tuple(self.input_size), mode="bilinear", align_corners=False,
                                           antialias=True)
-        return PixelLogits(self(x).logits, size=size, ood_channels=self.ood_channels)
+        return x, size
+
+    def input_std(self) -> torch.Tensor:
+        """Per-channel std ``[3]`` dividing ``[0, 1]`` RGB in ``preprocess`` (1 without normalisation): an input
+        step of ε in pixel units is ε / std in the network's input space."""
+        std = getattr(self, "pixel_std", None)
+        return std.flatten() / 255.0 if isinstance(std, torch.Tensor) else torch.ones(3, device=self.device)
+
+    @torch.no_grad()
+    def predict(self, images_uint8: torch.Tensor, features: bool = False) -> PixelLogits | MaskOutputs:
+        """Per-pixel inference (mask models override it): :meth:`model_input`, logits at that size; ``size`` = the
+        input size, so scorers upsample back to the label; ``features=True``: also the features (one pass)."""
+        x, size = self.model_input(images_uint8)
+        if features and not self.has_features:
+            raise NotImplementedError(f"{type(self).__name__} does not expose features (has_features=False)")
+        out = self(x, features=True) if features else self(x)
+        return replace(out, size=size, ood_channels=self.ood_channels)
+
+    def classify(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no classify (has_features=False)")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         raise NotImplementedError

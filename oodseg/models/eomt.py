@@ -25,6 +25,11 @@ sigmoid (``oodseg.scoring.scorers._stitch_crops``), which matches the reference 
 (26 MB instead of 420 MB per 1024² window with 100 queries in fp32) through the object store and the output cache.
 ``upsample_masks=True`` hands over window-size logits instead (same scores, more memory).
 
+Features (``predict(images, features=True)``): the per-pixel mask embeddings of the last layer, i.e. the output of
+``upscale_block`` that the final ``mask_logits = einsum(mask_head(queries), embeddings)`` reads, ``[N, hidden, h, w]``
+per window at the mask logits' resolution (4 × the patch grid: S/4 for patch 16) (captured by a forward hook during the same pass; the query features are not exposed). EoMT has no
+per-pixel classifier, so ``react`` (and ``odin``) do not apply to it; ``mahalanobis`` / ``knn`` score these embeddings.
+
 ``param_groups()``: ``backbone`` = patch/position embeddings, cls/register tokens, all ViT ``layers`` and the final
 ``layernorm``; ``queries`` = the learned query embeddings; ``head`` = ``class_predictor`` + ``mask_head`` +
 ``upscale_block``; ``blocks.<i>`` = ViT layer ``i`` (subsets of ``backbone``). Masked-attention annealing during
@@ -93,6 +98,7 @@ class EoMT(SegModel):
 
     output_kind = "mask"
     own_loss = True
+    has_features = True
 
     def __init__(
         self,
@@ -179,8 +185,9 @@ class EoMT(SegModel):
         return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits), out.loss
 
     @torch.no_grad()
-    def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
-        """Resize (short side → S), overlapping S×S windows along the long side, one output row per window."""
+    def predict(self, images_uint8: torch.Tensor, features: bool = False) -> MaskOutputs:
+        """Resize (short side → S), overlapping S×S windows along the long side, one output row per window;
+        ``features=True``: also the last layer's per-pixel mask embeddings (module docstring)."""
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
         s = self.image_size
@@ -198,14 +205,22 @@ class EoMT(SegModel):
                 tiles.append(x[i, :, top : top + s, left : left + s])
                 crops.append((i, top, left, s, s))
         windows = torch.stack(tiles)
-        cls, masks = [], []
-        for chunk in windows.split(self.window_batch):
-            out = self(chunk)
-            cls.append(out.class_logits)
-            m = out.mask_logits
-            if self.upsample_masks:
-                m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
-            masks.append(m)
+        cls, masks, kept, seen = [], [], [], []
+        hook = self.hf.upscale_block.register_forward_hook(lambda m, i, o: seen.append(o)) if features else None
+        try:
+            for chunk in windows.split(self.window_batch):
+                seen.clear()
+                out = self(chunk)
+                cls.append(out.class_logits)
+                m = out.mask_logits
+                if self.upsample_masks:
+                    m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+                masks.append(m)
+                if features:  # the last call is the final layer's (earlier ones: masked-attention layers)
+                    kept.append(seen[-1])
+        finally:
+            if hook is not None:
+                hook.remove()
         return MaskOutputs(
             class_logits=torch.cat(cls),
             mask_logits=torch.cat(masks),
@@ -213,6 +228,7 @@ class EoMT(SegModel):
             crops=torch.tensor(crops, dtype=torch.int64),
             frame_size=(int(fh), int(fw)),
             n_images=int(b),
+            features=torch.cat(kept) if features else None,
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -128,10 +128,14 @@ class Decoder(nn.Module):
         )
         self.output_conv = nn.ConvTranspose2d(c1, n_out, 2, stride=2, padding=0, output_padding=0, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate map: the decoder layers' output ``[B, c1, H/2, W/2]`` (input of ``output_conv``)."""
         for layer in self.layers:
             x = layer(x)
-        return self.output_conv(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_conv(self.features(x))
 
 
 @register_model("erfnet")
@@ -144,6 +148,7 @@ class ERFNet(SegModel):
     """
 
     output_kind = "pixel"
+    has_features = True
 
     def __init__(
         self,
@@ -191,16 +196,25 @@ class ERFNet(SegModel):
         x = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         return x.float().div_(255.0)
 
-    def forward(self, x: torch.Tensor) -> PixelLogits:
-        """Logits ``[B, num_classes, H, W]`` at the input resolution (void channel dropped unless ``keep_void``)."""
+    def forward(self, x: torch.Tensor, features: bool = False) -> PixelLogits:
+        """Logits ``[B, num_classes, H, W]`` at the input resolution (void channel dropped unless ``keep_void``);
+        ``features=True``: also the decoder's penultimate map ``[B, c1, ⌈H/2⌉, ⌈W/2⌉]`` (the input of
+        ``decoder.output_conv``, after the last non-bottleneck block's ReLU), from the same pass."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % 8, (-w) % 8
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        y = self.decoder(self.encoder(x))
+        f = self.decoder.features(self.encoder(x))
+        logits = self.classify(f, (h, w))
+        return PixelLogits(logits, features=f[..., : (h + 1) // 2, : (w + 1) // 2] if features else None)
+
+    def classify(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``decoder.output_conv`` (a 2×2 stride-2 transposed conv: each feature pixel makes its own 2×2 block of
+        logits) and the IsoMax+ head if any, cropped to ``size``."""
+        y = self.decoder.output_conv(features)
         if self.head is not None:
             y = self.head(y)
-        return PixelLogits(y[:, : self.n_scored, :h, :w])
+        return y[:, : self.n_scored, : size[0], : size[1]]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         unused = {id(p) for p in self.encoder.output_conv.parameters()}  # permanently frozen, see module doc

@@ -55,6 +55,7 @@ class TimmSeg(SegModel):
     """Per-pixel segmentation on a timm backbone (``output_kind="pixel"``); see the module docstring."""
 
     output_kind = "pixel"
+    has_features = True
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class TimmSeg(SegModel):
         info = self.backbone.feature_info
         channels, strides = list(info.channels()), list(info.reduction())
         self.pad_multiple = int(max(strides))
+        self.feature_stride = int(min(strides))
         self.decoder = FPNDecoder(channels, decoder_channels)
         d = decoder_channels
         self.head: nn.Module = IsoMaxPlusHead(d, num_classes) if head == "isomax" else nn.Conv2d(d, num_classes, 1)
@@ -109,15 +111,26 @@ class TimmSeg(SegModel):
         x = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         return (x.float() - self.pixel_mean) / self.pixel_std
 
-    def forward(self, x: torch.Tensor) -> PixelLogits:
+    def forward(self, x: torch.Tensor, features: bool = False) -> PixelLogits:
+        """Logits at the input resolution; ``features=True``: also the FPN decoder's fused map (the head's input)
+        at the finest feature stride ``s``, ``[B, decoder_channels, ⌈H/s⌉, ⌈W/s⌉]``, from the same pass."""
         h, w = x.shape[-2:]
         m = self.pad_multiple
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        y = self.head(self.decoder(self.backbone(x)))
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return PixelLogits(y[..., :h, :w])
+        f = self.decoder(self.backbone(x))
+        y = self.classify(f, (h, w))
+        s = self.feature_stride
+        return PixelLogits(y, features=f[..., : -(-h // s), : -(-w // s)] if features else None)
+
+    def classify(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Head, bilinear upsampling by the feature stride, cropped to ``size`` (for features cropped to the image,
+        as ``predict`` exposes them, the last row / column of logits can differ slightly from the padded pass's)."""
+        y = self.head(features)
+        s = self.feature_stride
+        y = F.interpolate(y, size=(y.shape[-2] * s, y.shape[-1] * s), mode="bilinear", align_corners=False)
+        return y[..., : size[0], : size[1]]
 
     def _backbone_blocks(self) -> list[nn.Module]:
         inner = getattr(self.backbone, "model", None)

@@ -36,6 +36,8 @@ import torch
 from oodseg.outputs import MaskOutputs, PixelLogits, inlier_channels
 from oodseg.registry import Registry
 from oodseg.scoring.class_scores import Outputs, pixel_class_scores
+from oodseg.scoring.context import ScoreContext
+from oodseg.scoring.spatial import gaussian_blur
 
 PLACEMENTS = ("cl", "pl")
 
@@ -45,15 +47,40 @@ SCORERS: Registry[torch.Tensor] = Registry("scorer")
 TEMPERATURE_SPACE: dict[str, dict[str, Any]] = {"temperature": {"type": "loguniform", "low": 0.05, "high": 20.0}}
 
 
-def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None, ood: bool = False):
-    """Decorator registering ``fn(z, temperature, **params) -> [B,H,W]`` with its Tune search ``space``;
-    ``ood=True``: the scorer reads the OOD class channels (``fn(z, temperature, ood_channels, **params)``)."""
-    return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space), ood=ood)
+def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None, ood: bool = False,
+                    reads: str = "classes", fit: str | None = None, needs: Sequence[str] = (),
+                    kinds: Sequence[str] = ("pixel", "mask"), blur: tuple[int, float] | None = None):
+    """Decorator registering a scorer with its Tune search ``space`` and the facts the platform reads:
+
+    * ``reads="classes"``: a pixel-wise ``fn(z, temperature, **params) -> [B,H,W]``; ``ood=True``: it reads the OOD
+      class channels (``fn(z, temperature, ood_channels, **params)``);
+    * ``reads="map"``: ``fn(ctx, temperature, **params)`` over a whole batch (:class:`ScoreContext`: class scores,
+      features, the fit, the network);
+    * ``fit``: the fit state it needs from the training split (``oodseg.scoring.posthoc.fit``), or None;
+    * ``needs``: ``"features"`` (``model.predict(images, features=True)``) and/or ``"network"`` (the model and the
+      input images at scoring time: the scorer runs the network itself);
+    * ``kinds``: the model output kinds it applies to; ``blur``: a default ``(kernel, σ)`` Gaussian blur of the map.
+    """
+    if reads not in ("classes", "map"):
+        raise ValueError(f"register_scorer: reads must be 'classes' or 'map', got {reads!r}")
+    return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space), ood=ood, reads=reads,
+                            fit=fit, needs=tuple(needs), kinds=tuple(kinds), blur=blur)
 
 
-def scorer_applies(name: str, ood_channels: Sequence[int]) -> bool:
-    """Whether scorer ``name`` can score a model with these OOD channels (OOD scorers need at least one)."""
-    return bool(ood_channels) or not SCORERS.meta(name)["ood"]
+def scorer_applies(name: str, ood_channels: Sequence[int], kind: str | None = None, features: bool = True) -> bool:
+    """Whether scorer ``name`` can score a model with these OOD channels (OOD scorers need at least one), of this
+    output ``kind`` (None: any) and with (``features``) or without model features."""
+    meta = SCORERS.meta(name)
+    if kind is not None and kind not in meta["kinds"]:
+        return False
+    if not features and "features" in meta["needs"]:
+        return False
+    return bool(ood_channels) or not meta["ood"]
+
+
+def default_scorers() -> list[str]:
+    """The scorers a benchmark runs when none are named: those that need no fit and do not run the network."""
+    return [n for n in SCORERS.list() if SCORERS.meta(n)["fit"] is None and "network" not in SCORERS.meta(n)["needs"]]
 
 
 def list_scorers() -> list[str]:
@@ -145,12 +172,18 @@ def _temperatures(outputs: Outputs, temperature: float, placement: str) -> tuple
 
 @dataclass(frozen=True)
 class Scorer:
-    """A registered scorer bound to a temperature and placement: ``scorer(outputs, size=None) -> [B, H, W]``."""
+    """A registered scorer bound to a temperature and placement: ``scorer(outputs, size=None) -> [B, H, W]``.
+
+    ``fit``: the fitted train-split state of a scorer registered with ``fit=`` (``ctx.fit``); ``blur``: ``(kernel,
+    σ)`` Gaussian blur of the final map (:func:`~oodseg.scoring.spatial.gaussian_blur`; default: the registration's).
+    """
 
     name: str
     temperature: float = 1.0
     placement: str = "cl"
     params: dict[str, Any] = field(default_factory=dict)
+    fit: Any = field(default=None, compare=False, repr=False)
+    blur: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -158,12 +191,26 @@ class Scorer:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"scorer {self.name!r}: placement must be one of {PLACEMENTS}, got {self.placement!r}")
         fn = SCORERS.get(self.name)
-        accepted = set(inspect.signature(fn).parameters) - {"z", "temperature", "ood_channels"}
+        accepted = set(inspect.signature(fn).parameters) - {"z", "ctx", "temperature", "ood_channels"}
         unknown = set(self.params) - accepted
         if unknown:
             raise TypeError(
                 f"scorer {self.name!r} got unknown parameters {sorted(unknown)}; accepts {sorted(accepted)}"
             )
+
+    @property
+    def reads_map(self) -> bool:
+        return SCORERS.meta(self.name)["reads"] == "map"
+
+    @property
+    def blur_spec(self) -> tuple[int, float] | None:
+        return self.blur if self.blur is not None else SCORERS.meta(self.name)["blur"]
+
+    def from_context(self, ctx: ScoreContext, outputs: Outputs) -> torch.Tensor:
+        """Apply a ``reads="map"`` scorer to a batch's shared :class:`ScoreContext` (its fit set for the call)."""
+        ctx.fit = self.fit
+        return SCORERS.get(self.name)(ctx, _temperatures(outputs, self.temperature, self.placement)[1],
+                                      **self.params).float()
 
     def t_cl(self, outputs: Outputs) -> float:
         return _temperatures(outputs, self.temperature, self.placement)[0]
@@ -184,15 +231,19 @@ class Scorer:
         return SCORERS.get(self.name)(z, t_pl, **self.params)
 
     def __call__(
-        self, outputs: Outputs, size: tuple[int, int] | None = None, chunk_pixels: int | None = None
+        self, outputs: Outputs, size: tuple[int, int] | None = None, chunk_pixels: int | None = None, *,
+        model: Any = None, images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[B, H, W]`` float32 scores; evaluated exactly like :func:`score_many` (same blocks, same bits)."""
-        return score_many(outputs, [self], size, chunk_pixels)[0]
+        return score_many(outputs, [self], size, chunk_pixels, model=model, images=images)[0]
 
 
-def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", **params: Any) -> Scorer:
-    """Build scorer ``name`` (see :func:`list_scorers`) with temperature ``T`` and placement ``"cl"``/``"pl"``."""
-    return Scorer(name, float(temperature), placement, dict(params))
+def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", *, fit: Any = None,
+                  blur: Sequence[float] | None = None, **params: Any) -> Scorer:
+    """Build scorer ``name`` (see :func:`list_scorers`) with temperature ``T`` and placement ``"cl"``/``"pl"``;
+    ``fit``: its fitted train-split state; ``blur=(kernel, σ)``: Gaussian blur of the map (S2M: ``(7, 1.0)``)."""
+    spec = None if blur is None else (int(blur[0]), float(blur[1]))
+    return Scorer(name, float(temperature), placement, dict(params), fit, spec)
 
 
 #: Pixels per chunk when :func:`score_many` runs on the CPU: 16k pixels × 19 classes × 4 B ≈ 1.2 MB, so a scorer's
@@ -215,7 +266,7 @@ def _raw_logits(outputs: Outputs, size: tuple[int, int] | None) -> torch.Tensor 
 
 def score_many(
     outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int] | None = None,
-    chunk_pixels: int | None = None,
+    chunk_pixels: int | None = None, *, model: Any = None, images: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Apply many scorers to one model output, computing each distinct ``pixel_class_scores`` only once.
 
@@ -225,12 +276,29 @@ def score_many(
     (``chunk_pixels``, default :data:`CPU_CHUNK_PIXELS`): scorers are pixel-wise, so the result is the same up to
     an ulp (vectorised vs scalar loop tails), and the blocks stay in cache; per-pixel logits that need no resize
     (e.g. fp16 cached outputs) are converted to float32 block by block. On an accelerator (``chunk_pixels=0``) each
-    scorer sees the whole batch. Returns one ``[B, H, W]`` float32 tensor per scorer, in order.
+    scorer sees the whole batch. Whole-map scorers (``reads="map"``) share one :class:`ScoreContext` (class scores
+    once per ``T_cl``; ``model`` and the uint8 ``images`` for the scorers that run the network); a scorer's ``blur``
+    is applied to its finished map. Returns one ``[B, H, W]`` float32 tensor per scorer, in order.
     """
+    results: list[torch.Tensor | None] = [None] * len(scorers)
+    ctx = ScoreContext(outputs, size, model, images)
+    for i, scorer in enumerate(scorers):
+        if scorer.reads_map:
+            results[i] = scorer.from_context(ctx, outputs)
+    _pixelwise(outputs, scorers, size, chunk_pixels, results)
+    for i, scorer in enumerate(scorers):
+        if scorer.blur_spec is not None:
+            results[i] = gaussian_blur(results[i], *scorer.blur_spec)
+    return results  # type: ignore[return-value]
+
+
+def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int] | None, chunk_pixels: int | None,
+               results: list[torch.Tensor | None]) -> None:
+    """The pixel-wise scorers of :func:`score_many`, grouped by ``T_cl``, whole or in row blocks (its docstring)."""
     groups: dict[float, list[int]] = {}
     for i, scorer in enumerate(scorers):
-        groups.setdefault(scorer.t_cl(outputs), []).append(i)
-    results: list[torch.Tensor | None] = [None] * len(scorers)
+        if not scorer.reads_map:
+            groups.setdefault(scorer.t_cl(outputs), []).append(i)
     for t_cl, members in groups.items():
         z = _raw_logits(outputs, size)
         if z is None:
@@ -252,4 +320,3 @@ def score_many(
                 block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
                 for i in members:
                     results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs)[0]
-    return results  # type: ignore[return-value]

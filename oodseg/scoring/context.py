@@ -1,0 +1,94 @@
+"""What a whole-map scorer reads: :class:`ScoreContext` (one per model batch, shared by all its scorers).
+
+Pixel-wise scorers (``fn(z, temperature)``) see class scores only. Scorers registered with ``reads="map"`` get a
+context instead, ``fn(ctx, temperature, **params) -> [B, H, W]``, that hands out, computed once per batch:
+
+* ``ctx.class_scores(t_cl)``: in-distribution per-pixel class scores ``[B, C, H, W]`` at the label size (cached);
+* ``ctx.features()``: the model's features (``outputs.features``, set by ``model.predict(images, features=True)``);
+* ``ctx.fit``: the scorer's fitted train-split state (:mod:`oodseg.scoring.posthoc.fit`);
+* ``ctx.network()`` / ``ctx.images``: the model itself and the uint8 input batch, for scorers that run the network
+  again (ODIN's input gradient) or a part of it (ReAct's classifier). They are given by the scoring actor.
+* ``ctx.to_size(map)``: a ``[B, h, w]`` map (e.g. at feature resolution) bilinearly resized to the label size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from oodseg.outputs import inlier_channels
+from oodseg.scoring.class_scores import Outputs, pixel_class_scores, resize
+
+
+class ScorerInputError(ValueError):
+    """A scorer lacks what it reads (features, a fit, the network); the message names what to provide."""
+
+
+@dataclass
+class ScoreContext:
+    outputs: Outputs
+    size: tuple[int, int] | None
+    model: Any = None
+    images: torch.Tensor | None = None
+    fit: Any = None
+    _cache: dict[float, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def target_size(self) -> tuple[int, int] | None:
+        return self.size if self.size is not None else getattr(self.outputs, "size", None)
+
+    def class_scores(self, t_cl: float = 1.0) -> torch.Tensor:
+        """In-distribution class scores ``[B, C, H, W]`` (float32) at the label size, OOD channels dropped."""
+        if t_cl not in self._cache:
+            z = pixel_class_scores(self.outputs, t_cl, self.size)
+            if getattr(self.outputs, "ood_channels", ()):
+                z = z[:, inlier_channels(self.outputs)]
+            self._cache[t_cl] = z
+        return self._cache[t_cl]
+
+    def logits_at_size(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-pixel logits the scorer recomputed (e.g. ReAct, ODIN), resized like the model's, inlier channels."""
+        z = resize(logits.float(), self.target_size)
+        ood = set(getattr(self.outputs, "ood_channels", ()))
+        return z[:, [c for c in range(z.shape[1]) if c not in ood]] if ood else z
+
+    def features(self, scorer: str) -> torch.Tensor:
+        f = getattr(self.outputs, "features", None)
+        if f is None:
+            raise ScorerInputError(f"scorer {scorer!r} reads model features: predict with model.predict(images, "
+                                   "features=True) (models with has_features)")
+        return f
+
+    def network(self, scorer: str, images: bool = True) -> Any:
+        """The model (and, with ``images``, a check that the input batch is there too)."""
+        if self.model is None or (images and self.images is None):
+            raise ScorerInputError(f"scorer {scorer!r} runs the network: pass model= and images= to score_many")
+        return self.model
+
+    def fitted(self, scorer: str) -> Any:
+        if self.fit is None:
+            raise ScorerInputError(f"scorer {scorer!r} needs a fit on the training split: "
+                                   f"create_scorer({scorer!r}, fit=<fitted state>)")
+        return self.fit
+
+    def to_size(self, scores: torch.Tensor) -> torch.Tensor:
+        """A feature-grid map ``[N, h, w]`` → ``[B, H, W]`` at the label size (bilinear, ``align_corners=False``);
+        with sliding windows (``outputs.crops``) each crop's map is first resized to its box in the frame and the
+        crops are averaged where they overlap, as the class scores are."""
+        x = scores.float().unsqueeze(1)
+        if getattr(self.outputs, "crops", None) is not None:
+            x = stitch_windows(x, self.outputs)
+        return resize(x, self.target_size).squeeze(1)
+
+
+def stitch_windows(maps: torch.Tensor, outputs: Any) -> torch.Tensor:
+    """Per-crop maps ``[N, K, h, w]`` → frames ``[B, K, fh, fw]`` (each resized to its box, overlaps averaged)."""
+    fh, fw = (int(v) for v in outputs.frame_size)
+    out = maps.new_zeros((outputs.batch_size, maps.shape[1], fh, fw))
+    count = maps.new_zeros((outputs.batch_size, 1, fh, fw))
+    for n, (img, top, left, h, w) in enumerate(outputs.crops.detach().to("cpu", torch.long).tolist()):
+        out[img, :, top : top + h, left : left + w] += resize(maps[n : n + 1], (h, w))[0]
+        count[img, :, top : top + h, left : left + w] += 1
+    return out / count.clamp(min=1)

@@ -1,0 +1,28 @@
+"""``gen``: Generalized ENtropy (Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution
+Detection", CVPR 2023; OpenOOD's ``gen_postprocessor``).
+
+``G_γ(p) = Σ_{j ∈ top-M} p_j^γ (1 − p_j)^γ`` over the ``M`` largest softmax probabilities ``p = softmax(z)``
+(``M`` larger than the class count: all classes); the reference's confidence is ``−G``, so the anomaly score is
+``G``. Defaults γ = 0.1, M = 100 (the reference's; every class of a 19-class model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from oodseg.scoring.scorers import TEMPERATURE_SPACE, msp, register_scorer
+
+GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "high": 1.0},
+             "m": {"type": "choice", "values": [1, 3, 5, 10, 19]}}
+
+
+@register_scorer("gen", space=GEN_SPACE)
+def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -> torch.Tensor:
+    """``Σ_{top-M} p^γ (1 − p)^γ`` of ``p = softmax(z)`` (module docstring). ``1 − p`` of the top class is ``msp``'s
+    cancellation-free ``1 − MSP`` (``1 − p`` in float32 loses the digits that matter when ``p → 1``)."""
+    p = torch.softmax(z, dim=1)
+    q = (1.0 - p).scatter_(1, z.argmax(dim=1, keepdim=True), msp(z, temperature).unsqueeze(1))
+    g = p.pow(gamma) * q.pow(gamma)
+    if m < p.shape[1]:
+        g = g.gather(1, p.topk(int(m), dim=1).indices)
+    return g.sum(dim=1)
