@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from oodseg.scoring.scorers import TEMPERATURE_SPACE, msp, register_scorer
+from oodseg.scoring.scorers import TEMPERATURE_SPACE, register_scorer
 
 GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "high": 1.0},
              "m": {"type": "choice", "values": [1, 3, 5, 10, 19]}}
@@ -18,11 +18,12 @@ GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "
 
 @register_scorer("gen", space=GEN_SPACE)
 def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -> torch.Tensor:
-    """``Σ_{top-M} p^γ (1 − p)^γ`` of ``p = softmax(z)`` (module docstring). ``1 − p`` of the top class is ``msp``'s
-    cancellation-free ``1 − MSP`` (``1 − p`` in float32 loses the digits that matter when ``p → 1``)."""
+    """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z)`` (module docstring). For the top class,
+    ``1 − p`` is the sum of the other probabilities (``1 − p`` in float32 loses the digits that matter as ``p → 1``)."""
     p = torch.softmax(z, dim=1)
-    q = (1.0 - p).scatter_(1, z.argmax(dim=1, keepdim=True), msp(z, temperature).unsqueeze(1))
-    g = p.pow(gamma) * q.pow(gamma)
+    top = z.argmax(dim=1, keepdim=True)
+    q = (1.0 - p).scatter_(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
+    g = (p * q).pow_(gamma)
     if m < p.shape[1]:
         g = g.gather(1, p.topk(int(m), dim=1).indices)
     return g.sum(dim=1)
