@@ -67,7 +67,8 @@ def react(ctx: ScoreContext, temperature: float, percentile: float = 90.0) -> to
     f = ctx.features("react")
     model = ctx.network("react", images=False)
     c = ctx.fitted("react").threshold(float(percentile))
-    with torch.no_grad():
-        logits = model.classify(f.clamp(max=c), tuple(ctx.outputs.logits.shape[-2:]))
+    with torch.no_grad():  # features from an autocast pass may be bf16: the classifier runs in its own dtype
+        clipped = f.to(next(model.parameters()).dtype).clamp(max=c)
+        logits = model.classify(clipped, tuple(ctx.outputs.logits.shape[-2:]))
     z = ctx.logits_at_size(logits)
     return energy(z / temperature, temperature)
