@@ -10,6 +10,7 @@ import torch
 
 from oodseg.models import create_model
 from oodseg.outputs import PixelLogits
+from oodseg.platform.tuning.spaces import tune_space
 from oodseg.scoring import (
     SCORERS,
     ScorerInputError,
@@ -115,8 +116,8 @@ def test_registrations_and_errors():
     assert {"sml", "mahalanobis", "knn", "react", "gen", "odin", "energy_blur"} <= set(list_scorers())
     assert {"sml", "mahalanobis", "knn", "react", "odin"}.isdisjoint(default_scorers())
     assert {"gen", "energy_blur", "msp"} <= set(default_scorers())
-    for name in ("sml", "mahalanobis", "knn", "react", "gen", "odin"):
-        assert isinstance(scorer_space(name), dict)
+    for name in ("sml", "mahalanobis", "knn", "react", "gen", "odin", "energy_blur"):  # Tune accepts every space
+        assert set(tune_space(scorer_space(name))) == set(scorer_space(name))
     assert SCORERS.meta("knn")["fit"] == "feature_bank" and "network" in SCORERS.meta("odin")["needs"]
     assert not scorer_applies("react", (), kind="mask") and not scorer_applies("odin", (), kind="mask")
     assert scorer_applies("sml", (), kind="mask") and not scorer_applies("knn", (), features=False)
