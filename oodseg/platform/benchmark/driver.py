@@ -94,6 +94,7 @@ class BenchmarkRunner:
         stream = stage.stream(ray, pending)
         try:
             for unit in reducer.consume(stream):
+                unit.prune(lambda kind: run.cache(unit.info.key, kind), stage.shard_kinds)
                 if self.components:
                     self.components.run(unit, run.cache(unit.info.key, stage.cache_kind), refined=stage.refined)
                 rows = commit_unit(run.store, run.run_id, run.spec.name, stage.name, unit)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -61,7 +59,6 @@ class RefineActor:
         self.calibrations, self.datasets, self.cache = calibrations, datasets, dict(cache)
         self.refs = {k: {r.id: r for r in ds.samples} for k, ds in datasets.items()}
         self.protocol, self.smiyc = protocol, smiyc
-        self.writer = f"{socket.gethostname()}-{os.getpid()}"
         self.calls = 0
 
     def _image(self, dataset: str, image_id: str, label: np.ndarray) -> np.ndarray:
@@ -72,22 +69,23 @@ class RefineActor:
         self.calls += 1
         rows = Rows()
         states: dict[str, dict] = defaultdict(dict)
-        covered: dict[str, int] = defaultdict(int)
+        covered: dict[str, list[str]] = defaultdict(list)
+        written: dict[str, list[str]] = defaultdict(list)
         for row in batch.to_pylist():
             dataset = row["dataset"]
             source = ShardCache(**{**self.cache, "dataset": dataset, "kind": "scores"})
             records, ids = [], []
             for item in source.items([row["path"]]):
-                covered[dataset] += 1
+                covered[dataset].append(item.id)
                 refined = self._refine(dataset, item, rows, states[dataset])
                 if refined is not None:
                     records.append({"label": item.label, "scores": refined, "keys": np.arange(len(self.keys))})
                     ids.append(item.id)
             if records:
                 target = ShardCache(**{**self.cache, "dataset": dataset, "kind": "refined"})
-                target.write(f"{self.writer}-{self.calls}", records, ids)
-        for dataset, n in covered.items():
-            rows.state(dataset, states[dataset], n)
+                written[dataset].append(target.write(records, ids))
+        for dataset, ids in covered.items():
+            rows.state(dataset, states[dataset], ids, {"refined": written[dataset]})
         return rows.table()
 
     def _refine(self, dataset: str, item: Any, rows: Rows, states: dict) -> np.ndarray | None:
@@ -118,6 +116,7 @@ class RefineStage(Stage):
 
     name = "s2m"
     cache_kind = "refined"
+    shard_kinds = ("refined",)
     refined = True
 
     def enabled(self) -> bool:

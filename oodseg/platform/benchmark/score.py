@@ -17,8 +17,6 @@ leaves out frames without anomaly pixels, as the course evaluation code does.
 from __future__ import annotations
 
 import math
-import os
-import socket
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,7 +83,6 @@ class ScoreActor:
         self.cache = lambda dataset, kind: ShardCache(results_root, run_id, spec.name, dataset, kind)
         self.cache_outputs, self.write_scores = cache_outputs, write_scores
         self.model_batch = max(1, int(model_batch))
-        self.writer = f"{socket.gethostname()}-{os.getpid()}"
         self.calls = 0
         self.announced = False
 
@@ -93,9 +90,10 @@ class ScoreActor:
         self.calls += 1
         rows = Rows()
         groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
-        covered: dict[str, int] = defaultdict(int)
+        covered: dict[str, list[str]] = defaultdict(list)
+        self.written: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for r in batch.to_pylist():
-            covered[r["dataset"]] += 1
+            covered[r["dataset"]].append(r["id"])
             if r["error"]:
                 rows.failure(r, r["stage"], r["error"])
             else:
@@ -105,16 +103,18 @@ class ScoreActor:
             for start in range(0, len(group), self.model_batch):
                 chunk = group[start : start + self.model_batch]
                 try:
-                    self._score_chunk(dataset, chunk, h, w, states[dataset], rows, f"{self.calls}-{start}")
+                    self._score_chunk(dataset, chunk, h, w, states[dataset], rows)
                 except Exception as e:  # noqa: BLE001 - one bad batch must not kill the job; recorded per image
                     for r in chunk:
                         rows.failure(r, "predict", f"{r['image_path']}: {type(e).__name__}: {e}")
-        for dataset, n in covered.items():
-            rows.state(dataset, states[dataset], n)
+        for dataset, ids in covered.items():
+            rows.state(dataset, states[dataset], ids, self.written[dataset])
         return rows.table()
 
-    def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows,
-                     shard: str) -> None:
+    def _write(self, dataset: str, kind: str, records: list[dict], ids: list[str]) -> None:
+        self.written[dataset][kind].append(self.cache(dataset, kind).write(records, ids))
+
+    def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows) -> None:
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
         labels = np.stack([np.frombuffer(r["label"], np.uint8).reshape(h, w) for r in chunk])
         with torch.inference_mode(), self.runtime.autocast():
@@ -123,9 +123,9 @@ class ScoreActor:
         if info.kind == "semantic":
             self._score_semantic(outputs, labels, chunk, info, states, rows)
         else:
-            self._score_anomaly(dataset, outputs, labels, chunk, states, rows, shard)
+            self._score_anomaly(dataset, outputs, labels, chunk, states, rows)
         if self.cache_outputs:
-            self._cache_outputs(dataset, outputs, labels, chunk, rows, shard)
+            self._cache_outputs(dataset, outputs, labels, chunk, rows)
 
     def _score_semantic(self, outputs: Any, labels: np.ndarray, chunk: list[dict], info: UnitInfo, states: dict,
                         rows: Rows) -> None:
@@ -138,7 +138,7 @@ class ScoreActor:
             rows.image(r, [{"pixel_acc": acc, "n_valid": int(valid.sum())}])
 
     def _score_anomaly(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], states: dict,
-                       rows: Rows, shard: str) -> None:
+                       rows: Rows) -> None:
         keep = [b for b in range(len(chunk)) if self.protocol != "course" or (labels[b] == ANOMALY).any()]
         for b in set(range(len(chunk))) - set(keep):  # the course code skips frames without anomaly pixels
             rows.image(chunk[b], [])
@@ -156,10 +156,9 @@ class ScoreActor:
                 records.append({"label": labels[b], "scores": maps, "keys": np.array([self.index[k] for k in
                                                                                       self.keys])})
         if records:
-            self.cache(dataset, "scores").write(f"{self.writer}-{shard}", records, [chunk[b]["id"] for b in keep])
+            self._write(dataset, "scores", records, [chunk[b]["id"] for b in keep])
 
-    def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows,
-                       shard: str) -> None:
+    def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows) -> None:
         records = split_outputs(outputs)
         for rec, lab in zip(records, labels):
             rec["label"] = lab
@@ -167,7 +166,7 @@ class ScoreActor:
             per_image = sum(a.nbytes for a in records[0].values())
             rows.info(dataset, f"output cache: {per_image / 2**20:.1f} MiB per image (fp16 model outputs)")
             self.announced = True
-        self.cache(dataset, "outputs").write(f"{self.writer}-{shard}", records, [r["id"] for r in chunk])
+        self._write(dataset, "outputs", records, [r["id"] for r in chunk])
 
 
 class ScoreStage(Stage):

@@ -64,6 +64,7 @@ class Stage:
 
     name: ClassVar[str] = ""
     cache_kind: ClassVar[str] = "scores"  # the maps its units' component pass reads
+    shard_kinds: ClassVar[tuple[str, ...]] = ("scores", "outputs")  # the caches its actors write
     refined: ClassVar[bool] = False
 
     def __init__(self, run: ModelRun) -> None:
