@@ -3,7 +3,8 @@
 :func:`prepare` validates the whole config against the registries, resolves the data root (the synthetic suite by
 default) and every model's checkpoint (named sources such as ``demo`` reuse a cached model, or train it once),
 opens each checkpoint's header, opens every dataset (a missing or empty dataset is an error naming the folder the
-reader expected), checks that the results root is writable and that the requested device exists. Errors are
+reader expected), checks that the results root is writable, that the requested device exists and that a reused
+``--run-id`` resumes the same configuration (:mod:`~oodseg.platform.benchmark.resume`). Errors are
 :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
 
 A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`, one at a time) while
@@ -30,6 +31,7 @@ from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_ar
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
+from oodseg.platform.benchmark.resume import check_resume, fingerprint
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
@@ -68,6 +70,11 @@ class Plan:
                 self.checkpoints[spec.name] = build.wait()
                 del self.pending[spec.name]
                 self.output_kinds[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
+        check_resume(self.store, self.cfg.run_id, self.fingerprint())
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resume of this run must match (:mod:`oodseg.platform.benchmark.resume`)."""
+        return fingerprint(self.cfg, self.checkpoints)
 
     def cancel(self) -> None:
         """Stop the checkpoint builds still running (an error or Ctrl-C before :meth:`finish` returned)."""
@@ -197,6 +204,8 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
             check_checkpoint(pc["checkpoint"])
         prompters[scorer] = pc
     check_refine_models(sam, prompters)
+    if sam and sam != "tiny" and not Path(sam).is_file():
+        check_pretrained_source("--refine-cfg.sam", sam)
     return {"sam": sam, "prompters": prompters}
 
 
@@ -212,6 +221,25 @@ def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -
             raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
     if sam and sam.endswith(".safetensors"):
         create_sam(sam)
+
+
+def check_pretrained_source(option: str, source: str) -> None:
+    """A transformers directory holds a ``config.json``; a hub id is in the local hub cache or reachable now (one
+    metadata request, no retries), so a missing SAM fails here and not after every unit was scored."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if Path(source).expanduser().is_dir():
+        if not (Path(source).expanduser() / "config.json").is_file():
+            raise ConfigError(f"{option} {source}: a directory without config.json (not a saved transformers model)")
+        return
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(source, "config.json"), timeout=10)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad id: all mean "cannot load it"
+        raise ConfigError(f"{option} {source}: not a local file or directory, not in the hub cache and not reachable "
+                          f"on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); download it once or "
+                          "give a local path") from None
 
 
 def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
@@ -258,6 +286,7 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
                 plan.checkpoints[spec.name] = checkpoint
                 plan.output_kinds[spec.name] = check_model(cfg, spec, checkpoint)
             plan.refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
+        check_resume(store, cfg.run_id, plan.fingerprint())
     except BaseException:
         plan.cancel()
         raise

@@ -3,7 +3,7 @@
 One Arrow table per actor call; ``row`` says what each row is:
 
 * ``image``   — one scored image (``summary``: per-scorer JSON summary, for the ``per_image`` table);
-* ``failure`` — one image that could not be read or scored (``stage``, ``error``);
+* ``failure`` — one image that could not be read or scored (``stage``, ``error``, ``file``: the file at fault);
 * ``state``   — the *merged* metric states of the call for one dataset (``state``: packed
   ``{(key index, slot): state}``, each state naming its registered metric), merged by the reducer, the ids of the
   images (scored or failed) the call covered and the cache shards it wrote (``summary``:
@@ -34,6 +34,7 @@ ROW_SCHEMA = pa.schema(
         ("row", pa.string()), ("dataset", pa.string()), ("idx", pa.int64()), ("id", pa.string()),
         ("image_path", pa.string()), ("label_path", pa.string()), ("summary", pa.string()),
         ("state", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()), ("call", pa.string()),
+        ("file", pa.string()),
     ]
 )
 
@@ -60,7 +61,7 @@ class Rows:
         self.call = uuid.uuid4().hex
 
     def _add(self, kind: str, src: Mapping[str, Any], summary: Any = None, state: bytes = b"", stage: str = "",
-             error: str = "") -> None:
+             error: str = "", file: str = "") -> None:
         self.cols["row"].append(kind)
         for k in ("dataset", "id", "image_path", "label_path"):
             self.cols[k].append(src.get(k, ""))
@@ -70,6 +71,7 @@ class Rows:
         self.cols["stage"].append(stage)
         self.cols["error"].append(error)
         self.cols["call"].append(self.call)
+        self.cols["file"].append(file or src.get("file") or src.get("image_path", ""))
 
     def image(self, src: Mapping[str, Any], summary: Any) -> None:
         self._add("image", src, summary=summary)

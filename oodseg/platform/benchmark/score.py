@@ -16,6 +16,7 @@ leaves out frames without anomaly pixels, as the course evaluation code does.
 
 from __future__ import annotations
 
+import errno
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,8 @@ class ScoreActor:
                 try:
                     self._score_chunk(dataset, chunk, h, w, states[dataset], rows)
                 except Exception as e:  # noqa: BLE001 - one bad batch must not kill the job; recorded per image
+                    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                        raise  # a full disk is the run's problem, not the images' (the driver says so)
                     for r in chunk:
                         rows.failure(r, "predict", f"{r['image_path']}: {type(e).__name__}: {e}")
         for dataset, ids in covered.items():

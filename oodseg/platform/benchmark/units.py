@@ -130,7 +130,7 @@ class Reducer:
 
     def _image(self, unit: UnitResult, r: Mapping[str, Any]) -> None:
         if r["row"] == "failure":
-            unit.failures.append({"image_id": r["id"], "file": r["image_path"], "stage": r["stage"],
+            unit.failures.append({"image_id": r["id"], "file": r["file"], "stage": r["stage"],
                                   "error": r["error"]})
         else:
             unit.n_images += 1
