@@ -119,3 +119,14 @@ def test_a_sam_that_cannot_be_loaded_fails_before_ray(tiny_suite, tiny_erfnet, t
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--refine-cfg.sam" in err[0] and needle in err[0], err
     assert not (results / "runs").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--num-actors", "-1"), ("--heatmaps", "-2"), ("--actor-num-cpus", "0"),
+                                          ("--read-num-cpus", "-0.5"), ("--torch-threads", "-1")])
+def test_negative_or_zero_resources_are_refused(tiny_suite, tiny_erfnet, tmp_path, capsys, option, value):
+    argv = ["--results", str(tmp_path / "r"), "--data-root", str(tiny_suite), option, value,
+            "--set", f"models=[{{name: tiny, checkpoint: {tiny_erfnet}}}]"]
+    with pytest.raises(SystemExit) as e:  # the config parser's own exit: before anything is checked or started
+        benchmark.main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and option.lstrip("-").replace("-", "_") in err[0], err

@@ -84,7 +84,7 @@ class BenchmarkRunner:
         try:
             for spec in self.cfg.models:
                 run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
-                               plan.output_kinds[spec.name], plan.datasets, plan.infos,
+                               plan.keys[spec.name], plan.datasets, plan.infos,
                                plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
                 for stage_cls in STAGES:
                     self.run_stage(ray, stage_cls(run))

@@ -26,11 +26,11 @@ import torch
 from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
-from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, model_output_kind, resolve_checkpoint
+from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
 from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
-from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
+from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
 from oodseg.platform.benchmark.resume import check_resume, fingerprint
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
@@ -39,7 +39,7 @@ from oodseg.platform.runs import log
 from oodseg.refine import create_prompter, list_prompters
 from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
 from oodseg.registry import import_plugins
-from oodseg.scoring import list_scorers, scorer_applies
+from oodseg.scoring import list_scorers
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.background import BackgroundBuild
 from oodseg.training.cached import NotCached, cached_only
@@ -56,7 +56,7 @@ class Plan:
     datasets: dict[str, Any]
     infos: dict[str, UnitInfo]
     checkpoints: dict[str, str | None]
-    output_kinds: dict[str, str]
+    keys: dict[str, list[ScorerKey]]  # model name → its scorer keys (config.model_keys)
     refine: dict[str, dict[str, Any]]
     pending: dict[str, BackgroundBuild] = field(default_factory=dict)
 
@@ -69,7 +69,7 @@ class Plan:
                 log(f"{spec.name}: Ray is up; waiting for the model's training (in a child process)")
                 self.checkpoints[spec.name] = build.wait()
                 del self.pending[spec.name]
-                self.output_kinds[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
+                self.keys[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
         check_resume(self.store, self.cfg.run_id, self.fingerprint())
 
     def fingerprint(self) -> dict[str, Any]:
@@ -146,8 +146,8 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     return resolve_checkpoint(spec.checkpoint, **context)
 
 
-def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> str:
-    """The output kind of one model spec, after checking its checkpoint's header against ``arch``, ``cfg``, the
+def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> list[ScorerKey]:
+    """The scorer keys of one model spec, after checking its checkpoint's header against ``arch``, ``cfg``, the
     protocol and the scorers."""
     if checkpoint is not None:
         check_checkpoint(checkpoint)
@@ -159,12 +159,7 @@ def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -
                           f"(model {spec.name!r})")
     if checkpoint is not None:
         check_fits(spec, checkpoint, cfg.protocol)
-    ood = getattr(MODELS.get(name), "ood_channels", ())
-    bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
-    if bad:
-        raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {spec.name!r} ({name}) has "
-                          "none")
-    return model_output_kind(name)
+    return model_keys(cfg, name, spec.name)
 
 
 def check_fits(spec: ModelSpec, checkpoint: str, protocol: str) -> None:
@@ -284,7 +279,7 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
                 plan.pending[spec.name] = checkpoint
             else:
                 plan.checkpoints[spec.name] = checkpoint
-                plan.output_kinds[spec.name] = check_model(cfg, spec, checkpoint)
+                plan.keys[spec.name] = check_model(cfg, spec, checkpoint)
             plan.refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
         check_resume(store, cfg.run_id, plan.fingerprint())
     except BaseException:
