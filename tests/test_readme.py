@@ -4,8 +4,8 @@ Ray Train worker) fails the suite. :data:`COMMANDS` maps each README line to the
 it cannot run on a machine without internet, a GPU or a cloud account; a README command missing from the table fails
 :func:`test_every_readme_command_is_in_the_table`.
 
-The environment is the README's: ``OODSEG_CACHE`` holds a small synthetic suite (64×128 frames); ``/data`` is that
-suite plus an ERFNet ``.pth`` and a ``folder`` dataset in the README's layout. Jobs run in-process on the session's
+The environment is the README's: ``OODSEG_CACHE`` holds the synthetic suite; ``/data`` is a copy of it plus an ERFNet
+``.pth`` and a ``folder`` dataset in the README's layout. Jobs run in-process on the session's
 Ray; their demo models (``demo``, ``demo-sam``, ``demo-saom``, ``demo-detector``, ``demo-tdos``) train through the
 real cached-training path for 2 steps instead of their recipe's hundreds (``cached_fit`` is wrapped), so each
 README command exercises everything it would on a laptop, only shorter.
@@ -14,12 +14,12 @@ README command exercises everything it would on a laptop, only shorter.
 from __future__ import annotations
 
 import io
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -122,9 +122,10 @@ PLACEHOLDERS = ("RUN_A,RUN_B", "RUN_ID")  # README placeholders: the value names
 START = re.compile(r"^(python|make|ray|RAY_AUTH_MODE=|pip|tensorboard)\b")
 
 
-def readme_commands(text: str) -> list[str]:
-    """Shell commands of the README's code blocks: continuation lines joined, comments dropped, spaces normalised."""
-    out, block, lines, i = [], False, text.splitlines(), 0
+def readme_commands(text: str) -> dict[str, list[str]]:
+    """Shell commands of the README's code blocks (continuation lines joined, comments dropped), each keyed by its
+    words joined with single spaces, mapped to its words."""
+    out, block, lines, i = {}, False, text.splitlines(), 0
     while i < len(lines):
         line, i = lines[i], i + 1
         if line.startswith("```"):
@@ -134,7 +135,8 @@ def readme_commands(text: str) -> list[str]:
             continue
         while line.rstrip().endswith("\\") and i < len(lines):
             line, i = line.rstrip()[:-1] + " " + lines[i].strip(), i + 1
-        out.append(" ".join(shlex.split(line, comments=True)))
+        words = shlex.split(line, comments=True)
+        out[" ".join(words)] = words
     return out
 
 
@@ -156,20 +158,18 @@ def short_cached_fit(real):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_suite):
-    """A checkout-like directory (configs/, jobs/), ``/data`` stand-in and the suite as ``$OODSEG_CACHE``."""
-    from oodseg.data.synthetic import MARKER
+def workdir(tmp_path_factory):
+    """A checkout-like directory (configs/, jobs/), ``$OODSEG_CACHE`` with the default suite (built in seconds),
+    and a ``/data`` stand-in: a copy of that suite with an ERFNet ``.pth`` and a ``folder`` dataset."""
     from oodseg.models import create_model
+    from oodseg.paths import synthetic_suite
 
     work = tmp_path_factory.mktemp("readme")
     for name in ("configs", "jobs", "clusters"):
         (work / name).symlink_to(ROOT / name)
     cache = work / ".cache"
-    cache.mkdir()
-    shutil.copytree(tiny_suite, cache / "suite-seed0")
-    assert (cache / "suite-seed0" / MARKER).is_file()
     data = work / "data"
-    shutil.copytree(tiny_suite, data)
+    shutil.copytree(synthetic_suite(cache, 0), data)
     (data / "checkpoints").mkdir()
     torch.manual_seed(0)
     torch.save({"state_dict": {f"module.{k}": v for k, v in create_model("erfnet").state_dict().items()}},
@@ -207,11 +207,15 @@ def run_python(argv: list[str]) -> int:
     return module.main(argv[1:])
 
 
-def substitute(command: str, data: Path, state: dict[str, str]) -> list[str]:
-    text = command.replace("/data", str(data)).replace("/tmp/suite", str(data.parent / "suite-out"))
-    for placeholder in PLACEHOLDERS:
-        text = text.replace(placeholder, state.get(placeholder, placeholder))
-    return shlex.split(text)
+def substitute(words: list[str], data: Path, state: dict[str, str]) -> list[str]:
+    """The README's paths and placeholders replaced by this test's."""
+    out = []
+    for word in words:
+        word = word.replace("/data", str(data)).replace("/tmp/suite", str(data.parent / "suite-out"))
+        for placeholder in PLACEHOLDERS:
+            word = word.replace(placeholder, state.get(placeholder, placeholder))
+        out.append(word)
+    return out
 
 
 @pytest.mark.slow
@@ -227,15 +231,16 @@ def test_every_readme_command_runs(ray_session, workdir, monkeypatch):
     for source in ("demo", "demo-tdos"):  # built here, shortened: a job would train them in a child process
         resolve_checkpoint(source, cache_dir=cache, data_root=None, seed=0)
     failed, state = [], {}
+    words = readme_commands((ROOT / "README.md").read_text())
     for command, how in COMMANDS.items():
         if isinstance(how, str) and how not in PLACEHOLDERS:
             continue
         if how in PLACEHOLDERS:  # the README's placeholders: the latest benchmark run ids
-            runs = sorted(os.listdir(work / "results" / "cache")) if how == "RUN_ID" else []
-            state["RUN_ID"] = runs[0] if runs else "none"
-            state["RUN_A,RUN_B"] = ",".join(latest_runs(work, 2))
+            state[how] = ",".join(latest_runs(work, 2 if how == "RUN_A,RUN_B" else 1))
             how = []
-        code, out = run_one(command, how, data, state)
+        t0 = time.time()
+        code, out = run_one(words[command], how, data, state)
+        print(f"README: exit {code} in {time.time() - t0:.1f} s: {command[:100]}", file=sys.__stderr__, flush=True)
         if code != 0:
             failed.append(f"{command}\n  → exit {code}: {out[-1500:]}")
     assert not failed, "README commands that failed:\n" + "\n".join(failed)
@@ -249,8 +254,8 @@ def latest_runs(work: Path, n: int) -> list[str]:
     return list(dict.fromkeys(runs.run_id))[-n:]
 
 
-def run_one(command: str, extra: list[str], data: Path, state: dict[str, str]) -> tuple[int, str]:
-    argv = substitute(command, data, state) + list(extra)
+def run_one(words: list[str], extra: list[str], data: Path, state: dict[str, str]) -> tuple[int, str]:
+    argv = substitute(words, data, state) + list(extra)
     if argv[0] == "tensorboard":
         proc = subprocess.run([str(Path(sys.executable).parent / "tensorboard"), *argv[1:]], capture_output=True,
                               text=True, timeout=120)

@@ -27,7 +27,7 @@ from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
-from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
+from oodseg.models.factory import check_checkpoint_model
 from oodseg.models.sam import create_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
@@ -102,33 +102,6 @@ def check_device(cfg: BenchmarkConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
 
 
-def model_name_of(spec: ModelSpec, checkpoint: str | None, stored: tuple[str, dict[str, Any]] | None) -> str:
-    """The registered model behind ``spec`` (its ``arch``, else ``stored``: the self-describing checkpoint's header);
-    an ``arch`` that contradicts the header is an error here, not in every score actor."""
-    if spec.arch:
-        if stored is not None and stored[0] != spec.arch:
-            hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" \
-                else ""
-            raise CheckpointError(checkpoint, f"holds a {stored[0]!r} model, not model {spec.name!r}'s arch "
-                                              f"{spec.arch!r}{hint}")
-        return spec.arch
-    if stored is None:
-        what = "no checkpoint" if not checkpoint else "not a self-describing .safetensors"
-        raise CheckpointError(checkpoint or "<none>", f"model {spec.name!r}: {what}; give its arch: one of "
-                              f"{MODELS.list()}")
-    if stored[0] not in MODELS:
-        raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
-    return stored[0]
-
-
-def check_model_cfg(spec: ModelSpec, name: str, stored: tuple[str, dict[str, Any]] | None) -> None:
-    """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
-    unknown, accepted = unknown_model_args(name, spec.cfg, stored)
-    if unknown:
-        raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
-                          f"{', '.join(accepted)}")
-
-
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str,
                   background: bool = False) -> str | None | BackgroundBuild:
     """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
@@ -151,9 +124,10 @@ def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -
     protocol and the scorers."""
     if checkpoint is not None:
         check_checkpoint(checkpoint)
-    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
-    name = model_name_of(spec, checkpoint, stored)
-    check_model_cfg(spec, name, stored)
+    hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" else ""
+    name = check_checkpoint_model(checkpoint, spec.arch or None, spec.cfg, owner=f"model {spec.name!r}",
+                                  arch_option=f"model {spec.name!r}'s arch", cfg_option=f"models: {spec.name!r}",
+                                  hint=hint)
     if cfg.protocol == "course" and name != "erfnet":
         raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
                           f"(model {spec.name!r})")
