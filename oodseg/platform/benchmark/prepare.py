@@ -83,6 +83,14 @@ class Plan:
         self.pending.clear()
 
 
+def local_path(path: str | None) -> str | None:
+    """An existing local file or directory as an absolute path (the actors' working directory need not be the
+    driver's: a Ray cluster joined with --ray-address); names, hub ids and URIs as they are."""
+    if path and "://" not in path and os.path.exists(path):
+        return os.path.abspath(path)
+    return path
+
+
 def check_results_root(results: str) -> ResultsStore:
     """The results store, after proving the root is writable (a probe file is created and removed)."""
     try:
@@ -113,10 +121,10 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     if background:  # a file path never raises NotCached
         try:
             with cached_only():
-                return resolve_checkpoint(spec.checkpoint, **context)
+                return local_path(resolve_checkpoint(spec.checkpoint, **context))
         except NotCached:
             return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
-    return resolve_checkpoint(spec.checkpoint, **context)
+    return local_path(resolve_checkpoint(spec.checkpoint, **context))
 
 
 def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> list[ScorerKey]:
@@ -158,7 +166,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
     if not r.scorers or set(r.scorers) - scored:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
-    sam = resolve_checkpoint(r.sam, **context)
+    sam = local_path(resolve_checkpoint(r.sam, **context))
     if sam and sam.endswith(".safetensors"):
         check_checkpoint(sam)
     prompters = {}
@@ -169,7 +177,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
             if not source:
                 raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
                                   "train one (python jobs/train_detector.py) and give {scorer: FILE}")
-            pc["checkpoint"] = resolve_checkpoint(source, scorer=scorer, **context)
+            pc["checkpoint"] = local_path(resolve_checkpoint(source, scorer=scorer, **context))
             check_checkpoint(pc["checkpoint"])
         prompters[scorer] = pc
     check_refine_models(sam, prompters)
@@ -236,7 +244,7 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
             "absolute path or an s3:// URI to keep the results")
     cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir()
     if cfg.data_root:
-        root = cfg.data_root
+        root = local_path(cfg.data_root)
     else:
         if not (cache_dir / f"suite-seed{cfg.seed}" / MARKER).is_file():
             log(f"building the synthetic road suite (seed {cfg.seed}, once; cache: {cache_dir})")
