@@ -79,3 +79,67 @@ def summary(t: torch.Tensor, step: tuple[int, ...]) -> dict[str, Any]:
     sub = t[tuple(slice(None, None, s) for s in step)]
     return {"shape": list(t.shape), "step": list(step), "values": [float(f"{v:.8g}") for v in sub.flatten().tolist()],
             "sum": float(t.sum()), "abs_sum": float(t.abs().sum())}
+
+
+#: a detectron2 config of the tiny Swin Mask2Former (``hf_config("tiny", encoder_feedforward_dim=1024)``: the
+#: reference fixes the deformable encoder's feed-forward width at 1024), written as a base + child pair
+TINY_D2_BASE = """\
+MODEL:
+  META_ARCHITECTURE: MaskFormer
+  BACKBONE: {NAME: D2SwinTransformer}
+  SWIN: {EMBED_DIM: 16, DEPTHS: [1, 1, 1, 1], NUM_HEADS: [1, 1, 2, 2], WINDOW_SIZE: 4}
+  PIXEL_MEAN: [123.675, 116.28, 103.53]
+  PIXEL_STD: [58.395, 57.12, 57.375]
+  SEM_SEG_HEAD:
+    NAME: MaskFormerHead
+    IN_FEATURES: [res2, res3, res4, res5]
+    NUM_CLASSES: 19
+    CONVS_DIM: 32
+    MASK_DIM: 32
+    PIXEL_DECODER_NAME: MSDeformAttnPixelDecoder
+    TRANSFORMER_ENC_LAYERS: 1
+    DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS: 2
+  MASK_FORMER:
+    TRANSFORMER_DECODER_NAME: MultiScaleMaskedTransformerDecoder
+    TRANSFORMER_IN_FEATURE: multi_scale_pixel_decoder
+    HIDDEN_DIM: 32
+    NHEADS: 2
+    DIM_FEEDFORWARD: 64
+    DEC_LAYERS: 3
+    NUM_OBJECT_QUERIES: 8
+    DROPOUT: 0.0
+INPUT: {FORMAT: RGB, MIN_SIZE_TEST: 64, MAX_SIZE_TEST: 128}
+"""
+TINY_D2_CHILD = """\
+_BASE_: base.yaml
+INPUT:
+  MIN_SIZE_TRAIN: !!python/object/apply:eval ["[int(x * 0.1 * 1024) for x in range(5, 21)]"]
+MODEL:
+  SEM_SEG_HEAD: {DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES: [%s]}
+"""
+
+
+def write_tiny_d2(folder: Path, state: dict[str, torch.Tensor], levels: int = 3, extra: str = "") -> Path:
+    """A detectron2 model directory (``base.yaml`` + ``config.yaml`` + ``model_final.pth``) of the tiny
+    architecture with ``levels`` feature levels; ``extra`` YAML is appended to the child config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(TINY_D2_BASE)
+    names = ", ".join(["res2", "res3", "res4", "res5"][-levels:])
+    (folder / "config.yaml").write_text(TINY_D2_CHILD % names + extra)
+    torch.save({"model": state, "iteration": 7}, folder / "model_final.pth")
+    return folder
+
+
+def to_detectron2(hf_state: dict[str, torch.Tensor], table: dict[str, tuple[str, ...]], window: int
+                  ) -> dict[str, torch.Tensor]:
+    """A transformers state dict in detectron2's layout by inverting the converter's key table (for round trips;
+    the table itself is checked against the reference network by test_mask2former_parity)."""
+    out = {}
+    for src, dsts in table.items():
+        if src == "criterion.empty_weight":
+            out[src] = hf_state[src].clone()
+        elif not dsts:
+            out[src] = relative_position_index(window)
+        else:
+            out[src] = torch.cat([hf_state[d] for d in dsts]).clone()
+    return out

@@ -30,7 +30,8 @@ Test size: ``test_size=None`` (default) runs at the input size, as RbA's ``evalu
 or ``"checkpoint"`` (the image processor's ``shortest_edge`` / ``longest_edge``, i.e. ``INPUT.MIN_SIZE_TEST`` /
 ``MAX_SIZE_TEST``) first resizes as detectron2's ``ResizeShortestEdge`` (bilinear, antialiased, on uint8).
 
-``param_groups()``: ``backbone`` = the backbone; ``decoder`` = pixel decoder + transformer decoder layers, level
+``param_groups()`` (Swin's final LayerNorm, unused by the backbone's feature maps, stays frozen and in no group):
+``backbone`` = the backbone; ``decoder`` = pixel decoder + transformer decoder layers, level
 embeddings, input projections; ``queries`` = the learned query features and positions; ``head`` = class predictor,
 mask embedder and the decoder's final LayerNorm (shared by both predictions); ``blocks.<i>`` = backbone stages
 (embeddings with stage 0), then the pixel decoder, then each masked-attention decoder layer.
@@ -104,6 +105,8 @@ class Mask2Former(SegModel):
             )
         super().__init__(hf.config.num_labels)
         self.hf = hf
+        for p in self._unused():
+            p.requires_grad_(False)  # permanently frozen (module docstring): DDP would wait for their gradients
         mean = [float(v) for v in (image_mean or stored.get("image_mean") or IMAGENET_MEAN)]
         std = [float(v) for v in (image_std or stored.get("image_std") or IMAGENET_STD)]
         self._mean, self._std = mean, std
@@ -172,6 +175,12 @@ class Mask2Former(SegModel):
         return MaskOutputs(class_logits=out.class_logits, mask_logits=masks, size=(int(h), int(w)), crops=crops,
                            frame_size=(int(fh), int(fw)), n_images=int(b))
 
+    def _unused(self) -> list[nn.Parameter]:
+        """Swin's final LayerNorm: ``SwinModel`` applies it to its pooled output, which the backbone's feature maps
+        (``hidden_states_norms``) never use."""
+        swin = getattr(self.hf.model.pixel_level_module.encoder, "swin", None)
+        return list(swin.layernorm.parameters()) if swin is not None else []
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         prefixes = {
             "backbone": ("model.pixel_level_module.encoder.",),
@@ -183,7 +192,10 @@ class Mask2Former(SegModel):
         groups: dict[str, list[nn.Parameter]] = {k: [] for k in prefixes}
         blocks: dict[int, list[nn.Parameter]] = {}
         n_stages = len(self.hf.config.backbone_config.out_features)
+        unused = {id(p) for p in self._unused()}
         for name, p in self.hf.named_parameters():
+            if id(p) in unused:
+                continue
             group = next((g for g, pre in prefixes.items() if name.startswith(pre)), None)
             if group is None:
                 raise RuntimeError(f"Mask2Former parameter {name!r} fits no parameter group")

@@ -58,13 +58,28 @@ def hf_config(backbone: str, **overrides: Any) -> Any:
 def hf_class() -> type:
     """``Mask2FormerForUniversalSegmentation`` whose constructor applies ``config.num_feature_levels``, so
     ``from_pretrained`` (with transformers' key renaming of saved checkpoints) and ``save_pretrained`` work unchanged
-    for every level count."""
+    for every level count. Its mask-embedding MLP runs its *registered* submodules: transformers' prediction blocks
+    iterate a private Python list, so a layer swapped in by name (a LoRA adapter, peft) would be silently bypassed."""
     from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former import modeling_mask2former as hf_m2f
+
+    def registered(cls: type) -> type:
+        def forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+            for layer in self._modules.values():
+                hidden = layer(hidden)
+            return hidden
+
+        return type(cls.__name__, (cls,), {"forward": forward})
+
+    blocks = {cls: registered(cls) for cls in (hf_m2f.Mask2FormerPredictionBlock, hf_m2f.Mask2FormerMLPPredictionHead)}
 
     class Mask2FormerAnyLevels(Mask2FormerForUniversalSegmentation):
         def __init__(self, config: Any) -> None:
             super().__init__(config)
             set_feature_levels(self, feature_levels(config))
+            for module in self.modules():
+                if type(module) in blocks:
+                    module.__class__ = blocks[type(module)]
 
     return Mask2FormerAnyLevels
 

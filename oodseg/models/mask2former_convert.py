@@ -40,13 +40,15 @@ the file and every tensor of the file must be used.
 Reading: ``.pth`` with ``torch.load(weights_only=True)`` only (detectron2 saves ``{"model": state_dict, …}``; numpy
 arrays in it are rebuilt through numpy's own array-reconstruction globals, allowlisted by name; any other global is an
 inert stand-in, :func:`oodseg.models.eomt_convert.load_untrusted`). ``.pkl`` model-zoo files (plain pickles of numpy
-arrays) through a restricted unpickler that resolves only numpy's array-reconstruction globals and refuses every
-other one by name; object arrays are refused.
+arrays) through a restricted unpickler that resolves only numpy's array-reconstruction globals, ``OrderedDict`` (read
+as a dict) and ``_codecs.encode`` (array bytes in protocol-2 pickles, as torch's weights-only unpickler allows it),
+and refuses every other global by name; object arrays are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import pickle
 import sys
 from collections.abc import Mapping, Sequence
@@ -84,9 +86,11 @@ class _NumpyOnly(pickle.Unpickler):
     """Unpickler for detectron2 model-zoo ``.pkl`` files: numpy array reconstruction and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
-        obj = _numpy_global(f"{module}.{name}") if module != "collections" else None
-        if module == "collections" and name == "OrderedDict":
+        if (module, name) == ("collections", "OrderedDict"):
             return dict
+        if (module, name) == ("_codecs", "encode"):  # array bytes in protocol-2 pickles (as torch's weights_only)
+            return codecs.encode
+        obj = _numpy_global(f"{module}.{name}")
         if obj is None:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed (only numpy arrays are read)")
         return obj
@@ -113,7 +117,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - garbage, truncated or refused pickle: one line naming the file
             raise CheckpointError(path, f"cannot be read as a detectron2 .pkl ({type(e).__name__}: {e})") from None
     else:
-        raw = load_untrusted(path, allow=_numpy_global)
+        dtypes = [t for n in dir(np.dtypes) if n.endswith("DType") and isinstance(t := getattr(np.dtypes, n), type)]
+        with torch.serialization.safe_globals(dtypes):  # numpy dtype instances are BUILT from their classes
+            raw = load_untrusted(path, allow=_numpy_global)
     if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
         raw = raw["model"]
     if not isinstance(raw, Mapping) or not raw:
@@ -126,7 +132,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fmt(keys: Sequence[str], limit: int = 8) -> str:
+def _fmt(keys: Sequence[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
