@@ -31,9 +31,10 @@ or ``"checkpoint"`` (the image processor's ``shortest_edge`` / ``longest_edge``,
 ``MAX_SIZE_TEST``) first resizes as detectron2's ``ResizeShortestEdge`` (bilinear, antialiased, on uint8).
 
 ``param_groups()`` (Swin's final LayerNorm, unused by the backbone's feature maps, stays frozen and in no group):
-``backbone`` = the backbone; ``decoder`` = pixel decoder + transformer decoder layers, level
-embeddings, input projections; ``queries`` = the learned query features and positions; ``head`` = class predictor,
-mask embedder and the decoder's final LayerNorm (shared by both predictions); ``blocks.<i>`` = backbone stages
+``backbone`` = the backbone; ``decoder`` = pixel decoder + transformer decoder layers, their final
+LayerNorm, level embeddings, input projections; ``queries`` = the learned query features and positions; ``head`` =
+class predictor + mask-embedding MLP (RbA's outlier fine-tuning trains exactly these: ``class_embed`` + ``mask_embed``,
+``FREEZE_TRANSFORMER_DECODER_EXCEPT_MLP`` in RbA ``train_net.py``); ``blocks.<i>`` = backbone stages
 (embeddings with stage 0), then the pixel decoder, then each masked-attention decoder layer.
 """
 
@@ -185,8 +186,7 @@ class Mask2Former(SegModel):
         prefixes = {
             "backbone": ("model.pixel_level_module.encoder.",),
             "queries": ("model.transformer_module.queries_",),
-            "head": ("class_predictor.", "model.transformer_module.decoder.mask_predictor.",
-                     "model.transformer_module.decoder.layernorm."),
+            "head": ("class_predictor.", "model.transformer_module.decoder.mask_predictor."),
             "decoder": ("model.pixel_level_module.decoder.", "model.transformer_module."),
         }
         groups: dict[str, list[nn.Parameter]] = {k: [] for k in prefixes}
