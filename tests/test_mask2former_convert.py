@@ -129,16 +129,19 @@ def test_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert "1 missing key(s): sem_seg_head.predictor.query_feat.weight" in _one_line_error(capsys, [str(missing), out])
     extra = write_tiny_d2(tmp_path / "extra", {**good, "sem_seg_head.predictor.ood_head.weight": torch.zeros(2)})
     assert "unexpected key(s): sem_seg_head.predictor.ood_head.weight" in _one_line_error(capsys, [str(extra), out])
-    shaped = write_tiny_d2(tmp_path / "shaped", {**good, "sem_seg_head.predictor.query_feat.weight": torch.zeros(9, 32)})
+    shaped = write_tiny_d2(tmp_path / "shaped",
+                           {**good, "sem_seg_head.predictor.query_feat.weight": torch.zeros(9, 32)})
     assert "shape mismatches" in _one_line_error(capsys, [str(shaped), out])
     ape = write_tiny_d2(tmp_path / "ape", good, extra="  SWIN: {APE: true}\n")
     assert "unsupported MODEL.SWIN.APE: True" in _one_line_error(capsys, [str(ape), out])
     vit = write_tiny_d2(tmp_path / "vit", good, extra="  BACKBONE: {NAME: D2ViT}\n")
     assert "unsupported MODEL.BACKBONE.NAME: 'D2ViT'" in _one_line_error(capsys, [str(vit), out])
-    levels = write_tiny_d2(tmp_path / "levels", good, extra="  SEM_SEG_HEAD: {DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES: [res3]}\n")
+    levels = write_tiny_d2(tmp_path / "levels", good,
+                           extra="  SEM_SEG_HEAD: {DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES: [res3]}\n")
     assert "DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES" in _one_line_error(capsys, [str(levels), out])
     (tmp_path / "cycle.yaml").write_text("_BASE_: cycle.yaml\n")
-    assert "_BASE_ cycle" in _one_line_error(capsys, [str(tmp_path / "cycle.yaml"), str(garbage / "model_final.pth"), out])
+    cycle = [str(tmp_path / "cycle.yaml"), str(garbage / "model_final.pth"), out]
+    assert "_BASE_ cycle" in _one_line_error(capsys, cycle)
     assert "needs config.yaml" in _one_line_error(capsys, [str(tmp_path / "hub"), out])
     assert not Path(out).exists()
     assert main([*FMT, "--help"]) == 0 and "detectron2" in capsys.readouterr().out

@@ -4,26 +4,23 @@ How the fixtures (``tests/fixtures/mask2former_<name>.json.gz``) were made, outs
 is not part of oodseg): facebookresearch/detectron2 at 02b5c4e2, facebookresearch/Mask2Former at 9b0651c and
 NazirNayal8/RbA at cf263d5, run from their source trees on the CPU (torch 2.14.1, no detectron2 build: an empty
 ``MultiScaleDeformableAttention`` module makes ``MSDeformAttn`` use its pure-PyTorch ``ms_deform_attn_core_pytorch``;
-RbA's modeling package imported without its data package). For each config: ``cfg = get_cfg()`` +
-``add_deeplab_config`` + ``add_maskformer2_config`` + ``merge_from_file(CONFIG)`` + ``MODEL.DEVICE cpu MODEL.WEIGHTS ""``;
-``model = build_model(cfg).eval()``; its state-dict key list (names, shapes, dtypes) → ``sd =
-mask2former_ref.seeded_state_dict(keys, SEED)``; ``torch.save({"model": sd, "iteration": 0}, "model_final.pth")``
-(with the state dict's module-version metadata) and ``cfg.dump()`` as ``config.yaml``; a second ``build_model(cfg)``
-loaded with ``DetectionCheckpointer(model).load("model_final.pth")`` (checked equal to ``sd``) and run on
-``mask2former_ref.seeded_image(IMAGE_SEED, H, W)`` as ``model([{"image": CHW float RGB, "height": H, "width": W}])``;
-recorded: the ``sem_seg_head`` outputs ``pred_logits`` / ``pred_masks`` (a forward hook), ``out[0]["sem_seg"]`` and
-RbA's score ``−tanh(sem_seg).sum(0)`` (RbA ``evaluate_ood.py``: ``get_RbA``), each as shape, strided values and sums
-(:func:`mask2former_ref.summary`).
+RbA's modeling package imported without its data package). For each config: ``cfg = get_cfg()``,
+``add_deeplab_config(cfg)``, ``add_maskformer2_config(cfg)``, ``cfg.merge_from_file(CONFIG)``, ``MODEL.DEVICE cpu``,
+``MODEL.WEIGHTS ""``; ``model = build_model(cfg).eval()``; its state-dict key list (names, shapes, dtypes) →
+``sd = mask2former_ref.seeded_state_dict(keys, SEED)``; ``torch.save({"model": sd, "iteration": 0},
+"model_final.pth")`` (with the state dict's module-version metadata) and ``cfg.dump()`` as ``config.yaml``; a second
+``build_model(cfg)`` loaded with ``DetectionCheckpointer(model).load("model_final.pth")`` (checked equal to ``sd``) and
+run on ``mask2former_ref.seeded_image(IMAGE_SEED, H, W)`` as ``model([{"image": CHW float RGB, "height": H,
+"width": W}])``; recorded: the ``sem_seg_head`` outputs ``pred_logits`` / ``pred_masks`` (a forward hook),
+``out[0]["sem_seg"]`` and RbA's score ``−tanh(sem_seg).sum(0)`` (RbA ``evaluate_ood.py``: ``get_RbA``), each as shape,
+strided values and sums (:func:`mask2former_ref.summary`). Configs (seed, image seed, H × W):
 
-==============  ========================================================================================  ====  =====  =======
-name            config                                                                                    seed  image  H × W
-==============  ========================================================================================  ====  =====  =======
-swin_tiny       Mask2Former configs/cityscapes/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_90k.yaml    0     1  250×500
-r50             Mask2Former configs/cityscapes/semantic-segmentation/maskformer2_R50_bs16_90k.yaml              1     2  150×270
-swin_tiny_1dl   RbA configs/cityscapes/semantic-segmentation/swin/single_decoder_layer/                         2     3  256×480
-                maskformer2_swin_tiny_bs16_90k_1dl.yaml (1 decoder layer, 1 feature level)
-rba_swin_b_1dl  RbA ckpts/swin_b_1dl/config.yaml (the released Swin-B model's config)                           3     4  128×256
-==============  ========================================================================================  ====  =====  =======
+* ``swin_tiny``: Mask2Former ``configs/cityscapes/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_90k.yaml``
+  (0, 1, 250 × 500);
+* ``r50``: Mask2Former ``configs/cityscapes/semantic-segmentation/maskformer2_R50_bs16_90k.yaml`` (1, 2, 150 × 270);
+* ``swin_tiny_1dl``: RbA ``configs/cityscapes/semantic-segmentation/swin/single_decoder_layer/
+  maskformer2_swin_tiny_bs16_90k_1dl.yaml``, 1 decoder layer and 1 feature level (2, 3, 256 × 480);
+* ``rba_swin_b_1dl``: RbA ``ckpts/swin_b_1dl/config.yaml``, the released Swin-B model's config (3, 4, 128 × 256).
 
 Here the same checkpoint is rebuilt from the key list and seed with torch only, converted by the CLI, loaded with
 ``create_model("mask2former", pretrained=OUT)``, and compared: class and mask logits of the network, and ``predict``'s

@@ -2,12 +2,12 @@
 a Mask2Former conversion reads.
 
 detectron2's ``CfgNode.merge_from_file`` loads a file's ``_BASE_`` (a path relative to the file, or a list of them)
-first and merges the file over it, recursively (``detectron2/config/config.py``, fvcore ``CfgNode.load_yaml_with_base``);
-keys a config never sets take the defaults of ``detectron2/config/defaults.py`` and Mask2Former's
-``add_maskformer2_config`` (``mask2former/config.py``). detectron2 reads YAML with ``yaml.unsafe_load`` (Mask2Former's
-Cityscapes base config computes ``MIN_SIZE_TRAIN`` with ``!!python/object/apply:eval``); here YAML is read with
-``yaml.SafeLoader`` and every Python-object tag becomes an opaque :class:`Unevaluated` value, so nothing in the file runs
-(those tags only occur in training settings that a conversion never reads).
+first and merges the file over it, recursively (``detectron2/config/config.py``, fvcore
+``CfgNode.load_yaml_with_base``); keys a config never sets take the defaults of ``detectron2/config/defaults.py`` and
+Mask2Former's ``add_maskformer2_config`` (``mask2former/config.py``). detectron2 reads YAML with ``yaml.unsafe_load``
+(Mask2Former's Cityscapes base config computes ``MIN_SIZE_TRAIN`` with ``!!python/object/apply:eval``); here YAML is
+read with ``yaml.SafeLoader`` and every Python-object tag becomes an opaque :class:`Unevaluated` value, so nothing in
+the file runs (those tags only occur in training settings that a conversion never reads).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def load_yaml_with_base(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[
         where = f" (_BASE_ of {_seen[-1]})" if _seen else ""
         raise CheckpointError(path, f"config file not found{where}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass, tags made inert
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CheckpointError(path, f"is not a YAML config ({' '.join(str(e).split())[:160]})") from None
     if not isinstance(data, Mapping):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodseg.models.base import SegModel, to_nchw_uint8
-from oodseg.models.eomt import IMAGENET_MEAN, IMAGENET_STD, _offline, semantic_to_mask_labels
+from oodseg.models.eomt import IMAGENET_MEAN, IMAGENET_STD, _offline, mask_classification_forward
 from oodseg.models.factory import register_model
 from oodseg.models.mask2former_arch import (
     BACKBONES,
@@ -123,13 +123,13 @@ class Mask2Former(SegModel):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def export_cfg(self) -> dict[str, Any]:
-        return dict(
-            config=json.loads(self.hf.config.to_json_string()),
-            image_mean=self._mean,
-            image_std=self._std,
-            size_divisibility=self.size_divisibility,
-            test_size=None if self.test_size is None else list(self.test_size),
-        )
+        return {
+            "config": json.loads(self.hf.config.to_json_string()),
+            "image_mean": self._mean,
+            "image_std": self._std,
+            "size_divisibility": self.size_divisibility,
+            "test_size": None if self.test_size is None else list(self.test_size),
+        }
 
     def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return (x_uint8.float() - self.pixel_mean) / self.pixel_std
@@ -148,12 +148,7 @@ class Mask2Former(SegModel):
         point-sampled mask BCE and dice, summed over every decoder layer's auxiliary prediction with
         ``class_weight`` / ``mask_weight`` / ``dice_weight``; Cheng et al., CVPR 2022), from one binary mask per
         class present (:func:`~oodseg.models.eomt.semantic_to_mask_labels`)."""
-        if target is None:
-            out = self.hf(pixel_values=x)
-            return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits)
-        masks, classes = semantic_to_mask_labels(target, self.num_classes, dtype=x.dtype)
-        out = self.hf(pixel_values=x, mask_labels=masks, class_labels=classes)
-        return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits), out.loss
+        return mask_classification_forward(self.hf, x, target, self.num_classes)
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
@@ -213,7 +208,7 @@ class Mask2Former(SegModel):
             return int(m.group(1))
         if m := _BLOCK_PATTERNS[1].match(name):
             return int(m.group(1)) - 1
-        if name.startswith(("model.pixel_level_module.encoder.embedder.", "model.pixel_level_module.encoder.swin.embed")):
+        if name.startswith(tuple(f"model.pixel_level_module.encoder.{e}." for e in ("embedder", "swin.embeddings"))):
             return 0
         if name.startswith("model.pixel_level_module.decoder."):
             return n_stages

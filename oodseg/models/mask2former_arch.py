@@ -18,15 +18,17 @@ from oodseg.models.eomt import _offline
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 #: Swin sizes as Mask2Former's configs set them (``configs/*/swin/*.yaml``; Liu et al., ICCV 2021)
 SWIN = {
-    "swin-t": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
-    "swin-s": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7),
-    "swin-b": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12, image_size=384),
-    "swin-l": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12, image_size=384),
+    "swin-t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+    "swin-s": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+    "swin-b": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12,
+               "image_size": 384},
+    "swin-l": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12,
+               "image_size": 384},
 }
 #: a small Swin Mask2Former for tests (seconds on a CPU); GroupNorm(32, ·) needs feature_size ≥ 32
-TINY = dict(feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64,
-            encoder_layers=1, decoder_layers=3, num_attention_heads=2, num_queries=8, num_labels=19,
-            train_num_points=256)
+TINY = {"feature_size": 32, "mask_feature_size": 32, "hidden_dim": 32, "encoder_feedforward_dim": 64,
+        "dim_feedforward": 64, "encoder_layers": 1, "decoder_layers": 3, "num_attention_heads": 2, "num_queries": 8,
+        "num_labels": 19, "train_num_points": 256}
 BACKBONES = ("tiny", *SWIN, "r50", "r101")
 
 

@@ -62,7 +62,7 @@ from oodseg.models.checkpoint import CheckpointError
 from oodseg.models.detectron2_config import D2Config
 from oodseg.models.eomt_convert import load_untrusted
 from oodseg.models.mask2former_arch import build_hf
-from oodseg.models.mask2former_keys import E, PD, Converted, derived_keys, hf_config_from_d2, key_map
+from oodseg.models.mask2former_keys import PD, Converted, E, derived_keys, hf_config_from_d2, key_map
 
 FORMAT = "detectron2-mask2former"
 _NUMPY_GLOBALS = {
@@ -123,7 +123,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
         raw = raw["model"]
     if not isinstance(raw, Mapping) or not raw:
-        raise CheckpointError(path, f"expected a detectron2 checkpoint ({{'model': state_dict}}), got {type(raw).__name__}")
+        raise CheckpointError(path, f"expected a detectron2 checkpoint ({{'model': state_dict}}), "
+                                    f"got {type(raw).__name__}")
     state = {str(k): _to_tensor(path, str(k), v) for k, v in raw.items()}
     if not any(k.startswith("sem_seg_head.predictor.") for k in state):
         shown = ", ".join(list(state)[:4])
@@ -170,7 +171,9 @@ def convert_state_dict(
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _check_filled(path: Path, out: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], conv: Converted) -> None:
+def _check_filled(
+    path: Path, out: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], conv: Converted
+) -> None:
     derived = derived_keys(conv) | ({k for k in own if k.endswith("num_batches_tracked")} if conv.frozen_bn else set())
     unfilled = sorted(set(own) - set(out) - derived)
     surplus = sorted(set(out) - set(own))

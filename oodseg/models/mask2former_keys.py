@@ -202,7 +202,8 @@ def _resnet_keys(config: Any, frozen: bool) -> dict[str, tuple[str, ...]]:
 
 def _pixel_decoder_keys(config: Any, levels: int) -> dict[str, tuple[str, ...]]:
     p = "sem_seg_head.pixel_decoder."
-    table = {f"{p}transformer.level_embed": (f"{PD}level_embed",), **_pairs(f"{p}mask_features", f"{PD}mask_projection")}
+    table = {f"{p}transformer.level_embed": (f"{PD}level_embed",),
+             **_pairs(f"{p}mask_features", f"{PD}mask_projection")}
     for i in range(levels):
         table.update(_pairs(f"{p}input_proj.{i}.0", f"{PD}input_projections.{i}.0"))
         table.update(_pairs(f"{p}input_proj.{i}.1", f"{PD}input_projections.{i}.1"))
