@@ -145,3 +145,13 @@ def test_bad_inputs_fail_in_one_line(tmp_path, capsys):
     assert "needs config.yaml" in _one_line_error(capsys, [str(tmp_path / "hub"), out])
     assert not Path(out).exists()
     assert main([*FMT, "--help"]) == 0 and "detectron2" in capsys.readouterr().out
+
+
+def test_convert_command_lists_formats_and_defaults_to_eomt(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "detectron2-mask2former" in text and "tue-mps-eomt" in text and "CONFIG.yaml" in text
+    torch.save({"model": {"backbone.stem.conv1.weight": torch.zeros(1)}}, tmp_path / "d2.pth")
+    assert main([str(tmp_path / "d2.pth"), str(tmp_path / "out")]) == 2  # the tue-mps reader, as before
+    assert "--format detectron2-mask2former" in capsys.readouterr().err
+    assert main(["--format", "caffe", "x", "y"]) == 2 and "unknown --format 'caffe'" in capsys.readouterr().err

@@ -141,6 +141,9 @@ def read_tue_mps(path: str | Path) -> SourceState:
     ``network.`` prefix; ``._orig_mod`` of ``torch.compile`` dropped) → :class:`SourceState`."""
     path = Path(path)
     raw = load_untrusted(path)
+    if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
+        raise CheckpointError(path, "is a detectron2 checkpoint ({'model': state_dict}): for Mask2Former use "
+                                    "convert-checkpoint --format detectron2-mask2former CONFIG.yaml WEIGHTS OUT")
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not raw:
