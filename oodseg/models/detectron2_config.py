@@ -147,14 +147,6 @@ class D2Config:
         self.path = Path(path)
         self.data = load_yaml_with_base(path)
 
-    def has(self, dotted: str) -> bool:
-        node: Any = self.data
-        for part in dotted.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return False
-            node = node[part]
-        return True
-
     def __getitem__(self, dotted: str) -> Any:
         node: Any = self.data
         for part in dotted.split("."):

@@ -111,7 +111,8 @@ class Mask2Former(SegModel):
         mean = [float(v) for v in (image_mean or stored.get("image_mean") or IMAGENET_MEAN)]
         std = [float(v) for v in (image_std or stored.get("image_std") or IMAGENET_STD)]
         self._mean, self._std = mean, std
-        self.size_divisibility = int(size_divisibility or stored.get("size_divisor") or 32)
+        divisor = size_divisibility if size_divisibility is not None else stored.get("size_divisor", 32)
+        self.size_divisibility = max(int(divisor), 1)  # 0 (a ResNet's own): no padding
         if test_size == "checkpoint":
             if "test_size" not in stored:
                 raise ValueError(f"test_size='checkpoint': {pretrained or 'this model'} has no image processor size")

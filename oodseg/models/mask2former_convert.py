@@ -34,7 +34,9 @@ linear2, norm2}`` → ``PD.encoder.layers.j.{self_attn.*, self_attn_layer_norm, 
 ``TM.decoder.layernorm``, ``query_feat`` / ``query_embed`` / ``level_embed`` → ``TM.queries_features`` /
 ``queries_embedder`` / ``level_embed``, ``input_proj.i`` → ``TM.input_projections.i``, ``class_embed`` →
 ``class_predictor``, ``mask_embed.layers.k`` → ``TM.decoder.mask_predictor.mask_embedder.k.0``;
-``criterion.empty_weight`` → ``no_object_weight`` (its last entry). Strict: every transformers tensor must come from
+``criterion.empty_weight`` is checked for its length (the loss's no-object weight comes from ``NO_OBJECT_WEIGHT``).
+``MASK_FORMER.DROPOUT`` becomes ``dropout``, which transformers also uses as the decoder's layer-drop probability in
+training (the Cityscapes configs set 0). Strict: every transformers tensor must come from
 the file and every tensor of the file must be used.
 
 Reading: ``.pth`` with ``torch.load(weights_only=True)`` only (detectron2 saves ``{"model": state_dict, …}``; numpy
