@@ -27,7 +27,7 @@ from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, model_output_kind, resolve_checkpoint
 from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
-from oodseg.models.sam import create_sam
+from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
 from oodseg.platform.benchmark.stage import unit_infos
@@ -183,7 +183,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
     sam = resolve_checkpoint(r.sam, **context)
-    if sam and sam.endswith(".safetensors"):
+    if sam and sam.endswith((".safetensors", ".pth", ".pt")):
         check_checkpoint(sam)
     prompters = {}
     for scorer in r.scorers:
@@ -210,8 +210,8 @@ def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -
             raise  # already one line naming the detector file
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
-    if sam and sam.endswith(".safetensors"):
-        create_sam(sam)
+    if sam:
+        check_sam(sam)
 
 
 def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
