@@ -57,18 +57,9 @@ _RENAMES = [  # (segment-anything pattern, transformers replacement), applied to
     (r"image_encoder\.blocks\.(\d+)\.norm([12])\.(\w+)", r"vision_encoder.layers.\1.layer_norm\2.\3"),
     (r"image_encoder\.blocks\.(\d+)\.(attn\.(?:qkv|proj)\.\w+|attn\.rel_pos_[hw]|mlp\.lin[12]\.\w+)",
      r"vision_encoder.layers.\1.\2"),
-    (r"image_encoder\.neck\.0\.weight", r"vision_encoder.neck.conv1.weight"),
-    (r"image_encoder\.neck\.1\.(\w+)", r"vision_encoder.neck.layer_norm1.\1"),
-    (r"image_encoder\.neck\.2\.weight", r"vision_encoder.neck.conv2.weight"),
-    (r"image_encoder\.neck\.3\.(\w+)", r"vision_encoder.neck.layer_norm2.\1"),
     (r"prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix", r"shared_image_embedding.positional_embedding"),
     (r"prompt_encoder\.point_embeddings\.(\d+)\.weight", r"prompt_encoder.point_embed.\1.weight"),
     (r"prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight", r"prompt_encoder.\1.weight"),
-    (r"prompt_encoder\.mask_downscaling\.0\.(\w+)", r"prompt_encoder.mask_embed.conv1.\1"),
-    (r"prompt_encoder\.mask_downscaling\.1\.(\w+)", r"prompt_encoder.mask_embed.layer_norm1.\1"),
-    (r"prompt_encoder\.mask_downscaling\.3\.(\w+)", r"prompt_encoder.mask_embed.conv2.\1"),
-    (r"prompt_encoder\.mask_downscaling\.4\.(\w+)", r"prompt_encoder.mask_embed.layer_norm2.\1"),
-    (r"prompt_encoder\.mask_downscaling\.6\.(\w+)", r"prompt_encoder.mask_embed.conv3.\1"),
     (r"mask_decoder\.transformer\.layers\.(\d+)\.norm([1-4])\.(\w+)",
      r"mask_decoder.transformer.layers.\1.layer_norm\2.\3"),
     ((r"mask_decoder\.transformer\.layers\.(\d+)\.((?:self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
@@ -77,10 +68,14 @@ _RENAMES = [  # (segment-anything pattern, transformers replacement), applied to
      r"mask_decoder.transformer.final_attn_token_to_image.\1"),
     (r"mask_decoder\.transformer\.norm_final_attn\.(\w+)", r"mask_decoder.transformer.layer_norm_final_attn.\1"),
     (r"mask_decoder\.(iou_token|mask_tokens)\.weight", r"mask_decoder.\1.weight"),
-    (r"mask_decoder\.output_upscaling\.0\.(\w+)", r"mask_decoder.upscale_conv1.\1"),
-    (r"mask_decoder\.output_upscaling\.1\.(\w+)", r"mask_decoder.upscale_layer_norm.\1"),
-    (r"mask_decoder\.output_upscaling\.3\.(\w+)", r"mask_decoder.upscale_conv2.\1"),
 ]
+_SEQUENTIAL = {  # segment-anything nn.Sequential → (transformers parent, {index: module name}); activations skipped
+    "image_encoder.neck": ("vision_encoder.neck", {0: "conv1", 1: "layer_norm1", 2: "conv2", 3: "layer_norm2"}),
+    "prompt_encoder.mask_downscaling": ("prompt_encoder.mask_embed",
+                                        {0: "conv1", 1: "layer_norm1", 3: "conv2", 4: "layer_norm2", 6: "conv3"}),
+    "mask_decoder.output_upscaling": ("mask_decoder", {0: "upscale_conv1", 1: "upscale_layer_norm", 3: "upscale_conv2"}),
+}
+_SEQ = re.compile(r"(image_encoder\.neck|prompt_encoder\.mask_downscaling|mask_decoder\.output_upscaling)\.(\d+)\.(\w+)")
 _MLP = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(\w+)")
 _TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
 
@@ -112,6 +107,11 @@ def convert_key(key: str, mlp_depth: Mapping[str, int]) -> str | None:
         mlp, i, leaf = m.group(1), int(m.group(2)), m.group(3)
         last = mlp_depth[mlp] - 1
         return f"{mlp}.{'proj_in' if i == 0 else 'proj_out' if i == last else f'layers.{i - 1}'}.{leaf}"
+    m = _SEQ.fullmatch(key)
+    if m:
+        parent, names = _SEQUENTIAL[m.group(1)]
+        name = names.get(int(m.group(2)))
+        return f"{parent}.{name}.{m.group(3)}" if name else None
     for pattern, repl in _RENAMES:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, repl, key)
