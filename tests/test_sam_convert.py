@@ -229,3 +229,45 @@ def test_benchmark_refine_check_takes_a_pth_sam(tmp_path):
     bad = tmp_path / "sam_bad.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, bad)
     _one_line_error(lambda: check_refine_models(str(bad), {}), "sam_bad.pth", "image_encoder.pos_embed")
+
+
+def test_everything_with_crop_layers_matches_segment_anything(tmp_path):
+    """SAOM's everything mode (explicit ``point_grids``, one crop layer) against ``SamAutomaticMaskGenerator`` on the
+    same converted weights: same masks and predicted IoUs. With this random model every sub-crop mask touches a crop
+    edge, so the crop-edge filter removes them on both sides; its rule and the crop layout are compared with
+    segment-anything's own helpers on hand-made boxes below."""
+    from oodseg.refine.saom import generate_everything, point_grid
+
+    ref = _reference("small-256", seed=7)
+    torch.save(ref.state_dict(), tmp_path / "amg.pth")
+    ours = create_sam(str(tmp_path / "amg.pth"))
+    image = np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    grids = [point_grid(6, 5), point_grid(4, 3)]
+    for nms in (1.0, 0.9):
+        kw = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": nms, "crop_nms_thresh": nms,
+              "crop_n_layers": 1, "point_grids": grids, "points_per_batch": 16}
+        gen = sa.SamAutomaticMaskGenerator(ref, points_per_side=None, stability_score_offset=0.01, output_mode=
+                                           "binary_mask", min_mask_region_area=0, crop_overlap_ratio=512 / 1500, **kw)
+        anns = sorted(gen.generate(image), key=lambda a: -a["predicted_iou"])
+        masks, scores = generate_everything(ours, image, min_area=0, stability_offset=0.01, **kw)
+        assert len(masks) == len(anns) > 0
+        torch.testing.assert_close(scores, torch.tensor([a["predicted_iou"] for a in anns]), atol=TOL, rtol=0)
+        ref_masks = torch.stack([torch.as_tensor(a["segmentation"]) for a in anns])
+        assert (masks != ref_masks).float().mean() < 1e-4  # pixels whose logit is within float noise of 0
+
+
+def test_crop_layout_and_edge_rule_match_segment_anything():
+    from segment_anything.utils.amg import generate_crop_boxes, is_box_near_crop_edge
+
+    from oodseg.refine.everything import crop_boxes, near_crop_edge
+
+    for (h, w), layers, overlap in [((120, 160), 1, 512 / 1500), ((1024, 2048), 2, 512 / 1500), ((77, 50), 3, 0.2)]:
+        assert crop_boxes(h, w, layers, overlap) == generate_crop_boxes((h, w), layers, overlap)
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, [160, 120, 160, 120], size=(200, 4))
+    boxes = torch.tensor(np.concatenate([np.minimum(xy[:, :2], xy[:, 2:]), np.maximum(xy[:, :2], xy[:, 2:])], 1))
+    for crop in ([0, 0, 91, 69], [69, 51, 160, 120], [0, 0, 160, 120]):
+        local = boxes - torch.tensor(crop[:2] * 2)  # segment-anything takes crop-frame boxes and uncrops them
+        want = is_box_near_crop_edge(local.float(), crop, [0, 0, 160, 120])
+        assert torch.equal(near_crop_edge(boxes, crop, [0, 0, 160, 120]), want)
+        assert 0 < int(want.sum()) < 200 or crop == [0, 0, 160, 120]

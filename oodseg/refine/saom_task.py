@@ -65,6 +65,7 @@ class SaomTaskConfig:
     sam_cfg: dict[str, Any] = field(default_factory=dict)
     prompts: str = "grid"
     grid: tuple[int, int] = (32, 32)
+    eval_grid: tuple[int, int] | None = None  # validation prompts' grid (None: grid); SAOM trains 320×64, tests 32×32
     train_encoder: bool = False
     num_classes: int = 19
     min_fraction: float = 0.5
@@ -190,7 +191,7 @@ class SaomTask(Task):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.opts: SaomTaskConfig = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
-        self.grid = point_grid(*self.opts.grid)
+        self.grid = point_grid(*(self.opts.eval_grid or self.opts.grid))
 
     @classmethod
     def resolve(cls, cfg: Any, cache_dir: Any) -> Any:
