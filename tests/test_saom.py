@@ -381,7 +381,7 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     from oodseg.models.sam import check_sam
     from oodseg.platform.jobs.finetune import validate
     from oodseg.platform.jobs.train_saom import PRESET
-    from oodseg.platform.trainer import FinetuneConfig
+    from oodseg.platform.trainer import FinetuneConfig, resolve_data
     from oodseg.refine.saom_task import SaomTask
 
     torch.manual_seed(0)
@@ -395,9 +395,10 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     tc = cfg.train
     assert (tc.task, tc.lr, tc.weight_decay, tc.schedule, tc.warmup, tc.global_batch, cfg.num_workers) == (
         "saom", 1e-3, 0.01, "cosine", 0, 4, 4)
+    cfg = resolve_data(cfg, tmp_path / "cache")
     validate(cfg)
-    check_sam(tc.task_cfg["sam"])
-    task = SaomTask(tc)
+    check_sam(cfg.train.task_cfg["sam"])
+    task = SaomTask(cfg.train)
     model = task.build_model()
     assert (task.opts.grid, task.opts.eval_grid) == ((320, 64), (32, 32))
     assert model.grid.shape == (320 * 64, 2) and task.grid.shape == (32 * 32, 2)

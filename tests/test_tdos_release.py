@@ -178,3 +178,33 @@ def test_negative_mining_defaults_are_neglabels():
     # the 0.95 quantile (linear interpolation, torch.quantile) of the similarities to 21 ID classes, by hand
     sims = torch.linspace(-1, 1, 21)[None]
     assert float(N.similarity_scores(torch.eye(21), sims, 0.95)) == pytest.approx(-1 + 2 * 0.95, abs=1e-6)
+
+
+def test_tdos_released_config_parses_and_dry_checks(tmp_path):
+    """configs/tdos_released.yaml with the hub CLIP replaced by the tiny random one and scratch paths: it parses into
+    the fine-tuning job's config, passes the job's pre-Ray validation, and the model and loss it names build with the
+    release's FS L&F protocol (test scale 2048×1024, 512/341 windows) and OOD weight 4."""
+    from pathlib import Path
+
+    from oodseg.config import parse_config
+    from oodseg.losses import create_loss
+    from oodseg.platform.jobs.finetune import validate
+    from oodseg.platform.trainer import FinetuneConfig, resolve_data
+
+    neg = tmp_path / "neg.json"
+    N.write_groups(neg, [[f"w{g}{i}" for i in range(3)] for g in range(50)], [[0.0] * 3] * 50)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tdos_released.yaml"
+    cfg = parse_config(FinetuneConfig, ["--config", str(config), "--set", f"storage_path={tmp_path / 'runs'}",
+                                        "--set", f"train.data_root={tmp_path}", "--set", "train.coco_root=null",
+                                        "--set", "train.model_cfg.clip=tiny", "--set", f"train.model_cfg.negatives={neg}",
+                                        "--set", "use_gpu=false"])
+    tc = cfg.train
+    assert (tc.lr, tc.weight_decay, tc.schedule, tc.warmup, tc.steps, tuple(tc.crop)) == (
+        1e-4, 1e-5, "poly", 1500, 20000, (512, 512))
+    cfg = resolve_data(cfg, tmp_path / "cache")  # what the job does before validating: init 'scratch' → None
+    assert cfg.train.init is None
+    validate(cfg)
+    model = create_model(tc.model, **{**tc.model_cfg, "window": 512})
+    assert model.cfg.protocol == "release" and model.cfg.test_scale == (2048, 1024) and len(model.groups) == 50
+    assert len(model.frame_and_windows(1024, 2048)[1]) == 18
+    assert create_loss(tc.loss, **tc.loss_cfg).class_weights[19] == 4.0
