@@ -372,12 +372,14 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     """configs/saom_released.yaml with its paths replaced (a random tiny segment-anything-format SAM, a scratch data
     root and storage): it parses into the SAOM job's config, passes the job's pre-Ray validation and the SAM check,
     and builds SAOM's model from the converted .pth with the release's separate training / evaluation grids."""
+    from dataclasses import replace
     from pathlib import Path
 
     pytest.importorskip("segment_anything")
     from segment_anything.build_sam import _build_sam
 
     from oodseg.config import parse_config
+    from oodseg.models.checkpoint import CheckpointError
     from oodseg.models.sam import check_sam
     from oodseg.platform.jobs.finetune import validate
     from oodseg.platform.jobs.train_saom import PRESET
@@ -403,3 +405,8 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     assert (task.opts.grid, task.opts.eval_grid) == ((320, 64), (32, 32))
     assert model.grid.shape == (320 * 64, 2) and task.grid.shape == (32 * 32, 2)
     assert model.sam.export_cfg()["resize"] == "pil" and model.sam.hidden_size == 256
+    bad = tmp_path / "sam_bad.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, bad)
+    with pytest.raises(CheckpointError, match="sam_bad.pth: missing segment-anything key 'image_encoder.pos_embed'"):
+        resolve_data(replace(cfg, train=replace(cfg.train, task_cfg={**cfg.train.task_cfg, "sam": str(bad)})),
+                     tmp_path / "cache")

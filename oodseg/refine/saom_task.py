@@ -41,7 +41,7 @@ from oodseg.data.instances import CityscapesInstances
 from oodseg.data.paste import OutlierPaste
 from oodseg.labels import IGNORE_ID
 from oodseg.models import resolve_checkpoint
-from oodseg.models.sam import SamSegmenter, create_sam, save_sam
+from oodseg.models.sam import SamSegmenter, check_sam, create_sam, save_sam
 from oodseg.refine.saom import (
     SaomEval,
     SaomHead,
@@ -197,6 +197,7 @@ class SaomTask(Task):
     def resolve(cls, cfg: Any, cache_dir: Any) -> Any:
         opts = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
         path = resolve_checkpoint(opts.sam, cache_dir=cache_dir, data_root=cfg.data_root, seed=cfg.seed)
+        check_sam(path)  # a SAM file that cannot load fails here, before Ray starts, in one line naming it
         return replace(cfg, task_cfg={**cfg.task_cfg, "sam": path})
 
     def build_model(self) -> nn.Module:
