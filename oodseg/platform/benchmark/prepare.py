@@ -28,7 +28,7 @@ from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
 from oodseg.models.factory import check_checkpoint_model
-from oodseg.models.sam import create_sam
+from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
 from oodseg.platform.benchmark.resume import check_resume, fingerprint
@@ -167,7 +167,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
     sam = local_path(resolve_checkpoint(r.sam, **context))
-    if sam and sam.endswith(".safetensors"):
+    if sam and sam.endswith((".safetensors", ".pth", ".pt")):
         check_checkpoint(sam)
     prompters = {}
     for scorer in r.scorers:
@@ -196,8 +196,8 @@ def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -
             raise  # already one line naming the detector file
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
-    if sam and sam.endswith(".safetensors"):
-        create_sam(sam)
+    if sam:
+        check_sam(sam)
 
 
 def check_pretrained_source(option: str, source: str) -> None:
