@@ -188,7 +188,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
 
 def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -> None:
     """Build each prompter and a SAM file once here (small), so unknown options and weights that do not fit their
-    stored config fail before Ray starts, naming the file (a hub SAM is checked when the actors load it)."""
+    stored config fail before Ray starts, naming the file (a hub id or directory: :func:`check_pretrained_source`)."""
     for scorer, pc in prompters.items():
         try:
             create_prompter(**pc)
