@@ -34,6 +34,7 @@ TRAIN = ["--steps", "4", "--set", "train.val_every=2", "--set", "checkpoint_ever
          "--set", "train.global_batch=2", "--set", "train.val_images=2"]
 TUNE = ["--num-samples", "3", "--max-images", "1"]
 INTERNET = "needs the internet (hub weights or NLTK data)"
+RELEASED = "needs RbA's released Swin-B weights (a download)"
 CLOUD = "starts or stops an AWS cluster (tests/test_clusters.py validates the YAML)"
 LOCAL_CLUSTER = "a local Ray cluster with token auth + ray job submit: tests/test_job_submit.py runs exactly this"
 MAKE = "the README's set-up commands: .ci/run runs make test; make demo is python jobs/benchmark.py (run below)"
@@ -55,6 +56,11 @@ COMMANDS: dict[str, list[str] | str] = {
     "{pretrained: checkpoints/eomt-l}}]": INTERNET + " (the converted EoMT-L)",
     "python jobs/benchmark.py --data-root /data --set models=[{name: erfnet, arch: erfnet, checkpoint: "
     "/data/checkpoints/erfnet_pretrained.pth}]": BENCH,
+    "python -m oodseg convert-checkpoint --format detectron2-mask2former ckpts/swin_b_1dl checkpoints/rba_swin_b_1dl":
+    RELEASED + " (tests/test_mask2former_convert.py converts checkpoints built in that format)",
+    "python jobs/benchmark.py --config configs/rba_swin_b.yaml --set data_root=/data": RELEASED,
+    "python jobs/finetune.py --config configs/finetune_rba_swin_b.yaml --set train.data_root=/data --set "
+    "train.coco_root=/data/coco": RELEASED + " and a GPU (tests/test_models_mask2former.py fine-tunes a tiny one)",
     "python -m oodseg report": [],
     "python -m oodseg report --runs RUN_A,RUN_B": "RUN_A,RUN_B",
     "python -m oodseg report --sql SELECT run_id, job, status, started_at FROM runs ORDER BY started_at": [],
