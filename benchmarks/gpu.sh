@@ -58,5 +58,5 @@ cat "$LOG/steps.txt"
 for f in "$LOG"/models-*.log "$LOG"/pipeline-*.log "$LOG"/train.log "$LOG"/refine.log; do
   [ -f "$f" ] || continue
   echo "--- $(basename "$f" .log)"
-  grep -E "img/s|steps/s|ratio|×|target" "$f" | tail -12
+  grep -E "images/s|img/s|steps/s|ratio|×|target|^(erfnet|eomt|mask2former) " "$f" | tail -12
 done
