@@ -115,15 +115,14 @@ def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_r
     """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
     or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
     context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
-    if spec.checkpoint == "demo":
-        log(f"{spec.name}: demo model (trained once on the synthetic suite, 1–3 min on 2 CPU cores; cached in "
-            f"{cache_dir})")
-    if background:  # a file path never raises NotCached
-        try:
-            with cached_only():
-                return local_path(resolve_checkpoint(spec.checkpoint, **context))
-        except NotCached:
-            return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
+    try:
+        with cached_only():  # a file path never raises NotCached
+            return local_path(resolve_checkpoint(spec.checkpoint, **context))
+    except NotCached:
+        log(f"{spec.name}: training {spec.checkpoint!r} once on the synthetic suite (cached in {cache_dir})" +
+            (": 1–3 min on 2 CPU cores" if spec.checkpoint == "demo" else ""))
+    if background:
+        return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
     return local_path(resolve_checkpoint(spec.checkpoint, **context))
 
 

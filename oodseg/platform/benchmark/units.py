@@ -107,7 +107,7 @@ class Reducer:
             unit.started = requested
         if r["row"] == "info":
             if self.on_info:
-                self.on_info(r["summary"])
+                self.on_info(json.loads(r["summary"]))
             return
         rows = self.buffer.setdefault((r["call"], r["dataset"]), [])
         if r["row"] != "state":
