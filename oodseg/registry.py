@@ -73,12 +73,6 @@ class Registry(Generic[T]):
         """Registered names in registration order."""
         return list(self._entries)
 
-    def check(self, names: Any, what: str | None = None) -> None:
-        """Raise one ``ValueError`` naming every unknown entry of ``names`` and the registered ones."""
-        unknown = [n for n in names if n not in self._entries]
-        if unknown:
-            raise ValueError(f"{what or self.kind}: unknown {self.kind}(s) {unknown}; registered: {self.list()}")
-
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
