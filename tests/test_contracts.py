@@ -22,7 +22,7 @@ from oodseg.losses import create_loss, list_losses, loss_info
 from oodseg.models import create_model, list_models
 from oodseg.outputs import MaskOutputs, PixelLogits
 from oodseg.refine import ScoreCalibration, create_prompter, list_prompters
-from oodseg.scoring import create_scorer, list_scorers, scorer_applies
+from oodseg.scoring import SCORERS, create_fit, create_scorer, list_scorers, scorer_applies
 
 #: registered model → a small configuration (seconds on a CPU)
 TINY = {
@@ -69,8 +69,28 @@ def outputs_of(kind: str, ood: tuple[int, ...] = ()) -> PixelLogits | MaskOutput
 @pytest.mark.parametrize("kind", ["pixel", "mask"])
 @pytest.mark.parametrize("name", list_scorers())
 def test_scorer_contract(name, kind):
+    meta = SCORERS.meta(name)
+    if meta["fit"] or meta["needs"]:
+        return posthoc_contract(name, kind)
     ood = () if scorer_applies(name, ()) else (19,)
     score = create_scorer(name)(outputs_of(kind, ood), size=(32, 48))
+    assert score.shape == (2, 32, 48) and score.is_floating_point() and torch.isfinite(score).all()
+
+
+def posthoc_contract(name: str, kind: str) -> None:
+    """A scorer that learns from training data or runs the network: on the example model of each kind it applies
+    to, fitted on one batch (``predict(features=True)`` when the model exposes features), given model and images."""
+    model = tiny(EXAMPLE[kind]).eval()
+    if not scorer_applies(name, model.ood_channels, kind, model.has_features):
+        pytest.skip(f"{name} does not apply to {EXAMPLE[kind]}")
+    with torch.inference_mode():
+        out = model.predict(IMAGES, **({"features": True} if model.has_features else {}))
+    fit_name = SCORERS.meta(name)["fit"]
+    fit = None
+    if fit_name:
+        labels = torch.randint(0, 19, IMAGES.shape[:3], generator=torch.Generator().manual_seed(3)).to(torch.uint8)
+        fit = create_fit(fit_name).update(out, labels, ["a", "b"])
+    score = create_scorer(name, fit=fit)(out, size=(32, 48), model=model, images=IMAGES)
     assert score.shape == (2, 32, 48) and score.is_floating_point() and torch.isfinite(score).all()
 
 

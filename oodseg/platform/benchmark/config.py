@@ -10,10 +10,12 @@ from oodseg.config import ConfigError
 from oodseg.data import default_datasets, list_datasets
 from oodseg.models import list_models, model_output_kind
 from oodseg.models.factory import MODELS
+from oodseg.platform.runs import log
 from oodseg.registry import import_plugins
-from oodseg.scoring import PLACEMENTS, list_scorers, scorer_applies
+from oodseg.scoring import PLACEMENTS, default_scorers, list_scorers, scorer_applies
 
 PROTOCOLS = ("field", "course")
+FIT_POLICIES = ("missing", "never", "refit")
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,17 @@ class BenchmarkConfig:
     smiyc: bool = field(default=True, metadata=_h("also report the SMIYC leaderboard's binned pixel metrics"))
     refine: str = field(default="", metadata=_h("refine stage after scoring (empty: none)", choices=("", "s2m")))
     refine_cfg: RefineSpec = field(default_factory=RefineSpec, metadata=_h("refine stage settings"))
+    fit: str = field(default="missing", metadata=_h(
+        "training-split fits of the scorers that learn from it (sml, mahalanobis, knn, react), stored under "
+        "<results>/fits: missing (fit what is not stored first), never (stored fits only: fail before Ray), refit",
+        choices=FIT_POLICIES))
+    fit_dataset: str = field(default="cityscapes", metadata=_h("dataset whose training split the fits read",
+                                                               choices=list_datasets))
+    fit_split: str = field(default="train", metadata=_h("split of --fit-dataset the fits read"))
+    fit_root: str = field(default="", metadata=_h("root of --fit-dataset (empty: the data root / synthetic suite)"))
+    fit_max_images: int = field(default=0, metadata=_h("at most this many training images per fit (0: all)"))
+    fit_cfg: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=_h(
+        "fit state settings, {feature_bank: {cap: 8192}}"))
     plugins: tuple[str, ...] = field(default=(), metadata={**_h(
         "modules to import in the driver and every worker (user-registered scorers, models, datasets); on "
         "PYTHONPATH or in the job's --working-dir"), "on_parse": import_plugins})
@@ -160,6 +173,9 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         specs = tuple(DatasetSpec(d) if isinstance(d, str) else d for d in self.datasets)
         object.__setattr__(self, "datasets", specs)  # plain names are accepted in code too
+        if self.fit not in FIT_POLICIES or self.fit_max_images < 0:
+            raise ValueError(f"fit must be one of {FIT_POLICIES} and fit_max_images ≥ 0, got {self.fit!r}, "
+                             f"{self.fit_max_images}")
         if self.max_images < 0:
             raise ValueError(f"max_images must be ≥ 0 (0: all images), got {self.max_images}")
         if not self.models:
@@ -193,10 +209,16 @@ def model_keys(cfg: BenchmarkConfig, model: str, name: str = "") -> list[ScorerK
     """The scorer keys a registered ``model`` is scored with — decided here once, from its registered facts (output
     kind, OOD class channels), and handed to the actors as they are: ``cfg.scorers``, or every registered scorer that
     applies. An explicitly requested scorer that does not apply is a ``ConfigError`` naming the model ``name``."""
-    ood = getattr(MODELS.get(model), "ood_channels", ())
+    cls = MODELS.get(model)
+    ood, kind, feats = getattr(cls, "ood_channels", ()), model_output_kind(model), getattr(cls, "has_features", False)
     bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
     if bad:
         raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {name or model!r} ({model}) "
                           "has none")
-    names = list(cfg.scorers) or [s for s in list_scorers() if scorer_applies(s, ood)]
-    return scorer_keys(cfg, names, model_output_kind(model))
+    skip = [s for s in cfg.scorers if not scorer_applies(s, ood, kind, feats)]
+    if skip:
+        log(f"{name or model}: {', '.join(skip)} skipped: they do not apply to {model} ({kind} outputs"
+            f"{'' if feats else ', no features'})")
+    names = [s for s in cfg.scorers if s not in skip] if cfg.scorers else \
+        [s for s in default_scorers() if scorer_applies(s, ood, kind, feats)]
+    return scorer_keys(cfg, names, kind)

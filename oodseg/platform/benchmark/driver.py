@@ -21,6 +21,7 @@ from oodseg.config import ConfigError, to_json
 from oodseg.platform.benchmark.commit import commit_unit
 from oodseg.platform.benchmark.components import ComponentPass
 from oodseg.platform.benchmark.config import BenchmarkConfig
+from oodseg.platform.benchmark.fit import ensure_fits
 from oodseg.platform.benchmark.heatmaps import write_heatmaps
 from oodseg.platform.benchmark.prepare import Plan, prepare
 from oodseg.platform.benchmark.refine import RefineStage
@@ -86,6 +87,7 @@ class BenchmarkRunner:
                 run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
                                plan.keys[spec.name], plan.datasets, plan.infos,
                                plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
+                run.fits = ensure_fits(ray, run, plan.data_root)  # before scoring: what post-hoc scorers need
                 for stage_cls in STAGES:
                     self.run_stage(ray, stage_cls(run))
         except BaseException as e:

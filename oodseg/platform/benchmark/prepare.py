@@ -31,6 +31,7 @@ from oodseg.models.factory import check_checkpoint_model
 from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
+from oodseg.platform.benchmark.fit import check_stored_fits
 from oodseg.platform.benchmark.resume import check_resume, fingerprint
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
@@ -39,7 +40,7 @@ from oodseg.platform.runs import log
 from oodseg.refine import create_prompter, list_prompters
 from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
 from oodseg.registry import import_plugins
-from oodseg.scoring import list_scorers
+from oodseg.scoring import default_scorers
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.background import BackgroundBuild
 from oodseg.training.cached import NotCached, cached_only
@@ -161,7 +162,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
         return {}
     if r.prompter not in list_prompters():
         raise ConfigError(f"--refine-cfg.prompter {r.prompter}: not a registered prompter ({list_prompters()})")
-    scored = set(cfg.scorers) or set(list_scorers())
+    scored = set(cfg.scorers) or set(default_scorers())
     if not r.scorers or set(r.scorers) - scored:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
@@ -255,12 +256,14 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
         for spec in cfg.models:
             checkpoint = resolve_model(cfg, spec, cache_dir, root, background=not cfg.refine)
             if isinstance(checkpoint, BackgroundBuild):
+                check_stored_fits(cfg, store, spec, None, None, root)  # --fit never: a model to build has none
                 if not plan.pending:  # one trainer at a time (Plan.finish starts the next): they share the cores
                     checkpoint.start()
                 plan.pending[spec.name] = checkpoint
             else:
                 plan.checkpoints[spec.name] = checkpoint
                 plan.keys[spec.name] = check_model(cfg, spec, checkpoint)
+                check_stored_fits(cfg, store, spec, checkpoint, plan.keys[spec.name], root)
             plan.refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
         check_resume(store, cfg.run_id, plan.fingerprint())
     except BaseException:

@@ -30,13 +30,14 @@ from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
 from oodseg.models import Runtime, SegModel, create_model, tune_allocator
 from oodseg.platform.benchmark.commit import calibration
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
+from oodseg.platform.benchmark.fit import load_fit
 from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.stage import ActorContext, ScoredUnit, Stage
 from oodseg.platform.benchmark.units import UnitInfo, UnitResult
 from oodseg.platform.cache import split_outputs
 from oodseg.registry import import_plugins
-from oodseg.scoring import create_scorer, score_many, semantic_prediction
+from oodseg.scoring import SCORERS, create_scorer, score_many, semantic_prediction
 from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
 
 F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
@@ -79,7 +80,11 @@ class ScoreActor:
             tune_allocator()
         self.model = self.runtime.prepare(build_model(ctx.spec, ctx.checkpoint, cfg.protocol))
         self.ctx, self.cfg, self.keys = ctx, cfg, list(ctx.keys)  # states are keyed by the key's index
-        self.scorers = [create_scorer(k.scorer, k.temperature, k.placement, **dict(k.params)) for k in self.keys]
+        fits = {name: load_fit(ctx.results_root, path, name) for name, path in ctx.fits.items()}
+        self.scorers = [create_scorer(k.scorer, k.temperature, k.placement, fit=fits.get(SCORERS.meta(k.scorer)["fit"]),
+                                      **dict(k.params)) for k in self.keys]
+        needs = {n for k in self.keys for n in SCORERS.meta(k.scorer)["needs"]}
+        self.features, self.network = "features" in needs, "network" in needs
         self.write_scores = writes_scores(cfg)
         self.calls = 0
         self.announced = False
@@ -118,12 +123,12 @@ class ScoreActor:
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
         labels = np.stack([np.frombuffer(r["label"], np.uint8).reshape(h, w) for r in chunk])
         with torch.inference_mode(), self.runtime.autocast():
-            outputs = self.model.predict(torch.from_numpy(images))
+            outputs = self.model.predict(torch.from_numpy(images), **({"features": True} if self.features else {}))
         info = self.ctx.units[dataset]
         if info.kind == "semantic":
             self._score_semantic(outputs, labels, chunk, info, states, rows)
         else:
-            self._score_anomaly(dataset, outputs, labels, chunk, states, rows)
+            self._score_anomaly(dataset, outputs, labels, chunk, states, rows, images)
         if self.cfg.cache_outputs:
             self._cache_outputs(dataset, outputs, labels, chunk, rows)
 
@@ -138,11 +143,12 @@ class ScoreActor:
             rows.image(r, [{"pixel_acc": acc, "n_valid": int(valid.sum())}])
 
     def _score_anomaly(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], states: dict,
-                       rows: Rows) -> None:
+                       rows: Rows, images: np.ndarray) -> None:
         keep = [b for b in range(len(chunk)) if self.cfg.protocol != "course" or (labels[b] == ANOMALY).any()]
         for b in set(range(len(chunk))) - set(keep):  # the course code skips frames without anomaly pixels
             rows.image(chunk[b], [])
-        on_device = score_many(outputs, self.scorers, labels.shape[1:])
+        net = {"model": self.model, "images": torch.from_numpy(images)} if self.network else {}
+        on_device = score_many(outputs, self.scorers, labels.shape[1:], **net)  # one model pass serves all
         label_t = torch.from_numpy(labels[keep]).to(on_device[0].device) if on_device else None
         for i, s in enumerate(on_device):  # binned on the actor's device, whole chunk
             states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.cfg.smiyc)).update(s[keep], label_t)

@@ -39,6 +39,7 @@ class ModelRun:
     done: set[tuple[str, str, str]] = field(default_factory=set)  # committed (model, dataset, stage)
     refine: dict[str, Any] = field(default_factory=dict)  # resolved refine inputs: "sam", "prompters" per scorer
     scored: dict[str, ScoredUnit] = field(default_factory=dict)  # dataset → its committed score unit's facts
+    fits: dict[str, str] = field(default_factory=dict)  # fit state → artefact path (fit.ensure_fits)
 
     def scored_unit(self, dataset: str) -> ScoredUnit:
         """What later stages need of a committed score unit: recorded at its commit in this attempt, or read once
@@ -52,7 +53,7 @@ class ModelRun:
 
     def actor_context(self, keys: list[ScorerKey]) -> ActorContext:
         return ActorContext(self.cfg, self.spec, self.checkpoint, tuple(keys), self.infos, self.store.root,
-                            self.run_id)
+                            self.run_id, dict(self.fits))
 
     def pending(self, stage: str) -> list[str]:
         return [k for k in self.infos if (self.spec.name, k, stage) not in self.done]
@@ -103,6 +104,7 @@ class ActorContext:
     units: Mapping[str, UnitInfo]
     results_root: str
     run_id: str
+    fits: Mapping[str, str] = field(default_factory=dict)  # fit state → artefact path under results_root
 
     @property
     def torch_threads(self) -> int:
