@@ -5,10 +5,10 @@ it cannot run on a machine without internet, a GPU or a cloud account; a README 
 :func:`test_every_readme_command_is_in_the_table`.
 
 The environment is the README's: ``OODSEG_CACHE`` holds the synthetic suite; ``/data`` is a copy of it plus an ERFNet
-``.pth`` and a ``folder`` dataset in the README's layout. Jobs run in-process on the session's
-Ray; their demo models (``demo``, ``demo-sam``, ``demo-saom``, ``demo-detector``, ``demo-tdos``) train through the
-real cached-training path for 2 steps instead of their recipe's hundreds (``cached_fit`` is wrapped), so each
-README command exercises everything it would on a laptop, only shorter.
+``.pth`` and a ``folder`` dataset in the README's layout. Jobs run in-process on the session's Ray; their demo models
+(``demo``, ``demo-mask``, ``demo-sam``, ``demo-saom``, ``demo-detector``, ``demo-tdos``) train through the real
+cached-training path for 2 steps instead of their recipe's hundreds (``cached_fit`` is wrapped), so each README
+command exercises everything it would on a laptop, only shorter.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "make test-fast": MAKE,
     "python -m oodseg.data.synthetic --out /tmp/suite --seed 0": ["--size", "32", "64", "--n-train", "1", "--n-val",
                                                                   "1", "--n-anomaly", "1", "--n-coco", "1"],
+    "python jobs/benchmark.py --config configs/demo_mask.yaml": BENCH,
     "python jobs/benchmark.py --data-root /data --datasets road_anomaly_21,fs_static,cityscapes": BENCH,
     'python jobs/benchmark.py --set datasets=[{name: folder, key: my_set, title: "My set", cfg: {root: /data/my_set, '
     "image_dir: images, mask_dir: labels_masks, mapping: {0: 0, 1: 1, 2: 1, 255: 255}}}]": BENCH,
@@ -229,12 +230,13 @@ def test_every_readme_command_runs(ray_session, workdir, monkeypatch):
     work, data, cache = workdir
     monkeypatch.chdir(work)
     monkeypatch.setenv("OODSEG_CACHE", str(cache))
-    for module in ("oodseg.training.demo", "oodseg.refine.demo", "oodseg.training.demo_tdos"):
+    for module in ("oodseg.training.demo", "oodseg.refine.demo", "oodseg.training.demo_tdos",
+                   "oodseg.training.demo_mask"):
         mod = __import__(module, fromlist=["cached_fit"])
         monkeypatch.setattr(mod, "cached_fit", short_cached_fit(mod.cached_fit))
     from oodseg.models import resolve_checkpoint
 
-    for source in ("demo", "demo-tdos"):  # built here, shortened: a job would train them in a child process
+    for source in ("demo", "demo-mask", "demo-tdos"):  # built here, shortened: a job trains them in a child process
         resolve_checkpoint(source, cache_dir=cache, data_root=None, seed=0)
     failed, state = [], {}
     words = readme_commands((ROOT / "README.md").read_text())
