@@ -48,6 +48,7 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m oodseg.data.synthetic --out /tmp/suite --seed 0": ["--size", "32", "64", "--n-train", "1", "--n-val",
                                                                   "1", "--n-anomaly", "1", "--n-coco", "1"],
     "python jobs/benchmark.py --config configs/demo_mask.yaml": BENCH,
+    "python jobs/benchmark.py --scorers sml,mahalanobis,knn,react,gen,odin,energy": [*BENCH, "--fit-max-images", "4"],
     "python jobs/benchmark.py --data-root /data --datasets road_anomaly_21,fs_static,cityscapes": BENCH,
     'python jobs/benchmark.py --set datasets=[{name: folder, key: my_set, title: "My set", cfg: {root: /data/my_set, '
     "image_dir: images, mask_dir: labels_masks, mapping: {0: 0, 1: 1, 2: 1, 255: 255}}}]": BENCH,
