@@ -14,7 +14,6 @@
 * ``acceptance``                               OE / LogitNorm / EIM fine-tuning check on the synthetic suite
 """
 
-from oodseg.training import demo, demo_tdos  # noqa: F401  (register the "demo" and "demo-tdos" sources)
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import fit, train_local
 from oodseg.training.params import merge_lora, select_parameters, train_mode
