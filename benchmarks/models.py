@@ -44,6 +44,8 @@ def specs(small: bool) -> dict[str, tuple[dict[str, Any], tuple[int, int]]]:
         "erfnet": (dict(), hw),
         "eomt": (dict(config=eomt), (eomt["image_size"], eomt["image_size"])),
         "timm_seg": (dict(backbone="convnext_atto", decoder_channels=128), hw),
+        # Mask2Former: RbA's Swin-B with one decoder layer (its zoo model), Swin-T at CPU sizes
+        "mask2former": (dict(backbone="swin-t" if small else "swin-b", arch={"decoder_layers": 1}), hw),
     }
 
 

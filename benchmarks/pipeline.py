@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +156,9 @@ def in_process_actor(cfg: BenchmarkConfig, plan: Plan, threads: int) -> float:
     """images/s of the score stage's per-batch work (decode, predict, every scorer, metric states, fp16 score
     shards) by one in-process :class:`ScoreActor` without Ray: what the pipeline costs on top of the work."""
     spec = cfg.models[0]
-    run = ModelRun(cfg, plan.store, "inproc", spec, plan.checkpoints[spec.name], plan.output_kinds[spec.name],
-                   plan.datasets, plan.infos)
-    actor = ScoreActor(spec, run.checkpoint, ScoreStage(run).keys(), plan.infos, plan.store.root, "inproc",
-                       device=cfg.device, precision=cfg.precision, torch_threads=threads, write_scores=True,
-                       model_batch=cfg.batch_size, protocol=cfg.protocol, smiyc=cfg.smiyc)
+    run = ModelRun(replace(cfg, torch_threads=threads), plan.store, "inproc", spec, plan.checkpoints[spec.name],
+                   plan.keys[spec.name], plan.datasets, plan.infos)
+    actor = ScoreActor(run.actor_context(ScoreStage(run).keys()))
     rows = image_items(plan.datasets)
     batches = [pa.Table.from_pylist(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
     actor(read_batch(batches[0], plan.datasets, cfg.protocol))  # warm-up

@@ -1,6 +1,7 @@
 """Training throughput: DeepSpeed (ZeRO-1, fp32 on CPU) vs plain DDP on Ray Train, same model, batch and data.
 
     python benchmarks/train.py [--workers 2] [--steps 30] [--warmup-steps 5] [--json OUT]
+    python benchmarks/train.py --use-gpu --workers 1 --width 1.0    # one GPU per worker, the published width
 
 Both runs use the tiny demo ERFNet (width 0.25) on 128x256 crops of a small synthetic suite (built in a temp dir),
 global batch 8, no validation, one checkpoint at the end. Throughput = optimizer steps per second between step
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--width", type=float, default=0.25, help="ERFNet width multiplier")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -43,15 +46,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         suite = build_suite(Path(tmp) / "suite", seed=0, size=(128, 256), n_train=16, n_val=2, n_anomaly=2, n_coco=2)
-        ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
-        tc = TrainConfig(model_cfg={"width": 0.25, "input_size": None}, data_root=str(suite), val_split="",
+        ray.init(num_cpus=None if a.use_gpu else max(2, a.workers), include_dashboard=False, log_to_driver=False)
+        tc = TrainConfig(model_cfg={"width": a.width, "input_size": None}, data_root=str(suite), val_split="",
                          anomaly_set=None, steps=a.steps, global_batch=8, crop=(128, 256), scale=(1.0, 1.0),
                          log_every=1, warmup=2)
         rates = {}
         for strategy in ("deepspeed", "ddp"):
             cfg = FinetuneConfig(train=tc, name=f"bench-{strategy}", storage_path=str(Path(tmp) / "runs"),
                                  strategy=strategy, zero_stage=a.zero_stage, num_workers=a.workers,
-                                 checkpoint_every=a.steps, max_failures=0, extensions_dir=str(Path(tmp) / "ext"))
+                                 checkpoint_every=a.steps, max_failures=0, extensions_dir=str(Path(tmp) / "ext"),
+                                 use_gpu=a.use_gpu)
             rates[strategy] = steps_per_s(run_finetune(cfg).history, a.warmup_steps)
             print(f"{strategy:10s} {rates[strategy]:.3f} steps/s", flush=True)
         ray.shutdown()

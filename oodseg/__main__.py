@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune-loss": ("oodseg.platform.jobs.tune_loss", "ASHA search over loss hyper-parameters"),
     "report": ("oodseg.platform.jobs.report", "standard tables, PR/ROC plots and heatmaps from a results store"),
     "cache": ("oodseg.platform.jobs.cache", "list or delete the per-run output / score-map caches"),
-    "convert-checkpoint": ("oodseg.models.eomt_convert", "convert a tue-mps EoMT .ckpt to a transformers directory"),
+    "convert-checkpoint": ("oodseg.models.convert", "convert an EoMT (tue-mps) or Mask2Former (detectron2) checkpoint"),
     "mine-negatives": ("oodseg.models.tdos.negatives", "mine TDOS's distance-ordered negative word groups"),
     "suite": ("oodseg.data.synthetic", "build the synthetic road suite"),
 }

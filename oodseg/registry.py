@@ -27,8 +27,8 @@ PROVIDERS: dict[str, dict[str, str]] = {
     "training task": {"segmentation": "oodseg.training.task", "s2m_detector": "oodseg.refine.detector_task",
                       "saom": "oodseg.refine.saom_task"},
     "checkpoint source": {"demo": "oodseg.training.demo", "demo-tdos": "oodseg.training.demo_tdos",
-                          "demo-sam": "oodseg.refine.demo", "demo-saom": "oodseg.refine.demo",
-                          "demo-detector": "oodseg.refine.demo"},
+                          "demo-mask": "oodseg.training.demo_mask", "demo-sam": "oodseg.refine.demo",
+                          "demo-saom": "oodseg.refine.demo", "demo-detector": "oodseg.refine.demo"},
 }
 
 

@@ -29,3 +29,24 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """A small synthetic road suite (64×128 frames, 2 anomaly frames per set), built once per test session."""
+    from oodseg.data.synthetic import build_suite
+
+    return build_suite(tmp_path_factory.mktemp("tiny") / "suite", seed=2, size=(64, 128), n_train=2, n_val=2,
+                       n_anomaly=2, n_coco=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_erfnet(tmp_path_factory):
+    """A self-describing random ERFNet (channels 4/8/16, seed 0) as a ``.safetensors`` file."""
+    import torch
+
+    from oodseg.models import create_model, save_safetensors
+
+    torch.manual_seed(0)
+    return save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None),
+                            tmp_path_factory.mktemp("tiny_model") / "tiny.safetensors")

@@ -50,7 +50,7 @@ def test_tune_temperature_p_ood_on_a_model_without_an_ood_class(tmp_path, capsys
     store, rng = ResultsStore(str(tmp_path)), np.random.default_rng(0)
     records = [{"logits": rng.standard_normal((19, 8, 16)).astype(np.float16),
                 "label": (rng.random((16, 32)) < 0.2).astype(np.uint8)} for _ in range(2)]
-    ShardCache(store.root, "bench", "pix", VAL, "outputs").write("w0", records, ["a", "b"])
+    ShardCache(store.root, "bench", "pix", VAL, "outputs").write(records, ["a", "b"])
     store.write_part("metrics", safe_key("bench", "pix", VAL),
                      [{"run_id": "bench", "model": "pix", "dataset": VAL, "kind": "anomaly", "track": "anomaly"}])
     argv = ["--source-run", "bench", "--set", "model={name: pix}", "--datasets", VAL, "--scorer", "p_ood"]

@@ -35,7 +35,7 @@ def cached_unit(root: str) -> tuple[UnitResult, ShardCache, list]:
     cache = ShardCache(root, "run", "m", "fs_static", "scores")
     for start in (0, 2, 4):  # three shards of two images, like three score-actor calls
         chunk = data[start:start + 2]
-        cache.write(f"w{start}", [{"label": lab, "scores": s, "keys": np.arange(2)} for _, lab, s in chunk],
+        cache.write([{"label": lab, "scores": s, "keys": np.arange(2)} for _, lab, s in chunk],
                     [i for i, _, _ in chunk])
     unit = UnitResult(UnitInfo("fs_static", "fs_static", "FS Static", "anomaly", "obstacle", 19), list(KEYS),
                       expected=len(data))

@@ -201,6 +201,8 @@ def test_bad_inputs_become_failures_and_the_rest_is_intact(ray_session, tiny_sui
     assert failures.loc[corrupt.id, "stage"] == "read"
     assert corrupt.image_path in failures.loc[corrupt.id, "error"] and "corrupt" in failures.loc[corrupt.id, "error"]
     assert wrong.label_path in failures.loc[wrong.id, "error"] and "size" in failures.loc[wrong.id, "error"]
+    assert failures.loc[corrupt.id, "file"] == corrupt.image_path  # the file at fault: the image …
+    assert failures.loc[wrong.id, "file"] == wrong.label_path  # … or its label
     metrics = store.read("metrics")
     assert (metrics.n_images == N_IMAGES - 2).all() and (metrics.n_failures == 2).all()
     # the other images' metrics are exactly those of a loop over the good images only

@@ -62,7 +62,7 @@ def test_a_fresh_process_knows_every_demo_checkpoint_source():
               CHECKPOINT_SOURCES.get("demo").__module__, resolve_checkpoint("scratch"))
     """)
     assert out.split("\n")[:2] == [
-        "['demo', 'demo-detector', 'demo-sam', 'demo-saom', 'demo-tdos', 'scratch'] False",
+        "['demo', 'demo-detector', 'demo-mask', 'demo-sam', 'demo-saom', 'demo-tdos', 'scratch'] False",
         "oodseg.refine.demo oodseg.training.demo_tdos oodseg.training.demo None"]
 
 

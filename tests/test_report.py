@@ -142,7 +142,7 @@ def test_cli_prints_table_and_runs_sql(store, capsys, tmp_path):
     empty = tmp_path / "empty"
     ResultsStore(str(empty))
     assert oodseg_main(["report", "--results", str(empty), "--no-plots"]) == 1  # a store without results
-    assert oodseg_main(["report", "--results", store.root, "--no-plots", "--runs", "nope"]) == 1
+    assert oodseg_main(["report", "--results", store.root, "--no-plots", "--runs", "nope"]) == 2
     assert "runs there: new, old" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from oodseg.models.sam import create_sam
+from oodseg.refine import everything as E
 from oodseg.refine import saom as S
 from oodseg.scoring.metrics.base import create_metric, metric_from_state
 
@@ -315,15 +316,15 @@ def test_remove_small_regions_hand_case():
     m[1:8, 1:8] = True
     m[4, 4] = False  # 1-px hole
     m[9, 9] = True  # 1-px island
-    filled, changed = S.remove_small_regions(m, 3, "holes")
+    filled, changed = E.remove_small_regions(m, 3, "holes")
     assert changed and filled[4, 4] and filled[9, 9]
-    cleaned, changed = S.remove_small_regions(filled, 3, "islands")
+    cleaned, changed = E.remove_small_regions(filled, 3, "islands")
     assert changed and not cleaned[9, 9] and cleaned[1:8, 1:8].all()
-    same, changed = S.remove_small_regions(cleaned, 3, "islands")
+    same, changed = E.remove_small_regions(cleaned, 3, "islands")
     assert not changed and np.array_equal(same, cleaned)
     tiny = np.zeros((5, 5), bool)
     tiny[0, 0] = tiny[3, 3] = tiny[3, 4] = True
-    kept, _ = S.remove_small_regions(tiny, 10, "islands")  # all small: the largest stays
+    kept, _ = E.remove_small_regions(tiny, 10, "islands")  # all small: the largest stays
     assert kept.sum() == 2 and kept[3, 3]
 
 
@@ -365,3 +366,47 @@ def replace_outliers(cfg, n):
     from dataclasses import replace
 
     return replace(cfg, task_cfg={**cfg.task_cfg, "outliers": n})
+
+
+def test_saom_released_config_parses_and_dry_checks(tmp_path):
+    """configs/saom_released.yaml with its paths replaced (a random tiny segment-anything-format SAM, a scratch data
+    root and storage): it parses into the SAOM job's config, passes the job's pre-Ray validation and the SAM check,
+    and builds SAOM's model from the converted .pth with the release's separate training / evaluation grids."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    pytest.importorskip("segment_anything")
+    from segment_anything.build_sam import _build_sam
+
+    from oodseg.config import parse_config
+    from oodseg.models.checkpoint import CheckpointError
+    from oodseg.models.sam import check_sam
+    from oodseg.platform.jobs.finetune import validate
+    from oodseg.platform.jobs.train_saom import PRESET
+    from oodseg.platform.trainer import FinetuneConfig, resolve_data
+    from oodseg.refine.saom_task import SaomTask
+
+    torch.manual_seed(0)
+    sam_path = tmp_path / "sam_vit_tiny.pth"
+    torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                          encoder_global_attn_indexes=[1]).state_dict(), sam_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "saom_released.yaml"
+    cfg = parse_config(FinetuneConfig, ["--config", str(config), "--set", f"storage_path={tmp_path / 'runs'}",
+                                        "--set", f"train.data_root={tmp_path}", "--set",
+                                        f"train.task_cfg.sam={sam_path}", "--set", "use_gpu=false"], base=PRESET)
+    tc = cfg.train
+    assert (tc.task, tc.lr, tc.weight_decay, tc.schedule, tc.warmup, tc.global_batch, cfg.num_workers) == (
+        "saom", 1e-3, 0.01, "cosine", 0, 4, 4)
+    cfg = resolve_data(cfg, tmp_path / "cache")
+    validate(cfg)
+    check_sam(cfg.train.task_cfg["sam"])
+    task = SaomTask(cfg.train)
+    model = task.build_model()
+    assert (task.opts.grid, task.opts.eval_grid) == ((320, 64), (32, 32))
+    assert model.grid.shape == (320 * 64, 2) and task.grid.shape == (32 * 32, 2)
+    assert model.sam.export_cfg()["resize"] == "pil" and model.sam.hidden_size == 256
+    bad = tmp_path / "sam_bad.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, bad)
+    with pytest.raises(CheckpointError, match="sam_bad.pth: missing segment-anything key 'image_encoder.pos_embed'"):
+        resolve_data(replace(cfg, train=replace(cfg.train, task_cfg={**cfg.train.task_cfg, "sam": str(bad)})),
+                     tmp_path / "cache")

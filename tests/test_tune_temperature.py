@@ -265,7 +265,7 @@ def test_mask_outputs_search_both_placements(ray_session, tmp_path):
         records.append({"class_logits": (2 * rng.standard_normal((1, 6, n_cls + 1))).astype(np.float16),
                         "mask_logits": (3 * rng.standard_normal((1, 6, 24, 40))).astype(np.float16), "label": label})
         labels.append(label)
-    ShardCache(store.root, run, "mask", VAL, "outputs").write("w0", records, ["a", "b", "c"])
+    ShardCache(store.root, run, "mask", VAL, "outputs").write(records, ["a", "b", "c"])
     store.write_part("metrics", safe_key(run, "mask", VAL),
                      [{"run_id": run, "model": "mask", "dataset": VAL, "kind": "anomaly", "track": "anomaly"}])
 

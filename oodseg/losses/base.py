@@ -44,7 +44,9 @@ class LossInfo:
     parameter prefixes that are new under ``model_cfg`` and so start untrained when loading a checkpoint.
     ``combine``: with a model that has a loss of its own (``SegModel.own_loss``, EoMT's mask-classification loss),
     ``"sum"`` adds this loss to it and ``"model_loss"`` means the model's own loss *is* this objective (``ce``).
-    ``models``: the models the loss is made for (None: any).
+    ``models``: the models the loss is made for (None: any). ``kinds``: the output kinds it is computed on
+    (``"pixel"`` logits, ``"mask"`` outputs); a ``combine="model_loss"`` loss needs none for a model with a loss of
+    its own.
     """
 
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -53,6 +55,7 @@ class LossInfo:
     fresh: tuple[str, ...] = ()
     combine: str = "sum"
     models: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] = ("pixel", "mask")
 
 
 def register_loss(name: str, **facts: Any) -> Callable:

@@ -30,7 +30,7 @@ def _per_pixel_batch(
     return pixel_batch(outputs, target, outlier_mask)
 
 
-@register_loss("ce", combine="model_loss")
+@register_loss("ce", combine="model_loss", kinds=("pixel",))
 class CrossEntropyLoss(nn.Module):
     """Pixel cross-entropy ``Σ_i w_{y_i}·(−log softmax(z_i)[y_i]) / Σ_i w_{y_i}`` over labelled pixels.
 
@@ -120,7 +120,7 @@ class OutlierExposureLoss(nn.Module):
         return f"weight={self.weight}, tau_in={self.tau_in}, tau_out={self.tau_out}, variant={self.variant!r}"
 
 
-@register_loss("logitnorm", space={"temperature": {"type": "loguniform", "low": 0.01, "high": 1.0}})
+@register_loss("logitnorm", space={"temperature": {"type": "loguniform", "low": 0.01, "high": 1.0}}, kinds=("pixel",))
 class LogitNormLoss(nn.Module):
     """LogitNorm: cross-entropy on ``z / (τ·(‖z‖₂ + 1e-7))`` per pixel, norm over classes.
 
@@ -145,7 +145,7 @@ class LogitNormLoss(nn.Module):
 
 
 @register_loss("eim", space={"entropic_scale": {"type": "loguniform", "low": 1.0, "high": 30.0}},
-               model_cfg={"head": "isomax"}, fresh=("head.",))
+               model_cfg={"head": "isomax"}, fresh=("head.",), models=("erfnet", "timm_seg"), kinds=("pixel",))
 class EnhancedIsotropyMaximizationLoss(nn.Module):
     """IsoMax+ / Enhanced Isotropy Maximization loss: ``CE(E_s · logits)`` with entropic scale ``E_s = 10``.
 

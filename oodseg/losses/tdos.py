@@ -10,7 +10,11 @@ Called as ``TdosLoss()(outputs, target, outlier_mask=None)`` with the :class:`~o
   query ``i`` is labelled ``i`` with the binary mask of class ``i`` when the class is present, else no-object (20).
   Void pixels (255) belong to no mask (``ToMask``), so masks are pushed to 0 there. Mask targets are sampled at
   the points straight from the label map (:func:`indicator_sample`, no ``[M, H, W]`` masks are built).
-* :func:`class_loss`: weighted CE ``Σ w_y·CE / Σ w_y`` over all queries, ``w = [1]·19 + [10] (ood) + [0.1]``.
+* :func:`class_loss`: weighted CE ``Σ w_y·CE / Σ w_y`` over all queries, ``w = [1]·19 + [w_ood] + [0.1]``;
+  ``ood_weight`` is ``w_ood`` (default 10) or the name of a benchmark whose release config sets it
+  (:data:`RELEASE_OOD_WEIGHTS`, from the ViT-B configs ``configs/tdos/text_driven_ood_seg_vit-b_1e-5_20k-c2*-512.py``:
+  10 for Cityscapes and SMIYC-AT, 4 for FS L&F, FS Static, Road Anomaly and SMIYC-OT; the release trains one model
+  per benchmark, e.g. ``loss_cfg: {ood_weight: fs_lost_found}``).
 * :func:`importance_points` + :func:`mask_point_losses`: BCE and naive Dice (``1 − (2Σpt + 1)/(Σp + Σt + 1)``) on
   ``num_points`` points per present mask chosen as in Mask2Former (``oversample · P`` uniform candidates, the
   ``importance · P`` most uncertain (``−|logit|``) kept, the rest uniform), averaged over masks.
@@ -35,6 +39,19 @@ from oodseg.losses.base import register_loss
 
 NUM_CLASSES = 20
 OOD_CLASS = 19
+#: the release's ``ood`` class weight per benchmark (ViT-B configs; keys are our dataset names)
+RELEASE_OOD_WEIGHTS = {"cityscapes": 10.0, "road_anomaly_21": 10.0, "fs_lost_found": 4.0, "fs_static": 4.0,
+                       "road_anomaly": 4.0, "road_obstacle_21": 4.0}
+
+
+def ood_class_weight(ood_weight: float | str) -> float:
+    """A number, or a benchmark name looked up in :data:`RELEASE_OOD_WEIGHTS`."""
+    if isinstance(ood_weight, str):
+        if ood_weight not in RELEASE_OOD_WEIGHTS:
+            raise ValueError(f"ood_weight {ood_weight!r}: not a benchmark of the release's configs "
+                             f"({sorted(RELEASE_OOD_WEIGHTS)}); or give a number")
+        return RELEASE_OOD_WEIGHTS[ood_weight]
+    return float(ood_weight)
 
 
 def semantic_with_ood(target: torch.Tensor, outlier_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +206,7 @@ def textual_regulariser(text: torch.Tensor, anchors: torch.Tensor) -> torch.Tens
 class TdosLoss(nn.Module):
     """The TDOS loss (module docstring); every weight defaults to the release's value."""
 
-    def __init__(self, class_weight: float = 2.0, ood_weight: float = 10.0, no_object_weight: float = 0.1,
+    def __init__(self, class_weight: float = 2.0, ood_weight: float | str = 10.0, no_object_weight: float = 0.1,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, num_points: int = 12544, oversample: float = 3.0,
                  importance: float = 0.75, tau: float = 0.07, align_weight: float = 1.0, align_pixels: int = 0,
                  text_reg_weight: float = 1.0, deep_supervision: bool = True) -> None:
@@ -197,7 +214,7 @@ class TdosLoss(nn.Module):
         if tau <= 0 or num_points < 1 or not 0.0 <= importance <= 1.0 or oversample < 1.0:
             raise ValueError(f"tdos loss: need tau > 0, num_points >= 1, importance in [0, 1], oversample >= 1; got "
                              f"{tau}, {num_points}, {importance}, {oversample}")
-        weights = [1.0] * (NUM_CLASSES - 1) + [float(ood_weight), float(no_object_weight)]
+        weights = [1.0] * (NUM_CLASSES - 1) + [ood_class_weight(ood_weight), float(no_object_weight)]
         self.register_buffer("class_weights", torch.tensor(weights), persistent=False)
         self.w = _Weights(float(class_weight), float(mask_weight), float(dice_weight))
         self.num_points, self.oversample, self.importance = int(num_points), float(oversample), float(importance)

@@ -5,6 +5,9 @@
 
 * ``erfnet``   — :class:`oodseg.models.erfnet.ERFNet` (pixel logits; published Cityscapes checkpoint layout);
 * ``eomt``     — :class:`oodseg.models.eomt.EoMT` (mask outputs; transformers ``EomtForUniversalSegmentation``);
+* ``mask2former`` — :class:`oodseg.models.mask2former.Mask2Former` (mask outputs; transformers
+  ``Mask2FormerForUniversalSegmentation``; detectron2 checkpoints via ``convert-checkpoint --format
+  detectron2-mask2former``);
 * ``timm_seg`` — :class:`oodseg.models.timm_seg.TimmSeg` (pixel logits on any timm backbone);
 * ``tdos``     — :class:`oodseg.models.tdos.model.TDOS` (mask outputs with an ``ood`` class; CLIP text-driven OOD).
 
@@ -13,7 +16,7 @@ SAM (prompted masks, not a segmentation model) lives in :mod:`oodseg.models.sam`
 A new model is one file with ``@register_model("name")`` on its ``SegModel`` subclass, plus its import line here.
 """
 
-from oodseg.models import eomt, erfnet, tdos, timm_seg  # noqa: F401  (each registers itself)
+from oodseg.models import eomt, erfnet, mask2former, tdos, timm_seg  # noqa: F401  (each registers itself)
 from oodseg.models.base import SegModel, check_partition, to_nchw_uint8
 from oodseg.models.checkpoint import (
     CheckpointError,

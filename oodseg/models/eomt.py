@@ -87,6 +87,19 @@ def semantic_to_mask_labels(
     return masks, classes
 
 
+def mask_classification_forward(
+    hf: nn.Module, x: torch.Tensor, target: torch.Tensor | None, num_classes: int
+) -> MaskOutputs | tuple[MaskOutputs, torch.Tensor]:
+    """A transformers universal-segmentation model (EoMT, Mask2Former) on ``x`` → :class:`MaskOutputs`; with a
+    semantic ``target``, also the loss transformers computes from :func:`semantic_to_mask_labels`."""
+    if target is None:
+        out = hf(pixel_values=x)
+        return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits)
+    masks, classes = semantic_to_mask_labels(target, num_classes, dtype=x.dtype)
+    out = hf(pixel_values=x, mask_labels=masks, class_labels=classes)
+    return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits), out.loss
+
+
 @register_model("eomt")
 class EoMT(SegModel):
     """EoMT as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
@@ -171,12 +184,7 @@ class EoMT(SegModel):
         s = self.image_size
         if x.ndim != 4 or tuple(x.shape[-2:]) != (s, s):
             raise ValueError(f"EoMT takes [N, 3, {s}, {s}] inputs (config.image_size), got {tuple(x.shape)}")
-        if target is None:
-            out = self.hf(pixel_values=x)
-            return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits)
-        masks, classes = semantic_to_mask_labels(target, self.num_classes, dtype=x.dtype)
-        out = self.hf(pixel_values=x, mask_labels=masks, class_labels=classes)
-        return MaskOutputs(class_logits=out.class_queries_logits, mask_logits=out.masks_queries_logits), out.loss
+        return mask_classification_forward(self.hf, x, target, self.num_classes)
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:

@@ -60,7 +60,7 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +86,10 @@ class _Inert:
         self.state = state
 
 
-def load_untrusted(path: str | Path) -> Any:
+def load_untrusted(path: str | Path, allow: Callable[[str], Any] | None = None) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with every non-allowlisted global of the file
-    replaced by an inert stand-in (module docstring); CheckpointError (one line) on any failure."""
+    replaced by an inert stand-in (module docstring), except those ``allow(name)`` resolves to a real object (numpy's
+    array reconstruction for detectron2 files); CheckpointError (one line) on any failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
@@ -96,7 +97,8 @@ def load_untrusted(path: str | Path) -> Any:
         names, mmap = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)), True
     except Exception:  # noqa: BLE001 - legacy (non-zip) format or not a torch file: the load below says which
         names, mmap = [], False
-    stand_ins = [(type(f"Inert[{n}]", (_Inert,), {}), n) for n in names]
+    real = {n: obj for n in names if allow is not None and (obj := allow(n)) is not None}
+    stand_ins = [(real[n], n) if n in real else (type(f"Inert[{n}]", (_Inert,), {}), n) for n in names]
     try:  # mmap (zip files): optimizer states of a training checkpoint are never read from disk
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
@@ -129,6 +131,9 @@ def read_tue_mps(path: str | Path) -> SourceState:
     ``network.`` prefix; ``._orig_mod`` of ``torch.compile`` dropped) → :class:`SourceState`."""
     path = Path(path)
     raw = load_untrusted(path)
+    if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
+        raise CheckpointError(path, "is a detectron2 checkpoint ({'model': state_dict}): for Mask2Former use "
+                                    "convert-checkpoint --format detectron2-mask2former CONFIG.yaml WEIGHTS OUT")
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not raw:
@@ -373,7 +378,7 @@ def convert_checkpoint(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m oodseg convert-checkpoint",
+        prog="python -m oodseg convert-checkpoint [--format tue-mps-eomt]",
         description="Convert a tue-mps/eomt checkpoint (Lightning .ckpt or pytorch_model.bin) to a transformers "
         "EomtForUniversalSegmentation directory for the eomt model (pretrained=OUT).",
     )

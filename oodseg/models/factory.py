@@ -10,7 +10,8 @@
   swaps in an IsoMax+ head). Model-specific hub sources that define the architecture itself (EoMT's ``pretrained``
   hub id, a timm backbone's ``pretrained``) stay model cfg, as in transformers and timm.
 * ``check_model_fits(name, checkpoint=…, fresh=…, **cfg)``: the same build on the meta device, compared with the
-  checkpoint's tensor names and shapes only, so a job rejects a checkpoint that does not fit before any work starts.
+  checkpoint's tensor names and shapes only, so a job rejects a checkpoint that does not fit before any work starts;
+  ``check_checkpoint_model``: the header's model and the keywords, the rule every job checks first.
 * Named checkpoint sources: ``resolve_checkpoint("demo", **context)`` → a file path. ``"scratch"`` (random init) is
   built in; other layers register theirs (``oodseg.training.demo`` registers ``"demo"``, the demo ERFNet trained on
   the synthetic suite) with ``@register_checkpoint_source(name)``; a source receives the run context
@@ -109,6 +110,33 @@ def unknown_model_args(name: str, cfg: Mapping[str, Any], stored: tuple[str, dic
         return [], list(params)
     keys = set(cfg) | (set(stored[1]) if stored else set())
     return sorted(keys - set(params)), list(params)
+
+
+def check_checkpoint_model(checkpoint: str | os.PathLike[str] | None, name: str | None, cfg: Mapping[str, Any], *,
+                           owner: str, arch_option: str, cfg_option: str, hint: str = "") -> str:
+    """Whether ``checkpoint`` holds model ``name`` built with ``cfg`` — the one rule every job applies before any work:
+    a self-describing header (:func:`checkpoint_model_cfg`) must name ``name`` (or, with no ``name``, a registered
+    model), and the constructor must take the keywords (header cfg, then ``cfg``). Returns the registered model name;
+    otherwise a one-line ``CheckpointError`` naming the file, or a ``ConfigError`` naming ``cfg_option``.
+
+    ``owner`` names the model in messages (``"model 'x'"``), ``arch_option`` the option that chose ``name``
+    (``"model 'x''s arch"``, ``"--model"``); ``hint`` is appended to the mismatch message."""
+    from oodseg.config import ConfigError
+
+    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
+    if name and stored is not None and stored[0] != name:
+        raise CheckpointError(checkpoint, f"holds a {stored[0]!r} model, not {arch_option} {name!r}{hint}")
+    if not name and stored is None:
+        what = "no checkpoint" if not checkpoint else "not a self-describing .safetensors"
+        raise CheckpointError(checkpoint or "<none>", f"{owner}: {what}; give its arch: one of {MODELS.list()}")
+    if not name and stored[0] not in MODELS:
+        raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
+    name = name or stored[0]
+    unknown, accepted = unknown_model_args(name, cfg, stored)
+    if unknown:
+        raise ConfigError(f"{cfg_option} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
+                          f"{', '.join(accepted)}")
+    return name
 
 
 def create_model(

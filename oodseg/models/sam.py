@@ -16,8 +16,17 @@ segment_anything/predictor.py``) rebuilt on transformers: the image is encoded o
   per_segment_anything/samwrapperpano.py``, where the modified decoder returns ``iou_token_out``).
 
 Sources (:func:`create_sam`): ``"tiny"`` (random tiny config for tests and demos), a hub id / local transformers
-directory (``from_pretrained``; ``HF_HUB_OFFLINE=1`` → ``local_files_only``) or a self-describing ``.safetensors``
-written by :func:`save_sam` (header key ``oodseg.sam`` = :meth:`SamSegmenter.export_cfg` as JSON).
+directory (``from_pretrained``; ``HF_HUB_OFFLINE=1`` → ``local_files_only``), a self-describing ``.safetensors``
+written by :func:`save_sam` (header key ``oodseg.sam`` = :meth:`SamSegmenter.export_cfg` as JSON), or a
+segment-anything-format ``.pth`` / ``.pt`` (``sam_vit_{b,l,h}_*.pth``, SAOM's fine-tuned checkpoints), converted by
+:mod:`oodseg.models.sam_convert` (key mapping and size inference are documented there).
+
+Such a ``.pth`` SAM preprocesses as ``segment_anything.SamPredictor.set_image`` does, so its masks equal the
+reference's (``tests/test_sam_convert.py``): PIL bilinear resize of the uint8 image to longest side ``image_size``
+(``ResizeLongestSide.apply_image``, through ``SamImageProcessorPil``), ImageNet mean/std (SAM's ``pixel_mean`` /
+``pixel_std`` / 255), zero padding after normalisation. The default ``SamImageProcessor`` resizes with torchvision's
+antialiased bilinear instead, which differs by a grey level here and there; ``export_cfg()["resize"]`` records which
+(``"pil"`` / ``"torchvision"``) so a fine-tuned export keeps its preprocessing.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import torch
 from torch import nn
 
 from oodseg.models.checkpoint import CheckpointError, load_checkpoint, read_safetensors_metadata
+from oodseg.models.sam_convert import check_converted, convert_state_dict, read_segment_anything, sam_config
 
 META_SAM = "oodseg.sam"
 
@@ -75,17 +85,25 @@ def tiny_sam_config(image_size: int = 128, hidden: int = 32, layers: int = 2, he
     )
 
 
-def _image_processor(image_size: int, pad_size: tuple[int, int] | list[int], image_mean: Any = None,
-                     image_std: Any = None) -> Any:
-    from transformers import SamImageProcessor
+RESIZE_BACKENDS = ("torchvision", "pil")
 
+
+def _image_processor(image_size: int, pad_size: tuple[int, int] | list[int], image_mean: Any = None,
+                     image_std: Any = None, resize: str = "torchvision") -> Any:
+    """``SamImageProcessor`` (torchvision resize) or, ``resize="pil"``, ``SamImageProcessorPil`` (segment-anything's
+    PIL bilinear resize); module docstring."""
+    from transformers import SamImageProcessor, SamImageProcessorPil
+
+    if resize not in RESIZE_BACKENDS:
+        raise ValueError(f"SAM resize must be one of {RESIZE_BACKENDS}, got {resize!r}")
     kw: dict[str, Any] = {}
     if image_mean is not None:
         kw["image_mean"] = [float(v) for v in image_mean]
     if image_std is not None:
         kw["image_std"] = [float(v) for v in image_std]
-    return SamImageProcessor(size={"longest_edge": int(image_size)},
-                             pad_size={"height": int(pad_size[0]), "width": int(pad_size[1])}, **kw)
+    cls = SamImageProcessorPil if resize == "pil" else SamImageProcessor
+    return cls(size={"longest_edge": int(image_size)}, pad_size={"height": int(pad_size[0]), "width": int(pad_size[1])},
+               **kw)
 
 
 def to_input_frame(coords: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]) -> torch.Tensor:
@@ -115,17 +133,20 @@ class SamSegmenter(nn.Module):
         """A randomly initialised segmenter with the architecture and preprocessing of ``export_cfg()``."""
         from transformers import SamConfig, SamModel, SamProcessor
 
-        known = {"config", "image_size", "pad_size", "image_mean", "image_std", "prompt_batch"}
+        known = {"config", "image_size", "pad_size", "image_mean", "image_std", "resize", "prompt_batch"}
         if "config" not in cfg or set(cfg) - known:
             raise ValueError(f"SAM export cfg needs 'config' and only keys {sorted(known)}; got {sorted(cfg)}")
         config = SamConfig.from_dict(dict(cfg["config"]))
         size = int(cfg.get("image_size", config.vision_config.image_size))
         pad = cfg.get("pad_size", (size, size))
-        proc = _image_processor(size, pad, cfg.get("image_mean"), cfg.get("image_std"))
+        proc = _image_processor(size, pad, cfg.get("image_mean"), cfg.get("image_std"),
+                                cfg.get("resize", "torchvision"))
         return cls(SamModel(config).eval(), SamProcessor(image_processor=proc), cfg.get("prompt_batch", 64))
 
     def export_cfg(self) -> dict[str, Any]:
         """JSON-able dict that :meth:`from_export` turns back into the same architecture (no download)."""
+        from transformers import SamImageProcessorPil
+
         ip = self.image_processor
         return {
             "config": self.model.config.to_dict(),
@@ -133,6 +154,7 @@ class SamSegmenter(nn.Module):
             "pad_size": [int(ip.pad_size["height"]), int(ip.pad_size["width"])],
             "image_mean": [float(v) for v in ip.image_mean],
             "image_std": [float(v) for v in ip.image_std],
+            "resize": "pil" if isinstance(ip, SamImageProcessorPil) else "torchvision",
             "prompt_batch": self.prompt_batch,
         }
 
@@ -295,6 +317,44 @@ def _create_from_file(path: Path, cfg: dict[str, Any]) -> SamSegmenter:
     return sam
 
 
+SEGMENT_ANYTHING_SUFFIXES = (".pth", ".pt")
+
+
+def _create_from_segment_anything(path: Path, cfg: dict[str, Any]) -> SamSegmenter:
+    """A segment-anything-format checkpoint (module docstring), converted; preprocessing as ``SamPredictor``."""
+    from transformers import SamModel, SamProcessor
+
+    if set(cfg) - {"prompt_batch"}:
+        raise TypeError(f"create_sam({str(path)!r}): unknown option(s) {sorted(set(cfg) - {'prompt_batch'})}")
+    state = read_segment_anything(path)
+    config = sam_config(state, path)
+    model = SamModel(config).eval()
+    converted = convert_state_dict(state, path)
+    check_converted(model.state_dict(), converted, path)
+    model.load_state_dict(converted, strict=True)
+    size = int(config.vision_config.image_size)
+    proc = SamProcessor(image_processor=_image_processor(size, (size, size), resize="pil"))
+    return SamSegmenter(model, proc, int(cfg.get("prompt_batch", 64)))
+
+
+def check_sam(source: str) -> None:
+    """Reject a SAM file that :func:`create_sam` could not load, cheaply and before any work starts (one-line
+    :class:`CheckpointError` naming the file): a segment-anything ``.pth`` is checked on names and shapes only (read
+    onto the meta device, converted, matched against a meta-device ``SamModel``); a ``.safetensors`` is built
+    (small: its header says what). ``"tiny"``, hub ids and directories are checked when they load."""
+    from transformers import SamModel
+
+    path = Path(str(source)).expanduser()
+    if str(source).endswith(".safetensors"):
+        create_sam(str(source))
+    elif path.suffix in SEGMENT_ANYTHING_SUFFIXES:
+        state = read_segment_anything(path, meta=True)
+        config = sam_config(state, path)
+        with torch.device("meta"):
+            own = SamModel(config).state_dict()
+        check_converted(own, convert_state_dict(state, path), path)
+
+
 def _create_pretrained(source: str, cfg: dict[str, Any]) -> SamSegmenter:
     from transformers import SamModel, SamProcessor
 
@@ -313,8 +373,8 @@ def create_sam(source: str = "tiny", **cfg: Any) -> SamSegmenter:
     """Build a :class:`SamSegmenter` from ``source`` (module docstring).
 
     ``"tiny"``: ``image_size`` (128), ``hidden`` (32), ``layers`` (2), ``heads`` (2), ``seed`` (0), ``prompt_batch``
-    (64). A ``.safetensors`` file: its stored cfg, ``cfg`` overriding (e.g. ``prompt_batch``). A hub id / directory:
-    ``prompt_batch`` only."""
+    (64). A ``.safetensors`` file: its stored cfg, ``cfg`` overriding (e.g. ``prompt_batch``). A segment-anything
+    ``.pth`` / ``.pt``, a hub id or a directory: ``prompt_batch`` only."""
     source = str(source)
     if source == "tiny":
         return _create_tiny(cfg)
@@ -323,9 +383,13 @@ def create_sam(source: str = "tiny", **cfg: Any) -> SamSegmenter:
         if not path.is_file():
             raise CheckpointError(path, "SAM checkpoint file not found")
         return _create_from_file(path, cfg)
+    if path.suffix in SEGMENT_ANYTHING_SUFFIXES:
+        if not path.is_file():
+            raise CheckpointError(path, "SAM checkpoint file not found")
+        return _create_from_segment_anything(path, cfg)
     if path.is_file():
-        raise CheckpointError(path, "not a SAM source: expected 'tiny', a .safetensors file, a transformers "
-                                    "directory or a hub id")
+        raise CheckpointError(path, "not a SAM source: expected 'tiny', a .safetensors file, a segment-anything "
+                                    ".pth, a transformers directory or a hub id")
     return _create_pretrained(source, cfg)
 
 

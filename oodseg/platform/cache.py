@@ -1,6 +1,6 @@
 """Per-run on-disk caches of model outputs and score maps, in fp16 shards next to the results.
 
-Layout: ``<results>/cache/<run_id>/<model>/<dataset>/<kind>/shard-<writer>-<n>.npz`` (local path or any
+Layout: ``<results>/cache/<run_id>/<model>/<dataset>/<kind>/shard-<first id>-<digest>.npz`` (local path or any
 ``pyarrow.fs`` URI, so on a cluster every actor and task sees the same cache on shared/cloud storage).
 
 * ``kind="outputs"`` — the *output cache*: each image's raw model outputs at the model's output resolution, fp16,
@@ -13,7 +13,9 @@ Layout: ``<results>/cache/<run_id>/<model>/<dataset>/<kind>/shard-<writer>-<n>.n
 * ``kind="refined"`` — the refine stage's refined maps, in the same format.
 
 A shard is one ``.npz`` holding several images (keys ``<i>.<field>``, plus ``ids``); it is written to a hidden
-temporary name and renamed, so readers never see a partial shard.
+temporary name and renamed, so readers never see a partial shard. Its writer reports the path with the images it
+covers; once a unit is reduced, the shards of calls the reducer did not take (a dead actor's) are deleted
+(:meth:`ShardCache.keep_only`).
 
 Bytes per image (fp16 = 2 bytes): ``C·h·w·2`` for per-pixel logits (ERFNet, 20 classes at 512×1024: 20 MiB) and
 ``n·Q·(h·w + C+1)·2`` for mask outputs (:func:`output_nbytes`).
@@ -21,6 +23,7 @@ Bytes per image (fp16 = 2 bytes): ``C·h·w·2`` for per-pixel logits (ERFNet, 2
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 from collections.abc import Iterator, Sequence
@@ -121,8 +124,12 @@ class ShardCache:
         self.fs, base = resolve_fs(str(results_root))
         self.dir = "/".join([base, "cache", safe_key(run_id), safe_key(model), safe_key(dataset), kind])
 
-    def write(self, writer: str, records: Sequence[dict[str, np.ndarray]], ids: Sequence[str]) -> str:
-        """Write one shard of ``records`` (one dict of arrays per image, each with a ``label``); returns its path."""
+    def write(self, records: Sequence[dict[str, np.ndarray]], ids: Sequence[str]) -> str:
+        """Write one shard of ``records`` (one dict of arrays per image, each with a ``label``); returns its path.
+
+        The name comes from the ids (``shard-<first id>-<digest of all>``): a re-run of the same images replaces its
+        shard, and listing order is id order whichever process wrote it, so reductions over shards are
+        reproducible to the bit."""
         if len(records) != len(ids):
             raise ValueError(f"{len(records)} records but {len(ids)} ids")
         arrays: dict[str, np.ndarray] = {"ids": np.asarray(list(ids), dtype=str)}
@@ -134,7 +141,8 @@ class ShardCache:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         self.fs.create_dir(self.dir, recursive=True)
-        final = f"{self.dir}/shard-{safe_key(writer)}-{uuid.uuid4().hex[:8]}.npz"
+        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+        final = f"{self.dir}/shard-{safe_key(str(ids[0]))}-{digest}.npz"
         tmp = f"{self.dir}/.tmp-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(tmp) as sink:
             sink.write(buf.getvalue())
@@ -173,6 +181,14 @@ class ShardCache:
                     yield CachedItem(id_, label, scores=rec["scores"], keys=keys)
                 else:
                     yield CachedItem(id_, label, outputs=record_outputs(rec, size=tuple(label.shape)))
+
+    def keep_only(self, shards: Sequence[str]) -> None:
+        """Delete every shard (and partial ``.tmp-*`` file) of this cache that is not in ``shards``."""
+        keep = set(shards)
+        selector = pafs.FileSelector(self.dir, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.path not in keep:
+                self.fs.delete_file(info.path)
 
     def nbytes(self) -> int:
         return sum(self.shard_sizes().values())

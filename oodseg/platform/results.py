@@ -37,7 +37,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         [
             ("run_id", _STR), ("attempt", _STR), ("job", _STR), ("status", _STR), ("started_at", _TS),
             ("finished_at", _TS), ("config_json", _STR), ("git_sha", _STR), ("versions_json", _STR),
-            ("seed", _I64), ("host", _STR), ("gpu", _STR), ("wall_s", _F64),
+            ("seed", _I64), ("host", _STR), ("gpu", _STR), ("wall_s", _F64), ("fingerprint_json", _STR),
         ]
     ),
     "metrics": pa.schema(

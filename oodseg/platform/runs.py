@@ -2,7 +2,7 @@
 
 * :func:`new_run_id` — ``YYYYmmdd-HHMMSS-<6 hex>`` (UTC).
 * :class:`RunRecord` — the job's ``runs`` row: written ``running`` at start (with config, git sha, package versions,
-  host, GPU), ``finished`` / ``failed`` / ``interrupted`` at the end. A row left ``running`` by a killed attempt
+  host, GPU, and what a resume must match: ``fingerprint_json``), ``finished`` / ``failed`` / ``interrupted`` at the end. A row left ``running`` by a killed attempt
   (SIGKILL, a lost node) is rewritten as ``interrupted`` by the next attempt with the same run id.
 * :func:`init_ray` — connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray, quiet by default: Ray's and Ray
   Data's loggers at WARNING, worker output kept in Ray's log files (``log_to_driver=False``), the C++ backend at
@@ -101,7 +101,8 @@ def gpu_names(ray: Any) -> str:
 class RunRecord:
     """The ``runs`` row of one attempt of a job (see the module docstring)."""
 
-    def __init__(self, store: ResultsStore, run_id: str, job: str, config_json: str, seed: int = 0) -> None:
+    def __init__(self, store: ResultsStore, run_id: str, job: str, config_json: str, seed: int = 0,
+                 fingerprint_json: str | None = None) -> None:
         self.store, self.run_id, self.job = store, run_id, job
         self.attempt = uuid.uuid4().hex[:8]
         self.t0 = time.time()
@@ -109,6 +110,7 @@ class RunRecord:
             "run_id": run_id, "attempt": self.attempt, "job": job, "status": "running",
             "started_at": datetime.now(timezone.utc), "config_json": config_json, "git_sha": git_sha(),
             "versions_json": json.dumps(package_versions()), "seed": seed, "host": socket.gethostname(),
+            "fingerprint_json": fingerprint_json,
         }
 
     def start(self, gpu: str = "") -> RunRecord:

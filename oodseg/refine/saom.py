@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oodseg.refine.everything import crop_boxes, drop_small_regions, masks_in_crop
 from oodseg.scoring.metrics.base import MergeableMetric, as_numpy, register_metric
 
 
@@ -315,82 +316,51 @@ class SaomEval(MergeableMetric):
 
 
 # -- everything mode ---------------------------------------------------------------------------------------------------
-def remove_small_regions(mask: np.ndarray, min_area: float, mode: str) -> tuple[np.ndarray, bool]:
-    """SAM's ``remove_small_regions`` (``facebookresearch/segment-anything:segment_anything/utils/amg.py``) with
-    scipy: ``holes`` fills background components < ``min_area`` px, ``islands`` drops foreground components
-    < ``min_area`` (keeping the largest if all are small); 8-connectivity. Returns the mask and whether it changed."""
-    from scipy import ndimage
-
-    if mode not in ("holes", "islands"):
-        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
-    holes = mode == "holes"
-    regions, n = ndimage.label(mask != holes, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:]
-    small = np.nonzero(sizes < min_area)[0] + 1
-    if small.size == 0:
-        return mask, False
-    if holes:
-        return mask | np.isin(regions, small), True
-    big = np.setdiff1d(np.arange(1, n + 1), small)
-    return np.isin(regions, big if big.size else [int(np.argmax(sizes)) + 1]), True
-
-
-def _drop_small_regions(masks: torch.Tensor, min_area: float, nms_thresh: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's ``postprocess_small_regions``: clean each mask, then box NMS preferring unchanged masks. Returns the
-    cleaned masks and the kept indices."""
-    from torchvision.ops import batched_nms, masks_to_boxes
-
-    cleaned, unchanged = [], []
-    for m in masks.cpu().numpy():
-        m, c1 = remove_small_regions(m, min_area, "holes")
-        m, c2 = remove_small_regions(m, min_area, "islands")
-        cleaned.append(torch.from_numpy(m))
-        unchanged.append(float(not (c1 or c2)))
-    out = torch.stack(cleaned).to(masks.device)
-    boxes = masks_to_boxes(out).float()
-    keep = batched_nms(boxes, torch.tensor(unchanged, device=masks.device), torch.zeros(len(out), device=masks.device),
-                       nms_thresh)
-    return out, keep
+def layer_grids(grid: Sequence[int], n_layers: int, downscale: int) -> list[np.ndarray]:
+    """SAM's ``build_all_layer_point_grids`` for an ``nx × ny`` grid (SAOM's ``build_all_layer_point_grids_pano``):
+    layer ``i`` gets ``int(nx / downscale^i) × int(ny / downscale^i)`` points in ``[0, 1]``."""
+    return [point_grid(int(grid[0] / downscale ** i), int(grid[1] / downscale ** i)) for i in range(n_layers + 1)]
 
 
 @torch.no_grad()
 def generate_everything(
     sam: Any, image: np.ndarray, grid: Sequence[int] = (32, 32), points_per_batch: int = 64,
     pred_iou_thresh: float = 0.3, stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.3,
-    min_area: float = 150, stability_offset: float = 1.0,
+    min_area: float = 150, stability_offset: float = 1.0, *, point_grids: Sequence[Any] | None = None,
+    crop_n_layers: int = 0, crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
+    crop_nms_thresh: float = 0.3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM/SAOM everything mode without crops (SAOM's defaults: ``SamAutomaticMaskGenerator3_panoPhD``).
+    """SAM/SAOM everything mode (SAOM's defaults: ``SamAutomaticMaskGenerator3_panoPhD``; :mod:`.everything`).
 
-    Every point of the ``nx × ny`` grid (:func:`point_grid`, image size) gives 3 masks; kept when predicted IoU
-    ``> pred_iou_thresh`` and stability ``|logit > 1| / |logit > −1|`` (offset ``stability_offset``)
-    ``≥ stability_score_thresh``; box NMS (``torchvision.ops.batched_nms``, predicted IoU) at ``box_nms_thresh``;
-    then, with ``min_area > 0``, holes and islands below ``min_area`` px are cleaned and NMS rerun preferring
-    unchanged masks. Returns bool masks ``[N, H, W]`` and their predicted IoUs ``[N]``, by decreasing IoU."""
+    Points: ``point_grids`` (one ``[G, 2]`` grid in ``[0, 1]`` per crop layer, as the release's generator takes them)
+    or the ``nx × ny`` ``grid`` (:func:`point_grid`) thinned per layer by ``crop_n_points_downscale_factor``. Crops:
+    the whole image plus ``crop_n_layers`` layers of overlapping crops, each encoded on its own; per crop every point
+    gives 3 masks, kept when predicted IoU ``> pred_iou_thresh`` and stability ``|logit > o| / |logit > −o|``
+    (``o = stability_offset``) ``≥ stability_score_thresh`` and not cut by a crop edge, then box NMS at
+    ``box_nms_thresh``; across crops box NMS at ``crop_nms_thresh`` preferring smaller crops; with ``min_area > 0``
+    holes and islands below ``min_area`` px are cleaned and NMS rerun (threshold ``max(box_nms_thresh,
+    crop_nms_thresh)``) preferring unchanged masks. Returns bool masks ``[N, H, W]`` and their predicted IoUs ``[N]``,
+    by decreasing IoU."""
     from torchvision.ops import batched_nms, masks_to_boxes
 
-    img = sam.embed(image)
-    h, w = img.original_size
-    pts = point_grid(int(grid[0]), int(grid[1]), size=(h, w))
-    kept_masks, kept_scores = [], []
-    for start in range(0, len(pts), points_per_batch):
-        p = pts[start:start + points_per_batch]
-        logits, iou, _ = sam.mask_logits_from_points(img, p[:, None, :], np.ones((len(p), 1)), multimask=True)
-        logits, iou = logits.flatten(0, 1), iou.flatten()
-        ok = (logits > 0).flatten(1).any(1)  # empty masks have no box; SAM's filters remove them too
-        if pred_iou_thresh > 0:
-            ok &= iou > pred_iou_thresh
-        if stability_score_thresh > 0:
-            inter = (logits > stability_offset).flatten(1).sum(1)
-            union = (logits > -stability_offset).flatten(1).sum(1).clamp(min=1)
-            ok &= inter / union >= stability_score_thresh
-        kept_masks.append(logits[ok] > 0)
-        kept_scores.append(iou[ok])
-    masks, scores = torch.cat(kept_masks), torch.cat(kept_scores)
-    if len(masks):
-        keep = batched_nms(masks_to_boxes(masks).float(), scores, torch.zeros_like(scores), box_nms_thresh)
+    grids = ([np.asarray(g, dtype=np.float64) for g in point_grids] if point_grids is not None
+             else layer_grids(grid, crop_n_layers, crop_n_points_downscale_factor))
+    if len(grids) != crop_n_layers + 1 or any(g.ndim != 2 or g.shape[-1] != 2 for g in grids):
+        raise ValueError(f"point_grids: need crop_n_layers + 1 = {crop_n_layers + 1} grids of shape [G, 2], got "
+                         f"{[tuple(g.shape) for g in grids]}")
+    h, w = image.shape[:2]
+    boxes, layers = crop_boxes(h, w, crop_n_layers, crop_overlap_ratio)
+    parts = [masks_in_crop(sam, image, box, grids[layer], points_per_batch, pred_iou_thresh, stability_score_thresh,
+                           stability_offset, box_nms_thresh) for box, layer in zip(boxes, layers, strict=True)]
+    masks, scores = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+    if len(boxes) > 1 and len(masks):
+        area = torch.cat([torch.full((len(s),), float((b[2] - b[0]) * (b[3] - b[1]))) for (_, s), b in
+                          zip(parts, boxes, strict=True)])
+        keep = batched_nms(masks_to_boxes(masks).float(), (1 / area).to(masks.device), torch.zeros_like(scores),
+                           crop_nms_thresh)
         masks, scores = masks[keep], scores[keep]
     if len(masks) and min_area > 0:
-        masks, keep = _drop_small_regions(masks, min_area, box_nms_thresh)
+        masks, keep = drop_small_regions(masks, min_area, max(box_nms_thresh, crop_nms_thresh))
         masks, scores = masks[keep], scores[keep]
     order = torch.argsort(scores, descending=True, stable=True)
     return masks[order], scores[order]

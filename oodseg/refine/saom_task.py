@@ -41,7 +41,7 @@ from oodseg.data.instances import CityscapesInstances
 from oodseg.data.paste import OutlierPaste
 from oodseg.labels import IGNORE_ID
 from oodseg.models import resolve_checkpoint
-from oodseg.models.sam import SamSegmenter, create_sam, save_sam
+from oodseg.models.sam import SamSegmenter, check_sam, create_sam, save_sam
 from oodseg.refine.saom import (
     SaomEval,
     SaomHead,
@@ -65,6 +65,7 @@ class SaomTaskConfig:
     sam_cfg: dict[str, Any] = field(default_factory=dict)
     prompts: str = "grid"
     grid: tuple[int, int] = (32, 32)
+    eval_grid: tuple[int, int] | None = None  # validation prompts' grid (None: grid); SAOM trains 320×64, tests 32×32
     train_encoder: bool = False
     num_classes: int = 19
     min_fraction: float = 0.5
@@ -190,12 +191,13 @@ class SaomTask(Task):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.opts: SaomTaskConfig = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
-        self.grid = point_grid(*self.opts.grid)
+        self.grid = point_grid(*(self.opts.eval_grid or self.opts.grid))
 
     @classmethod
     def resolve(cls, cfg: Any, cache_dir: Any) -> Any:
         opts = from_dict(SaomTaskConfig, cfg.task_cfg, prefix="task_cfg.")
         path = resolve_checkpoint(opts.sam, cache_dir=cache_dir, data_root=cfg.data_root, seed=cfg.seed)
+        check_sam(path)  # a SAM file that cannot load fails here, before Ray starts, in one line naming it
         return replace(cfg, task_cfg={**cfg.task_cfg, "sam": path})
 
     def build_model(self) -> nn.Module:

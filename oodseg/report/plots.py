@@ -92,8 +92,9 @@ def plot_curves(store: Any, runs: Sequence[str] | None = None, out_dir: str = "p
         "WHERE run_id IN (SELECT unnest(?))", [sorted(set(metrics.run_id))]).df()
     keep = set(zip(metrics.run_id, metrics.model, metrics.dataset, metrics.scorer, metrics.placement,
                    metrics.temperature))
-    curves = curves[[k in keep for k in zip(curves.run_id, curves.model, curves.dataset, curves.scorer,
-                                            curves.placement, curves.temperature)]]
+    kept = np.array([k in keep for k in zip(curves.run_id, curves.model, curves.dataset, curves.scorer,
+                                            curves.placement, curves.temperature)], dtype=bool)
+    curves = curves[kept]  # a boolean array, also when empty (an empty list would select no column)
     written = []
     for dataset, group in curves.groupby("dataset"):
         png = curves_figure(group, metrics[metrics.dataset == dataset], dataset_title(dataset))

@@ -21,7 +21,7 @@ from oodseg.paths import demo_suite
 from oodseg.training.cached import cached_fit, printer
 from oodseg.training.config import TrainConfig
 
-TDOS_VERSION = 1
+TDOS_VERSION = 2  # 2: context-decoder q/k/v without bias (the release's layout)
 TDOS_STEPS = 400
 TDOS_MODEL_CFG = {"clip": "tiny", "window": 128, "freeze_towers": False}
 #: fewer sampled points / aligned pixels than the release (12544 / all): the CPU budget of a 128×256 crop

@@ -12,16 +12,40 @@ merge into class 19 (:mod:`.merge`). Classes: the 19 Cityscapes classes + ``ood`
   score map, refined text embeddings, frozen regulariser targets) for :class:`oodseg.losses.tdos.TdosLoss`; the
   semantic ``target`` (254 = pasted outlier) or ``outlier_mask`` (1 = outlier) drives the OOD semantic augmentation
   (:mod:`.augment`). In eval mode: plain merged :class:`~oodseg.outputs.MaskOutputs`.
-* ``predict(images_uint8)``: resize so the short side is ``frame_short`` (default ``window``; transformers'
-  aspect-preserving resize), tile the frame with square ``window`` crops (``oodseg.models.eomt.window_starts`` along
-  each side: evenly spread overlap; the release uses a 512 / stride 341 grid after a per-dataset resize), one
-  :class:`MaskOutputs` row per crop with ``class_logits [N, 20, 21]`` and mask logits at stride ``p/4``. The anomaly
-  read-out of the release is p(``ood``) after a softmax over the 20 per-pixel class scores.
+* ``predict(images_uint8)``, ``protocol="windows"`` (default): resize so the short side is ``frame_short`` (default
+  ``window``; transformers' aspect-preserving resize), tile the frame with square ``window`` crops
+  (``oodseg.models.eomt.window_starts`` along each side: evenly spread overlap), one :class:`MaskOutputs` row per
+  crop with ``class_logits [N, 20, 21]`` and mask logits at stride ``p/4``. ``protocol="release"``: the release's
+  test protocol (:mod:`.release`): keep-ratio resize into ``test_scale`` (``[long, short]`` or a benchmark name,
+  e.g. ``"road_anomaly"`` → 512×512), ``window`` crops with ``stride`` (default ``2·window/3``: 512 / 341), mask
+  probabilities upsampled to each window before the per-query sum. The anomaly read-out of the release is p(``ood``)
+  after a softmax over the 20 per-pixel class scores (the ``p_ood`` scorer).
 * ``clip``: ``"tiny"`` (random tiny CLIP and the ``tiny`` size preset), a hub id / local directory (``base``
   preset: the release's ViT-B/16 sizes), or a ``CLIPConfig`` dict (``export_cfg``). ``negatives``: a negatives file
   (:mod:`.negatives`) or its word groups; ``None`` restricts the textual regulariser to the 20 class prompts.
   ``export_cfg()`` stores the CLIP config, the tokenised class names and the word groups, so the model is rebuilt
   with no download or tokenizer; the frozen regulariser targets are a persistent buffer, restored from the checkpoint.
+
+The ``base`` preset has the release's ViT-B/16 sizes (``configs/tdos/text_driven_ood_seg_vit-b_1e-5_20k-c2c-512.py``):
+256-d decoders with 8 heads, 6 pixel-decoder layers with FFN 2048 (the config's layer-level
+``feedforward_channels=2048`` overrides the 1024 of its ``ffn_cfgs``), 9 transformer-decoder layers with FFN 2048,
+a 3-layer context decoder of width 256 with 4 heads and q/k/v projections without bias. The release's per-benchmark
+OOD class weight is a loss option (:data:`oodseg.losses.tdos.RELEASE_OOD_WEIGHTS`). Remaining deviations, each
+chosen on purpose:
+
+* **CLS token added once**, as CLIP does (transformers' tower): the release's ``CLIPVisionTransformer.forward``
+  prepends ``class_embedding`` and then adds ``pos[0] + class_embedding`` to it, i.e. the class embedding twice.
+  We keep transformers' tower unchanged so hub CLIP weights load and behave as CLIP was trained (the doubled
+  class embedding shifts the CLS token, and through attention every token, away from CLIP's own features).
+* **Bicubic position-embedding resize** (transformers' ``interpolate_pos_encoding``) from CLIP's 14×14 grid; the
+  release resizes it bilinearly (``F.interpolate(mode='bilinear')`` when loading, 14×14 → 32×32 for 512 inputs).
+  Same reason: no fork of the tower for the interpolation mode of the position codes.
+* **No extra pixel-decoder LayerNorm**: the release's pixel-decoder encoder is mmdet's ``DetrTransformerDecoder``
+  with ``return_intermediate=True``, which passes the last layer's output through its ``post_norm`` LayerNorm;
+  our post-norm layers already end in a LayerNorm (:mod:`.decoder`), so the second one would only re-normalise.
+* **Global instead of deformable attention** in the pixel decoder (:mod:`.decoder`): multi-scale deformable
+  attention is an mmcv CUDA op; standard attention needs no custom kernel, at O(T²) cost.
+* **Text pooling** follows DenseCLIP / CoOp, not the release's shifted-EOT quirk (:mod:`.text`).
 """
 
 from __future__ import annotations
@@ -43,6 +67,14 @@ from oodseg.models.tdos.clip import CLIP_MEAN, CLIP_STD, load_clip, load_tokeniz
 from oodseg.models.tdos.decoder import MaskDecoder, PixelDecoder
 from oodseg.models.tdos.merge import merge_queries, merge_score_map
 from oodseg.models.tdos.negatives import read_groups
+from oodseg.models.tdos.release import (
+    PROTOCOLS,
+    keep_ratio_size,
+    pad_to_multiple,
+    resolve_test_scale,
+    slide_windows,
+    window_mask_logits,
+)
 from oodseg.models.tdos.text import (
     CITYSCAPES_OOD_CLASSES,
     OOD_INDEX,
@@ -71,7 +103,7 @@ class TdosConfig:
     decoder_layers: int = 9
     decoder_ffn: int = 2048
     pixel_layers: int = 6
-    pixel_ffn: int = 1024
+    pixel_ffn: int = 2048
     pixel_attn: str = "global"
     context_width: int = 256
     context_heads: int = 4
@@ -80,6 +112,9 @@ class TdosConfig:
     window: int = 512
     frame_short: int | None = None
     window_batch: int = 8
+    protocol: str = "windows"
+    test_scale: tuple[int, int] | None = None
+    stride: int | None = None
     augment: str = "adain"
     augment_blocks: tuple[int, ...] | None = None
     augment_prob: float = 0.5
@@ -116,10 +151,17 @@ def _resolve(clip: Any, options: dict[str, Any]) -> TdosConfig:
     preset = PRESETS["tiny" if clip == "tiny" else "base"]
     opts = {k: tuple(int(b) for b in v) if k in ("feature_blocks", "augment_blocks") and v is not None else v
             for k, v in options.items()}
+    if "test_scale" in opts:
+        opts["test_scale"] = resolve_test_scale(opts["test_scale"])
     try:
-        return replace(preset, **opts)
+        cfg = replace(preset, **opts)
     except TypeError as e:
         raise TypeError(f"tdos: unknown option ({e}); options are {sorted(asdict(preset))}") from None
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"tdos: protocol must be one of {PROTOCOLS}, got {cfg.protocol!r}")
+    if cfg.stride is not None and not 0 < cfg.stride <= cfg.window:
+        raise ValueError(f"tdos: stride must be in 1..window={cfg.window}, got {cfg.stride}")
+    return cfg
 
 
 def _groups(negatives: Any, n_negative: int) -> list[list[str]] | None:
@@ -262,27 +304,39 @@ class TDOS(SegModel):
                            aux_mask_logits=tuple(m for _, m in merged[:-1]), score_map=score, text_embeddings=text,
                            reg_targets=self.reg_targets)
 
+    def frame_and_windows(self, h: int, w: int) -> tuple[tuple[int, int], list[tuple[int, int, int, int]]]:
+        """The resized frame ``(H', W')`` of an ``H × W`` image and its windows ``(top, left, height, width)`` under
+        ``protocol``: ``"windows"`` (short side → ``frame_short``, square windows with evenly spread overlap) or
+        ``"release"`` (keep-ratio resize into ``test_scale``, mmseg's ``window`` / ``stride`` grid; :mod:`.release`)."""
+        s = self.cfg.window
+        if self.cfg.protocol == "release":
+            fh, fw = keep_ratio_size(h, w, self.cfg.test_scale) if self.cfg.test_scale else (h, w)
+            return (fh, fw), slide_windows(fh, fw, s, self.cfg.stride or 2 * s // 3)
+        fh, fw = resized_frame(h, w, self.cfg.frame_short or s)
+        return (fh, fw), [(top, left, s, s) for top in window_starts(fh, s) for left in window_starts(fw, s)]
+
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
-        """Square sliding windows over the resized frame, one merged output row per window (module docstring)."""
+        """Sliding windows over the resized frame, one merged output row per window (module docstring; the
+        ``release`` protocol returns mask logits at the window size, :mod:`.release`)."""
+        from torchvision.transforms.v2 import functional as tvF
+
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
-        s = self.cfg.window
-        fh, fw = resized_frame(h, w, self.cfg.frame_short or s)
+        (fh, fw), boxes = self.frame_and_windows(h, w)
+        release = self.cfg.protocol == "release"
         if (fh, fw) != (h, w):
-            from torchvision.transforms.v2 import functional as tvF
-
-            x8 = tvF.resize(x8, [fh, fw], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+            x8 = tvF.resize(x8, [fh, fw], interpolation=tvF.InterpolationMode.BILINEAR, antialias=not release)
         x = self._normalise(x8)
-        tops, lefts = window_starts(fh, s), window_starts(fw, s)
-        crops = [(i, top, left, s, s) for i in range(b) for top in tops for left in lefts]
-        windows = torch.stack([x[i, :, top : top + s, left : left + s] for i, top, left, _, _ in crops])
+        crops = [(i, top, left, wh, ww) for i in range(b) for top, left, wh, ww in boxes]
+        windows = torch.stack([x[i, :, t : t + wh, lf : lf + ww] for i, t, lf, wh, ww in crops])
+        windows = pad_to_multiple(windows, self.vision.patch)
         cls, masks = [], []
         for chunk in windows.split(self.cfg.window_batch):
             c, m, _, _ = self._run(chunk)
             c, m = merge_queries(c[-1], m[-1], NUM_CLASSES)
             cls.append(c)
-            masks.append(m)
+            masks.append(window_mask_logits(m, tuple(chunk.shape[-2:]), boxes[0][2:]) if release else m)
         return MaskOutputs(class_logits=torch.cat(cls), mask_logits=torch.cat(masks), size=(int(h), int(w)),
                            crops=torch.tensor(crops, dtype=torch.int64), frame_size=(int(fh), int(fw)),
                            n_images=int(b), ood_channels=self.ood_channels)

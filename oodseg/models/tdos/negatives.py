@@ -1,17 +1,19 @@
 """Distance-based negative prompts for TDOS: NegLabel-style mining of words far from the in-distribution classes.
 
-NegLabel (Jiang et al., ICLR 2024; ``XueJiang16/NegLabel:mmcls/models/classifiers/multi_modal.py``): embed every
-candidate word with the frozen CLIP text tower (nouns as ``"the nice {w}"``, adjectives as ``"This is a {w} photo"``)
-and the in-distribution class names (``"the nice {c}"``), score each candidate by the ``percentile`` quantile of its
-cosine similarities to the ID classes (``1.0`` = maximum, this module's default; NegLabel's config uses 0.95), sort
-ascending (farthest first) and keep the first ``keep`` fraction. TDOS (``song1248/TextDrivenOODSegmentation:
-models/segmentors/text_driven_ood_seg.py``) reads that file in order and splits it into 50 equal groups (remainder
-dropped), so group ``g`` is a band of CLIP-text distance from the ID classes; the release keeps only the adjective
-lines (``--pos adj`` reproduces that). The model then regularises negative prompt ``g`` towards the mean frozen
-embedding of ``"a clean origami of a {w}"`` over group ``g``'s words.
+NegLabel (Jiang et al., ICLR 2024; ``XueJiang16/NegLabel:mmcls/models/classifiers/multi_modal.py``, settings from
+``custom_config/clip.py``): embed every candidate word with the frozen CLIP text tower (nouns as ``"the nice {w}"``,
+adjectives as ``"This is a {w} photo"``) and the in-distribution class names (``"the nice {c}"``), score each
+candidate by the ``percentile`` quantile (``pencentile=0.95``) of its cosine similarities to the ID classes, then
+**per part of speech** sort ascending (farthest first) and keep the first ``keep`` fraction (``neg_topk=0.15``) of
+that part of speech; the selected list is the nouns followed by the adjectives. TDOS
+(``song1248/TextDrivenOODSegmentation:models/segmentors/text_driven_ood_seg.py``) reads that list, keeps only the
+adjective lines (``"This is a {w} photo"``), in order, and splits them into 50 equal groups (remainder dropped), so
+group ``g`` is a band of CLIP-text distance from the ID classes. The defaults reproduce that selection: adjectives
+only (``--pos adj``), percentile 0.95, keep 0.15, 50 groups. The model then regularises negative prompt ``g``
+towards the mean frozen embedding of ``"a clean origami of a {w}"`` over group ``g``'s words.
 
 Vocabulary: WordNet 3.0 lemma names through ``nltk`` (``--wordnet``; needs ``nltk`` and its ``wordnet`` corpus), or
-any word-list file (``--wordlist FILE``: one word per line, ``#`` comments; treated as nouns).
+any word-list file (``--wordlist FILE``: one word per line, ``#`` comments; its words take the first ``--pos``).
 
 File format (JSON, ``--out``): ``{"format": "oodseg.tdos.negatives/1", "clip": …, "percentile": …, "keep": …,
 "id_classes": [...], "groups": [[word, …], …], "scores": [[float, …], …]}``; groups ordered farthest first, words
@@ -32,8 +34,10 @@ from typing import Any
 import torch
 
 FORMAT = "oodseg.tdos.negatives/1"
-TEMPLATES = {"noun": "the nice {}", "adj": "This is a {} photo"}
+TEMPLATES = {"noun": "the nice {}", "adj": "This is a {} photo"}  # NegLabel's file order: nouns, then adjectives
 ID_TEMPLATE = "the nice {}"
+PERCENTILE = 0.95  # NegLabel custom_config/clip.py pencentile
+KEEP = 0.15  # NegLabel neg_topk (a fraction of each part of speech)
 
 
 
@@ -65,30 +69,40 @@ def similarity_scores(id_emb: torch.Tensor, cand_emb: torch.Tensor, percentile: 
     return torch.quantile(sims, q=percentile, dim=-1)
 
 
+def _indexes_per_pos(cands: Sequence[tuple[str, str]]) -> dict[str, list[int]]:
+    """Candidate indexes per part of speech, in NegLabel's order (nouns, adjectives)."""
+    return {p: [i for i, (_, q) in enumerate(cands) if q == p] for p in TEMPLATES}
+
+
 def mine_negative_groups(
     candidates: Sequence[tuple[str, str]],
     id_names: Sequence[str],
     encode: Callable[[list[str]], torch.Tensor],
     n_groups: int = 50,
-    keep: float = 0.15,
-    percentile: float = 1.0,
+    keep: float = KEEP,
+    percentile: float = PERCENTILE,
     source: str = "vocabulary",
 ) -> tuple[list[list[str]], list[list[float]]]:
-    """Groups of negative words, farthest first, and their scores (module docstring); ``source`` names the vocabulary
-    in errors. ``encode(prompts)`` returns L2-normalised CLIP text embeddings."""
+    """Groups of negative words, farthest first, and their scores (module docstring: ranked and cut per part of
+    speech, nouns then adjectives); ``source`` names the vocabulary in errors. ``encode(prompts)`` returns
+    L2-normalised CLIP text embeddings."""
     id_set = {n.lower() for n in id_names}
     cands = [(w, p) for w, p in dict.fromkeys(candidates) if w.lower() not in id_set]
     if len(cands) < n_groups:
         raise ValueError(f"{source}: {len(cands)} candidate words (after removing ID class names) for {n_groups} "
                          "groups; need at least one word per group")
-    n_keep = int(len(cands) * keep)
+    by_pos = _indexes_per_pos(cands)
+    n_keep = sum(int(len(idx) * keep) for idx in by_pos.values())
     if n_keep < n_groups:
         raise ValueError(f"{source}: keep={keep} of {len(cands)} words leaves {n_keep} < {n_groups} groups; raise "
                          "--keep or use a larger vocabulary")
     id_emb = encode([ID_TEMPLATE.format(n) for n in id_names])
     cand_emb = encode([TEMPLATES[p].format(w) for w, p in cands])
     scores = similarity_scores(id_emb, cand_emb, percentile)
-    order = torch.sort(scores, stable=True).indices[:n_keep].tolist()
+    order = []
+    for idx in by_pos.values():
+        ranked = torch.sort(scores[idx], stable=True).indices[: int(len(idx) * keep)].tolist()
+        order += [idx[r] for r in ranked]
     size = n_keep // n_groups
     groups = [[cands[i][0] for i in order[g * size : (g + 1) * size]] for g in range(n_groups)]
     group_scores = [[float(scores[i]) for i in order[g * size : (g + 1) * size]] for g in range(n_groups)]
@@ -130,10 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     voc.add_argument("--wordlist", type=Path, help="one word per line (treated as nouns)")
     ap.add_argument("--clip", default="openai/clip-vit-base-patch16", help="CLIP hub id, local dir, or 'tiny'")
     ap.add_argument("--out", type=Path, required=True, help="output JSON file")
-    ap.add_argument("--pos", default="noun,adj", help="WordNet parts of speech: noun, adj (comma separated)")
+    ap.add_argument("--pos", default="adj", help="parts of speech: noun, adj (comma separated; TDOS: adj; a "
+                                                 "--wordlist's words take the first)")
     ap.add_argument("--groups", type=int, default=50, help="number of word groups (TDOS: 50)")
-    ap.add_argument("--keep", type=float, default=0.15, help="fraction of the ranked vocabulary kept (NegLabel 0.15)")
-    ap.add_argument("--percentile", type=float, default=1.0, help="similarity quantile over ID classes (1 = max)")
+    ap.add_argument("--keep", type=float, default=KEEP, help="fraction of each ranked part of speech kept (NegLabel "
+                                                             "0.15)")
+    ap.add_argument("--percentile", type=float, default=PERCENTILE, help="similarity quantile over ID classes "
+                                                                         "(NegLabel 0.95; 1 = max)")
     ap.add_argument("--batch", type=int, default=256, help="text encoding batch size")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random tiny CLIP")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -151,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--pos: expected a comma-separated subset of {sorted(TEMPLATES)}, got {args.pos!r}")
     if args.wordlist is not None:
         source = str(args.wordlist)
-        cands = [(w, "noun") for w in read_word_list(args.wordlist)]
+        cands = [(w, pos[0]) for w in read_word_list(args.wordlist)]
     else:
         source, cands = "WordNet", wordnet_vocabulary(pos)
     torch.manual_seed(args.seed)

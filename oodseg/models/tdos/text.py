@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 #: the 19 Cityscapes classes (mmseg ``CityscapesDataset.CLASSES`` spelling) plus TDOS's ``ood`` class, id 19
 CITYSCAPES_OOD_CLASSES = (
@@ -97,13 +98,33 @@ def encode_embeddings(clip: Any, embeds: torch.Tensor, eot: torch.Tensor) -> tor
     return clip.text_projection(z[torch.arange(z.shape[0], device=z.device), eot])
 
 
+class ContextAttention(nn.Module):
+    """Multi-head attention with bias-free ``q_proj`` / ``k_proj`` / ``v_proj`` and a biased output ``proj``, as the
+    release's DenseCLIP ``Attention(qkv_bias=False)`` (``models/backbones/clip/models.py``); scale ``d_head^-½``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"context decoder: width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width, bias=False) for _ in range(3))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def split(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] → [B, heads, N, C / heads]
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v)))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
 class _ContextLayer(nn.Module):
     """Pre-norm decoder layer: self-attention over text, cross-attention to visual context, GELU MLP (× 4)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(width, heads, dropout=0.0, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=0.0, batch_first=True)
+        self.self_attn = ContextAttention(width, heads)
+        self.cross_attn = ContextAttention(width, heads)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
         self.drop = nn.Dropout(dropout)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
@@ -111,9 +132,9 @@ class _ContextLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         q = self.norm1(x)
-        x = x + self.drop(self.self_attn(q, q, q, need_weights=False)[0])
+        x = x + self.drop(self.self_attn(q, q, q))
         q = self.norm2(x)
-        x = x + self.drop(self.cross_attn(q, mem, mem, need_weights=False)[0])
+        x = x + self.drop(self.cross_attn(q, mem, mem))
         return x + self.drop(self.mlp(self.norm3(x)))
 
 
@@ -121,7 +142,7 @@ class ContextDecoder(nn.Module):
     """DenseCLIP context decoder: ``text ← text + γ · Dec(text, [CLS; dense])`` (``[B, K, D]``).
 
     Memory and text are projected to ``width`` (LayerNorm, Linear), refined by ``layers`` :class:`_ContextLayer`
-    blocks and projected back. ``γ`` starts at 1e-4 (DenseCLIP; the TDOS release overwrites it with a
+    blocks (attention: :class:`ContextAttention`, q/k/v without bias as released) and projected back. ``γ`` starts at 1e-4 (DenseCLIP; the TDOS release overwrites it with a
     ``trunc_normal_`` draw, std 1).
     """
 
@@ -135,7 +156,8 @@ class ContextDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """``text`` ``[K, D]`` or ``[B, K, D]``, ``visual`` ``[B, 1 + HW, D]`` → refined text ``[B, K, D]``."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oodseg.config import ConfigError
 from oodseg.data import default_datasets, list_datasets
-from oodseg.models import list_models
+from oodseg.models import list_models, model_output_kind
+from oodseg.models.factory import MODELS
 from oodseg.registry import import_plugins
-from oodseg.scoring import PLACEMENTS, list_scorers
+from oodseg.scoring import PLACEMENTS, list_scorers, scorer_applies
 
 PROTOCOLS = ("field", "course")
 
@@ -164,6 +166,12 @@ class BenchmarkConfig:
             raise ValueError("models: at least one model is needed")
         if self.batch_size < 1 or self.read_concurrency < 1:
             raise ValueError("batch_size and read_concurrency must be ≥ 1")
+        for name in ("num_actors", "heatmaps", "torch_threads", "num_cpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.actor_num_cpus <= 0 or self.read_num_cpus <= 0:
+            raise ValueError(f"actor_num_cpus and read_num_cpus must be > 0, got {self.actor_num_cpus} and "
+                             f"{self.read_num_cpus}")
         if any(t <= 0 for t in self.temperatures) or not self.temperatures:
             raise ValueError(f"temperatures must be > 0, got {list(self.temperatures)}")
         names = [m.name for m in self.models]
@@ -179,3 +187,16 @@ def scorer_keys(cfg: BenchmarkConfig, names: list[str], output_kind: str, refine
     placements = list(cfg.placements) if output_kind == "mask" else list(cfg.placements)[:1]
     return [ScorerKey(n, p, float(t), tuple(sorted(cfg.scorer_params.get(n, {}).items())), refine)
             for n in names for p in placements for t in cfg.temperatures]
+
+
+def model_keys(cfg: BenchmarkConfig, model: str, name: str = "") -> list[ScorerKey]:
+    """The scorer keys a registered ``model`` is scored with — decided here once, from its registered facts (output
+    kind, OOD class channels), and handed to the actors as they are: ``cfg.scorers``, or every registered scorer that
+    applies. An explicitly requested scorer that does not apply is a ``ConfigError`` naming the model ``name``."""
+    ood = getattr(MODELS.get(model), "ood_channels", ())
+    bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
+    if bad:
+        raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {name or model!r} ({model}) "
+                          "has none")
+    names = list(cfg.scorers) or [s for s in list_scorers() if scorer_applies(s, ood)]
+    return scorer_keys(cfg, names, model_output_kind(model))

@@ -12,9 +12,12 @@ CPU budget (2-core machines): actors and read tasks take fractional CPUs (``acto
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 from typing import Any
 
-from oodseg.config import to_json
+from oodseg.config import ConfigError, to_json
 from oodseg.platform.benchmark.commit import commit_unit
 from oodseg.platform.benchmark.components import ComponentPass
 from oodseg.platform.benchmark.config import BenchmarkConfig
@@ -24,18 +27,35 @@ from oodseg.platform.benchmark.refine import RefineStage
 from oodseg.platform.benchmark.score import ScoreStage
 from oodseg.platform.benchmark.stage import ModelRun, Stage
 from oodseg.platform.benchmark.units import Reducer, UnitResult
+from oodseg.platform.cache import KINDS, ShardCache
 from oodseg.platform.runs import RunRecord, gpu_names, init_ray, log, new_run_id, progress_bar, status_of
 
 #: the passes of a model, in order; a new pass is one Stage subclass added here
 STAGES: tuple[type[Stage], ...] = (ScoreStage, RefineStage)
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it wraps, e.g. inside a Ray task error) is "no space left on device"."""
+    seen: list[BaseException | None] = [exc]
+    for _ in range(16):
+        e = seen.pop() if seen else None
+        if e is None:
+            return False
+        if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "[Errno 28]" in str(e)):
+            return True
+        seen.append(getattr(e, "cause", None) or e.__cause__ or e.__context__)
+    return False
+
+
 def unit_line(model: str, stage: str, unit: UnitResult, rows: list[dict[str, Any]]) -> str:
     """The one-line summary of a committed unit."""
     head = f"{model}/{unit.info.key}" + ("" if stage == "score" else f" [{stage}]")
-    best = max((r for r in rows if r.get("auprc") is not None), key=lambda r: r["auprc"], default=None)
+    best = max((r for r in rows if r.get("auprc") is not None and r["auprc"] == r["auprc"]),
+               key=lambda r: r["auprc"], default=None)
     what = (f"mIoU {100 * rows[0]['miou']:.1f}" if rows and rows[0].get("miou") is not None else
-            f"best AuPRC {100 * best['auprc']:.1f} ({best['scorer']})" if best else "no metrics")
+            f"best AuPRC {100 * best['auprc']:.1f} ({best['scorer']})" if best else
+            "WARNING: no anomaly pixel, pixel metrics are NaN" if rows and rows[0].get("n_anomaly_pixels") == 0 else
+            "no metrics")
     fails = f", {len(unit.failures)} failure(s)" if unit.failures else ""
     return f"{head}: {unit.n_images} images, {what}{fails}, committed ({unit.wall_s:.1f} s)"
 
@@ -57,24 +77,40 @@ class BenchmarkRunner:
         except BaseException:
             plan.cancel()
             raise
-        record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed).start(gpu_names(ray))
+        record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed,
+                           json.dumps(plan.fingerprint())).start(gpu_names(ray))
         log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
         self.components = ComponentPass(ray) if self.cfg.component_metrics else None
         try:
             for spec in self.cfg.models:
                 run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
-                               plan.output_kinds[spec.name], plan.datasets, plan.infos,
+                               plan.keys[spec.name], plan.datasets, plan.infos,
                                plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
                 for stage_cls in STAGES:
                     self.run_stage(ray, stage_cls(run))
         except BaseException as e:
-            record.finish(status_of(e))
+            if disk_full(e):
+                self.free_scratch(plan)  # room for the status row; the rerun redoes these units anyway
+            with contextlib.suppress(OSError):  # still full: the next attempt marks the row interrupted
+                record.finish(status_of(e))
+            if disk_full(e):
+                raise ConfigError(f"--results {plan.store.root}: no space left on its device; free space and rerun "
+                                  f"with --run-id {self.run_id} to resume (committed units are kept)") from None
             raise
         finally:
             if self.components:
                 self.components.stop()
         record.finish("finished")
         return self.run_id
+
+    def free_scratch(self, plan: Plan) -> None:
+        """Delete the caches of the units not committed (a killed or failed attempt's scratch maps)."""
+        done = plan.store.completed_units(self.run_id)
+        for spec in self.cfg.models:
+            for key in plan.infos:
+                if (spec.name, key, "score") not in done:
+                    for kind in KINDS:
+                        ShardCache(plan.store.root, self.run_id, spec.name, key, kind).delete()
 
     def run_stage(self, ray: Any, stage: Stage) -> None:
         """Stream → reduce → components → commit, unit by unit (module docstring)."""
@@ -94,6 +130,7 @@ class BenchmarkRunner:
         stream = stage.stream(ray, pending)
         try:
             for unit in reducer.consume(stream):
+                unit.prune(lambda kind: run.cache(unit.info.key, kind), stage.shard_kinds)
                 if self.components:
                     self.components.run(unit, run.cache(unit.info.key, stage.cache_kind), refined=stage.refined)
                 rows = commit_unit(run.store, run.run_id, run.spec.name, stage.name, unit)

@@ -3,7 +3,8 @@
 :func:`prepare` validates the whole config against the registries, resolves the data root (the synthetic suite by
 default) and every model's checkpoint (named sources such as ``demo`` reuse a cached model, or train it once),
 opens each checkpoint's header, opens every dataset (a missing or empty dataset is an error naming the folder the
-reader expected), checks that the results root is writable and that the requested device exists. Errors are
+reader expected), checks that the results root is writable, that the requested device exists and that a reused
+``--run-id`` resumes the same configuration (:mod:`~oodseg.platform.benchmark.resume`). Errors are
 :class:`~oodseg.config.ConfigError` / ``DataError`` / ``CheckpointError`` with one-line messages.
 
 A named model source that is not built yet trains in a child process (:class:`BackgroundBuild`, one at a time) while
@@ -25,11 +26,12 @@ import torch
 from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset
 from oodseg.data.synthetic import MARKER
-from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, model_output_kind, resolve_checkpoint
-from oodseg.models.factory import MODELS, checkpoint_model_cfg, unknown_model_args
-from oodseg.models.sam import create_sam
+from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
+from oodseg.models.factory import check_checkpoint_model
+from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
-from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec
+from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
+from oodseg.platform.benchmark.resume import check_resume, fingerprint
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
@@ -37,7 +39,7 @@ from oodseg.platform.runs import log
 from oodseg.refine import create_prompter, list_prompters
 from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
 from oodseg.registry import import_plugins
-from oodseg.scoring import list_scorers, scorer_applies
+from oodseg.scoring import list_scorers
 from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.background import BackgroundBuild
 from oodseg.training.cached import NotCached, cached_only
@@ -54,7 +56,7 @@ class Plan:
     datasets: dict[str, Any]
     infos: dict[str, UnitInfo]
     checkpoints: dict[str, str | None]
-    output_kinds: dict[str, str]
+    keys: dict[str, list[ScorerKey]]  # model name → its scorer keys (config.model_keys)
     refine: dict[str, dict[str, Any]]
     pending: dict[str, BackgroundBuild] = field(default_factory=dict)
 
@@ -67,13 +69,26 @@ class Plan:
                 log(f"{spec.name}: Ray is up; waiting for the model's training (in a child process)")
                 self.checkpoints[spec.name] = build.wait()
                 del self.pending[spec.name]
-                self.output_kinds[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
+                self.keys[spec.name] = check_model(self.cfg, spec, self.checkpoints[spec.name])
+        check_resume(self.store, self.cfg.run_id, self.fingerprint())
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resume of this run must match (:mod:`oodseg.platform.benchmark.resume`)."""
+        return fingerprint(self.cfg, self.checkpoints)
 
     def cancel(self) -> None:
         """Stop the checkpoint builds still running (an error or Ctrl-C before :meth:`finish` returned)."""
         for build in self.pending.values():
             build.cancel()
         self.pending.clear()
+
+
+def local_path(path: str | None) -> str | None:
+    """An existing local file or directory as an absolute path (the actors' working directory need not be the
+    driver's: a Ray cluster joined with --ray-address); names, hub ids and URIs as they are."""
+    if path and "://" not in path and os.path.exists(path):
+        return os.path.abspath(path)
+    return path
 
 
 def check_results_root(results: str) -> ResultsStore:
@@ -95,69 +110,37 @@ def check_device(cfg: BenchmarkConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
 
 
-def model_name_of(spec: ModelSpec, checkpoint: str | None, stored: tuple[str, dict[str, Any]] | None) -> str:
-    """The registered model behind ``spec`` (its ``arch``, else ``stored``: the self-describing checkpoint's header);
-    an ``arch`` that contradicts the header is an error here, not in every score actor."""
-    if spec.arch:
-        if stored is not None and stored[0] != spec.arch:
-            hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" \
-                else ""
-            raise CheckpointError(checkpoint, f"holds a {stored[0]!r} model, not model {spec.name!r}'s arch "
-                                              f"{spec.arch!r}{hint}")
-        return spec.arch
-    if stored is None:
-        what = "no checkpoint" if not checkpoint else "not a self-describing .safetensors"
-        raise CheckpointError(checkpoint or "<none>", f"model {spec.name!r}: {what}; give its arch: one of "
-                              f"{MODELS.list()}")
-    if stored[0] not in MODELS:
-        raise CheckpointError(checkpoint, f"holds an unregistered model {stored[0]!r} (plugins missing?)")
-    return stored[0]
-
-
-def check_model_cfg(spec: ModelSpec, name: str, stored: tuple[str, dict[str, Any]] | None) -> None:
-    """The model's keyword arguments (the header's cfg, then ``spec.cfg``) must be ones its constructor takes."""
-    unknown, accepted = unknown_model_args(name, spec.cfg, stored)
-    if unknown:
-        raise ConfigError(f"models: {spec.name!r} ({name}) takes no {', '.join(map(repr, unknown))}; it takes "
-                          f"{', '.join(accepted)}")
-
-
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str,
                   background: bool = False) -> str | None | BackgroundBuild:
     """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
     or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
     context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
-    if spec.checkpoint == "demo":
-        log(f"{spec.name}: demo model (trained once on the synthetic suite, 1–3 min on 2 CPU cores; cached in "
-            f"{cache_dir})")
-    if background:  # a file path never raises NotCached
-        try:
-            with cached_only():
-                return resolve_checkpoint(spec.checkpoint, **context)
-        except NotCached:
-            return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
-    return resolve_checkpoint(spec.checkpoint, **context)
+    try:
+        with cached_only():  # a file path never raises NotCached
+            return local_path(resolve_checkpoint(spec.checkpoint, **context))
+    except NotCached:
+        log(f"{spec.name}: training {spec.checkpoint!r} once on the synthetic suite (cached in {cache_dir})" +
+            (": 1–3 min on 2 CPU cores" if spec.checkpoint == "demo" else ""))
+    if background:
+        return BackgroundBuild(spec.checkpoint, plugins=cfg.plugins, start=False, **context)
+    return local_path(resolve_checkpoint(spec.checkpoint, **context))
 
 
-def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> str:
-    """The output kind of one model spec, after checking its checkpoint's header against ``arch``, ``cfg``, the
+def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -> list[ScorerKey]:
+    """The scorer keys of one model spec, after checking its checkpoint's header against ``arch``, ``cfg``, the
     protocol and the scorers."""
     if checkpoint is not None:
         check_checkpoint(checkpoint)
-    stored = checkpoint_model_cfg(checkpoint) if checkpoint else None
-    name = model_name_of(spec, checkpoint, stored)
-    check_model_cfg(spec, name, stored)
+    hint = "; the default checkpoint is the demo ERFNet: give a file or 'scratch'" if spec.checkpoint == "demo" else ""
+    name = check_checkpoint_model(checkpoint, spec.arch or None, spec.cfg, owner=f"model {spec.name!r}",
+                                  arch_option=f"model {spec.name!r}'s arch", cfg_option=f"models: {spec.name!r}",
+                                  hint=hint)
     if cfg.protocol == "course" and name != "erfnet":
         raise ConfigError(f"--protocol course: the course protocol is defined for ERFNet, not {name!r} "
                           f"(model {spec.name!r})")
     if checkpoint is not None:
         check_fits(spec, checkpoint, cfg.protocol)
-    ood = getattr(MODELS.get(name), "ood_channels", ())
-    bad = [s for s in cfg.scorers if not scorer_applies(s, ood)]
-    if bad:
-        raise ConfigError(f"--scorers {','.join(bad)}: needs a model with an OOD class; {spec.name!r} ({name}) has "
-                          "none")
-    return model_output_kind(name)
+    return model_keys(cfg, name, spec.name)
 
 
 def check_fits(spec: ModelSpec, checkpoint: str, protocol: str) -> None:
@@ -182,8 +165,8 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
     if not r.scorers or set(r.scorers) - scored:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
-    sam = resolve_checkpoint(r.sam, **context)
-    if sam and sam.endswith(".safetensors"):
+    sam = local_path(resolve_checkpoint(r.sam, **context))
+    if sam and sam.endswith((".safetensors", ".pth", ".pt")):
         check_checkpoint(sam)
     prompters = {}
     for scorer in r.scorers:
@@ -193,16 +176,18 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
             if not source:
                 raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
                                   "train one (python jobs/train_detector.py) and give {scorer: FILE}")
-            pc["checkpoint"] = resolve_checkpoint(source, scorer=scorer, **context)
+            pc["checkpoint"] = local_path(resolve_checkpoint(source, scorer=scorer, **context))
             check_checkpoint(pc["checkpoint"])
         prompters[scorer] = pc
     check_refine_models(sam, prompters)
+    if sam and sam != "tiny" and not Path(sam).is_file():
+        check_pretrained_source("--refine-cfg.sam", sam)
     return {"sam": sam, "prompters": prompters}
 
 
 def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -> None:
     """Build each prompter and a SAM file once here (small), so unknown options and weights that do not fit their
-    stored config fail before Ray starts, naming the file (a hub SAM is checked when the actors load it)."""
+    stored config fail before Ray starts, naming the file (a hub id or directory: :func:`check_pretrained_source`)."""
     for scorer, pc in prompters.items():
         try:
             create_prompter(**pc)
@@ -210,8 +195,27 @@ def check_refine_models(sam: str | None, prompters: dict[str, dict[str, Any]]) -
             raise  # already one line naming the detector file
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--refine-cfg.prompter-cfg (scorer {scorer}): {e}") from None
-    if sam and sam.endswith(".safetensors"):
-        create_sam(sam)
+    if sam:
+        check_sam(sam)
+
+
+def check_pretrained_source(option: str, source: str) -> None:
+    """A transformers directory holds a ``config.json``; a hub id is in the local hub cache or reachable now (one
+    metadata request, no retries), so a missing SAM fails here and not after every unit was scored."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if Path(source).expanduser().is_dir():
+        if not (Path(source).expanduser() / "config.json").is_file():
+            raise ConfigError(f"{option} {source}: a directory without config.json (not a saved transformers model)")
+        return
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(source, "config.json"), timeout=10)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, bad id: all mean "cannot load it"
+        raise ConfigError(f"{option} {source}: not a local file or directory, not in the hub cache and not reachable "
+                          f"on the hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); download it once or "
+                          "give a local path") from None
 
 
 def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
@@ -239,7 +243,7 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
             "absolute path or an s3:// URI to keep the results")
     cache_dir = Path(cfg.cache_dir).resolve() if cfg.cache_dir else default_cache_dir()
     if cfg.data_root:
-        root = cfg.data_root
+        root = local_path(cfg.data_root)
     else:
         if not (cache_dir / f"suite-seed{cfg.seed}" / MARKER).is_file():
             log(f"building the synthetic road suite (seed {cfg.seed}, once; cache: {cache_dir})")
@@ -256,8 +260,9 @@ def prepare(cfg: BenchmarkConfig) -> Plan:
                 plan.pending[spec.name] = checkpoint
             else:
                 plan.checkpoints[spec.name] = checkpoint
-                plan.output_kinds[spec.name] = check_model(cfg, spec, checkpoint)
+                plan.keys[spec.name] = check_model(cfg, spec, checkpoint)
             plan.refine[spec.name] = resolve_refine(cfg, spec, cache_dir, root)
+        check_resume(store, cfg.run_id, plan.fingerprint())
     except BaseException:
         plan.cancel()
         raise

@@ -3,7 +3,8 @@
 Input: the opened datasets of a model's pending units. Output of :func:`image_items`: one small row per image
 (``dataset``, ``idx``, ``id``, ``image_path``, ``label_path``: paths only). Output of :func:`read_batch` (a Ray Data
 ``map_batches`` function over those rows): the decoded ``image`` (uint8 HxWx3) and ``label`` (uint8 HxW) as bytes with
-their size, or a *failure row* (``stage="read"``, ``error``) for a ``DataError`` or any decoder failure, never a crash.
+their size, or a *failure row* (``stage="read"``, ``error``, ``file``: the image or label file at fault) for a
+``DataError`` or any decoder failure, never a crash.
 
 The ``course`` protocol (the ERFNet course evaluation code) resizes every image to 512×1024 with PIL's bilinear filter
 and every label with nearest neighbour here, before the model sees it.
@@ -24,7 +25,7 @@ READ_SCHEMA = pa.schema(
     [
         ("dataset", pa.string()), ("idx", pa.int64()), ("id", pa.string()), ("image_path", pa.string()),
         ("label_path", pa.string()), ("height", pa.int64()), ("width", pa.int64()), ("image", pa.large_binary()),
-        ("label", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()),
+        ("label", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()), ("file", pa.string()),
     ]
 )
 COURSE_SIZE = (512, 1024)
@@ -61,13 +62,13 @@ def read_batch(batch: pa.Table, datasets: Mapping[str, Any], protocol: str = "fi
     cols: dict[str, list[Any]] = {f.name: [] for f in READ_SCHEMA}
     for row in batch.to_pylist():
         image = label = None
-        error = stage = ""
+        error = stage = file = ""
         try:
             image, label = _decode(datasets[row["dataset"]], row, protocol)
         except DataError as e:
-            stage, error = "read", str(e)
+            stage, error, file = "read", str(e), str(e.path)  # the file at fault: the image or its label
         except Exception as e:  # noqa: BLE001 - any unexpected decoder failure is recorded, not fatal
-            stage, error = "read", f"{row['image_path']}: {type(e).__name__}: {e}"
+            stage, error, file = "read", f"{row['image_path']}: {type(e).__name__}: {e}", row["image_path"]
         for k in ("dataset", "idx", "id", "image_path", "label_path"):
             cols[k].append(row[k])
         cols["height"].append(0 if image is None else image.shape[0])
@@ -76,4 +77,5 @@ def read_batch(batch: pa.Table, datasets: Mapping[str, Any], protocol: str = "fi
         cols["label"].append(b"" if label is None else label.tobytes())
         cols["stage"].append(stage)
         cols["error"].append(error)
+        cols["file"].append(file)
     return pa.Table.from_pydict(cols, schema=READ_SCHEMA)

@@ -14,17 +14,15 @@ that image; every other image is still scored.
 Calibration of the ``components`` prompter (``refine_cfg.calibration``): ``best_f1`` uses each set's own pixel
 best-F1 threshold — the threshold the SMIYC component metrics use, the S2M paper's "dataset-optimal" baselines —
 and its inlier median / IQR scale; a dataset key uses that set's statistics for every set; both come from the score
-stage's committed rows (``extra_json.calibration``), so a resumed run needs no recomputation.
+stage's units (recorded at their commit; read once from their committed rows when an earlier attempt committed them,
+:meth:`~oodseg.platform.benchmark.stage.ModelRun.scored_unit`), so a resumed run needs no recomputation.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import socket
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,58 +34,63 @@ from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.read import course_resize
 from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.score import F16_MAX, ScoreStage
-from oodseg.platform.benchmark.stage import Stage
+from oodseg.platform.benchmark.stage import ActorContext, Stage
 from oodseg.platform.benchmark.units import UnitResult
-from oodseg.platform.cache import ShardCache
 from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
 from oodseg.registry import import_plugins
 from oodseg.scoring.metrics import PixelMetrics
 
 
+@dataclass(frozen=True)
+class RefineInputs:
+    """The refine pass's own inputs besides the run's :class:`ActorContext`: for each refined key the index of the
+    plain key whose maps it refines, the prompter settings per scorer, the SAM source, the calibration per dataset
+    and scorer, and the opened datasets (the actors reload each image)."""
+
+    sources: Mapping[int, int]
+    prompters: Mapping[str, dict]
+    sam: str
+    calibrations: Mapping[str, Mapping[str, dict]]
+    datasets: Mapping[str, Any]
+
+
 class RefineActor:
     """Ray Data UDF (module docstring): SAM + prompter loaded once; per call, score shards → refined rows."""
 
-    def __init__(self, keys: Sequence[ScorerKey], sources: Mapping[int, int], prompters: Mapping[str, dict],
-                 sam: str, calibrations: Mapping[str, Mapping[str, dict]], datasets: Mapping[str, Any],
-                 cache: Mapping[str, str], *, device: str = "auto", torch_threads: int = 1, protocol: str = "field",
-                 smiyc: bool = True, plugins: Sequence[str] = ()) -> None:
-        import_plugins(plugins)
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-        self.sam = create_sam(sam).to(dev).eval()
-        self.keys, self.sources = list(keys), dict(sources)
-        self.prompters = {name: create_prompter(**cfg) for name, cfg in prompters.items()}
-        self.calibrations, self.datasets, self.cache = calibrations, datasets, dict(cache)
-        self.refs = {k: {r.id: r for r in ds.samples} for k, ds in datasets.items()}
-        self.protocol, self.smiyc = protocol, smiyc
-        self.writer = f"{socket.gethostname()}-{os.getpid()}"
+    def __init__(self, ctx: ActorContext, inputs: RefineInputs) -> None:
+        import_plugins(ctx.cfg.plugins)
+        torch.set_num_threads(ctx.torch_threads)
+        dev = "cuda" if ctx.cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.sam = create_sam(inputs.sam).to(dev).eval()
+        self.ctx, self.inputs, self.keys = ctx, inputs, list(ctx.keys)
+        self.prompters = {name: create_prompter(**cfg) for name, cfg in inputs.prompters.items()}
+        self.refs = {k: {r.id: r for r in ds.samples} for k, ds in inputs.datasets.items()}
         self.calls = 0
 
     def _image(self, dataset: str, image_id: str, label: np.ndarray) -> np.ndarray:
-        image = self.datasets[dataset].load(self.refs[dataset][image_id])["image"]
+        image = self.inputs.datasets[dataset].load(self.refs[dataset][image_id])["image"]
         return course_resize(image, label)[0] if image.shape[:2] != label.shape else image
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
         rows = Rows()
         states: dict[str, dict] = defaultdict(dict)
-        covered: dict[str, int] = defaultdict(int)
+        covered: dict[str, list[str]] = defaultdict(list)
+        written: dict[str, list[str]] = defaultdict(list)
         for row in batch.to_pylist():
             dataset = row["dataset"]
-            source = ShardCache(**{**self.cache, "dataset": dataset, "kind": "scores"})
+            source = self.ctx.cache(dataset, "scores")
             records, ids = [], []
             for item in source.items([row["path"]]):
-                covered[dataset] += 1
+                covered[dataset].append(item.id)
                 refined = self._refine(dataset, item, rows, states[dataset])
                 if refined is not None:
                     records.append({"label": item.label, "scores": refined, "keys": np.arange(len(self.keys))})
                     ids.append(item.id)
             if records:
-                target = ShardCache(**{**self.cache, "dataset": dataset, "kind": "refined"})
-                target.write(f"{self.writer}-{self.calls}", records, ids)
-        for dataset, n in covered.items():
-            rows.state(dataset, states[dataset], n)
+                written[dataset].append(self.ctx.cache(dataset, "refined").write(records, ids))
+        for dataset, ids in covered.items():
+            rows.state(dataset, states[dataset], ids, {"refined": written[dataset]})
         return rows.table()
 
     def _refine(self, dataset: str, item: Any, rows: Rows, states: dict) -> np.ndarray | None:
@@ -96,8 +99,8 @@ class RefineActor:
             image = self._image(dataset, item.id, item.label)
             maps, summary = [], []
             for i, key in enumerate(self.keys):
-                score = item.scores[int(np.flatnonzero(item.keys == self.sources[i])[0])].astype(np.float32)
-                cal = self.calibrations.get(dataset, {}).get(key.scorer)
+                score = item.scores[int(np.flatnonzero(item.keys == self.inputs.sources[i])[0])].astype(np.float32)
+                cal = self.inputs.calibrations.get(dataset, {}).get(key.scorer)
                 refined, boxes = refine_s2m(image, score, self.prompters[key.scorer], self.sam,
                                             ScoreCalibration(**cal) if cal else None)
                 maps.append(refined.numpy())
@@ -108,7 +111,7 @@ class RefineActor:
             rows.failure(src, "refine", f"{dataset}/{item.id}: {type(e).__name__}: {e}")
             return None
         for i, m in enumerate(maps):
-            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.smiyc)).update(m, item.label)
+            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.ctx.cfg.smiyc)).update(m, item.label)
         rows.image(src, summary)
         return np.clip(np.stack(maps), -F16_MAX, F16_MAX).astype(np.float16)
 
@@ -118,6 +121,7 @@ class RefineStage(Stage):
 
     name = "s2m"
     cache_kind = "refined"
+    shard_kinds = ("refined",)
     refined = True
 
     def enabled(self) -> bool:
@@ -144,53 +148,41 @@ class RefineStage(Stage):
         return out
 
     def units(self, pending: list[str]) -> dict[str, UnitResult]:
-        scored = self.run.store.read("metrics")
-        scored = scored[(scored.run_id == self.run.run_id) & (scored.model == self.run.spec.name)]
-        out = {}
-        for k in pending:
-            info = self.run.infos[k]
-            if info.kind != "anomaly":
-                continue
-            rows = scored[(scored.dataset == k) & (scored.stage.fillna("score") == "score")]
-            out[k] = UnitResult(info, self.keys(), expected=int(rows.n_images.iloc[0]) if len(rows) else 0)
-        return out
+        return {k: UnitResult(self.run.infos[k], self.keys(), expected=self.run.scored_unit(k).n_images)
+                for k in pending if self.run.infos[k].kind == "anomaly"}
 
-    def calibrations(self) -> dict[str, dict[str, dict]]:
-        """Dataset → scorer → ScoreCalibration fields, from the committed score rows (module docstring)."""
-        m = self.run.store.read("metrics")
-        m = m[(m.run_id == self.run.run_id) & (m.model == self.run.spec.name) & m.scorer.notna()]
-        stats: dict[str, dict[str, dict]] = defaultdict(dict)
-        for r in m.itertuples():
-            cal = json.loads(r.extra_json or "{}").get("calibration")
-            if cal:
-                stats[r.dataset][r.scorer] = cal
+    def calibrations(self, pending: list[str]) -> dict[str, dict[str, dict]]:
+        """Dataset → refined scorer → ScoreCalibration fields of the map it refines (module docstring)."""
+        plain, sources, keys = self.score_keys(), self.sources(), self.keys()
+
+        def of(dataset: str) -> dict[str, dict]:
+            cal = self.run.scored_unit(dataset).calibration
+            found = {key.scorer: cal.get(plain[sources[i]]) for i, key in enumerate(keys)}
+            return {scorer: c for scorer, c in found.items() if c}
+
         source = self.run.cfg.refine_cfg.calibration
         if source == "best_f1":
-            return dict(stats)
-        if source not in stats:
+            return {d: of(d) for d in pending}
+        if source not in self.run.infos or self.run.infos[source].kind != "anomaly":
             raise ValueError(f"refine_cfg.calibration: {source!r} is neither best_f1 nor a scored anomaly set")
-        return {d: stats[source] for d in self.run.infos}
+        stats = of(source)
+        return {d: stats for d in pending}
 
     def stream(self, ray: Any, pending: list[str]) -> Any:
         from ray.data import ActorPoolStrategy
 
-        run, cfg = self.run, self.run.cfg
+        run = self.run
         items = [{"dataset": k, "path": p} for k in pending for p in run.cache(k, "scores").shards()]
         for k in pending:
             run.cache(k, "refined").delete()
         if not items:  # nothing was scored (every image failed): the units commit empty
             return iter(())
         res, max_actors = run.resources(ray)
-        cache = {"results_root": run.store.root, "run_id": run.run_id, "model": run.spec.name}
+        inputs = RefineInputs(self.sources(), run.refine["prompters"], run.refine["sam"], self.calibrations(pending),
+                              {k: run.datasets[k] for k in pending})
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            RefineActor,
-            fn_constructor_kwargs=dict(
-                keys=self.keys(), sources=self.sources(), prompters=run.refine["prompters"], sam=run.refine["sam"],
-                calibrations=self.calibrations(), datasets={k: run.datasets[k] for k in pending}, cache=cache,
-                device=cfg.device, torch_threads=cfg.torch_threads or max(1, math.ceil(cfg.actor_num_cpus)),
-                protocol=cfg.protocol, smiyc=cfg.smiyc, plugins=cfg.plugins),
-            batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
+        ds = ds.map_batches(RefineActor, fn_constructor_args=(run.actor_context(self.keys()), inputs), batch_size=1,
+                            batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
     def after_commit(self, unit: UnitResult) -> None:

@@ -3,21 +3,28 @@
 One Arrow table per actor call; ``row`` says what each row is:
 
 * ``image``   — one scored image (``summary``: per-scorer JSON summary, for the ``per_image`` table);
-* ``failure`` — one image that could not be read or scored (``stage``, ``error``);
+* ``failure`` — one image that could not be read or scored (``stage``, ``error``, ``file``: the file at fault);
 * ``state``   — the *merged* metric states of the call for one dataset (``state``: packed
-  ``{(key index, slot): state}``, each state naming its registered metric), merged by the reducer, and how many images
-  (scored or failed) the call covered (``summary``: ``{"covered": n}``), always after those images' rows;
+  ``{(key index, slot): state}``, each state naming its registered metric), merged by the reducer, the ids of the
+  images (scored or failed) the call covered and the cache shards it wrote (``summary``:
+  ``{"covered": [ids], "shards": {kind: [paths]}}``), always after those images' rows;
 * ``info``    — a one-off message for the console (e.g. the output-cache size estimate).
 
-States are packed as zlib-compressed pickles of plain numpy dicts (:func:`pack` / :func:`unpack`).
+Every row carries its ``call`` (one id per actor call): Ray re-runs a task whose actor died, so a call's rows may
+arrive twice, or its shards exist twice; the reducer takes each image exactly once by grouping rows per call and
+keeping a call only when none of its images was counted before (:class:`~oodseg.platform.benchmark.units.Reducer`).
+
+States are packed as zlib-compressed pickles of plain numpy dicts (:func:`pack` / :func:`unpack`); they only ever
+come from the run's own actors.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +33,8 @@ ROW_SCHEMA = pa.schema(
     [
         ("row", pa.string()), ("dataset", pa.string()), ("idx", pa.int64()), ("id", pa.string()),
         ("image_path", pa.string()), ("label_path", pa.string()), ("summary", pa.string()),
-        ("state", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()),
+        ("state", pa.large_binary()), ("stage", pa.string()), ("error", pa.string()), ("call", pa.string()),
+        ("file", pa.string()),
     ]
 )
 
@@ -50,9 +58,10 @@ class Rows:
 
     def __init__(self) -> None:
         self.cols: dict[str, list[Any]] = {f.name: [] for f in ROW_SCHEMA}
+        self.call = uuid.uuid4().hex
 
     def _add(self, kind: str, src: Mapping[str, Any], summary: Any = None, state: bytes = b"", stage: str = "",
-             error: str = "") -> None:
+             error: str = "", file: str = "") -> None:
         self.cols["row"].append(kind)
         for k in ("dataset", "id", "image_path", "label_path"):
             self.cols[k].append(src.get(k, ""))
@@ -61,6 +70,8 @@ class Rows:
         self.cols["state"].append(state)
         self.cols["stage"].append(stage)
         self.cols["error"].append(error)
+        self.cols["call"].append(self.call)
+        self.cols["file"].append(file or src.get("file") or src.get("image_path", ""))
 
     def image(self, src: Mapping[str, Any], summary: Any) -> None:
         self._add("image", src, summary=summary)
@@ -68,9 +79,12 @@ class Rows:
     def failure(self, src: Mapping[str, Any], stage: str, error: str) -> None:
         self._add("failure", src, stage=stage, error=error)
 
-    def state(self, dataset: str, metrics: Mapping[tuple[int, str], Any], covered: int) -> None:
-        """The merged ``{(key index, slot): metric}`` of one dataset in this call, and how many images it covers."""
-        self._add("state", {"dataset": dataset}, summary={"covered": covered}, state=pack(metric_states(metrics)))
+    def state(self, dataset: str, metrics: Mapping[tuple[int, str], Any], covered: Sequence[str],
+              shards: Mapping[str, Sequence[str]] | None = None) -> None:
+        """The merged ``{(key index, slot): metric}`` of one dataset in this call, the ids of the images it covers and
+        the cache shards (``{kind: [path]}``) it wrote for them."""
+        self._add("state", {"dataset": dataset}, summary={"covered": list(covered), "shards": dict(shards or {})},
+                  state=pack(metric_states(metrics)))
 
     def info(self, dataset: str, message: str) -> None:
         self._add("info", {"dataset": dataset}, summary=message)

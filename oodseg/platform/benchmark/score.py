@@ -16,11 +16,10 @@ leaves out frames without anomaly pixels, as the course evaluation code does.
 
 from __future__ import annotations
 
+import errno
 import math
-import os
-import socket
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,14 +28,15 @@ import torch
 
 from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
 from oodseg.models import Runtime, SegModel, create_model, tune_allocator
-from oodseg.platform.benchmark.config import ModelSpec, ScorerKey, scorer_keys
+from oodseg.platform.benchmark.commit import calibration
+from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
 from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.rows import Rows
-from oodseg.platform.benchmark.stage import Stage
+from oodseg.platform.benchmark.stage import ActorContext, ScoredUnit, Stage
 from oodseg.platform.benchmark.units import UnitInfo, UnitResult
-from oodseg.platform.cache import ShardCache, split_outputs
+from oodseg.platform.cache import split_outputs
 from oodseg.registry import import_plugins
-from oodseg.scoring import create_scorer, list_scorers, score_many, scorer_applies, semantic_prediction
+from oodseg.scoring import create_scorer, score_many, semantic_prediction
 from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
 
 F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
@@ -62,30 +62,25 @@ def image_summary(scores: Sequence[np.ndarray], label: np.ndarray, keys: Sequenc
     return out
 
 
+def writes_scores(cfg: BenchmarkConfig) -> bool:
+    """Whether the score maps are needed after the pass: the component pass, a refine stage or heatmaps read them."""
+    return cfg.component_metrics or bool(cfg.refine) or (cfg.plots and cfg.heatmaps > 0)
+
+
 class ScoreActor:
     """Stateful Ray Data UDF (module docstring): model loaded once; per call → rows."""
 
-    def __init__(self, spec: ModelSpec, checkpoint: str | None, keys: Sequence[ScorerKey], units: Mapping[str, UnitInfo],
-                 results_root: str, run_id: str, *, device: str = "auto", precision: str = "auto",
-                 torch_threads: int = 1, cache_outputs: bool = False, write_scores: bool = True, model_batch: int = 8,
-                 protocol: str = "field", smiyc: bool = True, plugins: Sequence[str] = ()) -> None:
-        import_plugins(plugins)
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        self.runtime = Runtime(device=device, precision=precision)
+    def __init__(self, ctx: ActorContext) -> None:
+        cfg = ctx.cfg
+        import_plugins(cfg.plugins)
+        torch.set_num_threads(ctx.torch_threads)
+        self.runtime = Runtime(device=cfg.device, precision=cfg.precision)
         if self.runtime.torch_device.type == "cpu":
             tune_allocator()
-        self.model = self.runtime.prepare(build_model(spec, checkpoint, protocol))
-        first = keys[0].placement if keys else "cl"
-        self.keys = [k for k in keys if (self.model.output_kind == "mask" or k.placement == first)
-                     and scorer_applies(k.scorer, self.model.ood_channels)]
-        self.index = {k: keys.index(k) for k in self.keys}  # states are keyed by the driver's key index
+        self.model = self.runtime.prepare(build_model(ctx.spec, ctx.checkpoint, cfg.protocol))
+        self.ctx, self.cfg, self.keys = ctx, cfg, list(ctx.keys)  # states are keyed by the key's index
         self.scorers = [create_scorer(k.scorer, k.temperature, k.placement, **dict(k.params)) for k in self.keys]
-        self.units, self.protocol, self.smiyc = dict(units), protocol, smiyc
-        self.cache = lambda dataset, kind: ShardCache(results_root, run_id, spec.name, dataset, kind)
-        self.cache_outputs, self.write_scores = cache_outputs, write_scores
-        self.model_batch = max(1, int(model_batch))
-        self.writer = f"{socket.gethostname()}-{os.getpid()}"
+        self.write_scores = writes_scores(cfg)
         self.calls = 0
         self.announced = False
 
@@ -93,39 +88,44 @@ class ScoreActor:
         self.calls += 1
         rows = Rows()
         groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
-        covered: dict[str, int] = defaultdict(int)
+        covered: dict[str, list[str]] = defaultdict(list)
+        self.written: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for r in batch.to_pylist():
-            covered[r["dataset"]] += 1
+            covered[r["dataset"]].append(r["id"])
             if r["error"]:
                 rows.failure(r, r["stage"], r["error"])
             else:
                 groups[(r["dataset"], r["height"], r["width"])].append(r)
         states: dict[str, dict[tuple[int, str], Any]] = defaultdict(dict)
         for (dataset, h, w), group in groups.items():
-            for start in range(0, len(group), self.model_batch):
-                chunk = group[start : start + self.model_batch]
+            for start in range(0, len(group), self.cfg.batch_size):
+                chunk = group[start : start + self.cfg.batch_size]
                 try:
-                    self._score_chunk(dataset, chunk, h, w, states[dataset], rows, f"{self.calls}-{start}")
+                    self._score_chunk(dataset, chunk, h, w, states[dataset], rows)
                 except Exception as e:  # noqa: BLE001 - one bad batch must not kill the job; recorded per image
+                    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                        raise  # a full disk is the run's problem, not the images' (the driver says so)
                     for r in chunk:
                         rows.failure(r, "predict", f"{r['image_path']}: {type(e).__name__}: {e}")
-        for dataset, n in covered.items():
-            rows.state(dataset, states[dataset], n)
+        for dataset, ids in covered.items():
+            rows.state(dataset, states[dataset], ids, self.written[dataset])
         return rows.table()
 
-    def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows,
-                     shard: str) -> None:
+    def _write(self, dataset: str, kind: str, records: list[dict], ids: list[str]) -> None:
+        self.written[dataset][kind].append(self.ctx.cache(dataset, kind).write(records, ids))
+
+    def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows) -> None:
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
         labels = np.stack([np.frombuffer(r["label"], np.uint8).reshape(h, w) for r in chunk])
         with torch.inference_mode(), self.runtime.autocast():
             outputs = self.model.predict(torch.from_numpy(images))
-        info = self.units[dataset]
+        info = self.ctx.units[dataset]
         if info.kind == "semantic":
             self._score_semantic(outputs, labels, chunk, info, states, rows)
         else:
-            self._score_anomaly(dataset, outputs, labels, chunk, states, rows, shard)
-        if self.cache_outputs:
-            self._cache_outputs(dataset, outputs, labels, chunk, rows, shard)
+            self._score_anomaly(dataset, outputs, labels, chunk, states, rows)
+        if self.cfg.cache_outputs:
+            self._cache_outputs(dataset, outputs, labels, chunk, rows)
 
     def _score_semantic(self, outputs: Any, labels: np.ndarray, chunk: list[dict], info: UnitInfo, states: dict,
                         rows: Rows) -> None:
@@ -138,14 +138,14 @@ class ScoreActor:
             rows.image(r, [{"pixel_acc": acc, "n_valid": int(valid.sum())}])
 
     def _score_anomaly(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], states: dict,
-                       rows: Rows, shard: str) -> None:
-        keep = [b for b in range(len(chunk)) if self.protocol != "course" or (labels[b] == ANOMALY).any()]
+                       rows: Rows) -> None:
+        keep = [b for b in range(len(chunk)) if self.cfg.protocol != "course" or (labels[b] == ANOMALY).any()]
         for b in set(range(len(chunk))) - set(keep):  # the course code skips frames without anomaly pixels
             rows.image(chunk[b], [])
         on_device = score_many(outputs, self.scorers, labels.shape[1:])
         label_t = torch.from_numpy(labels[keep]).to(on_device[0].device) if on_device else None
-        for key, s in zip(self.keys, on_device):  # binned on the actor's device, whole chunk
-            states.setdefault((self.index[key], "pixel"), PixelMetrics(smiyc=self.smiyc)).update(s[keep], label_t)
+        for i, s in enumerate(on_device):  # binned on the actor's device, whole chunk
+            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.cfg.smiyc)).update(s[keep], label_t)
         scores = [s.cpu().numpy() for s in on_device]
         records = []
         for b in keep:
@@ -153,13 +153,11 @@ class ScoreActor:
             rows.image(chunk[b], image_summary(per, labels[b], self.keys))
             if self.write_scores:
                 maps = np.clip(np.stack(per), -F16_MAX, F16_MAX).astype(np.float16)
-                records.append({"label": labels[b], "scores": maps, "keys": np.array([self.index[k] for k in
-                                                                                      self.keys])})
+                records.append({"label": labels[b], "scores": maps, "keys": np.arange(len(self.keys))})
         if records:
-            self.cache(dataset, "scores").write(f"{self.writer}-{shard}", records, [chunk[b]["id"] for b in keep])
+            self._write(dataset, "scores", records, [chunk[b]["id"] for b in keep])
 
-    def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows,
-                       shard: str) -> None:
+    def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows) -> None:
         records = split_outputs(outputs)
         for rec, lab in zip(records, labels):
             rec["label"] = lab
@@ -167,7 +165,7 @@ class ScoreActor:
             per_image = sum(a.nbytes for a in records[0].values())
             rows.info(dataset, f"output cache: {per_image / 2**20:.1f} MiB per image (fp16 model outputs)")
             self.announced = True
-        self.cache(dataset, "outputs").write(f"{self.writer}-{shard}", records, [r["id"] for r in chunk])
+        self._write(dataset, "outputs", records, [r["id"] for r in chunk])
 
 
 class ScoreStage(Stage):
@@ -176,8 +174,7 @@ class ScoreStage(Stage):
     name = "score"
 
     def keys(self) -> list[ScorerKey]:
-        names = list(self.run.cfg.scorers) or list_scorers()
-        return scorer_keys(self.run.cfg, names, self.run.output_kind)
+        return list(self.run.keys)
 
     def units(self, pending: list[str]) -> dict[str, UnitResult]:
         keys = self.keys()
@@ -203,24 +200,14 @@ class ScoreStage(Stage):
                                                    "protocol": cfg.protocol},
                             batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.read_num_cpus,
                             compute=TaskPoolStrategy(size=min(cfg.read_concurrency, blocks)))
-        threads = cfg.torch_threads or max(1, math.ceil(cfg.actor_num_cpus))
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs=dict(
-                spec=run.spec, checkpoint=run.checkpoint, keys=self.keys(), units=run.infos,
-                results_root=run.store.root, run_id=run.run_id, device=cfg.device, precision=cfg.precision,
-                torch_threads=threads, cache_outputs=cfg.cache_outputs, write_scores=self._write_scores(),
-                model_batch=cfg.batch_size, protocol=cfg.protocol, smiyc=cfg.smiyc, plugins=cfg.plugins),
-            batch_size=cfg.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1,
-                                                                                         max_size=max_actors),
-            **res)
+        ds = ds.map_batches(ScoreActor, fn_constructor_args=(run.actor_context(self.keys()),),
+                            batch_size=cfg.batch_size, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
         return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
-    def _write_scores(self) -> bool:
-        cfg = self.run.cfg
-        return cfg.component_metrics or bool(cfg.refine) or (cfg.plots and cfg.heatmaps > 0)
-
     def after_commit(self, unit: UnitResult) -> None:
+        self.run.scored[unit.info.key] = ScoredUnit(unit.n_images, {k: calibration(unit.metric(k, "pixel"))
+                                                                    for k in unit.scored_keys()})
         cfg = self.run.cfg
         if not cfg.keep_score_cache and not cfg.refine:  # the refine stage still reads the score maps
             self.run.cache(unit.info.key, "scores").delete()

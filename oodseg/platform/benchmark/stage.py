@@ -11,6 +11,8 @@ unit → component pass → commit — so a new stage is one class (in its own m
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,14 +33,26 @@ class ModelRun:
     run_id: str
     spec: ModelSpec
     checkpoint: str | None
-    output_kind: str
+    keys: list[ScorerKey]  # the score stage's keys (config.model_keys, decided in prepare)
     datasets: dict[str, Any]  # result key → opened dataset
     infos: dict[str, UnitInfo]
     done: set[tuple[str, str, str]] = field(default_factory=set)  # committed (model, dataset, stage)
     refine: dict[str, Any] = field(default_factory=dict)  # resolved refine inputs: "sam", "prompters" per scorer
+    scored: dict[str, ScoredUnit] = field(default_factory=dict)  # dataset → its committed score unit's facts
+
+    def scored_unit(self, dataset: str) -> ScoredUnit:
+        """What later stages need of a committed score unit: recorded at its commit in this attempt, or read once
+        from its committed rows when an earlier attempt committed it."""
+        if dataset not in self.scored:
+            self.scored[dataset] = ScoredUnit.from_rows(self.store, self.run_id, self.spec.name, dataset)
+        return self.scored[dataset]
 
     def cache(self, dataset: str, kind: str) -> ShardCache:
         return ShardCache(self.store.root, self.run_id, self.spec.name, dataset, kind)
+
+    def actor_context(self, keys: list[ScorerKey]) -> ActorContext:
+        return ActorContext(self.cfg, self.spec, self.checkpoint, tuple(keys), self.infos, self.store.root,
+                            self.run_id)
 
     def pending(self, stage: str) -> list[str]:
         return [k for k in self.infos if (self.spec.name, k, stage) not in self.done]
@@ -59,11 +73,52 @@ class ModelRun:
         return {"num_cpus": cfg.actor_num_cpus, "num_gpus": 1 if use_gpu else 0}, max_actors
 
 
+@dataclass(frozen=True)
+class ScoredUnit:
+    """A committed score unit's facts for the refine stage: its scored images and, per scorer key, the calibration
+    statistics of its map on that set (best-F1 threshold, inlier median / IQR; None where undefined)."""
+
+    n_images: int
+    calibration: Mapping[ScorerKey, dict[str, float] | None]
+
+    @classmethod
+    def from_rows(cls, store: ResultsStore, run_id: str, model: str, dataset: str) -> ScoredUnit:
+        m = store.read("metrics")
+        m = m[(m.run_id == run_id) & (m.model == model) & (m.dataset == dataset) & (m.stage.fillna("score") ==
+                                                                                       "score")]
+        cal = {ScorerKey(r.scorer, r.placement, float(r.temperature),
+                         tuple(sorted(json.loads(r.extra_json or "{}").get("params", {}).items()))):
+               json.loads(r.extra_json or "{}").get("calibration") for r in m.itertuples() if isinstance(r.scorer, str)}
+        return cls(int(m.n_images.iloc[0]) if len(m) else 0, cal)
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """What the actors of one pass need of the run: one object, built by the stage and pickled to every actor."""
+
+    cfg: BenchmarkConfig
+    spec: ModelSpec
+    checkpoint: str | None
+    keys: tuple[ScorerKey, ...]
+    units: Mapping[str, UnitInfo]
+    results_root: str
+    run_id: str
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads per actor: ``torch_threads``, else the CPUs it reserves (rounded up)."""
+        return self.cfg.torch_threads or max(1, math.ceil(self.cfg.actor_num_cpus))
+
+    def cache(self, dataset: str, kind: str) -> ShardCache:
+        return ShardCache(self.results_root, self.run_id, self.spec.name, dataset, kind)
+
+
 class Stage:
     """One pass (module docstring). ``name`` keys its units in the results store."""
 
     name: ClassVar[str] = ""
     cache_kind: ClassVar[str] = "scores"  # the maps its units' component pass reads
+    shard_kinds: ClassVar[tuple[str, ...]] = ("scores", "outputs")  # the caches its actors write
     refined: ClassVar[bool] = False
 
     def __init__(self, run: ModelRun) -> None:

@@ -3,6 +3,13 @@ on the moment its last image is accounted for, so it is committed while later da
 
 Input: the row stream of :mod:`oodseg.platform.benchmark.rows` (any order, any number of actor calls).
 Output: :class:`UnitResult` objects, one per dataset, in completion order (:meth:`Reducer.consume`).
+
+Exactly once: Ray re-runs the task of an actor that died (OOM, a lost node), so the rows of a call can arrive twice
+and the dead actor's cache shards stay on disk. The reducer groups rows by call and takes a call only if none of the
+images it covers was taken before (a re-run covers the same images: it is dropped whole); a call that overlaps
+earlier ones only in part cannot be merged exactly and fails the unit. A unit's ``shards`` are the shards of the
+calls it took; :meth:`UnitResult.prune` deletes every other shard, so the component pass, the refine stage,
+heatmaps and the temperature search read each image once.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.rows import unpack
+from oodseg.platform.cache import ShardCache
 from oodseg.scoring.metrics import MergeableMetric, metric_from_state
 
 
@@ -41,12 +49,22 @@ class UnitResult:
     summaries: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     n_images: int = 0
-    covered: int = 0  # images (scored or failed) whose state rows have arrived
+    seen: set[str] = field(default_factory=set)  # ids of the images (scored or failed) taken, each once
+    shards: dict[str, list[str]] = field(default_factory=dict)  # cache kind → shards of the calls taken
     started: float | None = None  # when the batch holding its first row was requested (Reducer)
+
+    @property
+    def covered(self) -> int:
+        return len(self.seen)
 
     @property
     def done(self) -> bool:
         return self.covered >= self.expected
+
+    def prune(self, cache: Callable[[str], ShardCache], kinds: Iterable[str]) -> None:
+        """Delete the shards of each ``cache(kind)`` that no taken call wrote (those of a dead actor's lost call)."""
+        for kind in kinds:
+            cache(kind).keep_only(self.shards.get(kind, []))
 
     @property
     def wall_s(self) -> float:
@@ -80,21 +98,39 @@ class Reducer:
         self.units = dict(units)
         self.on_image, self.on_info = on_image, on_info
         self.pending = [k for k, u in self.units.items() if not u.done]
+        self.buffer: dict[tuple[str, str], list[Mapping[str, Any]]] = {}  # (call, dataset) → rows before its state
 
     def _take(self, r: Mapping[str, Any], requested: float) -> None:
+        """Buffer a row until its call's state row for that dataset arrives, then take or drop the call."""
         unit = self.units[r["dataset"]]
         if unit.started is None:
             unit.started = requested
         if r["row"] == "info":
             if self.on_info:
-                self.on_info(r["summary"])
+                self.on_info(json.loads(r["summary"]))
             return
-        if r["row"] == "state":
-            unit.merge_states(unpack(r["state"]))
-            unit.covered += json.loads(r["summary"])["covered"]
+        rows = self.buffer.setdefault((r["call"], r["dataset"]), [])
+        if r["row"] != "state":
+            rows.append(r)
             return
+        del self.buffer[(r["call"], r["dataset"])]
+        summary = json.loads(r["summary"])
+        ids = set(summary["covered"])
+        if ids and ids <= unit.seen:
+            return  # a re-run of a call already taken (its actor died after its rows had arrived)
+        if ids & unit.seen:
+            raise RuntimeError(f"unit {unit.info.key}: a re-run call covers {len(ids & unit.seen)} image(s) taken "
+                               f"before and {len(ids - unit.seen)} new one(s); its states cannot be merged exactly")
+        unit.seen |= ids
+        unit.merge_states(unpack(r["state"]))
+        for kind, paths in summary.get("shards", {}).items():
+            unit.shards.setdefault(kind, []).extend(paths)
+        for row in rows:
+            self._image(unit, row)
+
+    def _image(self, unit: UnitResult, r: Mapping[str, Any]) -> None:
         if r["row"] == "failure":
-            unit.failures.append({"image_id": r["id"], "file": r["image_path"], "stage": r["stage"],
+            unit.failures.append({"image_id": r["id"], "file": r["file"], "stage": r["stage"],
                                   "error": r["error"]})
         else:
             unit.n_images += 1

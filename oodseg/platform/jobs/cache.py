@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         for run in targets:
             store.fs.delete_dir(f"{store.base}/cache/{run}")
-        print(f"deleted the caches of {len(targets)} run(s), {sum(found.values()) / 2**20:.1f} MiB before")
+        freed = sum(n for key, n in found.items() if key[0] in targets)
+        print(f"deleted the caches of {len(targets)} run(s) ({freed / 2**20:.1f} MiB)")
         return 0
     for key, n in sorted(found.items()):
         print(f"{n / 2**20:10.1f} MiB  {'/'.join(key)}")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import torch
 
 from oodseg.config import ConfigError
@@ -31,7 +32,7 @@ from oodseg.report.tables import (
     object_table,
     standard_table,
 )
-from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers
+from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers, scorer_applies
 
 
 def open_store(results: str) -> ResultsStore:
@@ -42,11 +43,31 @@ def open_store(results: str) -> ResultsStore:
 
 
 def _run_with_cache(store: ResultsStore, model: str, dataset: str, runs: Sequence[str]) -> str:
-    for run_id in reversed(sorted(runs)):
+    """The run whose output cache draws the heatmap: the newest of the reported ``runs`` with one, else the newest
+    run in the store with one (a cache outlives the rows that later runs supersede)."""
+    everything = store.read("runs").sort_values("started_at")["run_id"].drop_duplicates().tolist()
+    for run_id in [*reversed(sorted(runs)), *reversed(everything)]:
         if ShardCache(store.root, run_id, model, dataset, "outputs").shards():
             return run_id
-    raise ConfigError(f"--heatmap: no output cache of {model}/{dataset} in runs {list(runs)}; rerun the benchmark "
-                      "with --cache-outputs true")
+    raise ConfigError(f"--heatmap: no run in {store.root} kept an output cache of {model}/{dataset} (see python -m "
+                      "oodseg cache); rerun the benchmark with --cache-outputs true")
+
+
+def parse_heatmap(spec: str) -> tuple[str, str, str]:
+    try:
+        model, dataset, image_id = spec.split(":", 2)
+    except ValueError:
+        raise ConfigError(f"--heatmap expects MODEL:DATASET:IMAGE_ID, got {spec!r}") from None
+    return model, dataset, image_id
+
+
+def check_runs(store: ResultsStore, runs: list[str] | None) -> None:
+    """Every id of ``--runs`` names a run in the store."""
+    known = set(store.read("runs").run_id)
+    unknown = [r for r in runs or () if r not in known]
+    if unknown:
+        raise ConfigError(f"--runs: no run {', '.join(map(repr, unknown))} in {store.root}; runs there: "
+                          f"{', '.join(sorted(known)) or 'none'}")
 
 
 def _data_root(store: ResultsStore, run_id: str, given: str | None) -> str:
@@ -62,10 +83,7 @@ def _data_root(store: ResultsStore, run_id: str, given: str | None) -> str:
 
 def heatmap(store: ResultsStore, spec: str, runs: Sequence[str], a: argparse.Namespace) -> str:
     """Draw one ``MODEL:DATASET:IMAGE_ID`` heatmap from the run's output cache; returns the written path."""
-    try:
-        model, dataset, image_id = spec.split(":", 2)
-    except ValueError:
-        raise ConfigError(f"--heatmap expects MODEL:DATASET:IMAGE_ID, got {spec!r}") from None
+    model, dataset, image_id = parse_heatmap(spec)
     run_id = _run_with_cache(store, model, dataset, runs)
     items = {item.id: item for item in ShardCache(store.root, run_id, model, dataset, "outputs").items()}
     if image_id not in items:
@@ -73,6 +91,8 @@ def heatmap(store: ResultsStore, spec: str, runs: Sequence[str], a: argparse.Nam
         raise ConfigError(f"--heatmap: image {image_id!r} is not in the output cache of {model}/{dataset} "
                           f"(run {run_id}); cached ids: {shown}{' …' if len(items) > 8 else ''}")
     item = items[image_id]
+    if not scorer_applies(a.scorer, item.outputs.ood_channels):
+        raise ConfigError(f"--scorer {a.scorer}: needs a model with OOD class channels; {model!r} has none")
     ds = create_dataset(dataset, root=_data_root(store, run_id, a.data_root), strict=False)
     ref = next(r for r in ds.samples if r.id == image_id)
     fn = create_scorer(a.scorer, temperature=a.temperature, placement=a.placement)
@@ -105,13 +125,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = open_store(a.results)
         if a.sql:
-            print(store.duckdb().sql(a.sql))
-            return 0
-        runs = [r for r in a.runs.split(",") if r] or None
+            return sql(store, a.sql)
+        runs = [r.strip() for r in a.runs.split(",") if r.strip()] or None
+        check_runs(store, runs)
+        for spec in a.heatmap:
+            parse_heatmap(spec)
         return report(store, runs, a)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def sql(store: ResultsStore, query: str) -> int:
+    """Print a DuckDB query's result; a query DuckDB rejects is one line naming its reason."""
+    try:
+        print(store.duckdb().sql(query))
+    except duckdb.Error as e:
+        raise ConfigError(f"--sql: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return 0
 
 
 def report(store: ResultsStore, runs: list[str] | None, a: Any) -> int:

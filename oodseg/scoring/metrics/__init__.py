@@ -24,7 +24,7 @@ from oodseg.scoring.metrics.base import (
 from oodseg.scoring.metrics.components import COMPONENT_COLUMNS, SIOU_THRESHOLDS, TRACKS, ComponentMetrics
 from oodseg.scoring.metrics.confusion import ConfusionMatrix
 from oodseg.scoring.metrics.functional import curve_metrics
-from oodseg.scoring.metrics.pixel import PixelMetrics, float32_keys, keys_to_float32, pixel_metrics
+from oodseg.scoring.metrics.pixel import PixelMetrics, float32_keys, keys_to_float32
 from oodseg.scoring.metrics.s2m import S2MMetrics
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
@@ -45,6 +45,5 @@ __all__ = [
     "float32_keys",
     "keys_to_float32",
     "metric_from_state",
-    "pixel_metrics",
     "register_metric",
 ]

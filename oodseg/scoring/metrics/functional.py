@@ -49,12 +49,3 @@ def fpr95_interp(tp: np.ndarray, fp: np.ndarray) -> float:
     if (tpr >= 0.95).all():
         return float(fpr[tpr >= 0.95].min())
     return float(np.interp(0.95, tpr, fpr))
-
-
-def cumulative_counts(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct thresholds descending, cumulative TP, cumulative FP) of exact float scores (ties merged)."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], positive[order].astype(np.int64)
-    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tp = np.cumsum(y)[last]
-    return s[last], tp, (last + 1) - tp

@@ -258,8 +258,3 @@ class PixelMetrics(MergeableMetric):
             "tpr": tp[idx] / tp[-1],
             "fpr": fp[idx] / fp[-1],
         }
-
-
-def pixel_metrics(scores: Any, labels: Any, bits: int = 24) -> dict[str, Any]:
-    """One-shot :class:`PixelMetrics` of one array of scores and 0/1/255 labels (notebooks, one-off checks)."""
-    return PixelMetrics(bits=bits).update(scores, labels).compute()
