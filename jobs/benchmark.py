@@ -8,6 +8,10 @@
 Every option: ``python jobs/benchmark.py --help``. The job: ``oodseg/platform/jobs/benchmark.py``.
 """
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.cli import exit_fast
 from oodseg.platform.jobs.benchmark import main
 

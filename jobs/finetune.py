@@ -14,6 +14,10 @@ under an existing name is an error. Every option: ``python jobs/finetune.py --he
 
 import sys
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.jobs.finetune import main
 
 if __name__ == "__main__":

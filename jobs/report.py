@@ -7,6 +7,10 @@ Same as ``python -m oodseg report``; options: ``--help``.
 
 import sys
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.jobs.report import main
 
 if __name__ == "__main__":

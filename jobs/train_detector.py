@@ -9,6 +9,10 @@ Every option: ``python jobs/train_detector.py --help``.
 
 import sys
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.jobs.train_detector import main
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Every option: ``python jobs/tune_loss.py --help``.
 
 import sys
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.jobs.tune_loss import main
 
 if __name__ == "__main__":

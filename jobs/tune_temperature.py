@@ -10,6 +10,10 @@ benchmark once to create it. Every option: ``python jobs/tune_temperature.py --h
 
 import sys
 
+from oodseg.process import apply_job_settings
+
+apply_job_settings()  # before anything imports torch
+
 from oodseg.platform.jobs.tune_temperature import main
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from oodseg.process import apply_job_settings
+
 #: command → (module with ``main(argv) -> int``, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("oodseg.platform.jobs.benchmark", "benchmark models × datasets × scorers (= jobs/benchmark.py)"),
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    apply_job_settings()  # before the command's module imports torch
     module = importlib.import_module(COMMANDS[args[0]][0])
     return int(module.main(args[1:]) or 0)
 

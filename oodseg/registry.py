@@ -5,6 +5,12 @@ Each kind has its own module-level ``Registry``; its ``register`` decorator reco
 under a name together with the facts about it (metadata such as a scorer's Tune ``space``, a dataset's table
 ``title``), and ``create(name, **cfg)`` builds it. Other layers read the facts through ``meta`` instead of keeping
 lists of their own. ``registered(...)`` scopes a registration (tests, notebooks): the entry is removed on exit.
+
+Built-in providers that live outside their registry's package are listed in :data:`PROVIDERS` (kind → name → the
+module whose import registers it): the registry knows those names from the start and imports the module on first
+use, so ``create_task(cfg)`` with ``task="saom"`` or ``resolve_checkpoint("demo-sam")`` works in any process (a Ray
+Train worker included) without the caller importing ``oodseg.refine`` first, and no import is kept only for its side
+effect. A user's plugin still registers by being imported (:func:`import_plugins`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,15 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: kind → {name: module that registers it on import}: the built-in providers outside their registry's package
+PROVIDERS: dict[str, dict[str, str]] = {
+    "training task": {"segmentation": "oodseg.training.task", "s2m_detector": "oodseg.refine.detector_task",
+                      "saom": "oodseg.refine.saom_task"},
+    "checkpoint source": {"demo": "oodseg.training.demo", "demo-tdos": "oodseg.training.demo_tdos",
+                          "demo-mask": "oodseg.training.demo_mask", "demo-sam": "oodseg.refine.demo",
+                          "demo-saom": "oodseg.refine.demo", "demo-detector": "oodseg.refine.demo"},
+}
+
 
 class Registry(Generic[T]):
     """Name → factory mapping (plus per-entry metadata) for one kind of component."""
@@ -24,6 +39,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Callable[..., T]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        self._providers = dict(PROVIDERS.get(kind, {}))
 
     def register(self, name: str | None = None, **meta: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: register ``fn`` under ``name`` (default: its ``__name__``) with optional metadata."""
@@ -53,11 +69,15 @@ class Registry(Generic[T]):
             self.unregister(name)
 
     def get(self, name: str) -> Callable[..., T]:
+        """The factory of ``name``, importing its provider module first when it is a built-in not loaded yet."""
+        if name not in self._entries and name in self._providers:
+            importlib.import_module(self._providers[name])
+            if name not in self._entries:
+                raise RuntimeError(f"{self._providers[name]} does not register the {self.kind} {name!r}")
         try:
             return self._entries[name]
         except KeyError:
-            known = ", ".join(sorted(self._entries)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.list()) or '(none)'}") from None
 
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
@@ -67,14 +87,14 @@ class Registry(Generic[T]):
         return self.get(name)(**cfg)
 
     def list(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._entries.keys() | self._providers.keys())
 
     def names(self) -> list[str]:
-        """Registered names in registration order."""
-        return list(self._entries)
+        """Registered names in registration order (built-ins not loaded yet last, in :data:`PROVIDERS` order)."""
+        return [*self._entries, *(n for n in self._providers if n not in self._entries)]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._providers
 
 
 def import_plugins(modules: Iterable[str]) -> None:

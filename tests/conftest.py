@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any torch import (see oodseg/__init__.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any torch import, as a job sets it (oodseg/process.py)
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_AUTH_TOKEN", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -128,23 +128,26 @@ def test_prepare_leaves_an_unbuilt_model_pending_and_finish_checks_it(tiny_suite
     plan = prepare(cfg)
     assert isinstance(plan.pending["m"], BackgroundBuild) and "m" not in plan.checkpoints
     plan.finish()
-    assert not plan.pending and Path(plan.checkpoints["m"]).is_file() and plan.output_kinds == {"m": "pixel"}
+    assert not plan.pending and Path(plan.checkpoints["m"]).is_file() and plan.keys["m"]  # its scorer keys, once built
     again = prepare(cfg)  # built now: resolved in the driver, nothing pending
     assert not again.pending and again.checkpoints == plan.checkpoints
 
 
 def test_the_child_spins_at_openmp_barriers_unless_the_user_chose_a_policy(tmp_path, plugin, monkeypatch):
-    import oodseg
+    from oodseg.process import JOB_WAIT_POLICY, apply_job_settings
     from oodseg.training.background import GOMP_SPINCOUNT, BackgroundBuild
 
     context = {"cache_dir": tmp_path, "data_root": tmp_path, "seed": 0, "plugins": [plugin]}
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    monkeypatch.setattr(oodseg, "OMP_WAIT_POLICY_FROM_USER", False)  # PASSIVE is oodseg's choice
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(JOB_WAIT_POLICY, raising=False)
+    apply_job_settings()  # a job's entry point: PASSIVE is the job's choice
     build = BackgroundBuild("test-env", start=False, **context)
     assert build.proc is None
     assert build.wait() == f"PASSIVE/{GOMP_SPINCOUNT}"  # started by wait(); libgomp's default spinning
-    monkeypatch.setattr(oodseg, "OMP_WAIT_POLICY_FROM_USER", True)
+    monkeypatch.delenv(JOB_WAIT_POLICY)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's own
+    apply_job_settings()
     assert BackgroundBuild("test-env", **context).wait() == "PASSIVE/None"  # the user's own PASSIVE is kept
 
 

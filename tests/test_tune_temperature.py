@@ -32,7 +32,7 @@ from oodseg.platform.tuning.temperature import (
     format_result,
     run_temperature_search,
 )
-from oodseg.scoring.metrics import float32_keys, keys_to_float32
+from oodseg.scoring.metrics import PixelMetrics, float32_keys, keys_to_float32
 
 VAL, OTHER = "road_anomaly_21", "fs_static"
 GRID = (0.5, 0.75, 1.1)
@@ -155,6 +155,8 @@ def test_missing_cache_runs_benchmark_once_and_grid_rows_match_reference(first_s
         ref = reference(store, res.source_run, r["dataset"], r["temperature"])
         assert r["auprc"] == pytest.approx(ref["auprc"], abs=1e-4)
         assert r["fpr95"] == pytest.approx(ref["fpr95"], abs=1e-3)
+        assert set(PixelMetrics.columns.values()) <= set(r)  # the metric's own row(), as the benchmark's rows
+        assert 0.0 <= r["fpr95_interp"] <= 1.0
     text = format_result(res, cfg)
     assert "t=0.5" in text and "best" in text and "tensorboard --logdir" in text
 

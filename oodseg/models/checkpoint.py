@@ -13,13 +13,15 @@
 * ``check_fit(model, path, fresh)`` applies ``load_checkpoint``'s rule to names and shapes only
   (``read_state_dict(path, meta=True)``: the safetensors header, or ``torch.load`` onto the meta device), for a model
   built on the meta device: a job checks that a checkpoint fits before any work starts.
-* ``check_checkpoint(path)`` opens only a file's header (safetensors) or its archive (``.pth``) so jobs can reject a
-  bad file before any work starts.
+* ``check_checkpoint(path)`` reads only a file's header (safetensors) or its pickled names and shapes (``.pth``,
+  ``torch.load(weights_only=True)`` onto the meta device) so jobs can reject a bad or unsafe file before any work
+  starts; :func:`torch_load_reason` keeps torch's reason and drops its boilerplate (which suggests unpickling).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,18 @@ def _one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line, cut to ``limit`` characters (library errors such as torch.load's span paragraphs)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def torch_load_reason(err: BaseException) -> str:
+    """The informative part of a ``torch.load`` error on one line: torch wraps a weights-only refusal in paragraphs
+    that recommend ``weights_only=False``, which must never be suggested for an untrusted file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("Check the documentation")[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    detail = " ".join(text.split())
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -85,9 +99,8 @@ def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Ten
         try:
             raw = _torch_load(path, meta)
         except Exception as e:  # truncated zip / pickle, or a pickle that is not weights-only
-            raise CheckpointError(
-                path, f"cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})"
-            ) from e
+            reason = torch_load_reason(e)
+            raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({reason})") from e
     return _flatten(path, raw)
 
 
@@ -222,7 +235,4 @@ def check_checkpoint(path: str | Path) -> None:
     if path.suffix == ".safetensors":
         read_safetensors_metadata(path)
         return
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        read_state_dict(path)  # legacy (non-zip) torch.save format: only a full read can tell
+    read_state_dict(path, meta=True)

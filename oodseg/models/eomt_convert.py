@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from oodseg.models.checkpoint import CheckpointError
+from oodseg.models.checkpoint import CheckpointError, torch_load_reason
 
 B = "encoder.backbone."
 _NORM_KEYS = ("encoder.pixel_mean", "encoder.pixel_std")
@@ -84,17 +84,6 @@ class _Inert:
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
-
-
-def _one_line(err: BaseException) -> str:
-    """The informative part of an exception on one line (torch's weights-only errors wrap it in boilerplate)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("Check the documentation")[0]
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    elif text.startswith("Weights only load failed"):
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-    detail = " ".join(text.split())
-    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
 
 
 def load_untrusted(path: str | Path, allow: Callable[[str], Any] | None = None) -> Any:
@@ -114,7 +103,8 @@ def load_untrusted(path: str | Path, allow: Callable[[str], Any] | None = None) 
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # garbage / truncated file or a refused pickle: one line naming the file
-        raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({_one_line(e)})") from e
+        reason = torch_load_reason(e)
+        raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({reason})") from e
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ and Ray merges the directories; rank 0 adds ``history.json``, ``run.json`` and, 
 Rank 0 also puts each row on a queue the driver prints from (one progress line per ``log_every`` steps).
 
 Before Ray starts, :func:`check_resume` compares the newest checkpoint of ``<storage_path>/<name>`` with this run:
-a different model, loss, parameters, data, init or strategy is an error, not a silent resume.
+any difference in its fingerprint (:func:`oodseg.training.loop.run_fingerprint`: the strategy and every
+``TrainConfig`` field) other than ``steps`` and ``log_every`` is an error naming every differing key, not a silent
+resume; so is asking for fewer steps than the checkpoint has trained.
 """
 
 from __future__ import annotations
@@ -27,14 +29,10 @@ import torch
 from oodseg.config import ConfigError, from_dict, to_dict, to_json
 from oodseg.models import resolve_checkpoint, tune_allocator
 from oodseg.paths import default_cache_dir, synthetic_suite
-from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.config import TrainConfig
-from oodseg.training.loop import MODEL, RUN, fit, run_fingerprint
+from oodseg.training.loop import HISTORY, MODEL, RESUMABLE, RUN, fit, run_fingerprint
 from oodseg.training.strategy import create_strategy
 from oodseg.training.tasks import TASKS
-
-RESUME_KEYS = ("strategy", "model", "model_cfg", "init", "loss", "loss_cfg", "params", "dataset", "data_root",
-               "coco_root")
 
 
 def _h(text: str, **extra: Any) -> dict[str, Any]:
@@ -123,13 +121,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 def resolve_data(cfg: FinetuneConfig, cache_dir: str | os.PathLike[str] | None = None) -> FinetuneConfig:
     """Fill in the synthetic defaults and named checkpoints before Ray starts: no ``train.data_root`` → the
     synthetic suite (built once under the cache, the one the benchmark job uses) with its ``coco/`` folder as the OE
-    source and the demo model as the default ``init``; ``train.init`` a named source (``demo``: the demo model of that suite, ``scratch``: random init) → its
-    file (or None)."""
+    source and, for the segmentation task, the demo model as the default ``init``; ``train.init`` a named source
+    (``demo``: the demo model of that suite, ``scratch``: random init) → its file (or None)."""
     tc = cfg.train
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if not tc.data_root:
         suite = synthetic_suite(cache, tc.seed)
-        tc = replace(tc, data_root=str(suite), coco_root=tc.coco_root or str(suite / "coco"), init=tc.init or "demo")
+        init = tc.init or ("demo" if tc.task == "segmentation" else None)  # the other tasks build their own models
+        tc = replace(tc, data_root=str(suite), coco_root=tc.coco_root or str(suite / "coco"), init=init)
     init = resolve_checkpoint(tc.init, cache_dir=cache, data_root=tc.data_root, seed=tc.seed)
     return replace(cfg, train=TASKS.get(tc.task).resolve(replace(tc, init=init), cache))
 
@@ -140,20 +139,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint directory was saved at (its last ``history.json`` row)."""
+    rows = json.loads((checkpoint / HISTORY).read_text())
+    return int(rows[-1]["step"]) if rows else 0
+
+
 def check_resume(cfg: FinetuneConfig) -> Path | None:
-    """Raise ``ConfigError`` when ``cfg`` would resume a checkpoint of a different run (module docstring);
-    returns the checkpoint a rerun resumes from, or None."""
+    """Raise ``ConfigError`` when ``cfg`` would resume a checkpoint of a different run (module docstring; a key the
+    checkpoint did not record, written by an older oodseg, is not compared); returns the checkpoint a rerun resumes
+    from, or None."""
     last = latest_checkpoint(cfg.run_dir)
     if last is None:
         return None
     stored = json.loads((last / RUN).read_text())
     wanted = json.loads(json.dumps(run_fingerprint(cfg.train, cfg.strategy), default=list))
-    diff = [k for k in RESUME_KEYS if stored.get(k) != wanted.get(k)]
+    diff = [k for k in wanted if k in stored and k not in RESUMABLE and stored[k] != wanted[k]]
     if diff:
-        what = ", ".join(f"{k} {stored.get(k)!r} (this run: {wanted.get(k)!r})" for k in diff)
+        what = ", ".join(f"{'' if k == 'strategy' else 'train.'}{k} {stored[k]!r} (this run: {wanted[k]!r})"
+                         for k in diff)
         raise ConfigError(f"{cfg.run_dir}: a run named {cfg.name!r} exists with {what}; pick another --name (or "
                           f"delete that directory) instead of resuming it")
+    done = checkpoint_step(last)
+    if done > cfg.train.steps:
+        raise ConfigError(f"{cfg.run_dir}: the run named {cfg.name!r} has trained {done} steps; --steps "
+                          f"{cfg.train.steps} cannot resume it (give --steps {done} or more, or another --name)")
     return last
+
+
+def export_model(checkpoint: Path, dst: Path) -> str:
+    """Copy the checkpoint's exported ``model.safetensors`` to ``dst`` (atomically); returns ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(checkpoint / MODEL, tmp)
+    os.replace(tmp, dst)
+    return str(dst)
 
 
 @dataclass(frozen=True)
@@ -212,11 +232,14 @@ def run_finetune(cfg: FinetuneConfig, printer: Callable[[dict[str, Any]], None] 
 
     queue = Queue() if printer is not None else None
     stop = threading.Event()
-    thread = threading.Thread(target=_print_rows, args=(queue, printer, stop), daemon=True) if queue else None
+    # ``is not None``: a Ray queue defines ``__len__``, so an empty one is falsy
+    thread = None if queue is None else threading.Thread(target=_print_rows, args=(queue, printer, stop), daemon=True)
     if thread:
         thread.start()
     try:
         result = build_trainer(cfg, step_hook=step_hook, progress=queue).fit()
+    except SystemExit as e:  # Ray Train's own Ctrl-C handler aborts the run, then calls sys.exit: an interrupt
+        raise KeyboardInterrupt from e
     finally:
         stop.set()
         if thread:
@@ -227,10 +250,5 @@ def run_finetune(cfg: FinetuneConfig, printer: Callable[[dict[str, Any]], None] 
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     model_path = None
     if ckpt_path and (Path(ckpt_path) / MODEL).is_file():
-        dst = cfg.export_path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(Path(ckpt_path) / MODEL, tmp)
-        os.replace(tmp, dst)
-        model_path = str(dst)
+        model_path = export_model(Path(ckpt_path), cfg.export_path)
     return FinetuneResult(dict(result.metrics or {}), history, ckpt_path, model_path)

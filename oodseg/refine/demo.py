@@ -21,8 +21,6 @@ from pathlib import Path
 
 from oodseg.models import register_checkpoint_source, resolve_checkpoint
 from oodseg.paths import demo_suite
-from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
-from oodseg.training import demo  # noqa: F401  (registers the "demo" ERFNet source)
 from oodseg.training.cached import cached_fit, printer
 from oodseg.training.config import TrainConfig
 

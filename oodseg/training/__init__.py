@@ -9,12 +9,11 @@
 * ``task`` / ``tasks``                         what is trained (segmentation; S2M detector and SAOM in refine/)
 * ``loop.fit``                                 the one training loop; ``train_local`` for a single process
 * ``evaluate``                                 mergeable validation (mIoU + AuPRC/FPR95)
-* ``demo`` / ``demo_tdos``                     the cached demo ERFNet / TDOS (checkpoints ``demo``, ``demo-tdos``)
+* ``demo`` / ``demo_tdos`` / ``demo_mask``      the cached demo ERFNet / TDOS / Mask2Former (their sources)
 * ``cached``                                   train a named demo model once per config hash
 * ``acceptance``                               OE / LogitNorm / EIM fine-tuning check on the synthetic suite
 """
 
-from oodseg.training import demo, demo_mask, demo_tdos  # noqa: F401  (register the demo sources)
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import fit, train_local
 from oodseg.training.params import merge_lora, select_parameters, train_mode

@@ -10,7 +10,7 @@ behind.
 
 The child has the cores to itself (the driver waits; with several sources the benchmark starts one child at a time),
 so its OpenMP threads spin briefly at barriers as OpenMP does by default (``GOMP_SPINCOUNT`` = GNU libgomp's default
-of 300,000) instead of sleeping at once, as oodseg's ``OMP_WAIT_POLICY=PASSIVE`` makes them (``oodseg/__init__.py``):
+of 300,000) instead of sleeping at once, as the job's ``OMP_WAIT_POLICY=PASSIVE`` makes them (:mod:`oodseg.process`):
 the demo ERFNet's small steps train 1.6× as fast (2 cores: 9.5 vs 5.8 steps/s, ``benchmarks/omp_wait.py``; the
 same weights). A policy the user set is kept.
 """
@@ -25,8 +25,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-import oodseg
 from oodseg.models.checkpoint import CheckpointError
+from oodseg.process import wait_policy_from_user
 
 GOMP_SPINCOUNT = "300000"  # GNU libgomp's spin count when OMP_WAIT_POLICY is unset (libgomp manual)
 
@@ -49,7 +49,7 @@ class BackgroundBuild:
         """The child, started on the first call."""
         if self.proc is None:
             env = dict(os.environ)
-            if not oodseg.OMP_WAIT_POLICY_FROM_USER:
+            if not wait_policy_from_user():
                 env.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, env=env)
         return self.proc
@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.parent:
         _exit_with_parent(a.parent)
     try:
-        import oodseg.training  # noqa: F401  (registers "demo" and "demo-tdos")
         from oodseg.models import resolve_checkpoint
         from oodseg.registry import import_plugins
 

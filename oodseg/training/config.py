@@ -74,5 +74,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.global_batch < 1 or self.accum < 1:
             raise ValueError("steps, global_batch and accum must be positive")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError(f"lr must be > 0, weight_decay and warmup ≥ 0; got lr {self.lr}, weight_decay "
+                             f"{self.weight_decay}, warmup {self.warmup}")
         if self.global_batch % self.accum:
             raise ValueError(f"global_batch {self.global_batch} not divisible by accum {self.accum}")

@@ -119,6 +119,7 @@ def get_demo_checkpoint(
                       evaluate=False)
 
 
+@register_checkpoint_source("demo")
 def demo_checkpoint(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
                     seed: int = 0, **_: object) -> str:
     """The ``"demo"`` checkpoint source: the demo ERFNet for the suite at ``data_root`` when that is a synthetic
@@ -127,10 +128,6 @@ def demo_checkpoint(cache_dir: str | os.PathLike[str] | None = None, data_root: 
     given = Path(data_root) if data_root else None
     suite = given if given is not None and (given / MARKER).is_file() else synthetic_suite(cache, seed)
     return str(get_demo_checkpoint(suite, cache, seed=seed))
-
-
-if __name__ != "__main__":  # ``python -m oodseg.training.demo`` runs this file again after the package registered it
-    register_checkpoint_source("demo")(demo_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

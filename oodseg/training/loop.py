@@ -35,11 +35,15 @@ HISTORY, RUN, MODEL = "history.json", "run.json", "model.safetensors"
 Report = Callable[[dict[str, Any], "Path | None"], None]
 
 
+#: what a resume may change: ``steps`` (train on, to a new total; the schedule follows it) and ``log_every`` (which
+#: rows are reported). Anything else in the fingerprint changes the weights or what a row means.
+RESUMABLE = ("steps", "log_every")
+
+
 def run_fingerprint(cfg: TrainConfig, strategy: str) -> dict[str, Any]:
-    """What a resumed run must share with its checkpoint: task, model, loss, parameters, data, init, strategy."""
-    keys = ("task", "task_cfg", "model", "model_cfg", "init", "loss", "loss_cfg", "params", "dataset", "train_split",
-            "data_root", "coco_root", "global_batch", "accum", "crop", "seed", "steps")
-    return {"strategy": strategy, **{k: v for k, v in asdict(cfg).items() if k in keys}}
+    """The run a checkpoint belongs to (its ``run.json``): the strategy and every ``TrainConfig`` field. A resume must
+    match all of it but :data:`RESUMABLE` (``oodseg.platform.trainer.check_resume``)."""
+    return {"strategy": strategy, **asdict(cfg)}
 
 
 @dataclass

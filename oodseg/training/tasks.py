@@ -1,7 +1,8 @@
 """The registry of training tasks (what :func:`oodseg.training.loop.fit` trains; see :mod:`oodseg.training.task`).
 
 ``segmentation`` is registered by :mod:`oodseg.training.task`; ``s2m_detector`` and ``saom`` by their modules in
-:mod:`oodseg.refine` (imported by the jobs that train them).
+:mod:`oodseg.refine`. The registry knows all three from the start (:data:`oodseg.registry.PROVIDERS`) and imports a
+task's module the first time it is asked for, in whatever process asks (a Ray Train worker included).
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 check the run against an existing checkpoint of the same name → Ray Train (DeepSpeed / DDP) → export.
 
 One progress line per ``train.log_every`` steps (loss, lr, steps/s, validation metrics when measured) and a final
-summary: the validation metrics, the exported model and the command that benchmarks it.
+summary: the validation metrics, the exported model and the command that benchmarks it. A rerun of a run that has
+already trained its ``--steps`` says so and exports its model again, without starting Ray; Ctrl-C prints how to
+resume (exit code 130).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from oodseg.config import ConfigError, parse_config, to_json
@@ -18,9 +21,16 @@ from oodseg.models.factory import checkpoint_model_cfg, unknown_model_args
 from oodseg.platform.benchmark.prepare import check_results_root
 from oodseg.platform.cli import run_cli
 from oodseg.platform.runs import RunRecord, init_ray, log, status_of
-from oodseg.platform.trainer import FinetuneConfig, check_resume, resolve_data, run_finetune
-from oodseg.refine import detector_task, saom_task  # noqa: F401  (register the s2m_detector and saom tasks)
+from oodseg.platform.trainer import (
+    FinetuneConfig,
+    check_resume,
+    checkpoint_step,
+    export_model,
+    resolve_data,
+    run_finetune,
+)
 from oodseg.training.config import TrainConfig
+from oodseg.training.loop import MODEL
 
 ALIASES = {f"--{k.replace('_', '-')}": f"train.{k}" for k in ("model", "loss", "params", "steps", "init", "lr",
                                                                "data_root")}
@@ -34,9 +44,10 @@ def format_row(row: dict[str, Any], steps: int) -> str:
             f"{row['steps_per_s']:.2f} step/s{val}")
 
 
-def validate(cfg: FinetuneConfig) -> None:
-    """Before Ray: the loss fits the model, the init checkpoint is readable and holds that model, the model takes
-    its keyword arguments, a rerun matches its checkpoint."""
+def validate(cfg: FinetuneConfig) -> Path | None:
+    """Before Ray: the loss fits the model, the init checkpoint is readable (a ``.pth`` by ``torch.load(weights_only=
+    True)``) and holds that model, the model takes its keyword arguments, a rerun matches its checkpoint; returns
+    the checkpoint a rerun resumes from (None: a new run)."""
     tc = cfg.train
     allowed = loss_info(tc.loss).models
     if allowed is not None and tc.model not in allowed:
@@ -45,9 +56,7 @@ def validate(cfg: FinetuneConfig) -> None:
         check_checkpoint(tc.init)
     if tc.task == "segmentation":  # the detector / SAOM tasks build models of their own
         check_model(tc)
-    last = check_resume(cfg)
-    if last is not None:
-        log(f"resuming {cfg.name} from {last}")
+    return check_resume(cfg)
 
 
 def check_model(tc: TrainConfig) -> None:
@@ -70,7 +79,14 @@ def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
     def body() -> int:
         t0 = time.time()
         run = resolve_data(cfg)  # synthetic suite + demo model by default (built once, cached)
-        validate(run)
+        last = validate(run)
+        if last is not None and checkpoint_step(last) == run.train.steps and (last / MODEL).is_file():
+            print(f"{cfg.name}: already finished at step {run.train.steps}/{run.train.steps} ({last}); give a "
+                  f"larger --steps to train on", flush=True)
+            print_model(run, export_model(last, run.export_path))
+            return 0
+        if last is not None:
+            log(f"resuming {cfg.name} from {last} (step {checkpoint_step(last)}/{run.train.steps})")
         store = check_results_root(cfg.results)
         init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
         record = RunRecord(store, cfg.name, "finetune", to_json(run), cfg.train.seed).start()
@@ -83,10 +99,15 @@ def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
         final = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
         print(f"finished {cfg.name} in {time.time() - t0:.0f} s: " +
               ", ".join(f"{k} {100 * v:.1f}%" for k, v in final.items() if v is not None), flush=True)
-        print(f"model: {result.model_path}", flush=True)
-        if run.train.task == "segmentation":
-            print(f"benchmark it: python jobs/benchmark.py --set 'models=[{{name: demo, checkpoint: demo}}, "
-                  f"{{name: {cfg.name}, checkpoint: {result.model_path}}}]'", flush=True)
+        print_model(run, result.model_path)
         return 0
 
     return run_cli(body, lambda: f"rerun the same command to resume {cfg.name} from its last checkpoint")
+
+
+def print_model(run: FinetuneConfig, model_path: str | None) -> None:
+    """The exported model and, for a segmentation model, the command that benchmarks it next to the demo model."""
+    print(f"model: {model_path}", flush=True)
+    if run.train.task == "segmentation":
+        print(f"benchmark it: python jobs/benchmark.py --set 'models=[{{name: demo, checkpoint: demo}}, "
+              f"{{name: {run.name}, checkpoint: {model_path}}}]'", flush=True)

@@ -82,6 +82,10 @@ class LossSearchConfig:
 
     def __post_init__(self) -> None:
         tc = self.finetune.train
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be ≥ 1 (trials), got {self.num_samples}")
+        if self.tune_lr and not 0 < self.lr_low < self.lr_high:
+            raise ValueError(f"the lr range needs 0 < lr_low < lr_high, got {self.lr_low}, {self.lr_high}")
         if tc.val_every < 1 or tc.steps % tc.val_every:
             raise ValueError(f"ASHA needs periodic validation: train.val_every ({tc.val_every}) must be ≥ 1 and "
                              f"divide train.steps ({tc.steps})")
@@ -235,7 +239,8 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
         write_trials(store, run_id, study, rows)
         ok = [r for r in grid if r.error is None and objective in (r.metrics or {})]
         if not ok:
-            raise RuntimeError(f"every trial of {study} failed; first error: {grid.errors[0] if grid.errors else '?'}")
+            why = f"first error: {grid.errors[0]}" if grid.errors else f"none reported {objective}"
+            raise RuntimeError(f"no trial of {study} finished ({len(grid)} trial(s); {why})")
         best = best_trial(ok, objective, mode, cfg.max_t)
         stopped = sum(1 for r in rows if r["status"] == "ok" and _iterations(r) < cfg.max_t)
         log(f"{study}: {len(rows)} trials, {stopped} stopped early by ASHA; best {objective} = "

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from oodseg.config import to_json
+from oodseg.config import ConfigError, to_json
 from oodseg.data import default_datasets, list_datasets
 from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, DatasetSpec, ModelSpec
 from oodseg.platform.cache import record_outputs
@@ -39,7 +39,7 @@ from oodseg.platform.results import ResultsStore, safe_key
 from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id, status_of
 from oodseg.platform.tuning.spaces import at_bound, in_space, tune_space
 from oodseg.platform.tuning.trials import hints, trial_rows, write_trials
-from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers, scorer_space
+from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers, scorer_applies, scorer_space
 from oodseg.scoring.metrics import PixelMetrics
 
 OBJECTIVES = {"auprc": "max", "fpr95": "min"}
@@ -73,8 +73,8 @@ class TemperatureSearchConfig:
                                       metadata=_h("sets reported at the best T", choices=list_datasets))
     search: str = field(default="optuna", metadata=_h("search algorithm", choices=("optuna", "grid")))
     num_samples: int = field(default=24, metadata=_h("Optuna trials per placement (grid points included)"))
-    t_low: float = field(default=0.0, metadata=_h("lower bound of T (0: the scorer's declared space)"))
-    t_high: float = field(default=0.0, metadata=_h("upper bound of T (0: the scorer's declared space)"))
+    t_low: float = field(default=0.0, metadata=_h("lower bound of T (0: the scorer's declared lower bound)"))
+    t_high: float = field(default=0.0, metadata=_h("upper bound of T (0: the scorer's declared upper bound)"))
     grid: tuple[float, ...] = field(default=(0.5, 0.75, 1.1), metadata=_h("reference temperatures"))
     include_grid: bool = field(default=True, metadata=_h("enqueue the grid points first in Optuna mode"))
     max_images: int = field(default=0, metadata=_h("at most this many cached images per set (0: all)"))
@@ -92,36 +92,54 @@ class TemperatureSearchConfig:
             raise ValueError("grid search needs at least one grid temperature")
         if self.search == "optuna" and self.include_grid and self.num_samples < len(self.grid):
             raise ValueError(f"num_samples={self.num_samples} < {len(self.grid)} enqueued grid points")
-        if (self.t_low or self.t_high) and not 0 < self.t_low < self.t_high:
-            raise ValueError(f"the T range needs 0 < t_low < t_high, got {self.t_low}, {self.t_high}")
+        self.space()  # a scorer without a temperature, a bad range or grid: a config error, before any work
 
     @property
     def report_sets(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.val_set, *self.datasets)))
 
     def space(self) -> dict[str, Any]:
-        """The scorer's declared space, with the temperature range replaced by ``t_low``..``t_high`` when set."""
+        """The scorer's declared space, its temperature bounds replaced by ``t_low`` / ``t_high`` where set."""
         declared = scorer_space(self.scorer)
         if "temperature" not in declared:
             raise ValueError(f"scorer {self.scorer!r} declares no 'temperature' in its space {declared}")
-        if self.t_low:
-            declared["temperature"] = {"type": "loguniform", "low": self.t_low, "high": self.t_high}
+        if self.t_low or self.t_high:
+            t = declared["temperature"]
+            low, high = self.t_low or t.get("low", 0.0), self.t_high or t.get("high", 0.0)
+            if not 0 < low < high:
+                raise ValueError(f"the T range needs 0 < --t-low < --t-high, got {low}, {high} (0: the declared "
+                                 f"bound of {t})")
+            declared["temperature"] = {"type": "loguniform", "low": low, "high": high}
         bad = [t for t in self.grid if not in_space(t, declared["temperature"])]
         if bad:
-            raise ValueError(f"grid temperatures {bad} lie outside the range {declared['temperature']}")
+            raise ValueError(f"--grid temperatures {bad} lie outside the search range {declared['temperature']}")
         return declared
 
 
-def evaluate_temperature(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
-                         params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, float]:
-    """Pixel metrics of ``create_scorer(scorer, temperature, placement, **params)`` over a cached set, plus
-    ``n_images`` and ``eval_s`` (wall seconds of this scoring pass)."""
+def score_cached_set(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
+                     params: dict[str, Any] | None = None, bits: int = 24) -> tuple[PixelMetrics, float]:
+    """The pixel metrics of ``create_scorer(scorer, temperature, placement, **params)`` over a cached set and the
+    wall seconds of this scoring pass."""
     t0 = time.perf_counter()
     score = create_scorer(scorer, temperature=temperature, placement=placement, **(params or {}))
     pm = PixelMetrics(bits=bits, smiyc=False, validate=False)
     for rec, label in zip(data.records, data.labels):
         pm.update(score(record_outputs(rec, size=label.shape), size=label.shape)[0].numpy(), label)
-    return {**pm.compute(warn=False), "n_images": len(data.labels), "eval_s": time.perf_counter() - t0}
+    return pm, time.perf_counter() - t0
+
+
+def evaluate_temperature(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
+                         params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, float]:
+    """:func:`score_cached_set`'s metric values (what a trial reports), plus ``n_images`` and ``eval_s``."""
+    pm, seconds = score_cached_set(data, scorer, temperature, placement, params, bits)
+    return {**pm.compute(warn=False), "n_images": len(data.labels), "eval_s": seconds}
+
+
+def metric_columns(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
+                   params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, Any]:
+    """:func:`score_cached_set`'s ``metrics`` table columns, as the benchmark writes them (``PixelMetrics.row``)."""
+    pm, seconds = score_cached_set(data, scorer, temperature, placement, params, bits)
+    return {**pm.row(), "n_images": len(data.labels), "wall_s": seconds}
 
 
 def temperature_trial(config: dict[str, Any], data: list, bits: int, threads: int) -> None:
@@ -225,7 +243,7 @@ def _report(ray: Any, cfg: TemperatureSearchConfig, store: ResultsStore, run_id:
     metrics = store.read("metrics")
     mine = metrics[metrics.run_id == source]
     tracks = dict(zip(mine.dataset, mine.track))
-    remote = ray.remote(num_cpus=cfg.trial_cpus)(evaluate_temperature)
+    remote = ray.remote(num_cpus=cfg.trial_cpus)(metric_columns)
     jobs = []
     for s in studies:
         for row, t, params in [("grid", float(t), {}) for t in cfg.grid] + [("best", s.best_temperature,
@@ -235,14 +253,10 @@ def _report(ray: Any, cfg: TemperatureSearchConfig, store: ResultsStore, run_id:
                                                                      cfg.bits)))
     now, out = datetime.now(timezone.utc), []
     for (placement, row, t, d), ref in jobs:
-        m = ray.get(ref)
         out.append({
             "run_id": run_id, "model": cfg.model.name, "dataset": d, "stage": "score", "kind": "anomaly",
-            "track": tracks.get(d), "scorer": cfg.scorer, "placement": placement, "temperature": t,
-            "auprc": m["auprc"], "fpr95": m["fpr95"], "auroc": m["auroc"], "best_f1": m["best_f1"],
-            "best_threshold": m["threshold"], "n_images": m["n_images"], "n_pixels": m["n_pixels"],
-            "n_anomaly_pixels": m["n_anomaly"], "anomaly_fraction": m["anomaly_fraction"], "n_failures": 0,
-            "wall_s": m["eval_s"], "committed_at": now,
+            "track": tracks.get(d), "scorer": cfg.scorer, "placement": placement, "temperature": t, **ray.get(ref),
+            "n_failures": 0, "committed_at": now,
             "extra_json": json.dumps({"row": row, "tuned_on": cfg.val_set, "objective": cfg.objective,
                                       "source_run": source, "search": cfg.search}),
         })
@@ -251,24 +265,47 @@ def _report(ray: Any, cfg: TemperatureSearchConfig, store: ResultsStore, run_id:
     return out
 
 
+def source_run(cfg: TemperatureSearchConfig, store: ResultsStore) -> tuple[str, bool]:
+    """``(run id, created)``: the benchmark run whose output cache the search reads (``--source-run`` or the newest
+    matching one), or a new one, made by running the benchmark once (its own checks, among them that the scorer
+    applies to the model, come before its Ray work)."""
+    try:
+        source = find_source_run(store, cfg.model, cfg.report_sets, cfg.source_run)
+    except ValueError as e:
+        raise ConfigError(f"--source-run: {e}") from None
+    if source:
+        return source, False
+    log(f"no output cache of {cfg.model.name!r} for {list(cfg.report_sets)} in {store.root}: running the benchmark "
+        "once to create it")
+    return BenchmarkRunner(cache_benchmark(cfg)).run(), True
+
+
+def load_sets(cfg: TemperatureSearchConfig, store: ResultsStore, source: str) -> dict[str, CachedSet]:
+    """The cached sets, the validation set first: a scorer that does not apply to the model (``scorer_applies`` on
+    the cached outputs' OOD channels, the benchmark's rule) or a validation set without anomaly and inlier pixels is
+    a one-line error before the search starts Ray."""
+    val = load_cached_set(store, source, cfg.model.name, cfg.val_set, cfg.max_images)
+    ood = tuple(int(c) for c in val.records[0].get("ood_channels", ())) if val.records else ()
+    if not scorer_applies(cfg.scorer, ood):
+        raise ConfigError(f"--scorer {cfg.scorer}: needs a model with an OOD class; {cfg.model.name!r} has none "
+                          f"(its outputs cached by run {source!r})")
+    if not any((lab == 1).any() for lab in val.labels) or not any((lab == 0).any() for lab in val.labels):
+        raise ConfigError(f"--val-set {cfg.val_set}: needs anomaly and inlier pixels for {cfg.objective} (cached "
+                          f"by run {source!r})")
+    return {d: val if d == cfg.val_set else load_cached_set(store, source, cfg.model.name, d, cfg.max_images)
+            for d in cfg.report_sets}
+
+
 def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchResult:
-    """Find or create the output cache, run one study per placement, report grid rows + best T on every set."""
-    cfg.space()  # fail fast on a bad scorer / grid / range, before any work
+    """Find or create the output cache and check it, run one study per placement, report grid rows + best T on
+    every set."""
     store = ResultsStore(cfg.results)
     run_id = cfg.run_id or "tune-" + new_run_id()
-    source = find_source_run(store, cfg.model, cfg.report_sets, cfg.source_run)
+    source, created = source_run(cfg, store)
+    data = load_sets(cfg, store, source)
     ray = init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
     record = RunRecord(store, run_id, "tune_temperature", to_json(cfg), cfg.seed).start()
     try:
-        created = not source
-        if created:
-            log(f"no output cache of {cfg.model.name!r} for {list(cfg.report_sets)} in {store.root}: running the "
-                "benchmark once to create it")
-            source = BenchmarkRunner(cache_benchmark(cfg)).run()
-        data = {d: load_cached_set(store, source, cfg.model.name, d, cfg.max_images) for d in cfg.report_sets}
-        val = data[cfg.val_set]
-        if not any((lab == 1).any() for lab in val.labels) or not any((lab == 0).any() for lab in val.labels):
-            raise ValueError(f"validation set {cfg.val_set!r} needs anomaly and inlier pixels for {cfg.objective}")
         log(f"{'created' if created else 'reusing'} the output cache of benchmark run {source!r}: "
             f"{sum(len(d.labels) for d in data.values())} images, {sum(d.nbytes for d in data.values()) / 2**20:.1f}"
             " MiB")

@@ -1,0 +1,29 @@
+"""Process-wide settings of a job process, applied by its entry point (``jobs/*.py``, ``python -m oodseg``) before
+torch is imported; importing oodseg changes nothing in the process.
+
+* ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy: torch's OpenMP threads sleep at barriers instead of
+  spinning. With spinning (the GNU OpenMP default) a CPU process whose cores are shared — the benchmark's Ray actors
+  beside the driver, a laptop doing other work — slows down by an order of magnitude on small ops (a tiny TDOS step
+  on 2 busy cores: 15 s spinning, 0.9 s passive). libgomp reads it once, when torch loads it, so it must be set
+  first; Ray's local workers inherit it. :data:`JOB_WAIT_POLICY` marks the policy as the job's choice, so a child
+  that has the cores to itself may spin again (:mod:`oodseg.training.background`: the demo trainer) while a policy
+  the user set is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+JOB_WAIT_POLICY = "OODSEG_JOB_OMP_WAIT_POLICY"  # set to "1" when OMP_WAIT_POLICY is the job's default, not the user's
+
+
+def apply_job_settings() -> None:
+    """Set the job defaults above in ``os.environ`` (call before anything imports torch)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ[JOB_WAIT_POLICY] = "1"
+
+
+def wait_policy_from_user() -> bool:
+    """Whether ``OMP_WAIT_POLICY`` is set and was set by the user (not by :func:`apply_job_settings`)."""
+    return "OMP_WAIT_POLICY" in os.environ and os.environ.get(JOB_WAIT_POLICY) != "1"
