@@ -76,9 +76,10 @@ def test_train_detector_job_trains_exports_and_a_rerun_is_already_finished(work)
 
 
 def test_train_saom_job_trains_and_exports_a_sam(work):
+    """Two DDP workers, as the README command: the grid objective leaves SAM's box prompt embeddings unused."""
     from oodseg.models.sam import create_sam
 
-    cmd = job(work, "train_saom.py", "saom", "--set", "train.val_images=1", "--set",
+    cmd = job(work, "train_saom.py", "saom", "--num-workers", "2", "--set", "train.val_images=1", "--set",
               f"train.task_cfg={{sam: tiny, sam_cfg: {TINY_SAM}, prompts: grid, grid: [4, 4], num_classes: 19}}")
     model = check_trained(run(cmd), "saom", work)
     assert create_sam(str(model)).hidden_size == 16

@@ -129,8 +129,10 @@ class DDPStrategy(Strategy):
     def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
         super().setup(model, params, cfg)
         cuda = self.device.type == "cuda"
-        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
-                    if self.world > 1 else None)
+        # find_unused_parameters: a task may leave trainable parameters out of a step's graph (SAOM's grid prompts
+        # never reach SAM's box / mask prompt embeddings), which plain DDP refuses ("did not receive grad")
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None,
+                                                        find_unused_parameters=True) if self.world > 1 else None)
 
     def _forward(self) -> nn.Module | None:
         return self.ddp
