@@ -38,10 +38,8 @@ from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import log
 from oodseg.refine import create_prompter, list_prompters
-from oodseg.refine import demo as refine_demo  # noqa: F401  (registers demo-sam, demo-saom, demo-detector)
 from oodseg.registry import import_plugins
 from oodseg.scoring import default_scorers
-from oodseg.training import demo  # noqa: F401  (registers the "demo" checkpoint source)
 from oodseg.training.background import BackgroundBuild
 from oodseg.training.cached import NotCached, cached_only
 
