@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) jobs/benchmark.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -107,3 +107,9 @@ def test_finetune_init_with_a_pickle_payload_is_refused_unrun(tmp_path, capsys, 
                                capsys, "evil.pth", "torch.load(weights_only=True)",
                                "unsupported GLOBAL posix.system whose module posix is blocked")
     assert "In PyTorch 2.6" not in line and not marker.exists()
+
+
+def test_finetune_a_per_pixel_loss_on_a_mask_model(tmp_path, capsys):
+    """The loss's registered output kinds (LossInfo.kinds) are checked before Ray: LogitNorm needs per-pixel logits."""
+    one_line_before_ray(finetune.main, ["--loss", "logitnorm", "--model", "mask2former"], tmp_path, capsys,
+                        "--loss logitnorm: computed on pixel outputs", "'mask2former' gives mask outputs")

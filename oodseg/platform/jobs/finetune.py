@@ -16,8 +16,8 @@ from typing import Any
 
 from oodseg.config import ConfigError, parse_config, to_json
 from oodseg.losses import loss_info
-from oodseg.models import CheckpointError, check_checkpoint
-from oodseg.models.factory import checkpoint_model_cfg, unknown_model_args
+from oodseg.models import check_checkpoint
+from oodseg.models.factory import MODELS, check_checkpoint_model, model_output_kind
 from oodseg.platform.benchmark.prepare import check_results_root
 from oodseg.platform.cli import run_cli
 from oodseg.platform.runs import RunRecord, init_ray, log, status_of
@@ -49,9 +49,14 @@ def validate(cfg: FinetuneConfig) -> Path | None:
     True)``) and holds that model, the model takes its keyword arguments, a rerun matches its checkpoint; returns
     the checkpoint a rerun resumes from (None: a new run)."""
     tc = cfg.train
-    allowed = loss_info(tc.loss).models
-    if allowed is not None and tc.model not in allowed:
-        raise ConfigError(f"--loss {tc.loss}: made for model(s) {list(allowed)}, not {tc.model!r}")
+    info = loss_info(tc.loss)
+    if info.models is not None and tc.model not in info.models:
+        raise ConfigError(f"--loss {tc.loss}: made for model(s) {list(info.models)}, not {tc.model!r}")
+    kind = model_output_kind(tc.model)
+    own = info.combine == "model_loss" and MODELS.get(tc.model).own_loss  # the model's loss is this objective
+    if tc.task == "segmentation" and kind not in info.kinds and not own:
+        raise ConfigError(f"--loss {tc.loss}: computed on {' / '.join(info.kinds)} outputs; {tc.model!r} gives {kind} "
+                          "outputs")
     if tc.init:
         check_checkpoint(tc.init)
     if tc.task == "segmentation":  # the detector / SAOM tasks build models of their own
@@ -60,14 +65,10 @@ def validate(cfg: FinetuneConfig) -> Path | None:
 
 
 def check_model(tc: TrainConfig) -> None:
-    """``--init`` holds a ``--model`` model (self-describing header) and the model takes ``model_cfg``'s keys."""
-    stored = checkpoint_model_cfg(tc.init) if tc.init else None
-    if stored is not None and stored[0] != tc.model:
-        raise CheckpointError(tc.init, f"holds a {stored[0]!r} model, not --model {tc.model!r}")
-    unknown, accepted = unknown_model_args(tc.model, tc.model_cfg, stored)
-    if unknown:
-        raise ConfigError(f"--set train.model_cfg: {tc.model} takes no {', '.join(map(repr, unknown))}; it takes "
-                          f"{', '.join(accepted)}")
+    """``--init`` holds a ``--model`` model (self-describing header) and the model takes ``model_cfg``'s keys: the
+    rule every job applies (:func:`~oodseg.models.factory.check_checkpoint_model`)."""
+    check_checkpoint_model(tc.init or None, tc.model, tc.model_cfg, owner=f"--model {tc.model!r}",
+                           arch_option="--model", cfg_option="--set train.model_cfg")
 
 
 def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
