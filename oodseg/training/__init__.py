@@ -11,7 +11,6 @@
 * ``evaluate``                                 mergeable validation (mIoU + AuPRC/FPR95)
 * ``demo`` / ``demo_tdos`` / ``demo_mask``      the cached demo ERFNet / TDOS / Mask2Former (their sources)
 * ``cached``                                   train a named demo model once per config hash
-* ``acceptance``                               OE / LogitNorm / EIM fine-tuning check on the synthetic suite
 """
 
 from oodseg.training.config import TrainConfig

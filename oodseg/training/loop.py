@@ -1,4 +1,4 @@
-"""The one training loop (:func:`fit`), shared by the demo models, the acceptance check, ``train_local`` and the Ray
+"""The one training loop (:func:`fit`), shared by the demo models, ``train_local`` and the Ray
 Train workers; what differs between them is the :class:`~oodseg.training.task.Task` (what is trained), the
 :class:`~oodseg.training.strategy.Strategy` (how it is distributed) and the ``report`` callback. Built from named
 steps in the style of Ray's DeepSpeed example:
