@@ -44,11 +44,9 @@ def format_row(row: dict[str, Any], steps: int) -> str:
             f"{row['steps_per_s']:.2f} step/s{val}")
 
 
-def validate(cfg: FinetuneConfig) -> Path | None:
-    """Before Ray: the loss fits the model, the init checkpoint is readable (a ``.pth`` by ``torch.load(weights_only=
-    True)``) and holds that model, the model takes its keyword arguments, a rerun matches its checkpoint; returns
-    the checkpoint a rerun resumes from (None: a new run)."""
-    tc = cfg.train
+def check_loss(tc: TrainConfig) -> None:
+    """The loss fits the model by its registered facts (the models it is made for, the output kinds it is computed
+    on); checked first, before any data or model is built."""
     info = loss_info(tc.loss)
     if info.models is not None and tc.model not in info.models:
         raise ConfigError(f"--loss {tc.loss}: made for model(s) {list(info.models)}, not {tc.model!r}")
@@ -57,6 +55,14 @@ def validate(cfg: FinetuneConfig) -> Path | None:
     if tc.task == "segmentation" and kind not in info.kinds and not own:
         raise ConfigError(f"--loss {tc.loss}: computed on {' / '.join(info.kinds)} outputs; {tc.model!r} gives {kind} "
                           "outputs")
+
+
+def validate(cfg: FinetuneConfig) -> Path | None:
+    """Before Ray: the loss fits the model, the init checkpoint is readable (a ``.pth`` by ``torch.load(weights_only=
+    True)``) and holds that model, the model takes its keyword arguments, a rerun matches its checkpoint; returns
+    the checkpoint a rerun resumes from (None: a new run)."""
+    tc = cfg.train
+    check_loss(tc)
     if tc.init:
         check_checkpoint(tc.init)
     if tc.task == "segmentation":  # the detector / SAOM tasks build models of their own
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
 
     def body() -> int:
         t0 = time.time()
+        check_loss(cfg.train)  # before the suite or the demo model is built
         run = resolve_data(cfg)  # synthetic suite + demo model by default (built once, cached)
         last = validate(run)
         if last is not None and checkpoint_step(last) == run.train.steps and (last / MODEL).is_file():
