@@ -137,3 +137,19 @@ def check_partition(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> 
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
         raise AssertionError(f"trainable parameters in no group: {missing[:5]}")
+
+
+class MeanStdInput:
+    """Mixin for ``SegModel``s fed ``(x − 255·mean) / (255·std)`` (EoMT, Mask2Former): the buffers, the normalisation
+    and ``preprocess``, in one place."""
+
+    def _set_mean_std(self, mean: list[float], std: list[float]) -> None:
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return (x_uint8.float() - self.pixel_mean) / self.pixel_std
+
+    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB → ``(x − 255·mean) / (255·std)`` float ``[B,3,H,W]`` on the model's device (no resizing)."""
+        return self._normalise(to_nchw_uint8(images_uint8).to(self.device, non_blocking=True))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodseg.models.base import SegModel, to_nchw_uint8
+from oodseg.models.base import MeanStdInput, SegModel, to_nchw_uint8
 from oodseg.models.factory import register_model
 from oodseg.outputs import MaskOutputs
 
@@ -106,7 +106,7 @@ def mask_classification_forward(
 
 
 @register_model("eomt")
-class EoMT(SegModel):
+class EoMT(MeanStdInput, SegModel):
     """EoMT as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
 
     output_kind = "mask"
@@ -147,8 +147,7 @@ class EoMT(SegModel):
         self.hf = hf
         mean = [float(v) for v in (image_mean if image_mean is not None else IMAGENET_MEAN)]
         std = [float(v) for v in (image_std if image_std is not None else IMAGENET_STD)]
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self._set_mean_std(mean, std)
         self._mean, self._std = mean, std
 
     @staticmethod
@@ -170,13 +169,6 @@ class EoMT(SegModel):
             window_batch=self.window_batch,
             upsample_masks=self.upsample_masks,
         )
-
-    def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return (x_uint8.float() - self.pixel_mean) / self.pixel_std
-
-    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB → ``(x − 255·mean) / (255·std)`` float ``[B,3,H,W]`` on the model's device (no resizing)."""
-        return self._normalise(to_nchw_uint8(images_uint8).to(self.device, non_blocking=True))
 
     def forward(
         self, x: torch.Tensor, target: torch.Tensor | None = None

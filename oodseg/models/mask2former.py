@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodseg.models.base import SegModel, to_nchw_uint8
+from oodseg.models.base import MeanStdInput, SegModel, to_nchw_uint8
 from oodseg.models.eomt import IMAGENET_MEAN, IMAGENET_STD, _offline, mask_classification_forward
 from oodseg.models.factory import register_model
 from oodseg.models.mask2former_arch import (
@@ -76,7 +76,7 @@ def shortest_edge_size(height: int, width: int, short: int, longest: int) -> tup
 
 
 @register_model("mask2former")
-class Mask2Former(SegModel):
+class Mask2Former(MeanStdInput, SegModel):
     """Mask2Former as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
 
     output_kind = "mask"
@@ -120,8 +120,7 @@ class Mask2Former(SegModel):
         if test_size is not None and (isinstance(test_size, str) or len(test_size) != 2):
             raise ValueError(f"test_size must be None, 'checkpoint' or (short, long), got {test_size!r}")
         self.test_size = None if test_size is None else (int(test_size[0]), int(test_size[1]))
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self._set_mean_std(mean, std)
 
     def export_cfg(self) -> dict[str, Any]:
         return {
@@ -131,13 +130,6 @@ class Mask2Former(SegModel):
             "size_divisibility": self.size_divisibility,
             "test_size": None if self.test_size is None else list(self.test_size),
         }
-
-    def _normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        return (x_uint8.float() - self.pixel_mean) / self.pixel_std
-
-    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB → ``(x − 255·mean) / (255·std)`` float ``[B,3,H,W]`` on the model's device (no resizing)."""
-        return self._normalise(to_nchw_uint8(images_uint8).to(self.device, non_blocking=True))
 
     def forward(
         self, x: torch.Tensor, target: torch.Tensor | None = None
