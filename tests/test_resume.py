@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from oodseg.config import ConfigError
-from oodseg.platform.trainer import FinetuneConfig, check_resume, checkpoint_step
+from oodseg.platform.trainer import FinetuneConfig, check_resume, checkpoint_step, export_model
 from oodseg.training.config import TrainConfig
-from oodseg.training.loop import HISTORY, RUN, run_fingerprint
+from oodseg.training.loop import HISTORY, MODEL, RUN, run_fingerprint
 
 
 def make_run(tmp_path: Path, step: int = 20, **train) -> FinetuneConfig:
@@ -22,7 +22,7 @@ def make_run(tmp_path: Path, step: int = 20, **train) -> FinetuneConfig:
     cfg = FinetuneConfig(train=TrainConfig(data_root="/data/suite", init="/ckpt/demo.safetensors", steps=40,
                                            task_cfg={"a": 1}, **train),
                          name="run", storage_path=str(tmp_path))
-    ckpt = cfg.run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt = tmp_path / "run" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
     (ckpt / RUN).write_text(json.dumps(run_fingerprint(cfg.train, cfg.strategy), default=list))
     (ckpt / HISTORY).write_text(json.dumps([{"step": s, "loss": 1.0} for s in range(10, step + 1, 10)]))
@@ -79,9 +79,27 @@ def test_a_checkpoint_of_an_older_fingerprint_compares_the_keys_it_recorded(tmp_
     """Checkpoints written before the fingerprint held every field (17 keys) still resume, and are still checked
     on those keys."""
     cfg = make_run(tmp_path)
-    run_json = next(cfg.run_dir.glob("checkpoint_*")) / RUN
+    run_json = next((tmp_path / "run").glob("checkpoint_*")) / RUN
     old = json.loads(run_json.read_text())
     run_json.write_text(json.dumps({k: old[k] for k in ("strategy", "task", "task_cfg", "model", "seed", "steps")}))
     assert check_resume(changed(cfg, lr=0.5)) is not None
     with pytest.raises(ConfigError, match="train.seed 0"):
         check_resume(changed(cfg, seed=1))
+
+
+def test_storage_given_as_a_uri_resumes_and_exports_through_its_filesystem(tmp_path):
+    """``storage_path`` as a URI (``file://`` here; ``s3://bucket/prefix`` goes through the same ``pyarrow.fs`` calls):
+    the checkpoint is found and checked there, and the model is exported from it to a path or another URI."""
+    cfg = make_run(tmp_path)
+    ckpt = next((tmp_path / "run").glob("checkpoint_*"))
+    (ckpt / MODEL).write_bytes(b"weights")
+    uri = replace(cfg, storage_path=f"file://{tmp_path}")
+    last = check_resume(uri)
+    assert last is not None and checkpoint_step(last) == 20 and last.has(MODEL) and str(last) == str(ckpt)
+    with pytest.raises(ConfigError, match=f"{tmp_path}/run: a run named 'run' exists with train.seed 0"):
+        check_resume(changed(uri, seed=1))
+    assert uri.export_path == f"file://{tmp_path}/run.safetensors"
+    assert export_model(last, uri.export_path) == uri.export_path
+    assert export_model(last, str(tmp_path / "out" / "m.safetensors")) == str(tmp_path / "out" / "m.safetensors")
+    assert (tmp_path / "run.safetensors").read_bytes() == (tmp_path / "out" / "m.safetensors").read_bytes() == b"weights"
+    assert not list(tmp_path.glob("out/.*"))  # the local copy went through a temporary name

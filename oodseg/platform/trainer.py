@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.fs as pafs
 import torch
 
 from oodseg.config import ConfigError, from_dict, to_dict, to_json
 from oodseg.models import resolve_checkpoint, tune_allocator
 from oodseg.paths import default_cache_dir, synthetic_suite
+from oodseg.platform.results import resolve_fs
 from oodseg.training.config import TrainConfig
 from oodseg.training.loop import HISTORY, MODEL, RESUMABLE, RUN, fit, run_fingerprint
 from oodseg.training.strategy import create_strategy
@@ -75,12 +76,12 @@ class FinetuneConfig:
                              f"({self.num_workers}) x train.accum ({self.train.accum})")
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
-
-    @property
-    def export_path(self) -> Path:
-        return Path(self.export) if self.export else self.run_dir.with_suffix(".safetensors")
+    def export_path(self) -> str:
+        """``export``, else ``<storage_path>/<name>.safetensors`` (a path or a URI, as ``storage_path``)."""
+        if self.export:
+            return self.export
+        return f"{self.storage_path.rstrip('/')}/{self.name}.safetensors" if "://" in self.storage_path else str(
+            Path(self.storage_path).expanduser().resolve() / f"{self.name}.safetensors")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,47 +134,81 @@ def resolve_data(cfg: FinetuneConfig, cache_dir: str | os.PathLike[str] | None =
     return replace(cfg, train=TASKS.get(tc.task).resolve(replace(tc, init=init), cache))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest ``checkpoint_*`` directory of a Ray Train run that has our ``run.json`` (None: fresh run)."""
-    found = sorted((p for p in run_dir.glob("checkpoint_*") if (p / RUN).is_file()), key=lambda p: p.name)
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A ``checkpoint_*`` directory of a run where Ray Train stored it: a local or shared directory, or any URI
+    ``pyarrow.fs`` opens (``s3://bucket/prefix``, ``gs://…``), which is also what Ray Train writes through."""
+
+    fs: pafs.FileSystem
+    path: str
+
+    def read_json(self, name: str) -> Any:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+            return json.loads(f.read())
+
+    def has(self, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.path}/{name}").type == pafs.FileType.File
+
+    def __str__(self) -> str:
+        return self.path if isinstance(self.fs, pafs.LocalFileSystem) else f"{self.fs.type_name}://{self.path}"
+
+
+def run_location(cfg: FinetuneConfig) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path of ``<storage_path>/<name>`` inside it)."""
+    fs, base = resolve_fs(str(Path(cfg.storage_path).expanduser()) if "://" not in cfg.storage_path
+                          else cfg.storage_path)
+    return fs, f"{base}/{cfg.name}"
+
+
+def latest_checkpoint(cfg: FinetuneConfig) -> StoredCheckpoint | None:
+    """The newest ``checkpoint_*`` directory of the run that has our ``run.json`` (None: a fresh run)."""
+    fs, run = run_location(cfg)
+    infos = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    found = [StoredCheckpoint(fs, i.path) for i in sorted(infos, key=lambda i: i.path)
+             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    found = [c for c in found if c.has(RUN)]
     return found[-1] if found else None
 
 
-def checkpoint_step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: StoredCheckpoint) -> int:
     """The step a checkpoint directory was saved at (its last ``history.json`` row)."""
-    rows = json.loads((checkpoint / HISTORY).read_text())
+    rows = checkpoint.read_json(HISTORY)
     return int(rows[-1]["step"]) if rows else 0
 
 
-def check_resume(cfg: FinetuneConfig) -> Path | None:
+def check_resume(cfg: FinetuneConfig) -> StoredCheckpoint | None:
     """Raise ``ConfigError`` when ``cfg`` would resume a checkpoint of a different run (module docstring; a key the
     checkpoint did not record, written by an older oodseg, is not compared); returns the checkpoint a rerun resumes
     from, or None."""
-    last = latest_checkpoint(cfg.run_dir)
+    last = latest_checkpoint(cfg)
     if last is None:
         return None
-    stored = json.loads((last / RUN).read_text())
+    stored = last.read_json(RUN)
     wanted = json.loads(json.dumps(run_fingerprint(cfg.train, cfg.strategy), default=list))
     diff = [k for k in wanted if k in stored and k not in RESUMABLE and stored[k] != wanted[k]]
+    where = run_location(cfg)[1]
     if diff:
         what = ", ".join(f"{'' if k == 'strategy' else 'train.'}{k} {stored[k]!r} (this run: {wanted[k]!r})"
                          for k in diff)
-        raise ConfigError(f"{cfg.run_dir}: a run named {cfg.name!r} exists with {what}; pick another --name (or "
+        raise ConfigError(f"{where}: a run named {cfg.name!r} exists with {what}; pick another --name (or "
                           f"delete that directory) instead of resuming it")
     done = checkpoint_step(last)
     if done > cfg.train.steps:
-        raise ConfigError(f"{cfg.run_dir}: the run named {cfg.name!r} has trained {done} steps; --steps "
+        raise ConfigError(f"{where}: the run named {cfg.name!r} has trained {done} steps; --steps "
                           f"{cfg.train.steps} cannot resume it (give --steps {done} or more, or another --name)")
     return last
 
 
-def export_model(checkpoint: Path, dst: Path) -> str:
-    """Copy the checkpoint's exported ``model.safetensors`` to ``dst`` (atomically); returns ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(checkpoint / MODEL, tmp)
-    os.replace(tmp, dst)
-    return str(dst)
+def export_model(checkpoint: StoredCheckpoint, dst: str) -> str:
+    """Copy the checkpoint's ``model.safetensors`` to ``dst`` (a path or a URI); a local copy is atomic (written
+    beside it, then renamed). Returns ``dst``."""
+    fs, path = resolve_fs(dst)
+    target = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp" if isinstance(fs, pafs.LocalFileSystem) else path
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    pafs.copy_files(f"{checkpoint.path}/{MODEL}", target, source_filesystem=checkpoint.fs, destination_filesystem=fs)
+    if target != path:
+        os.replace(target, path)
+    return dst
 
 
 @dataclass(frozen=True)
@@ -247,8 +282,7 @@ def run_finetune(cfg: FinetuneConfig, printer: Callable[[dict[str, Any]], None] 
     if result.error is not None:
         raise result.error
     history = list(result.return_value or [])
-    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-    model_path = None
-    if ckpt_path and (Path(ckpt_path) / MODEL).is_file():
-        model_path = export_model(Path(ckpt_path), cfg.export_path)
-    return FinetuneResult(dict(result.metrics or {}), history, ckpt_path, model_path)
+    last = None if result.checkpoint is None else StoredCheckpoint(result.checkpoint.filesystem,
+                                                                    result.checkpoint.path)
+    model_path = export_model(last, cfg.export_path) if last is not None and last.has(MODEL) else None
+    return FinetuneResult(dict(result.metrics or {}), history, None if last is None else str(last), model_path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from oodseg.config import ConfigError, parse_config, to_json
@@ -23,6 +22,7 @@ from oodseg.platform.cli import run_cli
 from oodseg.platform.runs import RunRecord, init_ray, log, status_of
 from oodseg.platform.trainer import (
     FinetuneConfig,
+    StoredCheckpoint,
     check_resume,
     checkpoint_step,
     export_model,
@@ -57,7 +57,7 @@ def check_loss(tc: TrainConfig) -> None:
                           "outputs")
 
 
-def validate(cfg: FinetuneConfig) -> Path | None:
+def validate(cfg: FinetuneConfig) -> StoredCheckpoint | None:
     """Before Ray: the loss fits the model, the init checkpoint is readable (a ``.pth`` by ``torch.load(weights_only=
     True)``) and holds that model, the model takes its keyword arguments, a rerun matches its checkpoint; returns
     the checkpoint a rerun resumes from (None: a new run)."""
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
         check_loss(cfg.train)  # before the suite or the demo model is built
         run = resolve_data(cfg)  # synthetic suite + demo model by default (built once, cached)
         last = validate(run)
-        if last is not None and checkpoint_step(last) == run.train.steps and (last / MODEL).is_file():
+        if last is not None and checkpoint_step(last) == run.train.steps and last.has(MODEL):
             print(f"{cfg.name}: already finished at step {run.train.steps}/{run.train.steps} ({last}); give a "
                   f"larger --steps to train on", flush=True)
             print_model(run, export_model(last, run.export_path))
