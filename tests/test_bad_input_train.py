@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 import torch
 
@@ -17,14 +16,6 @@ from oodseg.platform.jobs import finetune, tune_loss, tune_temperature
 from oodseg.platform.results import ResultsStore, safe_key
 
 VAL = "road_anomaly_21"
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("bad_train") / "suite", seed=3, size=(64, 128), n_train=2, n_val=2,
-                       n_anomaly=2, n_coco=2)
 
 
 def one_line_before_ray(main, argv: list[str], results: Path, capsys, *needles: str) -> str:
@@ -92,7 +83,7 @@ def test_finetune_negative_learning_rate(tmp_path, capsys):
     one_line_before_ray(finetune.main, ["--lr", "-1"], tmp_path, capsys, "train.lr must be > 0", "-1.0")
 
 
-def test_finetune_init_with_a_pickle_payload_is_refused_unrun(tmp_path, capsys, suite):
+def test_finetune_init_with_a_pickle_payload_is_refused_unrun(tmp_path, capsys, tiny_suite):
     """A zip ``torch.save`` of an object whose unpickling calls ``os.system``: torch's weights-only load refuses
     it in the driver (its reason, not its advice to unpickle), and the payload never runs."""
     marker = tmp_path / "payload-ran"
@@ -103,7 +94,7 @@ def test_finetune_init_with_a_pickle_payload_is_refused_unrun(tmp_path, capsys, 
 
     evil = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(2), "x": Payload()}, evil)
-    line = one_line_before_ray(finetune.main, ["--init", str(evil), "--data-root", str(suite)], tmp_path / "r",
+    line = one_line_before_ray(finetune.main, ["--init", str(evil), "--data-root", str(tiny_suite)], tmp_path / "r",
                                capsys, "evil.pth", "torch.load(weights_only=True)",
                                "unsupported GLOBAL posix.system whose module posix is blocked")
     assert "In PyTorch 2.6" not in line and not marker.exists()

@@ -14,23 +14,8 @@ import pytest
 import torch
 
 from oodseg.data import DataError
-from oodseg.models import CheckpointError, create_model, save_safetensors
+from oodseg.models import CheckpointError, create_model
 from oodseg.platform.jobs import benchmark, finetune, tune_temperature
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("cli") / "suite", seed=2, size=(64, 128), n_train=2, n_val=2,
-                       n_anomaly=2, n_coco=2)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None),
-                            tmp_path_factory.mktemp("cli_model") / "tiny.safetensors")
 
 
 def run(main, argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -42,8 +27,8 @@ def run(main, argv: list[str], capsys) -> tuple[int, list[str]]:
     return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
-def bench(suite: Path, model: Path, results: Path, *extra: str) -> list[str]:
-    return ["--data-root", str(suite), "--results", str(results),
+def bench(root: Path, model: Path, results: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(root), "--results", str(results),
             "--set", f"models=[{{name: tiny, checkpoint: {model}}}]", *extra]
 
 
@@ -65,25 +50,26 @@ def one_error(code: int, err: list[str], *needles: str) -> None:
     (["--device", "cuda"], ["--device cuda"]),
     (["--refine", "s2m", "--set", "refine_cfg.scorers=[nope]"], ["refine"]),
 ])
-def test_bad_options_are_one_line_before_ray(suite, model, tmp_path, capsys, extra, needles):
+def test_bad_options_are_one_line_before_ray(tiny_suite, tiny_erfnet, tmp_path, capsys, extra, needles):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("a CUDA device exists")
     results = tmp_path / "results"
-    code, err = run(benchmark.main, bench(suite, model, results, *extra), capsys)
+    code, err = run(benchmark.main, bench(tiny_suite, tiny_erfnet, results, *extra), capsys)
     one_error(code, err, *needles)
     assert not (results / "runs").exists()  # nothing recorded: the job never started
 
 
-def test_missing_or_empty_data_is_an_error_naming_the_expected_folder(suite, model, tmp_path, capsys):
+def test_missing_or_empty_data_is_an_error_naming_the_expected_folder(tiny_suite, tiny_erfnet, tmp_path, capsys):
     missing = tmp_path / "does-not-exist"
-    code, err = run(benchmark.main, bench(missing, model, tmp_path / "r1", "--datasets", "road_anomaly_21"), capsys)
+    code, err = run(benchmark.main, bench(missing, tiny_erfnet, tmp_path / "r1", "--datasets", "road_anomaly_21"),
+                    capsys)
     one_error(code, err, str(missing))
     empty = tmp_path / "empty"
     (empty / "Validation_Dataset" / "RoadAnomaly21" / "images").mkdir(parents=True)
-    code, err = run(benchmark.main, bench(empty, model, tmp_path / "r2", "--datasets", "road_anomaly_21"), capsys)
+    code, err = run(benchmark.main, bench(empty, tiny_erfnet, tmp_path / "r2", "--datasets", "road_anomaly_21"), capsys)
     one_error(code, err, "Validation_Dataset/RoadAnomaly21/images", "no images")
     # a root that holds only some datasets names the folder of the missing one
-    code, err = run(benchmark.main, bench(empty, model, tmp_path / "r3", "--datasets", "fs_static"), capsys)
+    code, err = run(benchmark.main, bench(empty, tiny_erfnet, tmp_path / "r3", "--datasets", "fs_static"), capsys)
     one_error(code, err, "Validation_Dataset/fs_static")
 
 
@@ -91,11 +77,11 @@ def test_missing_or_empty_data_is_an_error_naming_the_expected_folder(suite, mod
     (b"not a safetensors header at all", ["garbage.safetensors", "not a readable safetensors file"]),
     (None, ["garbage.safetensors", "not found"]),
 ])
-def test_bad_checkpoints_are_one_line(suite, tmp_path, capsys, content, needles):
+def test_bad_checkpoints_are_one_line(tiny_suite, tmp_path, capsys, content, needles):
     path = tmp_path / "garbage.safetensors"
     if content is not None:
         path.write_bytes(content)
-    argv = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--set",
+    argv = ["--data-root", str(tiny_suite), "--results", str(tmp_path / "r"), "--set",
             f"models=[{{name: x, checkpoint: {path}}}]"]
     one_error(*run(benchmark.main, argv, capsys), *needles)
     pth = tmp_path / "weights.pth"
@@ -106,13 +92,14 @@ def test_bad_checkpoints_are_one_line(suite, tmp_path, capsys, content, needles)
     one_error(*run(benchmark.main, argv, capsys), "weights.pth", "give its arch")  # a .pth does not say what it is
 
 
-def test_model_arch_and_cfg_are_checked_against_the_checkpoint_before_ray(suite, model, tmp_path, capsys):
+def test_model_arch_and_cfg_are_checked_against_the_checkpoint_before_ray(tiny_suite, tiny_erfnet, tmp_path, capsys):
     """An arch that contradicts the checkpoint's header, or a keyword the model does not take, failed in every score
     actor (a 240-line traceback flood, exit 1)."""
-    argv = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--set"]
-    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, arch: timm_seg, checkpoint: {model}}}]"], capsys)
+    argv = ["--data-root", str(tiny_suite), "--results", str(tmp_path / "r"), "--set"]
+    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, arch: timm_seg, checkpoint: {tiny_erfnet}}}]"], capsys)
     one_error(code, err, "tiny.safetensors", "'erfnet' model", "'timm_seg'")
-    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, checkpoint: {model}, cfg: {{bogus: 1}}}}]"], capsys)
+    code, err = run(benchmark.main, [*argv, f"models=[{{name: x, checkpoint: {tiny_erfnet}, cfg: {{bogus: 1}}}}]"],
+                    capsys)
     one_error(code, err, "'x' (erfnet) takes no 'bogus'", "width")
     # a .pth of another width: it reads, but does not load (a 150-line Ray Data traceback from the score actor, exit 1)
     pth = tmp_path / "narrow.pth"
@@ -122,19 +109,20 @@ def test_model_arch_and_cfg_are_checked_against_the_checkpoint_before_ray(suite,
     assert not (tmp_path / "r" / "runs").exists()
 
 
-def test_results_root_under_a_file_is_one_line(suite, model, tmp_path, capsys):
+def test_results_root_under_a_file_is_one_line(tiny_suite, tiny_erfnet, tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
-    one_error(*run(benchmark.main, bench(suite, model, tmp_path / "file" / "results"), capsys), "--results")
+    one_error(*run(benchmark.main, bench(tiny_suite, tiny_erfnet, tmp_path / "file" / "results"), capsys), "--results")
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_unwritable_results_root(suite, model, tmp_path, capsys):
+def test_unwritable_results_root(tiny_suite, tiny_erfnet, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        one_error(*run(benchmark.main, bench(suite, model, ro / "results"), capsys), "--results", "not writable")
+        one_error(*run(benchmark.main, bench(tiny_suite, tiny_erfnet, ro / "results"), capsys), "--results",
+                  "not writable")
     finally:
         ro.chmod(stat.S_IRWXU)
 
@@ -158,10 +146,10 @@ def test_help_lists_valid_values_without_internal_type_names(capsys):
     assert "--fault" not in text and "fault_" not in text  # test hooks are not user options
 
 
-def test_finetune_and_search_reject_bad_names_before_ray(tmp_path, capsys, suite, model):
+def test_finetune_and_search_reject_bad_names_before_ray(tmp_path, capsys, tiny_suite, tiny_erfnet):
     one_error(*run(finetune.main, ["--loss", "foo"], capsys), "loss", "foo")
     # the init checkpoint's model and the model's keywords: each failed in every Ray Train worker (exit 1, traceback)
-    base = ["--data-root", str(suite), "--results", str(tmp_path / "r"), "--init", str(model)]
+    base = ["--data-root", str(tiny_suite), "--results", str(tmp_path / "r"), "--init", str(tiny_erfnet)]
     one_error(*run(finetune.main, [*base, "--model", "timm_seg"], capsys), "tiny.safetensors", "'erfnet' model",
               "--model 'timm_seg'")
     one_error(*run(finetune.main, [*base, "--set", "train.model_cfg={bogus: 1}"], capsys), "train.model_cfg",
@@ -213,7 +201,7 @@ def test_folder_dataset_needs_and_takes_a_mapping_from_the_config(tmp_path, caps
     one_error(code, err, "folder", "mapping")
 
 
-def test_refine_inputs_that_do_not_fit_fail_before_ray(suite, model, tmp_path, capsys):
+def test_refine_inputs_that_do_not_fit_fail_before_ray(tiny_suite, tiny_erfnet, tmp_path, capsys):
     """S2M: a SAM file missing weights, a file that is not a detector, an unknown prompter option."""
     from safetensors.torch import load_file, save_file
 
@@ -226,7 +214,7 @@ def test_refine_inputs_that_do_not_fit_fail_before_ray(suite, model, tmp_path, c
     del tensors[dropped]
     broken = tmp_path / "broken_sam.safetensors"
     save_file(tensors, broken, metadata=read_safetensors_metadata(good))
-    base = [*bench(suite, model, tmp_path / "r"), "--scorers", "msp", "--refine", "s2m"]
+    base = [*bench(tiny_suite, tiny_erfnet, tmp_path / "r"), "--scorers", "msp", "--refine", "s2m"]
     cases = [
         ({"prompter": "components", "sam": str(broken)}, ["broken_sam.safetensors", dropped]),
         ({"prompter": "detector", "sam": str(good), "detectors": {"msp": str(good)}}, ["sam.safetensors", "detector"]),
