@@ -1,5 +1,9 @@
 """S2M's prompt generator: a class-agnostic Faster R-CNN that sees only the anomaly score map.
 
+Two networks, told apart from the file by :func:`load_detector`: :class:`ScoreDetector` (below), the detector this
+project trains (``s2m_detector`` task), and :class:`~oodseg.models.d2_rcnn.D2FasterRCNN`, S2M's *released* detectron2
+checkpoint run exactly as S2M runs it (raw ``s − PIXEL_MEAN`` input, detectron2's layers and box filters).
+
 Follows WenjieZhao1/S2M (configs/OE/OE.yaml on detectron2's faster_rcnn_R_50_FPN_3x, tools/plain_train_net.py,
 detectron2/data/dataset_mapper.py, tools/inference.py) with torchvision's ``FasterRCNN`` (detectron2 is not on PyPI):
 
@@ -7,7 +11,10 @@ detectron2/data/dataset_mapper.py, tools/inference.py) with torchvision's ``Fast
 * Normalisation (ours): ``x = clip((s − location) / scale, ±clip)`` with the scorer's inlier median / IQR scale
   (:class:`~oodseg.scoring.calibration.ScoreCalibration`), stored in the config and so in the checkpoint header.
   S2M feeds ``s − PIXEL_MEAN`` (≈ −110) with std 1, which ties the network to one scorer's raw units; the robust
-  standardisation puts every scorer's in-distribution bulk at O(1) and the clip bounds the anomaly tail.
+  standardisation puts every scorer's in-distribution bulk at O(1) and the clip bounds the anomaly tail. So ours
+  stays the default for detectors trained here (from random weights, ImageNet statistics mean nothing for a score
+  map, and the same recipe then serves msp in [0, 1], energies near −20 and logit sums in the hundreds), while S2M's
+  released weights get S2M's own input, since that is what they were trained on.
 * Training augmentation: each element of the 3-channel raw input is multiplied by U(1 − noise, 1 + noise)
   (S2M ``do_train``: ``rand * 0.02 + 0.99``), before the normalisation; detectron2's horizontal flip: :func:`hflip`.
   Training resizes the shortest edge to ``min_size`` (≤ ``max_size``) as ``ResizeShortestEdge(800, 1333)``.
@@ -31,7 +38,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +46,9 @@ from torch import nn
 
 from oodseg.models.checkpoint import CheckpointError, load_checkpoint, read_safetensors_metadata
 from oodseg.outputs import Boxes, mask_box
+
+if TYPE_CHECKING:
+    from oodseg.models.d2_rcnn import D2FasterRCNN
 
 BACKBONES = ("tiny", "resnet18", "resnet50")
 NORMS = ("gn", "bn")
@@ -172,17 +182,25 @@ def save_detector(det: ScoreDetector, path: str | Path, meta: Mapping[str, Any] 
     return path
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> ScoreDetector:
-    """Rebuild a detector from its safetensors file (eval mode); ``overrides`` may change :data:`INFERENCE_FIELDS`.
+def load_detector(path: str | Path, device: str | torch.device = "cpu",
+                  **overrides: Any) -> ScoreDetector | D2FasterRCNN:
+    """The detector in ``path``, recognised from the file's bytes (eval mode): a :class:`ScoreDetector` safetensors
+    file (header ``oodseg.detector``; ``overrides`` may change :data:`INFERENCE_FIELDS`) or S2M's released detectron2
+    Faster R-CNN ``model_final.pth`` / ``.pkl`` (:func:`~oodseg.models.d2_rcnn.load_d2_rcnn`).
 
     Raises :class:`CheckpointError` (naming the file) for an unreadable file, a missing/invalid config header or
     weights that do not fit the config (missing / unexpected keys, shapes)."""
+    if not _is_safetensors(path):
+        from oodseg.models.d2_rcnn import load_d2_rcnn
+
+        return load_d2_rcnn(path, device, **overrides)
     bad = sorted(set(overrides) - set(INFERENCE_FIELDS))
     if bad:
         raise ValueError(f"load_detector: only {INFERENCE_FIELDS} may be overridden; got {bad}")
     meta = read_safetensors_metadata(path)
     if META_DETECTOR not in meta:
-        raise CheckpointError(path, f"no {META_DETECTOR!r} config in the header: not a ScoreDetector checkpoint")
+        raise CheckpointError(path, f"no {META_DETECTOR!r} config in the header: not a ScoreDetector checkpoint "
+                                    "(a detector is our .safetensors or S2M's detectron2 model_final.pth)")
     try:
         raw = json.loads(meta.pop(META_DETECTOR))
         known = {f.name for f in fields(DetectorConfig)}
@@ -195,3 +213,13 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu", **overri
     load_checkpoint(det, path)
     det.meta = meta
     return det.to(device).eval()
+
+
+def _is_safetensors(path: str | Path) -> bool:
+    """safetensors files start with an 8-byte header length and the JSON header's ``{``; torch files are zip
+    archives (``PK``) or pickles (``0x80``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file not found")
+    with path.open("rb") as f:
+        return f.read(9)[8:9] == b"{"

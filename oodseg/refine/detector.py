@@ -1,7 +1,8 @@
 """The ``detector`` prompter: S2M's prompts are the boxes of a detector run on the anomaly score map.
 
-The network lives in :mod:`oodseg.models.detector` (:class:`~oodseg.models.detector.ScoreDetector`, built by
-:func:`~oodseg.models.detector.load_detector` from its file).
+The network lives in :mod:`oodseg.models`: :func:`~oodseg.models.detector.load_detector` recognises the file, our
+:class:`~oodseg.models.detector.ScoreDetector` ``.safetensors`` or S2M's released detectron2 ``model_final.pth``
+(:class:`~oodseg.models.d2_rcnn.D2FasterRCNN`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from oodseg.refine.prompters import ScoreCalibration, register_prompter, score_m
 @register_prompter("detector", space={"score_thresh": {"type": "choice", "values": [0.05, 0.1, 0.3, 0.5]}})
 class DetectorPrompter:
     """S2M prompts: the boxes of a detector (its checkpoint holds its own input normalisation, so ``calibration``
-    is not used). ``detector`` (a module with ``detect(map) -> Boxes``) or ``checkpoint`` (a file); ``score_thresh`` etc. override the checkpoint's
+    is not used). ``detector`` (a module with ``detect(map) -> Boxes``) or ``checkpoint`` (a file: our ``.safetensors`` or S2M's detectron2
+    ``model_final.pth``); ``score_thresh`` etc. override the checkpoint's
     inference settings."""
 
     def __init__(self, checkpoint: str | Path | None = None, detector: Any = None, device: str = "cpu",
