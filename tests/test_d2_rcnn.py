@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,15 @@ def test_detector_files_that_are_neither_format_name_the_file(tmp_path) -> None:
     save_file({"w": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a ScoreDetector checkpoint .* S2M's detectron2 model_final.pth"):
         load_detector(tmp_path / "plain.safetensors")
+
+
+def test_model_zoo_style_pkl_loads_like_the_pth(tmp_path) -> None:
+    """A detectron2-named ``.pkl`` of numpy arrays (the model zoo's format, protocol 2) gives the same detections."""
+    fx = _fixture("tiny")
+    state = seeded_state([(k, s) for k, s in fx["keys"]], fx["seed"], fx["scales"])
+    with (pkl := tmp_path / "model_final.pkl").open("wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f, protocol=2)
+    case = fx["cases"][0]
+    got = load_detector(pkl).detect(score_map(case["seed"], *case["shape"]))
+    assert torch.allclose(got.xyxy, torch.tensor(case["boxes"]), atol=1e-4)
+    assert torch.allclose(got.scores, torch.tensor(case["scores"]), atol=1e-4)

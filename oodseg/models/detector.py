@@ -222,4 +222,5 @@ def _is_safetensors(path: str | Path) -> bool:
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
     with path.open("rb") as f:
-        return f.read(9)[8:9] == b"{"
+        head = f.read(9)
+    return not head.startswith((b"PK", b"\x80")) and head[8:9] == b"{"
