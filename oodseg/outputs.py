@@ -1,4 +1,4 @@
-"""The two model output kinds every model returns and every scorer accepts.
+"""The two model output kinds every model returns and every scorer accepts, and the boxes a detector returns.
 
 * ``PixelLogits``: per-pixel class logits ``[B, C, h, w]`` (ERFNet, timm per-pixel models).
 * ``MaskOutputs``: per-query class logits ``[N, Q, C+1]`` (last column = no-object) and mask logits ``[N, Q, h, w]``
@@ -22,7 +22,9 @@ embeddings of the last layer at the mask logits' resolution). Feature-reading sc
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -84,3 +86,49 @@ def inlier_channels(outputs: ModelOutputs) -> list[int]:
     """The in-distribution class channels of ``outputs`` (all but ``ood_channels``), ascending."""
     ood = set(outputs.ood_channels)
     return [c for c in range(outputs.num_channels) if c not in ood]
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """A detector's or prompter's boxes: ``xyxy`` float32 ``[K, 4]`` (original pixels) and ``scores`` float32
+    ``[K]``, on the CPU.
+
+    Convention: continuous pixel-edge xyxy, i.e. a region covering columns ``x0..x1`` and rows ``y0..y1``
+    (inclusive) has the box ``[x0, y0, x1 + 1, y1 + 1]``, as detectron2's ``BitMasks.get_bounding_boxes``
+    (facebookresearch/detectron2:detectron2/structures/masks.py); torchvision's ``masks_to_boxes`` gives x1, y1 one
+    less."""
+
+    xyxy: torch.Tensor
+    scores: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.xyxy.ndim != 2 or self.xyxy.shape[1] != 4 or self.scores.shape != (self.xyxy.shape[0],):
+            raise ValueError(f"Boxes needs xyxy [K,4] and scores [K]; got {tuple(self.xyxy.shape)} and "
+                             f"{tuple(self.scores.shape)}")
+
+    @classmethod
+    def empty(cls) -> Boxes:
+        return cls(torch.zeros((0, 4), dtype=torch.float32), torch.zeros(0, dtype=torch.float32))
+
+    @classmethod
+    def ranked(cls, xyxy: Any, scores: Any, max_boxes: int | None = None) -> Boxes:
+        """Boxes sorted by descending score (stable: ties keep their input order), at most ``max_boxes``."""
+        xyxy = torch.as_tensor(xyxy, dtype=torch.float32).detach().cpu().reshape(-1, 4)
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
+        order = torch.sort(scores, descending=True, stable=True).indices[:max_boxes]
+        return cls(xyxy[order].contiguous(), scores[order].contiguous())
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """xyxy box of a bool mask ``[H, W]`` (the pixel-edge convention of :class:`Boxes`); None if empty.
+
+    (S2M's released generator takes ``np.argwhere`` (row, col) min/max as (x, y): its boxes are transposed.)"""
+    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+    if not rows.any():
+        return None
+    y0, y1 = np.flatnonzero(rows)[[0, -1]]
+    x0, x1 = np.flatnonzero(cols)[[0, -1]]
+    return np.array([x0, y0, x1 + 1, y1 + 1], dtype=np.float32)

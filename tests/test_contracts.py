@@ -127,7 +127,7 @@ def test_dataset_contract(name, tiny_suite):
 def prompter_args(name: str) -> dict:
     """What a prompter needs besides its defaults: the detector prompter a (random, tiny) detector."""
     if name == "detector":
-        from oodseg.refine.detector import build_detector
+        from oodseg.models.detector import build_detector
 
         torch.manual_seed(0)
         return {"detector": build_detector(backbone="tiny", min_size=64, max_size=96, score_thresh=0.0).eval()}

@@ -12,24 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from oodseg.models.checkpoint import CheckpointError
-from oodseg.refine import (
-    Boxes,
-    ScoreCalibration,
-    assemble_masks,
-    average_precision,
-    box_recall,
+from oodseg.models.detector import (
     build_detector,
-    create_prompter,
     detector_targets,
     hflip,
-    list_prompters,
     load_detector,
     multiplicative_noise,
-    prompter_space,
-    refine_s2m,
     save_detector,
 )
-from oodseg.scoring.metrics import S2MMetrics, metric_from_state
+from oodseg.outputs import Boxes
+from oodseg.refine import assemble_masks, create_prompter, list_prompters, prompter_space, refine_s2m
+from oodseg.scoring.calibration import ScoreCalibration
+from oodseg.scoring.metrics import S2MMetrics, average_precision, box_recall, metric_from_state
 
 # ------------------------------------------------------------------------------------------------------------------
 # S2MMetrics

@@ -59,7 +59,7 @@ def check_trained(out: subprocess.CompletedProcess, name: str, work: Path) -> Pa
 
 
 def test_train_detector_job_trains_exports_and_a_rerun_is_already_finished(work):
-    from oodseg.refine import load_detector
+    from oodseg.models.detector import load_detector
 
     cmd = job(work, "train_detector.py", "det", "--set", f"train.coco_root={work / 'suite' / 'coco'}",
               "--set", "train.crop=[64,128]", "--set", "train.val_images=2", "--set",

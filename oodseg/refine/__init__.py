@@ -1,35 +1,23 @@
 """Object-level refinement of anomaly score maps with SAM.
 
 * :mod:`oodseg.refine.prompters`: box prompters (registry ``create_prompter`` / ``register_prompter`` /
-  ``list_prompters`` / ``prompter_space``), :class:`Boxes`, :class:`ScoreCalibration`.
-* :mod:`oodseg.refine.detector`: S2M's Faster R-CNN prompt generator on score maps (``detector`` prompter).
+  ``list_prompters`` / ``prompter_space``); the ``components`` prompter. Their inputs and outputs live below
+  ``refine``: :class:`~oodseg.outputs.Boxes`, :class:`~oodseg.scoring.calibration.ScoreCalibration`.
+* :mod:`oodseg.refine.detector`: the ``detector`` prompter, S2M's prompt generator (the network:
+  :mod:`oodseg.models.detector`; its training task: :mod:`oodseg.training.detector_task`).
 * :mod:`oodseg.refine.s2m`: :func:`assemble_masks`, :func:`refine_s2m` (boxes → SAM masks → refined map).
 * :mod:`oodseg.refine.saom`: SAOM fine-tuning of SAM (grid, nearest-neighbour point assignment, losses, the step,
   the SAOM evaluation ``SaomEval`` and everything-mode generation).
 """
 
-from oodseg.refine.detector import (
-    DetectorConfig,
-    DetectorPrompter,
-    ScoreDetector,
-    average_precision,
-    box_recall,
-    build_detector,
-    detector_targets,
-    hflip,
-    load_detector,
-    multiplicative_noise,
-    save_detector,
-)
+from oodseg.outputs import Boxes, mask_box
+from oodseg.refine.detector import DetectorPrompter
 from oodseg.refine.prompters import (
     PROMPTERS,
-    Boxes,
     ComponentPrompter,
     Prompter,
-    ScoreCalibration,
     create_prompter,
     list_prompters,
-    mask_box,
     prompter_space,
     register_prompter,
     score_map_array,
@@ -46,31 +34,23 @@ from oodseg.refine.saom import (
     saom_step,
     select_saom_parameters,
 )
+from oodseg.scoring.calibration import ScoreCalibration
 
 __all__ = [
     "PROMPTERS",
     "Boxes",
     "ComponentPrompter",
-    "DetectorConfig",
     "DetectorPrompter",
     "Prompter",
     "SaomEval",
     "SaomHead",
     "ScoreCalibration",
-    "ScoreDetector",
     "assemble_masks",
     "assign_points",
-    "average_precision",
-    "box_recall",
-    "build_detector",
     "create_prompter",
-    "detector_targets",
     "generate_everything",
-    "hflip",
     "list_prompters",
-    "load_detector",
     "mask_box",
-    "multiplicative_noise",
     "point_grid",
     "prompter_space",
     "refine_s2m",
@@ -78,7 +58,6 @@ __all__ = [
     "saom_loss",
     "saom_predict",
     "saom_step",
-    "save_detector",
     "score_map_array",
     "select_saom_parameters",
 ]

@@ -1,214 +1,31 @@
-"""S2M's prompt generator: a class-agnostic Faster R-CNN that sees only the anomaly score map.
+"""The ``detector`` prompter: S2M's prompts are the boxes of a detector run on the anomaly score map.
 
-Follows WenjieZhao1/S2M (configs/OE/OE.yaml on detectron2's faster_rcnn_R_50_FPN_3x, tools/plain_train_net.py,
-detectron2/data/dataset_mapper.py, tools/inference.py) with torchvision's ``FasterRCNN`` (detectron2 is not on PyPI):
-
-* Input: the score map copied into 3 channels (S2M: ``np.tile(score, (3, 1, 1))``), never the RGB image.
-* Normalisation (ours): ``x = clip((s − location) / scale, ±clip)`` with the scorer's inlier median / IQR scale
-  (:class:`~oodseg.refine.prompters.ScoreCalibration`), stored in the config and so in the checkpoint header.
-  S2M feeds ``s − PIXEL_MEAN`` (≈ −110) with std 1, which ties the network to one scorer's raw units; the robust
-  standardisation puts every scorer's in-distribution bulk at O(1) and the clip bounds the anomaly tail.
-* Training augmentation: each element of the 3-channel raw input is multiplied by U(1 − noise, 1 + noise)
-  (S2M ``do_train``: ``rand * 0.02 + 0.99``), before the normalisation; detectron2's horizontal flip: :func:`hflip`.
-  Training resizes the shortest edge to ``min_size`` (≤ ``max_size``) as ``ResizeShortestEdge(800, 1333)``.
-* Test: no resize unless ``resize_test`` (S2M calls the model on the full-resolution map, bypassing the mapper);
-  boxes with score > 0.05, class-wise NMS 0.5, ≤ 100 per image; one foreground class (S2M's second class, id 1 of
-  ``NUM_CLASSES: 2``, never occurs in its data, so its class-wise NMS is class-agnostic already).
-
-Differences to detectron2 that remain (documented, not configurable in torchvision): box regression losses are
-smooth-L1 with β = 1/9 (detectron2: β = 0, i.e. L1); RoIAlign uses ``aligned=False`` (detectron2: ROIAlignV2);
-the R50/R18-FPN starts from random weights with GroupNorm or BatchNorm (S2M: ImageNet R-50 with FrozenBN).
-Matched: RPN post-NMS top-k 1000 in training (torchvision default 2000), 512 RoIs per image at 25 % positives,
-RPN 256 anchors at 50 %, IoU thresholds 0.7/0.3 (RPN) and 0.5 (RoI), FPN anchors 32–512 × ratios {0.5, 1, 2}.
-S2M's schedule (for the training job): SGD momentum 0.9, lr 0.0025 at batch 4, weight decay 1e-4, 1000 warm-up
-iterations, ×0.1 at 60k and 80k, 148.3k iterations on 700×700 Cityscapes crops with one pasted COCO object.
+The network lives in :mod:`oodseg.models`: :func:`~oodseg.models.detector.load_detector` recognises the file, our
+:class:`~oodseg.models.detector.ScoreDetector` ``.safetensors`` or S2M's released detectron2 ``model_final.pth``
+(:class:`~oodseg.models.d2_rcnn.D2FasterRCNN`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from oodseg.models.checkpoint import CheckpointError, load_checkpoint, read_safetensors_metadata
-from oodseg.refine.prompters import Boxes, ScoreCalibration, mask_box, register_prompter, score_map_array
-
-BACKBONES = ("tiny", "resnet18", "resnet50")
-NORMS = ("gn", "bn")
-META_DETECTOR = "oodseg.detector"
-#: Config fields that only affect inference and may be overridden when loading a checkpoint.
-INFERENCE_FIELDS = ("score_thresh", "nms_thresh", "detections_per_img", "resize_test")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Architecture, normalisation and box filters of a :class:`ScoreDetector` (the checkpoint header holds it)."""
-
-    backbone: str = "resnet50"
-    norm: str = "gn"
-    location: float = 0.0
-    scale: float = 1.0
-    clip: float = 10.0
-    noise: float = 0.01
-    min_size: int = 800
-    max_size: int = 1333
-    resize_test: bool = False
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    rpn_post_nms_top_n_train: int = 1000
-    box_batch_size_per_image: int = 512
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES or self.norm not in NORMS:
-            raise ValueError(f"detector: backbone must be one of {BACKBONES} and norm one of {NORMS}; got "
-                             f"{self.backbone!r}, {self.norm!r}")
-        if not (math.isfinite(self.location) and self.scale > 0 and self.clip > 0 and 0 <= self.noise < 1):
-            raise ValueError(f"detector: needs finite location, scale > 0, clip > 0, 0 ≤ noise < 1; got "
-                             f"location={self.location}, scale={self.scale}, clip={self.clip}, noise={self.noise}")
-        if not (0 < self.min_size <= self.max_size and 0 <= self.score_thresh < 1 and 0 < self.nms_thresh <= 1
-                and self.detections_per_img > 0):
-            raise ValueError(f"detector: invalid sizes or box filters in {self}")
-
-
-def multiplicative_noise(x: torch.Tensor, noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x · U(1 − noise, 1 + noise)`` element-wise (S2M: ``noise = 0.01``)."""
-    device = x.device if generator is None else generator.device
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
-    return x * (1.0 - noise + 2.0 * noise * u)
-
-
-class ScoreDetector(nn.Module):
-    """Faster R-CNN over a score map. ``det(maps, targets)`` in train mode → loss dict; ``det.detect(map)`` → Boxes.
-
-    ``maps``: a list of ``[H, W]`` score maps (sizes may differ) or a ``[B, H, W]`` tensor, raw scorer units.
-    """
-
-    def __init__(self, cfg: DetectorConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        from oodseg.refine.rcnn import build_rcnn  # torchvision's detection stack: ~2 s to import
-
-        self.rcnn = build_rcnn(cfg)
-        self.meta: dict[str, str] = {}
-
-    def inputs(self, score_maps: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """Raw maps → normalised 3-channel network inputs (with the multiplicative noise in train mode)."""
-        device = next(self.parameters()).device
-        out = []
-        for s in score_maps:
-            s = torch.as_tensor(s, dtype=torch.float32, device=device)
-            if s.ndim != 2:
-                raise ValueError(f"detector: each score map must be [H, W]; got {tuple(s.shape)}")
-            x = s.unsqueeze(0).expand(3, -1, -1)
-            if self.training and self.cfg.noise > 0:
-                x = multiplicative_noise(x, self.cfg.noise)
-            out.append(((x - self.cfg.location) / self.cfg.scale).clamp(-self.cfg.clip, self.cfg.clip))
-        return out
-
-    def forward(self, score_maps: Sequence[torch.Tensor] | torch.Tensor,
-                targets: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor] | list[Boxes]:
-        images = self.inputs(score_maps)
-        if self.training:
-            if targets is None or len(targets) != len(images):
-                raise ValueError("detector: training needs one target dict per score map")
-            device = images[0].device
-            return self.rcnn(images, [{k: v.to(device) for k, v in t.items()} for t in targets])
-        return [Boxes.ranked(d["boxes"], d["scores"]) for d in self.rcnn(images)]
-
-    @torch.no_grad()
-    def detect(self, score_map: Any) -> Boxes:
-        """Boxes (xyxy, original pixels, descending score) of one ``[H, W]`` score map, in eval mode."""
-        s = torch.from_numpy(score_map_array(score_map))
-        was_training = self.training
-        self.eval()
-        try:
-            return self.forward([s])[0]  # type: ignore[index]
-        finally:
-            self.train(was_training)
-
-
-def build_detector(**cfg: Any) -> ScoreDetector:
-    """``ScoreDetector(DetectorConfig(**cfg))``; ``calibration=ScoreCalibration`` sets ``location``/``scale``."""
-    calibration = cfg.pop("calibration", None)
-    if calibration is not None:
-        if not isinstance(calibration, ScoreCalibration):
-            raise TypeError(f"build_detector: calibration must be a ScoreCalibration, got {type(calibration).__name__}")
-        cfg = {"location": calibration.location, "scale": calibration.scale, **cfg}
-    return ScoreDetector(DetectorConfig(**cfg))
-
-
-def detector_targets(paste_mask: Any) -> dict[str, torch.Tensor]:
-    """Training target of one pasted object: ``{"boxes": [1, 4] xyxy, "labels": [1]}`` (empty when no pixel)."""
-    m = paste_mask.detach().cpu().numpy() if isinstance(paste_mask, torch.Tensor) else np.asarray(paste_mask)
-    if m.ndim != 2:
-        raise ValueError(f"detector_targets: paste mask must be [H, W]; got shape {m.shape}")
-    box = mask_box(m.astype(bool))
-    boxes = np.zeros((0, 4), np.float32) if box is None else box[None]
-    return {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64)}
-
-
-def hflip(score_map: torch.Tensor, target: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Horizontal flip of a ``[H, W]`` map and its boxes (detectron2's default training ``RandomFlip``)."""
-    w = score_map.shape[-1]
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-    return score_map.flip(-1), {**target, "boxes": boxes}
-
-
-def save_detector(det: ScoreDetector, path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write weights + config (``oodseg.detector``) + ``meta`` (e.g. the scorer's name) into one safetensors file."""
-    from safetensors.torch import save_file
-
-    header = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (meta or {}).items()}
-    header[META_DETECTOR] = json.dumps(asdict(det.cfg))
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in det.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=header)
-    return path
-
-
-def load_detector(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> ScoreDetector:
-    """Rebuild a detector from its safetensors file (eval mode); ``overrides`` may change :data:`INFERENCE_FIELDS`.
-
-    Raises :class:`CheckpointError` (naming the file) for an unreadable file, a missing/invalid config header or
-    weights that do not fit the config (missing / unexpected keys, shapes)."""
-    bad = sorted(set(overrides) - set(INFERENCE_FIELDS))
-    if bad:
-        raise ValueError(f"load_detector: only {INFERENCE_FIELDS} may be overridden; got {bad}")
-    meta = read_safetensors_metadata(path)
-    if META_DETECTOR not in meta:
-        raise CheckpointError(path, f"no {META_DETECTOR!r} config in the header: not a ScoreDetector checkpoint")
-    try:
-        raw = json.loads(meta.pop(META_DETECTOR))
-        known = {f.name for f in fields(DetectorConfig)}
-        if not isinstance(raw, dict) or set(raw) - known:
-            raise ValueError(f"unknown fields {sorted(set(raw) - known) if isinstance(raw, dict) else raw}")
-        cfg = replace(DetectorConfig(**raw), **overrides)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(path, f"invalid {META_DETECTOR} config: {e}") from e
-    det = ScoreDetector(cfg)
-    load_checkpoint(det, path)
-    det.meta = meta
-    return det.to(device).eval()
+from oodseg.models.detector import load_detector
+from oodseg.outputs import Boxes
+from oodseg.refine.prompters import ScoreCalibration, register_prompter, score_map_array
 
 
 @register_prompter("detector", space={"score_thresh": {"type": "choice", "values": [0.05, 0.1, 0.3, 0.5]}})
 class DetectorPrompter:
-    """S2M prompts: the boxes of a trained :class:`ScoreDetector` (its checkpoint holds its own normalisation, so
-    ``calibration`` is not used). ``detector`` (a module) or ``checkpoint`` (a file); ``score_thresh`` etc. override
-    the checkpoint's inference settings."""
+    """S2M prompts: the boxes of a detector (its checkpoint holds its own input normalisation, so ``calibration``
+    is not used). ``detector`` (a module with ``detect(map) -> Boxes``) or ``checkpoint`` (a file: our ``.safetensors`` or S2M's detectron2
+    ``model_final.pth``); ``score_thresh`` etc. override the checkpoint's
+    inference settings."""
 
-    def __init__(self, checkpoint: str | Path | None = None, detector: ScoreDetector | None = None,
-                 device: str = "cpu", **overrides: Any) -> None:
+    def __init__(self, checkpoint: str | Path | None = None, detector: Any = None, device: str = "cpu",
+                 **overrides: Any) -> None:
         if (checkpoint is None) == (detector is None):
             raise ValueError("detector prompter needs exactly one of checkpoint= or detector=")
         if detector is None:
@@ -218,50 +35,4 @@ class DetectorPrompter:
         self.detector = detector
 
     def __call__(self, score_map: Any, image: Any = None, calibration: ScoreCalibration | None = None) -> Boxes:
-        return self.detector.detect(score_map)
-
-
-def _iou_matrix(pred: Boxes, gt: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou
-
-    return box_iou(pred.xyxy, torch.as_tensor(gt, dtype=torch.float32).reshape(-1, 4))
-
-
-def box_recall(preds: Sequence[Boxes], gts: Sequence[Any], iou: float = 0.5) -> float:
-    """Fraction of ground-truth boxes overlapped by some predicted box with IoU ≥ ``iou`` (NaN without GT)."""
-    hit = total = 0
-    for pred, gt in zip(preds, gts, strict=True):
-        m = _iou_matrix(pred, gt)
-        total += m.shape[1]
-        hit += int((m >= iou).any(dim=0).sum()) if m.numel() else 0
-    return hit / total if total else float("nan")
-
-
-def average_precision(preds: Sequence[Boxes], gts: Sequence[Any], iou: float = 0.5) -> float:
-    """AP at IoU ``iou`` over a set of images (PASCAL VOC 2010+ / COCO matching, all-point interpolation).
-
-    All detections are ranked by score; each is a TP if it matches a not-yet-matched GT box of its image with
-    IoU ≥ ``iou`` (its best-IoU such box), else an FP. ``AP = Σ (R_n − R_{n−1}) · P̂_n`` with ``P̂`` the precision
-    envelope (max precision at recall ≥ R_n). NaN without GT boxes.
-    """
-    records: list[tuple[float, bool]] = []
-    n_gt = 0
-    for pred, gt in zip(preds, gts, strict=True):
-        m = _iou_matrix(pred, gt)
-        n_gt += m.shape[1]
-        used = torch.zeros(m.shape[1], dtype=torch.bool)
-        for k in range(len(pred)):  # Boxes are sorted by descending score
-            cand = m[k].masked_fill(used, -1.0) if m.shape[1] else m[k]
-            j = int(cand.argmax()) if cand.numel() else -1
-            tp = j >= 0 and float(cand[j]) >= iou
-            if tp:
-                used[j] = True
-            records.append((float(pred.scores[k]), tp))
-    if n_gt == 0:
-        return float("nan")
-    records.sort(key=lambda r: -r[0])
-    tp = np.cumsum([r[1] for r in records], dtype=np.float64)
-    precision = tp / np.arange(1, len(records) + 1)
-    recall = tp / n_gt
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * envelope))
+        return self.detector.detect(torch.from_numpy(score_map_array(score_map)))

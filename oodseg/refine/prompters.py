@@ -8,100 +8,26 @@ is one class (or factory function) plus ``@register_prompter(name, space=...)``;
 Registered here: ``components`` (training-free: thresholded connected components). ``detector`` (S2M's Faster R-CNN
 on the score map) is registered in :mod:`oodseg.refine.detector`.
 
-Box convention: continuous pixel-edge xyxy, i.e. a component covering columns ``x0..x1`` and rows ``y0..y1``
-(inclusive) has the box ``[x0, y0, x1 + 1, y1 + 1]``, as detectron2's ``BitMasks.get_bounding_boxes``
-(facebookresearch/detectron2:detectron2/structures/masks.py); torchvision's ``masks_to_boxes`` gives x1, y1 one less.
+Boxes follow :class:`oodseg.outputs.Boxes`' pixel-edge convention; a prompter's operating point comes from a
+:class:`~oodseg.scoring.calibration.ScoreCalibration`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from oodseg.outputs import Boxes
 from oodseg.registry import Registry
-from oodseg.scoring.metrics.pixel import PixelMetrics, keys_to_float32
+from oodseg.scoring.calibration import ScoreCalibration
 
 _STRUCTURE = np.ones((3, 3), dtype=bool)  # 8-connectivity
 _MIN_BOX_SCORE = 1e-6  # floor of component box scores: every kept box stays > 0 in the assembled map
-_IQR_TO_SIGMA = 1.349  # IQR of a normal distribution in standard deviations
-
-
-@dataclass(frozen=True)
-class Boxes:
-    """``xyxy`` float32 ``[K, 4]`` (original pixels) and ``scores`` float32 ``[K]``, on the CPU."""
-
-    xyxy: torch.Tensor
-    scores: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.xyxy.ndim != 2 or self.xyxy.shape[1] != 4 or self.scores.shape != (self.xyxy.shape[0],):
-            raise ValueError(f"Boxes needs xyxy [K,4] and scores [K]; got {tuple(self.xyxy.shape)} and "
-                             f"{tuple(self.scores.shape)}")
-
-    @classmethod
-    def empty(cls) -> Boxes:
-        return cls(torch.zeros((0, 4), dtype=torch.float32), torch.zeros(0, dtype=torch.float32))
-
-    @classmethod
-    def ranked(cls, xyxy: Any, scores: Any, max_boxes: int | None = None) -> Boxes:
-        """Boxes sorted by descending score (stable: ties keep their input order), at most ``max_boxes``."""
-        xyxy = torch.as_tensor(xyxy, dtype=torch.float32).detach().cpu().reshape(-1, 4)
-        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().reshape(-1)
-        order = torch.sort(scores, descending=True, stable=True).indices[:max_boxes]
-        return cls(xyxy[order].contiguous(), scores[order].contiguous())
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-
-@dataclass(frozen=True)
-class ScoreCalibration:
-    """A scorer's statistics on a calibration split (in-distribution images with anomaly labels).
-
-    ``threshold``: the pixel best-F1 threshold (anomaly where ``score > threshold``, as
-    :class:`~oodseg.scoring.metrics.PixelMetrics` reports it). ``location`` / ``scale``: the median and the
-    normal-consistent IQR (``(Q75 − Q25) / 1.349``) of the *inlier* pixel scores: robust to the anomaly tail and to
-    a few extreme pixels, and in the scorer's own units, so ``(s − location) / scale`` is comparable across scorers
-    (msp in [0, 1], energies around −20, logit sums in the hundreds).
-    """
-
-    threshold: float
-    location: float
-    scale: float
-
-    def __post_init__(self) -> None:
-        if not all(math.isfinite(v) for v in (self.threshold, self.location, self.scale)) or self.scale <= 0:
-            raise ValueError(f"ScoreCalibration needs finite values and scale > 0; got {self}")
-
-    @classmethod
-    def from_pixel_metrics(cls, metrics: PixelMetrics) -> ScoreCalibration:
-        """From a calibration split's :class:`PixelMetrics`: its best-F1 threshold, plus the median and IQR of its
-        inlier histogram (bin floors, relative resolution ``2^-(bits-9)``)."""
-        threshold = float(metrics.compute(warn=False)["threshold"])
-        state = metrics.state_dict()["state"]
-        neg = np.asarray(state["neg"], dtype=np.int64)
-        if not math.isfinite(threshold) or neg.sum() == 0:
-            raise ValueError("ScoreCalibration needs a calibration split with both inlier and anomaly pixels")
-        bins = np.asarray(state["bins"], dtype=np.uint64)
-        values = keys_to_float32((bins << np.uint64(32 - metrics.bits)).astype(np.uint32)).astype(np.float64)
-        cdf = np.cumsum(neg) / neg.sum()
-        q25, q50, q75 = (float(values[np.searchsorted(cdf, q)]) for q in (0.25, 0.5, 0.75))
-        if q75 <= q25:
-            raise ValueError(f"inlier scores of the calibration split have zero IQR (Q25 = Q75 = {q25}): "
-                             "no robust scale; use a scorer with a continuous score")
-        return cls(threshold=threshold, location=q50, scale=(q75 - q25) / _IQR_TO_SIGMA)
-
-    @classmethod
-    def from_scores(cls, scores: Any, labels: Any) -> ScoreCalibration:
-        """From score maps and 0/1/255 anomaly labels (numpy or torch, any matching shape)."""
-        return cls.from_pixel_metrics(PixelMetrics(smiyc=False).update(scores, labels))
 
 
 class Prompter(Protocol):
@@ -145,18 +71,6 @@ def score_map_array(score_map: Any) -> np.ndarray:
     if s.min() == s.max():
         raise ValueError(f"score map {s.shape} is constant (every pixel = {float(s.flat[0])}): nothing to prompt")
     return s
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """xyxy box of a bool mask ``[H, W]`` (pixel-edge convention, see the module docstring); None if empty.
-
-    (S2M's released generator takes ``np.argwhere`` (row, col) min/max as (x, y): its boxes are transposed.)"""
-    rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
-    if not rows.any():
-        return None
-    y0, y1 = np.flatnonzero(rows)[[0, -1]]
-    x0, x1 = np.flatnonzero(cols)[[0, -1]]
-    return np.array([x0, y0, x1 + 1, y1 + 1], dtype=np.float32)
 
 
 @register_prompter(

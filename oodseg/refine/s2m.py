@@ -13,7 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from oodseg.refine.prompters import Boxes, Prompter, ScoreCalibration
+from oodseg.outputs import Boxes
+from oodseg.refine.prompters import Prompter
+from oodseg.scoring.calibration import ScoreCalibration
 
 
 class BoxSegmenter(Protocol):

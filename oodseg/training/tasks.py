@@ -1,7 +1,7 @@
 """The registry of training tasks (what :func:`oodseg.training.loop.fit` trains; see :mod:`oodseg.training.task`).
 
-``segmentation`` is registered by :mod:`oodseg.training.task`; ``s2m_detector`` and ``saom`` by their modules in
-:mod:`oodseg.refine`. The registry knows all three from the start (:data:`oodseg.registry.PROVIDERS`) and imports a
+``segmentation`` is registered by :mod:`oodseg.training.task`, ``s2m_detector`` by
+:mod:`oodseg.training.detector_task` and ``saom`` by its module in :mod:`oodseg.refine`. The registry knows all three from the start (:data:`oodseg.registry.PROVIDERS`) and imports a
 task's module the first time it is asked for, in whatever process asks (a Ray Train worker included).
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.platform.results import ResultsStore, safe_key
-from oodseg.refine.prompters import ScoreCalibration
+from oodseg.scoring.calibration import ScoreCalibration
 
 EXTRA = {"components": ("f1", "n_gt", "n_pred"), "confusion": ("iou_per_class",)}
 

@@ -69,7 +69,8 @@ class RefineSpec:
     prompter: str = field(default="detector", metadata={"help": "registered prompter: detector (S2M) | components"})
     prompter_cfg: dict[str, Any] = field(default_factory=dict, metadata={"help": "prompter keyword arguments"})
     detectors: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "detector checkpoint per scorer, {msp: FILE}; the demo model's scorers default to demo-detector"})
+        "help": "detector checkpoint per scorer, {msp: FILE}: our .safetensors or S2M's detectron2 "
+                "model_final.pth; the demo model's scorers default to demo-detector"})
     sam: str = field(default="demo-saom", metadata={
         "help": "SAM: demo-saom | demo-sam (tiny SAMs trained on the synthetic suite) | a .safetensors file | a hub id "
                 "such as facebook/sam-vit-base | a local directory"})

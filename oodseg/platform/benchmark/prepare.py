@@ -176,7 +176,6 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
                 raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
                                   "train one (python jobs/train_detector.py) and give {scorer: FILE}")
             pc["checkpoint"] = local_path(resolve_checkpoint(source, scorer=scorer, **context))
-            check_checkpoint(pc["checkpoint"])
         prompters[scorer] = pc
     check_refine_models(sam, prompters)
     if sam and sam != "tiny" and not Path(sam).is_file():

@@ -63,7 +63,9 @@ class RefineActor:
         dev = "cuda" if ctx.cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.sam = create_sam(inputs.sam).to(dev).eval()
         self.ctx, self.inputs, self.keys = ctx, inputs, list(ctx.keys)
-        self.prompters = {name: create_prompter(**cfg) for name, cfg in inputs.prompters.items()}
+        # a prompter built from a checkpoint (a detector network) runs on the actor's device, as SAM does
+        self.prompters = {name: create_prompter(**{**({"device": dev} if "checkpoint" in cfg else {}), **cfg})
+                          for name, cfg in inputs.prompters.items()}
         self.refs = {k: {r.id: r for r in ds.samples} for k, ds in inputs.datasets.items()}
         self.calls = 0
 

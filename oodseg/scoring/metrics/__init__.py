@@ -7,6 +7,7 @@
 * :class:`ComponentMetrics` (``"components"``): SegmentMeIfYouCan component-level sIoU, PPV and mean F1 (Chan et al.,
   NeurIPS 2021 Datasets & Benchmarks; official ``road_anomaly_benchmark/metrics/instance_segmentation.py``).
 * :class:`ConfusionMatrix` (``"confusion"``): mIoU / per-class IoU / pixel accuracy of the closed-set head.
+* :class:`BoxMetrics` (``"boxes"``): box recall and AP at IoU 0.5 (S2M's detector validation).
 
 Every metric shares :class:`~oodseg.scoring.metrics.base.MergeableMetric` (``update``, ``merge``, ``compute(warn=)``,
 ``state_dict`` / ``from_state_dict``, ``reset``, ``row``) and is registered by name (:func:`create_metric`,
@@ -21,6 +22,7 @@ from oodseg.scoring.metrics.base import (
     metric_from_state,
     register_metric,
 )
+from oodseg.scoring.metrics.boxes import BoxMetrics, average_precision, box_recall
 from oodseg.scoring.metrics.components import COMPONENT_COLUMNS, SIOU_THRESHOLDS, TRACKS, ComponentMetrics
 from oodseg.scoring.metrics.confusion import ConfusionMatrix
 from oodseg.scoring.metrics.functional import curve_metrics
@@ -33,6 +35,7 @@ __all__ = [
     "METRICS",
     "SIOU_THRESHOLDS",
     "TRACKS",
+    "BoxMetrics",
     "ComponentMetrics",
     "ConfusionMatrix",
     "MergeableMetric",
@@ -40,6 +43,8 @@ __all__ = [
     "PixelMetrics",
     "S2MMetrics",
     "SmiycPixelMetrics",
+    "average_precision",
+    "box_recall",
     "create_metric",
     "curve_metrics",
     "float32_keys",

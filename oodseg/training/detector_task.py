@@ -8,14 +8,14 @@ object's mask gives the single target box. Losses are torchvision's Faster R-CNN
 classification + box), summed.
 
 Calibration: before training, the scorer's maps of ``calibration_images`` pasted training crops fix the detector's
-normalisation (:class:`~oodseg.refine.prompters.ScoreCalibration`: inlier median and IQR scale), stored in its
+normalisation (:class:`~oodseg.scoring.calibration.ScoreCalibration`: inlier median and IQR scale), stored in its
 config and so in the exported checkpoint. Validation: held-out val-split frames, each with one pasted object
 (deterministic per index), scored the same way; :class:`BoxMetrics` gives box recall and AP at IoU 0.5.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,10 +28,11 @@ from oodseg.data import create_dataset
 from oodseg.data.coco import CocoObjects
 from oodseg.data.paste import OutlierPaste
 from oodseg.models import create_model, resolve_checkpoint
-from oodseg.refine.detector import average_precision, box_recall, build_detector, detector_targets, save_detector
-from oodseg.refine.prompters import Boxes, ScoreCalibration
+from oodseg.models.detector import build_detector, detector_targets, save_detector
 from oodseg.scoring import create_scorer
-from oodseg.scoring.metrics import MergeableMetric, MetricSet, register_metric
+from oodseg.scoring.calibration import ScoreCalibration
+from oodseg.scoring.metrics import MetricSet
+from oodseg.scoring.metrics.boxes import BoxMetrics
 from oodseg.training.data import SegAugment, TrainSamples, collate
 from oodseg.training.task import Task
 from oodseg.training.tasks import register_task
@@ -46,43 +47,6 @@ class DetectorTaskConfig:
     scoring_cfg: dict[str, Any] = field(default_factory=dict)
     detector: dict[str, Any] = field(default_factory=lambda: {"backbone": "tiny"})
     calibration_images: int = 16
-
-
-@register_metric("boxes")
-class BoxMetrics(MergeableMetric):
-    """Box recall and AP at IoU 0.5 over images (state: every image's predicted and GT boxes; merge = concat)."""
-
-    columns = {"recall": "box_recall", "ap": "box_ap"}
-
-    def __init__(self, iou: float = 0.5) -> None:
-        self.iou = float(iou)
-        self.preds: list[Boxes] = []
-        self.gts: list[np.ndarray] = []
-
-    def config(self) -> dict[str, Any]:
-        return {"iou": self.iou}
-
-    def update(self, pred: Boxes, gt: Any) -> BoxMetrics:
-        self.preds.append(pred)
-        self.gts.append(np.asarray(gt, dtype=np.float32).reshape(-1, 4))
-        return self
-
-    def _merge(self, other: BoxMetrics) -> None:
-        self.preds += other.preds
-        self.gts += other.gts
-
-    def _state(self) -> dict[str, Any]:
-        return {"xyxy": [p.xyxy.numpy() for p in self.preds], "scores": [p.scores.numpy() for p in self.preds],
-                "gts": list(self.gts)}
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self.preds = [Boxes(torch.as_tensor(x), torch.as_tensor(s)) for x, s in zip(state["xyxy"], state["scores"])]
-        self.gts = [np.asarray(g, dtype=np.float32) for g in state["gts"]]
-
-    def _compute(self) -> dict[str, Any]:
-        return {"recall": box_recall(self.preds, self.gts, self.iou), "ap": average_precision(self.preds, self.gts,
-                                                                                            self.iou),
-                "n_images": len(self.gts)}
 
 
 @register_task("s2m_detector")
@@ -127,7 +91,8 @@ class DetectorTask(Task):
         calibration = ScoreCalibration.from_scores(self.score_maps(batch["images"]), batch["outlier_mask"])
         torch.manual_seed(self.cfg.seed)
         size = {"min_size": min(self.cfg.crop), "max_size": max(self.cfg.crop)}
-        return build_detector(**{**size, **self.opts.detector}, calibration=calibration)
+        return build_detector(**{**size, "location": calibration.location, "scale": calibration.scale,
+                                 **self.opts.detector})
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""The torchvision Faster R-CNN behind :class:`~oodseg.refine.detector.ScoreDetector` (its module docstring says
+"""The torchvision Faster R-CNN behind :class:`~oodseg.models.detector.ScoreDetector` (its module docstring says
 what follows S2M / detectron2 and what differs). A module of its own so that importing the detector prompter — every
 benchmark worker does, through the prompter registry — does not import torchvision's detection stack (~2 s)."""
 
@@ -50,7 +50,7 @@ def _tiny_parts(norm: str) -> dict[str, Any]:
 
 
 def build_rcnn(cfg: Any) -> FasterRCNN:
-    """torchvision's ``FasterRCNN`` for ``cfg``, a :class:`~oodseg.refine.detector.DetectorConfig` (not imported:
+    """torchvision's ``FasterRCNN`` for ``cfg``, a :class:`~oodseg.models.detector.DetectorConfig` (not imported:
     the detector imports this module)."""
     if cfg.backbone == "tiny":
         parts: dict[str, Any] = _tiny_parts(cfg.norm)
