@@ -158,6 +158,14 @@ def p_ood(z: torch.Tensor, temperature: float, ood_channels: Sequence[int]) -> t
     return torch.softmax(z, dim=1)[:, list(ood_channels)].sum(dim=1)
 
 
+@register_scorer("precomputed", reads="map", kinds=("score",), space={})
+def precomputed(ctx: ScoreContext, temperature: float) -> torch.Tensor:
+    """A ready-made anomaly score map as it is (:class:`~oodseg.outputs.ScoreMaps`, the ``precomputed`` model: another
+    method's saved outputs); the temperature does not apply. Resized to the label size only if it differs (the model
+    refuses maps of another size than their image, so on the benchmark this is the identity)."""
+    return ctx.to_size(ctx.outputs.scores)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scorer objects
 # --------------------------------------------------------------------------------------------------------------
