@@ -57,8 +57,8 @@ def anomaly_box(key: str) -> tuple[slice, slice]:
 
 def write_s2m_val(root: Path) -> Path:
     """``root/val`` in S2M's layout: RGB images, raw labels (0 / 1 anomaly / 2 / 255; S2M reads only 1 as anomaly),
-    SMIYC ``_color`` label files (skipped by S2M), and per image a ``score/<id>.npz`` (key ``arr_0``) that is 0.9 on
-    its anomaly square and 0.1 elsewhere."""
+    SMIYC ``_color`` label files (skipped by S2M), and per image a ``score/<id>.npz`` (key ``arr_0``) that is 0.875
+    on its anomaly square and 0.125 elsewhere."""
     rng = np.random.default_rng(0)
     for name, (sub, images, labels, _) in FILES.items():
         base = root / "val" / sub
@@ -74,8 +74,8 @@ def write_s2m_val(root: Path) -> Path:
             if label_dir(name) == "labels_masks":
                 Image.fromarray(raw * 100).save(base / "labels_masks" / lab.replace(".png", "_color.png"))
         for sample_id, img in ORDER[name]:
-            score = np.full((H, W), 0.1, np.float32)
-            score[anomaly_box(img)] = 0.9
+            score = np.full((H, W), 0.125, np.float32)  # fp16-exact values: the component pass reads fp16 maps
+            score[anomaly_box(img)] = 0.875
             np.savez(base / "score" / f"{sample_id}.npz", score)
     return root / "val"
 
@@ -157,3 +157,35 @@ def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
     unparsed = parse_config(BenchmarkConfig, ["--config", str(config)])  # as shipped: the documented paths
     assert unparsed.refine_cfg.detectors == {"precomputed": "/data/s2m/model_final.pth"}
     assert unparsed.refine_cfg.sam == "/data/checkpoints/sam_vit_b_01ec64.pth" and unparsed.data_root == "/data/s2m"
+
+
+def test_s2m_released_config_runs_end_to_end(ray_session, s2m_val, tmp_path):
+    """The same config, run on one set (RO-21: positional score ids, obstacle track): the released maps are scored,
+    refined by the (random tiny) detector + SAM, and the set gets its ``precomputed`` and ``precomputed+s2m`` rows
+    with S2M's IoU / AuIoU / mean F1; the maps here are perfect, so the plain row's AuPRC and S2M IoU are 1."""
+    pytest.importorskip("segment_anything")
+    from segment_anything.build_sam import _build_sam
+
+    from oodseg.config import parse_config
+    from oodseg.platform.benchmark import BenchmarkConfig, run_benchmark
+    from oodseg.platform.results import ResultsStore
+    from oodseg.refine.detector import build_detector, save_detector
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml"
+    torch.manual_seed(0)
+    detector = save_detector(build_detector(backbone="tiny", min_size=24, max_size=32, score_thresh=0.0),
+                             tmp_path / "det.safetensors")
+    sam = tmp_path / "sam_vit_tiny.pth"
+    torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                          encoder_global_attn_indexes=[1]).state_dict(), sam)
+    name = "s2m_road_obstacle_21"
+    argv = released_argv(config, s2m_val, tmp_path, detector, sam) + [
+        "--set", f"datasets=[{name}]", "--set", "plots=false", "--set", "read_concurrency=1"]
+    run_benchmark(parse_config(BenchmarkConfig, argv))
+    metrics = ResultsStore(str(tmp_path / "results")).read("metrics")
+    assert set(zip(metrics.dataset, metrics.scorer)) == {(name, "precomputed"), (name, "precomputed+s2m")}
+    plain = metrics[metrics.scorer == "precomputed"].iloc[0]
+    refined = metrics[metrics.scorer == "precomputed+s2m"].iloc[0]
+    assert plain.n_images == refined.n_images == len(ORDER[name]) and plain.n_failures == 0
+    assert plain.auprc == pytest.approx(1.0) and plain.s2m_iou == pytest.approx(1.0)
+    assert np.isfinite([refined.s2m_iou, refined.s2m_auiou, refined.s2m_mean_f1]).all()
