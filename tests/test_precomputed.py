@@ -5,6 +5,7 @@ with a ``failures`` row for each missing or mis-sized map and every other image 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,8 @@ def test_bad_benchmark_config_fails_before_ray(tiny_suite, tmp_path):
         prepare(cfg({"folder": str(tmp_path)}, checkpoint="model.safetensors"))
     plan = prepare(cfg({"folder": str(tmp_path)}, checkpoint="demo"))  # the ModelSpec default: not a checkpoint
     assert plan.checkpoints["saved"] is None and [k.scorer for k in plan.keys["saved"]] == ["precomputed"]
+    plan = prepare(replace(cfg({"folder": str(tmp_path)}), temperatures=(1.0, 2.0)))  # no temperature applies
+    assert [(k.scorer, k.temperature) for k in plan.keys["saved"]] == [("precomputed", 1.0)]
 
 
 def test_saved_maps_benchmark_like_the_model(ray_session, tiny_suite, tiny_erfnet, tmp_path):
