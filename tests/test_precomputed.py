@@ -17,7 +17,7 @@ from oodseg.config import ConfigError
 from oodseg.data import create_dataset
 from oodseg.models import ImageSource, SourceError, create_model
 from oodseg.outputs import ScoreMaps
-from oodseg.scoring import create_scorer
+from oodseg.scoring import create_scorer, default_scorers
 from oodseg.scoring.metrics import PixelMetrics
 
 MAP = np.linspace(-2.5, 7.0, 4 * 6, dtype=np.float32).reshape(4, 6)
@@ -36,6 +36,7 @@ def test_npz_npy_and_16bit_png_read_back(tmp_path):
     assert isinstance(out, ScoreMaps) and out.size == (4, 6)
     np.testing.assert_array_equal(out.scores.numpy(), np.stack([MAP, MAP * 2]))
     torch.testing.assert_close(create_scorer("precomputed")(out, size=(4, 6)), out.scores, rtol=0, atol=0)
+    assert default_scorers("score") == ["precomputed"] and "precomputed" not in default_scorers()
 
     np.save(tmp_path / "id0.npy", MAP)
     np.save(tmp_path / "id1.npy", -MAP)

@@ -78,9 +78,12 @@ def scorer_applies(name: str, ood_channels: Sequence[int], kind: str | None = No
     return bool(ood_channels) or not meta["ood"]
 
 
-def default_scorers() -> list[str]:
-    """The scorers a benchmark runs when none are named: those that need no fit and do not run the network."""
-    return [n for n in SCORERS.list() if SCORERS.meta(n)["fit"] is None and "network" not in SCORERS.meta(n)["needs"]]
+def default_scorers(kind: str | None = None) -> list[str]:
+    """The scorers a benchmark runs when none are named: those that need no fit and do not run the network, for
+    model outputs of ``kind`` (None: outputs with class scores, ``pixel`` or ``mask``; ``score``: saved maps)."""
+    kinds = {kind} if kind else {"pixel", "mask"}
+    return [n for n in SCORERS.list() if SCORERS.meta(n)["fit"] is None and "network" not in SCORERS.meta(n)["needs"]
+            and kinds & set(SCORERS.meta(n)["kinds"])]
 
 
 def list_scorers() -> list[str]:

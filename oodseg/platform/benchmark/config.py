@@ -221,5 +221,5 @@ def model_keys(cfg: BenchmarkConfig, model: str, name: str = "") -> list[ScorerK
         log(f"{name or model}: {', '.join(skip)} skipped: they do not apply to {model} ({kind} outputs"
             f"{'' if feats else ', no features'})")
     names = [s for s in cfg.scorers if s not in skip] if cfg.scorers else \
-        [s for s in default_scorers() if scorer_applies(s, ood, kind, feats)]
+        [s for s in default_scorers(kind) if scorer_applies(s, ood, kind, feats)]
     return scorer_keys(cfg, names, kind)

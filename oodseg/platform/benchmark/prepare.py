@@ -27,7 +27,7 @@ from oodseg.config import ConfigError
 from oodseg.data import DataError, create_dataset, dataset_info
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
-from oodseg.models.factory import MODELS, check_checkpoint_model, model_output_kind
+from oodseg.models.factory import MODELS, OUTPUT_KINDS, check_checkpoint_model, model_output_kind
 from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
@@ -182,7 +182,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
         return {}
     if r.prompter not in list_prompters():
         raise ConfigError(f"--refine-cfg.prompter {r.prompter}: not a registered prompter ({list_prompters()})")
-    scored = set(cfg.scorers) or set(default_scorers())
+    scored = set(cfg.scorers) or {n for kind in OUTPUT_KINDS for n in default_scorers(kind)}
     if not r.scorers or set(r.scorers) - scored:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
