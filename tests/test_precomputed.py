@@ -5,6 +5,7 @@ with a ``failures`` row for each missing or mis-sized map and every other image 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -202,3 +203,9 @@ def test_saved_maps_benchmark_like_the_model(ray_session, tiny_suite, tiny_erfne
     for name in bad:
         row = rows[(rows.model == "saved") & (rows.dataset == name)].iloc[0]
         assert (row.n_images, row.n_failures) == (1, 1) and np.isfinite(row.auroc)
+
+
+def test_smiyc_format_without_h5py_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", None)  # as on a machine without h5py
+    with pytest.raises(ValueError, match=r"format smiyc \(.hdf5\) needs h5py: pip install h5py"):
+        create_model("precomputed", folder=str(tmp_path), pattern="{stem}.hdf5")
