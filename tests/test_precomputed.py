@@ -124,6 +124,7 @@ def scores_of(model: torch.nn.Module, image: np.ndarray, size: tuple[int, int]) 
 
 def test_bad_benchmark_config_fails_before_ray(tiny_suite, tmp_path):
     from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec
+    from oodseg.platform.benchmark.config import RefineSpec
     from oodseg.platform.benchmark.prepare import prepare
 
     def cfg(model_cfg, checkpoint="", datasets=("road_anomaly_21",)):
@@ -143,6 +144,9 @@ def test_bad_benchmark_config_fails_before_ray(tiny_suite, tmp_path):
         prepare(cfg({"folder": str(tmp_path)}, checkpoint="model.safetensors"))
     plan = prepare(cfg({"folder": str(tmp_path)}, checkpoint="demo"))  # the ModelSpec default: not a checkpoint
     assert plan.checkpoints["saved"] is None and [k.scorer for k in plan.keys["saved"]] == ["precomputed"]
+    with pytest.raises(ConfigError, match="no detector for scorer 'precomputed' of model 'saved'"):
+        prepare(replace(cfg({"folder": str(tmp_path)}, checkpoint="demo"), refine="s2m",  # no demo detector
+                        refine_cfg=RefineSpec(sam="tiny", scorers=("precomputed",))))
     plan = prepare(replace(cfg({"folder": str(tmp_path)}), temperatures=(1.0, 2.0)))  # no temperature applies
     assert [(k.scorer, k.temperature) for k in plan.keys["saved"]] == [("precomputed", 1.0)]
 

@@ -110,12 +110,17 @@ def check_device(cfg: BenchmarkConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
 
 
+def reads_sources(spec: ModelSpec) -> bool:
+    """Whether the spec's model reads per-image files of its own (saved score maps: no checkpoint, no demo)."""
+    return spec.arch in MODELS and MODELS.get(spec.arch).reads_sources
+
+
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str,
                   background: bool = False) -> str | None | BackgroundBuild:
     """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
     or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
     context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
-    if spec.arch in MODELS and MODELS.get(spec.arch).reads_sources:  # saved maps: no weights
+    if reads_sources(spec):  # saved maps: no weights
         if spec.checkpoint not in ("", "scratch", "demo"):  # "demo": the ModelSpec default, not chosen
             raise ConfigError(f"models: {spec.name!r} ({spec.arch}) reads saved maps and takes no checkpoint, got "
                               f"{spec.checkpoint!r}; set checkpoint: ''")
@@ -193,7 +198,8 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
     for scorer in r.scorers:
         pc: dict[str, Any] = {"name": r.prompter, **r.prompter_cfg}
         if r.prompter == "detector":
-            source = r.detectors.get(scorer) or ("demo-detector" if spec.checkpoint == "demo" else "")
+            demo = spec.checkpoint == "demo" and not reads_sources(spec)
+            source = r.detectors.get(scorer) or ("demo-detector" if demo else "")
             if not source:
                 raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
                                   "train one (python jobs/train_detector.py) and give {scorer: FILE}")
