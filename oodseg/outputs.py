@@ -1,6 +1,8 @@
-"""The two model output kinds every model returns and every scorer accepts, and the boxes a detector returns.
+"""The model output kinds every model returns and the scorers accept, and the boxes a detector returns.
 
 * ``PixelLogits``: per-pixel class logits ``[B, C, h, w]`` (ERFNet, timm per-pixel models).
+* ``ScoreMaps``: ready-made anomaly score maps ``[B, H, W]`` (the ``precomputed`` model: another method's saved
+  outputs); only scorers registered for the ``score`` kind read them (``precomputed``, the map as it is).
 * ``MaskOutputs``: per-query class logits ``[N, Q, C+1]`` (last column = no-object) and mask logits ``[N, Q, h, w]``
   (EoMT / Mask2Former). When a model runs sliding windows, each of the ``N`` rows is one crop: ``crops[n]`` is
   ``(image_index, top, left, height, width)`` in a frame of ``frame_size`` (the resized image), and the scoring
@@ -79,7 +81,26 @@ class MaskOutputs:
         )
 
 
-ModelOutputs = PixelLogits | MaskOutputs
+@dataclass(frozen=True)
+class ScoreMaps:
+    scores: torch.Tensor
+    size: tuple[int, int] | None = None
+    ood_channels: tuple[int, ...] = ()
+    features: torch.Tensor | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to(self, *args, **kwargs) -> ScoreMaps:
+        return replace(self, scores=self.scores.to(*args, **kwargs))
+
+
+ModelOutputs = PixelLogits | MaskOutputs | ScoreMaps
 
 
 def inlier_channels(outputs: ModelOutputs) -> list[int]:

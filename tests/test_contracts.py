@@ -2,9 +2,10 @@
 style): a new model, scorer, loss, dataset or prompter gets these tests by being registered. A new model must add
 its small test configuration to :data:`TINY` (the test says so when it is missing).
 
-* model: builds, ``predict`` on uint8 images gives its declared output kind at the images' size, the training forward
-  gives finite float outputs;
-* scorer: on both output kinds it applies to, a finite float map ``[B, H, W]`` per image;
+* model: builds, ``predict`` on uint8 images gives its declared output kind at the images' size (a model reading files
+  of its own per image, ``reads_sources``, gets their sources: ``tests/fixtures/precomputed``), the training forward
+  gives finite float outputs (models with a network);
+* scorer: on every output kind it applies to, a finite float map ``[B, H, W]`` per image;
 * loss: on every model it is made for, a finite scalar whose gradient reaches the model;
 * dataset: a sample of the synthetic suite in the reader's layout is a uint8 ``[H, W, 3]`` image with a uint8 label of
   the same size in the label convention of its kind;
@@ -13,14 +14,16 @@ its small test configuration to :data:`TINY` (the test says so when it is missin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from oodseg.data import DataError, create_dataset, dataset_info, list_datasets
 from oodseg.losses import create_loss, list_losses, loss_info
-from oodseg.models import create_model, list_models
-from oodseg.outputs import MaskOutputs, PixelLogits
+from oodseg.models import ImageSource, create_model, list_models
+from oodseg.outputs import MaskOutputs, PixelLogits, ScoreMaps
 from oodseg.refine import ScoreCalibration, create_prompter, list_prompters
 from oodseg.scoring import SCORERS, create_fit, create_scorer, list_scorers, scorer_applies
 
@@ -32,8 +35,9 @@ TINY = {
     "timm_seg": {"backbone": "test_resnet", "decoder_channels": 16},
     "tdos": {"clip": "tiny", "window": 64},
     "mask2former": {"backbone": "tiny"},
+    "precomputed": {"folder": str(Path(__file__).parent / "fixtures" / "precomputed")},
 }
-KIND = {"pixel": PixelLogits, "mask": MaskOutputs}
+KIND = {"pixel": PixelLogits, "mask": MaskOutputs, "score": ScoreMaps}
 EXAMPLE = {"pixel": "erfnet", "mask": "mask2former"}  # a model of each output kind
 IMAGES = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 CROPS = IMAGES[:, :, :64].contiguous()  # square training crops: the window size of the ViT models' tiny configs
@@ -48,28 +52,35 @@ def tiny(name: str, **extra) -> torch.nn.Module:
 @pytest.mark.parametrize("name", list_models())
 def test_model_contract(name):
     model = tiny(name).eval()
+    sources = [ImageSource("contract", str(i), f"img{i}.png") for i in range(len(IMAGES))]
     with torch.inference_mode():
-        out = model.predict(IMAGES)
+        out = model.predict(IMAGES, **({"sources": sources} if model.reads_sources else {}))
     assert isinstance(out, KIND[model.output_kind]) and out.size == tuple(IMAGES.shape[1:3])
+    if model.reads_sources:  # saved maps: no network to train
+        return
     train_out = model.train()(model.preprocess(CROPS))
     train_out = train_out[0] if isinstance(train_out, tuple) else train_out
     for t in (getattr(train_out, f, None) for f in ("logits", "class_logits", "mask_logits")):
         assert t is None or (t.is_floating_point() and torch.isfinite(t).all())
 
 
-def outputs_of(kind: str, ood: tuple[int, ...] = ()) -> PixelLogits | MaskOutputs:
+def outputs_of(kind: str, ood: tuple[int, ...] = ()) -> PixelLogits | MaskOutputs | ScoreMaps:
     g = torch.Generator().manual_seed(1)
     c = 19 + len(ood)
+    if kind == "score":
+        return ScoreMaps(torch.randn(2, 32, 48, generator=g), size=(32, 48))
     if kind == "pixel":
         return PixelLogits(torch.randn(2, c, 16, 24, generator=g), size=(32, 48), ood_channels=ood)
     return MaskOutputs(torch.randn(2, 5, c + 1, generator=g), torch.randn(2, 5, 16, 24, generator=g), size=(32, 48),
                        ood_channels=ood)
 
 
-@pytest.mark.parametrize("kind", ["pixel", "mask"])
+@pytest.mark.parametrize("kind", ["pixel", "mask", "score"])
 @pytest.mark.parametrize("name", list_scorers())
 def test_scorer_contract(name, kind):
     meta = SCORERS.meta(name)
+    if kind not in meta["kinds"]:
+        pytest.skip(f"{name} does not read {kind} outputs")
     if meta["fit"] or meta["needs"]:
         return posthoc_contract(name, kind)
     ood = () if scorer_applies(name, ()) else (19,)

@@ -61,6 +61,8 @@ COMMANDS: dict[str, list[str] | str] = {
     "python -m oodseg convert-checkpoint --format detectron2-mask2former ckpts/swin_b_1dl checkpoints/rba_swin_b_1dl":
     RELEASED + " (tests/test_mask2former_convert.py converts checkpoints built in that format)",
     "python jobs/benchmark.py --config configs/rba_swin_b.yaml --set data_root=/data": RELEASED,
+    "python jobs/benchmark.py --config configs/s2m_released.yaml": "needs S2M's released validation set, detector and "
+    "SAM-B (downloads; tests/test_s2m_release.py runs this config on S2M's layout)",
     "python jobs/finetune.py --config configs/finetune_rba_swin_b.yaml --set train.data_root=/data --set "
     "train.coco_root=/data/coco": RELEASED + " and a GPU (tests/test_models_mask2former.py fine-tunes a tiny one)",
     "python -m oodseg report": [],

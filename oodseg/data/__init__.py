@@ -1,4 +1,5 @@
-"""Data layer: dataset readers (registry), COCO outlier source + paste transform, synthetic road suite. No Ray."""
+"""Data layer: dataset readers (registry; S2M's validation release in :mod:`oodseg.data.s2m`), COCO outlier source +
+paste transform, synthetic road suite. No Ray."""
 
 from oodseg.data.base import (
     DataError,
@@ -24,6 +25,7 @@ from oodseg.data.instances import (
 )
 from oodseg.data.paste import OutlierPaste
 from oodseg.data.readers import CityscapesDataset, MaskFolderDataset, cityscapes_id_to_train_id
+from oodseg.data.s2m import S2MValidationSet
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -37,6 +39,7 @@ __all__ = [
     "InstanceSample",
     "MaskFolderDataset",
     "OutlierPaste",
+    "S2MValidationSet",
     "Sample",
     "SampleRef",
     "cityscapes_id_to_train_id",

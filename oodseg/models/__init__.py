@@ -10,14 +10,16 @@
   detectron2-mask2former``);
 * ``timm_seg`` — :class:`oodseg.models.timm_seg.TimmSeg` (pixel logits on any timm backbone);
 * ``tdos``     — :class:`oodseg.models.tdos.model.TDOS` (mask outputs with an ``ood`` class; CLIP text-driven OOD).
+* ``precomputed`` — :class:`oodseg.models.precomputed.Precomputed` (score maps: another method's saved outputs,
+  one file per image; ``.npz`` / ``.npy`` / 16-bit PNG / SMIYC ``.hdf5``).
 
 SAM (prompted masks, not a segmentation model) lives in :mod:`oodseg.models.sam`.
 
 A new model is one file with ``@register_model("name")`` on its ``SegModel`` subclass, plus its import line here.
 """
 
-from oodseg.models import eomt, erfnet, mask2former, tdos, timm_seg  # noqa: F401  (each registers itself)
-from oodseg.models.base import SegModel, check_partition, to_nchw_uint8
+from oodseg.models import eomt, erfnet, mask2former, precomputed, tdos, timm_seg  # noqa: F401  (each registers itself)
+from oodseg.models.base import ImageSource, SegModel, SourceError, check_partition, to_nchw_uint8
 from oodseg.models.checkpoint import (
     CheckpointError,
     LoadReport,
@@ -40,10 +42,12 @@ from oodseg.models.runtime import Runtime, tune_allocator
 
 __all__ = [
     "CheckpointError",
+    "ImageSource",
     "IsoMaxPlusHead",
     "LoadReport",
     "Runtime",
     "SegModel",
+    "SourceError",
     "check_checkpoint",
     "check_model_fits",
     "check_partition",

@@ -23,11 +23,17 @@ A ``SegModel`` is an ``nn.Module`` with
   top-level groups; ordered from input (``0``) to output, so the highest indices are the blocks next to the head);
 * ``export_cfg()``: JSON-able keyword arguments that rebuild the same architecture through ``create_model(name, ...)``
   without downloading or reading any pretrained file (``save_safetensors`` stores it in the file's metadata).
+
+A model with ``reads_sources`` (``output_kind="score"``: the ``precomputed`` model) reads one file of its own per
+image instead of running a network: ``predict(images, sources=[ImageSource, ...])``; it raises :class:`SourceError`
+naming the images whose file is missing or unusable, so the caller records those and predicts the rest again. It
+holds no weights and no training path, and is cheap to build (the benchmark builds it before Ray to check its cfg).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +63,32 @@ def to_nchw_uint8(images: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"images must have 3 channels ([B,H,W,3] or [B,3,H,W]), got {tuple(images.shape)}")
 
 
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one input image comes from: the dataset's results key, the sample id and the image file (what a
+    ``reads_sources`` model matches its own per-image files by)."""
+
+    dataset: str
+    id: str
+    path: str
+
+    @property
+    def stem(self) -> str:
+        return PurePath(self.path).stem
+
+
+class SourceError(Exception):
+    """Some images of a batch have no usable per-image file: ``failed`` maps the batch index to ``(file, message)``
+    (a one-line message naming the file and what is wrong)."""
+
+    def __init__(self, failed: dict[int, tuple[str, str]]) -> None:
+        self.failed = dict(failed)
+        super().__init__("; ".join(msg for _, msg in self.failed.values()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failed,))
+
+
 class SegModel(nn.Module):
     """Base class of every oodseg segmentation model (contract in the module docstring)."""
 
@@ -71,6 +103,8 @@ class SegModel(nn.Module):
     ood_channels: tuple[int, ...] = ()
     #: whether ``predict(..., features=True)`` and ``classify`` exist (see the module docstring)
     has_features: ClassVar[bool] = False
+    #: whether ``predict`` needs ``sources=`` (per-image files of its own; see the module docstring)
+    reads_sources: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

@@ -44,11 +44,11 @@ S = TypeVar("S", bound=type)
 
 MODELS: Registry[SegModel] = Registry("model")
 CHECKPOINT_SOURCES: Registry[str | None] = Registry("checkpoint source")
-OUTPUT_KINDS = ("pixel", "mask")
+OUTPUT_KINDS = ("pixel", "mask", "score")
 
 
 def register_model(name: str) -> Callable[[S], S]:
-    """Class decorator registering a ``SegModel`` subclass; its ``output_kind`` must be ``pixel`` or ``mask``."""
+    """Class decorator registering a ``SegModel`` subclass; its ``output_kind`` must be one of :data:`OUTPUT_KINDS`."""
 
     def deco(cls: S) -> S:
         kind = getattr(cls, "output_kind", None)
@@ -65,7 +65,7 @@ def list_models() -> list[str]:
 
 
 def model_output_kind(name: str) -> str:
-    """``"pixel"`` or ``"mask"``: what model ``name`` returns (a class fact, so nothing is built)."""
+    """``"pixel"``, ``"mask"`` or ``"score"``: what model ``name`` returns (a class fact, so nothing is built)."""
     return str(MODELS.get(name).output_kind)  # type: ignore[attr-defined]
 
 

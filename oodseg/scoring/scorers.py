@@ -78,9 +78,12 @@ def scorer_applies(name: str, ood_channels: Sequence[int], kind: str | None = No
     return bool(ood_channels) or not meta["ood"]
 
 
-def default_scorers() -> list[str]:
-    """The scorers a benchmark runs when none are named: those that need no fit and do not run the network."""
-    return [n for n in SCORERS.list() if SCORERS.meta(n)["fit"] is None and "network" not in SCORERS.meta(n)["needs"]]
+def default_scorers(kind: str | None = None) -> list[str]:
+    """The scorers a benchmark runs when none are named: those that need no fit and do not run the network, for
+    model outputs of ``kind`` (None: outputs with class scores, ``pixel`` or ``mask``; ``score``: saved maps)."""
+    kinds = {kind} if kind else {"pixel", "mask"}
+    return [n for n in SCORERS.list() if SCORERS.meta(n)["fit"] is None and "network" not in SCORERS.meta(n)["needs"]
+            and kinds & set(SCORERS.meta(n)["kinds"])]
 
 
 def list_scorers() -> list[str]:
@@ -156,6 +159,14 @@ def p_ood(z: torch.Tensor, temperature: float, ood_channels: Sequence[int]) -> t
     """Probability of the OOD class(es), ``s = Σ_{c ∈ ood} softmax(z)_c`` over all channels (TDOS's read-out:
     ``softmax`` of the 20 per-pixel class scores, channel ``ood``; Song & Lee, IROS 2025)."""
     return torch.softmax(z, dim=1)[:, list(ood_channels)].sum(dim=1)
+
+
+@register_scorer("precomputed", reads="map", kinds=("score",), space={})
+def precomputed(ctx: ScoreContext, temperature: float) -> torch.Tensor:
+    """A ready-made anomaly score map as it is (:class:`~oodseg.outputs.ScoreMaps`, the ``precomputed`` model: another
+    method's saved outputs); the temperature does not apply. Resized to the label size only if it differs (the model
+    refuses maps of another size than their image, so on the benchmark this is the identity)."""
+    return ctx.to_size(ctx.outputs.scores)
 
 
 # --------------------------------------------------------------------------------------------------------------

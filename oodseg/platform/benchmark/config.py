@@ -200,10 +200,11 @@ class BenchmarkConfig:
 
 def scorer_keys(cfg: BenchmarkConfig, names: list[str], output_kind: str, refine: str = "") -> list[ScorerKey]:
     """Scorer × placement × temperature (× its configured parameters); per-pixel models get only the first
-    placement (for them both mean ``logits / T``)."""
+    placement (for them both mean ``logits / T``), saved score maps only the first temperature too (no T applies)."""
     placements = list(cfg.placements) if output_kind == "mask" else list(cfg.placements)[:1]
+    temperatures = list(cfg.temperatures) if output_kind != "score" else list(cfg.temperatures)[:1]
     return [ScorerKey(n, p, float(t), tuple(sorted(cfg.scorer_params.get(n, {}).items())), refine)
-            for n in names for p in placements for t in cfg.temperatures]
+            for n in names for p in placements for t in temperatures]
 
 
 def model_keys(cfg: BenchmarkConfig, model: str, name: str = "") -> list[ScorerKey]:
@@ -221,5 +222,5 @@ def model_keys(cfg: BenchmarkConfig, model: str, name: str = "") -> list[ScorerK
         log(f"{name or model}: {', '.join(skip)} skipped: they do not apply to {model} ({kind} outputs"
             f"{'' if feats else ', no features'})")
     names = [s for s in cfg.scorers if s not in skip] if cfg.scorers else \
-        [s for s in default_scorers() if scorer_applies(s, ood, kind, feats)]
+        [s for s in default_scorers(kind) if scorer_applies(s, ood, kind, feats)]
     return scorer_keys(cfg, names, kind)

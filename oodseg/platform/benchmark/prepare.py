@@ -24,15 +24,16 @@ from typing import Any
 import torch
 
 from oodseg.config import ConfigError
-from oodseg.data import DataError, create_dataset
+from oodseg.data import DataError, create_dataset, dataset_info
 from oodseg.data.synthetic import MARKER
 from oodseg.models import CheckpointError, check_checkpoint, check_model_fits, resolve_checkpoint
-from oodseg.models.factory import check_checkpoint_model
+from oodseg.models.factory import MODELS, OUTPUT_KINDS, check_checkpoint_model, model_output_kind
 from oodseg.models.sam import check_sam
 from oodseg.paths import default_cache_dir, in_submitted_job, synthetic_suite
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey, model_keys
 from oodseg.platform.benchmark.fit import check_stored_fits
 from oodseg.platform.benchmark.resume import check_resume, fingerprint
+from oodseg.platform.benchmark.score import build_model
 from oodseg.platform.benchmark.stage import unit_infos
 from oodseg.platform.benchmark.units import UnitInfo
 from oodseg.platform.results import ResultsStore
@@ -109,11 +110,21 @@ def check_device(cfg: BenchmarkConfig) -> None:
         raise ConfigError("--device cuda: no CUDA device on this machine (use --device auto or cpu)")
 
 
+def reads_sources(spec: ModelSpec) -> bool:
+    """Whether the spec's model reads per-image files of its own (saved score maps: no checkpoint, no demo)."""
+    return spec.arch in MODELS and MODELS.get(spec.arch).reads_sources
+
+
 def resolve_model(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, data_root: str,
                   background: bool = False) -> str | None | BackgroundBuild:
     """The checkpoint path of one model spec (None: random init). A named source that is not built yet trains here,
     or, with ``background``, in a child process (:class:`BackgroundBuild`, checked by :meth:`Plan.finish`)."""
     context = {"cache_dir": cache_dir, "data_root": data_root, "seed": cfg.seed}
+    if reads_sources(spec):  # saved maps: no weights
+        if spec.checkpoint not in ("", "scratch", "demo"):  # "demo": the ModelSpec default, not chosen
+            raise ConfigError(f"models: {spec.name!r} ({spec.arch}) reads saved maps and takes no checkpoint, got "
+                              f"{spec.checkpoint!r}; set checkpoint: ''")
+        return None
     try:
         with cached_only():  # a file path never raises NotCached
             return local_path(resolve_checkpoint(spec.checkpoint, **context))
@@ -139,7 +150,23 @@ def check_model(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None) -
                           f"(model {spec.name!r})")
     if checkpoint is not None:
         check_fits(spec, checkpoint, cfg.protocol)
+    if MODELS.get(name).reads_sources:
+        check_source_model(cfg, spec, name)
     return model_keys(cfg, name, spec.name)
+
+
+def check_source_model(cfg: BenchmarkConfig, spec: ModelSpec, name: str) -> None:
+    """A model reading per-image files of its own (saved score maps) is built here (cheap: no weights), so a bad
+    folder, pattern or format fails before Ray; score maps cannot be scored on semantic sets or cached as outputs."""
+    try:
+        model = build_model(spec, None, cfg.protocol)
+        model.check_sources([d.result_key for d in cfg.datasets])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"models: {spec.name!r}: {e}") from None
+    semantic = [d.result_key for d in cfg.datasets if dataset_info(d.name).kind == "semantic"]
+    if model_output_kind(name) == "score" and (semantic or cfg.cache_outputs):
+        what = f"semantic dataset(s) {', '.join(semantic)}" if semantic else "--cache-outputs"
+        raise ConfigError(f"models: {spec.name!r} ({name}) gives anomaly score maps only: drop {what}")
 
 
 def check_fits(spec: ModelSpec, checkpoint: str, protocol: str) -> None:
@@ -160,7 +187,7 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
         return {}
     if r.prompter not in list_prompters():
         raise ConfigError(f"--refine-cfg.prompter {r.prompter}: not a registered prompter ({list_prompters()})")
-    scored = set(cfg.scorers) or set(default_scorers())
+    scored = set(cfg.scorers) or {n for kind in OUTPUT_KINDS for n in default_scorers(kind)}
     if not r.scorers or set(r.scorers) - scored:
         raise ConfigError(f"--refine-cfg.scorers {','.join(r.scorers)}: must be among the scored scorers")
     context = {"cache_dir": cache_dir, "data_root": root, "seed": cfg.seed}
@@ -171,7 +198,8 @@ def resolve_refine(cfg: BenchmarkConfig, spec: ModelSpec, cache_dir: Path, root:
     for scorer in r.scorers:
         pc: dict[str, Any] = {"name": r.prompter, **r.prompter_cfg}
         if r.prompter == "detector":
-            source = r.detectors.get(scorer) or ("demo-detector" if spec.checkpoint == "demo" else "")
+            demo = spec.checkpoint == "demo" and not reads_sources(spec)
+            source = r.detectors.get(scorer) or ("demo-detector" if demo else "")
             if not source:
                 raise ConfigError(f"--refine-cfg.detectors: no detector for scorer {scorer!r} of model {spec.name!r}; "
                                   "train one (python jobs/train_detector.py) and give {scorer: FILE}")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
-from oodseg.models import Runtime, SegModel, create_model, tune_allocator
+from oodseg.models import ImageSource, Runtime, SegModel, SourceError, create_model, tune_allocator
 from oodseg.platform.benchmark.commit import calibration
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
 from oodseg.platform.benchmark.fit import load_fit
@@ -121,9 +121,12 @@ class ScoreActor:
 
     def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows) -> None:
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
+        outputs, keep = self._predict(chunk, images, rows)
+        if not keep:
+            return
+        if len(keep) < len(chunk):
+            chunk, images = [chunk[i] for i in keep], images[keep]
         labels = np.stack([np.frombuffer(r["label"], np.uint8).reshape(h, w) for r in chunk])
-        with torch.inference_mode(), self.runtime.autocast():
-            outputs = self.model.predict(torch.from_numpy(images), **({"features": True} if self.features else {}))
         info = self.ctx.units[dataset]
         if info.kind == "semantic":
             self._score_semantic(outputs, labels, chunk, info, states, rows)
@@ -131,6 +134,25 @@ class ScoreActor:
             self._score_anomaly(dataset, outputs, labels, chunk, states, rows, images)
         if self.cfg.cache_outputs:
             self._cache_outputs(dataset, outputs, labels, chunk, rows)
+
+    def _predict(self, chunk: list[dict], images: np.ndarray, rows: Rows) -> tuple[Any, list[int]]:
+        """``model.predict`` on the chunk's images → (outputs, the chunk indices they cover). A model reading
+        per-image files of its own (``reads_sources``: precomputed maps) names the images whose file is unusable
+        (``SourceError``): each becomes a ``failures`` row naming that file, and the others are predicted again."""
+        kw: dict[str, Any] = {"features": True} if self.features else {}
+        if self.model.reads_sources:
+            kw["sources"] = [ImageSource(r["dataset"], r["id"], r["image_path"]) for r in chunk]
+        try:
+            with torch.inference_mode(), self.runtime.autocast():
+                return self.model.predict(torch.from_numpy(images), **kw), list(range(len(chunk)))
+        except SourceError as e:
+            for i, (file, error) in e.failed.items():
+                rows.failure({**chunk[i], "file": file}, "predict", error)
+            keep = [i for i in range(len(chunk)) if i not in e.failed]
+            if not keep:
+                return None, []
+            outputs, sub = self._predict([chunk[i] for i in keep], images[keep], rows)
+            return outputs, [keep[j] for j in sub]
 
     def _score_semantic(self, outputs: Any, labels: np.ndarray, chunk: list[dict], info: UnitInfo, states: dict,
                         rows: Rows) -> None:
