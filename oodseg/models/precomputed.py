@@ -136,7 +136,8 @@ class Precomputed(SegModel):
             try:
                 import h5py  # noqa: F401
             except ImportError:
-                raise ValueError("precomputed: format smiyc (.hdf5) needs h5py: pip install h5py (or oodseg[smiyc])") from None
+                raise ValueError("precomputed: format smiyc (.hdf5) needs h5py: pip install h5py "
+                                 "(or oodseg[smiyc])") from None
         self.folder: str | dict[str, str] = folder if isinstance(folder, str) else {str(k): str(v)
                                                                                      for k, v in folder.items()}
         for f in [self.folder] if isinstance(self.folder, str) else self.folder.values():
