@@ -58,19 +58,19 @@ def score_map(seed: int, h: int, w: int) -> torch.Tensor:
     return s
 
 
-def _fixture(name: str) -> dict:
+def d2_fixture(name: str) -> dict:
     with gzip.open(FIXTURES / f"d2_rcnn_{name}.json.gz", "rt") as f:
         return json.load(f)
 
 
-def _write_checkpoint(fx: dict, path: Path) -> Path:
+def write_d2_checkpoint(fx: dict, path: Path) -> Path:
     keys = [(k, s) for k, s in fx["keys"]]
     torch.save({"model": seeded_state(keys, fx["seed"], fx["scales"]), "iteration": 7}, path)
     return path
 
 
 def _check_parity(fx: dict, tmp_path: Path) -> None:
-    det = load_detector(_write_checkpoint(fx, tmp_path / "model_final.pth"))
+    det = load_detector(write_d2_checkpoint(fx, tmp_path / "model_final.pth"))
     compared = 0
     for case in fx["cases"]:
         s = score_map(case["seed"], *case["shape"])
@@ -87,17 +87,17 @@ def _check_parity(fx: dict, tmp_path: Path) -> None:
 
 
 def test_tiny_detectron2_faster_rcnn_matches_detectron2(tmp_path) -> None:
-    _check_parity(_fixture("tiny"), tmp_path)
+    _check_parity(d2_fixture("tiny"), tmp_path)
 
 
 @pytest.mark.slow  # a random R50-FPN (41 M parameters) at two map sizes
 def test_r50_fpn_from_s2m_config_matches_detectron2(tmp_path) -> None:
-    _check_parity(_fixture("r50"), tmp_path)
+    _check_parity(d2_fixture("r50"), tmp_path)
 
 
 def test_detector_prompter_loads_s2m_checkpoint_with_threshold_override(tmp_path) -> None:
-    fx = _fixture("tiny")
-    path = _write_checkpoint(fx, tmp_path / "model_final.pth")
+    fx = d2_fixture("tiny")
+    path = write_d2_checkpoint(fx, tmp_path / "model_final.pth")
     case = fx["cases"][1]
     s = score_map(case["seed"], *case["shape"]).numpy()
     boxes = create_prompter("detector", checkpoint=str(path))(s)
@@ -113,7 +113,7 @@ def test_detector_prompter_loads_s2m_checkpoint_with_threshold_override(tmp_path
 
 
 def test_detector_files_that_are_neither_format_name_the_file(tmp_path) -> None:
-    fx = _fixture("tiny")
+    fx = d2_fixture("tiny")
     state = seeded_state([(k, s) for k, s in fx["keys"]], 0, {})
     torch.save({"model": {"sem_seg_head.predictor.query_feat.weight": torch.zeros(2, 2)}}, other := tmp_path / "m2f.pth")
     del state["roi_heads.box_head.fc2.weight"]
@@ -132,7 +132,7 @@ def test_detector_files_that_are_neither_format_name_the_file(tmp_path) -> None:
 
 def test_model_zoo_style_pkl_loads_like_the_pth(tmp_path) -> None:
     """A detectron2-named ``.pkl`` of numpy arrays (the model zoo's format, protocol 2) gives the same detections."""
-    fx = _fixture("tiny")
+    fx = d2_fixture("tiny")
     state = seeded_state([(k, s) for k, s in fx["keys"]], fx["seed"], fx["scales"])
     with (pkl := tmp_path / "model_final.pkl").open("wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f, protocol=2)

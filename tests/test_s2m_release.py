@@ -119,6 +119,14 @@ def test_s2m_missing_files_are_listing_problems(tmp_path):
         create_dataset("s2m_fs_static", root=str(tmp_path / "elsewhere"))
 
 
+def released_detector(tmp_path: Path) -> Path:
+    """S2M's detector as released: a detectron2 Faster R-CNN ``model_final.pth`` (here the tiny config of the same
+    design with the seeded random weights of ``tests/test_d2_rcnn.py``, whose outputs match detectron2's)."""
+    from test_d2_rcnn import d2_fixture, write_d2_checkpoint
+
+    return write_d2_checkpoint(d2_fixture("tiny"), tmp_path / "model_final.pth")
+
+
 def released_argv(config: Path, val: Path, tmp_path: Path, detector: Path, sam: Path) -> list[str]:
     folders = {name: str(val / sub / "score") for name, (sub, *_rest) in FILES.items()}
     models = ("[{name: s2m-released, arch: precomputed, checkpoint: '', cfg: {pattern: '{id}.npz', folder: {"
@@ -129,7 +137,7 @@ def released_argv(config: Path, val: Path, tmp_path: Path, detector: Path, sam: 
 
 
 def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
-    """configs/s2m_released.yaml with its paths replaced (S2M's layout written above, a random tiny detector, a random
+    """configs/s2m_released.yaml with its paths replaced (S2M's layout written above, a tiny detectron2-format detector, a random
     tiny segment-anything-format SAM ``.pth``): it parses, and the benchmark's pre-Ray checks pass with one key,
     ``precomputed``, refined by the detector prompter with that SAM, on the five S2M sets."""
     pytest.importorskip("segment_anything")
@@ -138,11 +146,9 @@ def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
     from oodseg.config import parse_config
     from oodseg.platform.benchmark import BenchmarkConfig
     from oodseg.platform.benchmark.prepare import prepare
-    from oodseg.refine.detector import build_detector, save_detector
 
     config = Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml"
-    torch.manual_seed(0)
-    detector = save_detector(build_detector(backbone="tiny", min_size=24, max_size=32), tmp_path / "det.safetensors")
+    detector = released_detector(tmp_path)
     sam = tmp_path / "sam_vit_tiny.pth"
     torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
                           encoder_global_attn_indexes=[1]).state_dict(), sam)
@@ -161,7 +167,8 @@ def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
 
 def test_s2m_released_config_runs_end_to_end(ray_session, s2m_val, tmp_path):
     """The same config, run on one set (RO-21: positional score ids, obstacle track): the released maps are scored,
-    refined by the (random tiny) detector + SAM, and the set gets its ``precomputed`` and ``precomputed+s2m`` rows
+    refined by the (random tiny) detectron2-format detector + SAM, and the set gets its ``precomputed`` and
+    ``precomputed+s2m`` rows
     with S2M's IoU / AuIoU / mean F1; the maps here are perfect, so the plain row's AuPRC and S2M IoU are 1."""
     pytest.importorskip("segment_anything")
     from segment_anything.build_sam import _build_sam
@@ -169,12 +176,9 @@ def test_s2m_released_config_runs_end_to_end(ray_session, s2m_val, tmp_path):
     from oodseg.config import parse_config
     from oodseg.platform.benchmark import BenchmarkConfig, run_benchmark
     from oodseg.platform.results import ResultsStore
-    from oodseg.refine.detector import build_detector, save_detector
 
     config = Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml"
-    torch.manual_seed(0)
-    detector = save_detector(build_detector(backbone="tiny", min_size=24, max_size=32, score_thresh=0.0),
-                             tmp_path / "det.safetensors")
+    detector = released_detector(tmp_path)
     sam = tmp_path / "sam_vit_tiny.pth"
     torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
                           encoder_global_attn_indexes=[1]).state_dict(), sam)
