@@ -168,8 +168,8 @@ def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
 def test_s2m_released_config_runs_end_to_end(ray_session, s2m_val, tmp_path):
     """The same config, run on one set (RO-21: positional score ids, obstacle track): the released maps are scored,
     refined by the (random tiny) detectron2-format detector + SAM, and the set gets its ``precomputed`` and
-    ``precomputed+s2m`` rows
-    with S2M's IoU / AuIoU / mean F1; the maps here are perfect, so the plain row's AuPRC and S2M IoU are 1."""
+    ``precomputed+s2m`` rows with S2M's IoU / AuIoU / mean F1; the maps here are perfect, so the plain row's AuPRC
+    and S2M IoU are 1."""
     pytest.importorskip("segment_anything")
     from segment_anything.build_sam import _build_sam
 
