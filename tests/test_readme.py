@@ -30,7 +30,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ["--max-images", "1", "--heatmaps", "1"]
-TRAIN = ["--steps", "4", "--set", "train.val_every=2", "--set", "checkpoint_every=2", "--set", "train.crop=[64,128]",
+TRAIN = ["--steps", "4", "--set", "train.log_every=1", "--set", "train.val_every=2", "--set", "checkpoint_every=2", "--set", "train.crop=[64,128]",
          "--set", "train.global_batch=2", "--set", "train.val_images=2"]
 TUNE = ["--num-samples", "3", "--max-images", "1"]
 INTERNET = "needs the internet (hub weights or NLTK data)"
@@ -241,7 +241,7 @@ def test_every_readme_command_runs(ray_session, workdir, monkeypatch):
 
     for source in ("demo", "demo-mask", "demo-tdos"):  # built here, shortened: a job trains them in a child process
         resolve_checkpoint(source, cache_dir=cache, data_root=None, seed=0)
-    failed, state = [], {}
+    failed, state, outputs = [], {}, {}
     words = readme_commands((ROOT / "README.md").read_text())
     for command, how in COMMANDS.items():
         if isinstance(how, str) and how not in PLACEHOLDERS:
@@ -253,11 +253,32 @@ def test_every_readme_command_runs(ray_session, workdir, monkeypatch):
         elif how == "RUN_A,RUN_B":  # the two latest benchmark runs
             state[how], how = ",".join(latest_runs(work, 2)), []
         t0 = time.time()
-        code, out = run_one(words[command], how, data, state)
+        code, outputs[command] = run_one(words[command], how, data, state)
         print(f"README: exit {code} in {time.time() - t0:.1f} s: {command[:100]}", file=sys.__stderr__, flush=True)
         if code != 0:
-            failed.append(f"{command}\n  → exit {code}: {out[-1500:]}")
+            failed.append(f"{command}\n  → exit {code}: {outputs[command][-1500:]}")
     assert not failed, "README commands that failed:\n" + "\n".join(failed)
+    check_training_jobs(work, outputs, words, data, state)
+
+
+def check_training_jobs(work: Path, outputs: dict[str, str], words: dict[str, list[str]], data: Path,
+                        state: dict[str, str]) -> None:
+    """What the README's detector and SAOM commands leave behind: a progress line per step, the exported models
+    (the detector's calibration fixed before training, a SAM that ``create_sam`` takes), and a rerun of a finished
+    run that says so and exports again instead of training."""
+    from oodseg.models.detector import load_detector
+    from oodseg.models.sam import create_sam
+
+    detector_cmd = next(c for c in COMMANDS if c.startswith("python jobs/train_detector.py"))
+    saom_cmd = next(c for c in COMMANDS if c.startswith("python jobs/train_saom.py --name saom-demo"))
+    for command in (detector_cmd, saom_cmd):
+        assert "step 1/4  loss" in outputs[command] and "step 4/4  loss" in outputs[command], outputs[command]
+    detector = work / "results" / "finetune" / "detector-rba.safetensors"
+    assert load_detector(detector).cfg.scale > 0
+    assert create_sam(str(work / "results" / "finetune" / "saom-demo.safetensors")).hidden_size > 0
+    detector.unlink()
+    code, out = run_one(words[detector_cmd], COMMANDS[detector_cmd], data, state)
+    assert code == 0 and "detector-rba: already finished at step 4/4" in out and detector.is_file(), out
 
 
 def latest_runs(work: Path, n: int) -> list[str]:
