@@ -282,3 +282,34 @@ def test_fp16_component_rule_rounds_the_threshold_to_float16():
     assert f32["siou"] == 1.0 and f16["siou"] == 0.0
     with pytest.raises(ValueError, match="rule"):
         ComponentMetrics(0.5, rule="leaderboard")
+
+
+@pytest.mark.parametrize("value", [0.9, 0.6734])
+def test_float16_stored_maps_keep_an_object_whose_score_sits_just_above_the_threshold(value):
+    """The component pass reads float16 score shards while the exact rule's threshold is the largest float32 below
+    the best bin: a 64-pixel object whose score is not a float16 value must stay predicted, as on the float32 map."""
+    scores = np.zeros((32, 32), np.float32)
+    scores[4:12, 4:12] = value
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:12, 4:12] = 1
+    pixel = PixelMetrics().update(scores, labels)
+    exact = ComponentMetrics.at_threshold(pixel, track="obstacle")
+    assert float(np.float16(value)) < exact.threshold < value  # the float16 map is below the threshold...
+    full = ComponentMetrics(**exact.config()).update(scores, labels).compute()
+    half = ComponentMetrics(**exact.config()).update(scores.astype(np.float16), labels).compute()
+    torch_half = ComponentMetrics(**exact.config()).update(torch.from_numpy(scores).half(), labels).compute()
+    assert full["siou"] == half["siou"] == torch_half["siou"] == 1.0  # ...and the object is predicted all the same
+
+
+def test_float16_stored_maps_differ_from_float32_only_within_half_a_float16_step_of_the_threshold():
+    rng = np.random.default_rng(0)
+    scores = rng.random((64, 64), dtype=np.float32)
+    labels = (scores > 0.7).astype(np.uint8)
+    labels[rng.random((64, 64)) < 0.05] ^= 1
+    metric = ComponentMetrics.at_threshold(PixelMetrics().update(scores, labels))
+    key = np.nextafter(np.float32(metric.threshold), np.float32(1))
+    full = scores > np.float32(metric.threshold)
+    half = scores.astype(np.float16) >= np.float16(key)
+    assert (full <= half).all()  # nothing predicted on the float32 map is lost
+    extra = scores[half & ~full]
+    assert ((extra < key) & (extra >= key - np.float32(np.spacing(np.float16(key))) / 2)).all()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from oodseg.labels import IGNORE_ID
@@ -121,21 +122,31 @@ class ComponentMetrics(MergeableMetric):
         return {col: values.get(key) for key, col in COMPONENT_COLUMNS[self.rule].items()}
 
     def update(self, scores: Any, labels: Any) -> ComponentMetrics:
-        """Add one image ``[H, W]`` (or a batch ``[B, H, W]``) of scores and 0/1/255 labels."""
+        """Add one image ``[H, W]`` (or a batch ``[B, H, W]``) of scores and 0/1/255 labels.
+
+        Scores stored in float16 (the benchmark's score shards) are compared as the float32 scores they were rounded
+        from would be: ``score > t`` ⟺ ``score ≥ k`` with ``k`` the next float32 above ``t`` (the best bin's lower edge),
+        and rounding to float16 is monotone, so ``f16(score) ≥ f16(k)`` keeps every such pixel and adds only those
+        within half a float16 step below ``k``; ``f16(score) > t`` would drop a whole object whose score is not a
+        float16 value (a refined map's box score, say) when ``t`` sits just below it."""
+        half = getattr(scores, "dtype", None) in (np.float16, torch.float16)
         s, lab = scores_and_labels(scores, labels)
         if s.ndim == 3:
             for i in range(s.shape[0]):
-                self._update_image(s[i], lab[i])
+                self._update_image(s[i], lab[i], half)
         elif s.ndim == 2:
-            self._update_image(s, lab)
+            self._update_image(s, lab, half)
         else:
             raise ValueError(f"ComponentMetrics.update expects [H,W] or [B,H,W]; got shape {s.shape}")
         return self
 
-    def _update_image(self, scores: np.ndarray, labels: np.ndarray) -> None:
+    def _update_image(self, scores: np.ndarray, labels: np.ndarray, half: bool = False) -> None:
         void = labels == IGNORE_ID
         if self.fp16:
             pred = (scores.astype(np.float16) > np.float16(self.threshold)) & ~void
+        elif half:  # float16-stored scores (the component pass's shards) under a float32 threshold: see update()
+            key = np.nextafter(np.float32(self.threshold), np.float32(np.inf))
+            pred = (scores >= np.float32(np.float16(key))) & ~void
         else:
             pred = (scores > np.float32(self.threshold)) & ~void
         gt_inst, n_gt = ndimage.label(labels == 1, structure=_STRUCTURE)
