@@ -4,8 +4,10 @@
   ``list_prompters`` / ``prompter_space``), :class:`Boxes`, :class:`ScoreCalibration`.
 * :mod:`oodseg.refine.detector`: S2M's Faster R-CNN prompt generator on score maps (``detector`` prompter).
 * :mod:`oodseg.refine.s2m`: :func:`assemble_masks`, :func:`refine_s2m` (boxes → SAM masks → refined map).
-* :mod:`oodseg.refine.saom`: SAOM fine-tuning of SAM (grid, nearest-neighbour point assignment, losses, the step,
-  the SAOM evaluation ``SaomEval`` and everything-mode generation).
+* :mod:`oodseg.refine.everything`: SAM's / SAOM's everything mode (:func:`generate_everything`).
+
+SAOM's model side lives in :mod:`oodseg.models.saom`, its losses in :mod:`oodseg.losses.saom`, its evaluation in
+:mod:`oodseg.scoring.metrics.saom` and its training task in :mod:`oodseg.training.saom_task`.
 """
 
 from oodseg.refine.detector import (
@@ -21,6 +23,7 @@ from oodseg.refine.detector import (
     multiplicative_noise,
     save_detector,
 )
+from oodseg.refine.everything import generate_everything
 from oodseg.refine.prompters import (
     PROMPTERS,
     Boxes,
@@ -35,17 +38,6 @@ from oodseg.refine.prompters import (
     score_map_array,
 )
 from oodseg.refine.s2m import assemble_masks, refine_s2m
-from oodseg.refine.saom import (
-    SaomEval,
-    SaomHead,
-    assign_points,
-    generate_everything,
-    point_grid,
-    saom_loss,
-    saom_predict,
-    saom_step,
-    select_saom_parameters,
-)
 
 __all__ = [
     "PROMPTERS",
@@ -54,12 +46,9 @@ __all__ = [
     "DetectorConfig",
     "DetectorPrompter",
     "Prompter",
-    "SaomEval",
-    "SaomHead",
     "ScoreCalibration",
     "ScoreDetector",
     "assemble_masks",
-    "assign_points",
     "average_precision",
     "box_recall",
     "build_detector",
@@ -71,14 +60,9 @@ __all__ = [
     "load_detector",
     "mask_box",
     "multiplicative_noise",
-    "point_grid",
     "prompter_space",
     "refine_s2m",
     "register_prompter",
-    "saom_loss",
-    "saom_predict",
-    "saom_step",
     "save_detector",
     "score_map_array",
-    "select_saom_parameters",
 ]

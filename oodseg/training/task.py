@@ -7,7 +7,7 @@ micro-batch, a mergeable validation state and the export. Tasks are registered b
 * ``segmentation`` (:class:`SegmentationTask`) — a registered ``SegModel`` with a registered loss on Cityscapes-format
   crops, optionally with COCO objects pasted as outliers (OE); validation mIoU + anomaly AuPRC / FPR95;
 * ``s2m_detector`` (:mod:`oodseg.refine.detector_task`) — S2M's box detector on the score maps of a frozen model;
-* ``saom`` (:mod:`oodseg.refine.saom_task`) — SAOM fine-tuning of SAM on instance masks.
+* ``saom`` (:mod:`oodseg.training.saom_task`) — SAOM fine-tuning of SAM on instance masks.
 
 A new system that trains is one Task subclass plus its registration; its settings come from ``TrainConfig.task_cfg``
 (parsed into the task's own frozen dataclass, so a typo is an error naming the key).

@@ -8,7 +8,7 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
 
 * ``grid`` — SAOM (Khan et al., ICIP 2024; ``mariiak2021/SAOMv1-SAOMv2-and-PanoSAM``): one positive point per GT mask
   by nearest-neighbour assignment on the everything-mode grid, best of 3 masks by predicted IoU, Dice + focal +
-  class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.refine.saom`).
+  class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.models.saom`, :mod:`oodseg.losses.saom`).
 * ``box`` — SAM's own promptable objective (Kirillov et al., ICCV 2023), for a SAM trained from scratch: each object
   mask (classes with instances only: a box around a stuff region says nothing about it) prompted by its box (one mask)
   and by a random interior point (3 masks, the lowest-loss one trained), Dice + per-pixel BCE; every part trains.
@@ -19,7 +19,7 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
   ``outliers`` COCO-format objects per frame are pasted (:class:`~oodseg.data.paste.OutlierPaste`, one at a time,
   later pastes occluding earlier masks) and prompted like the frame's own objects.
 
-Validation: the SAOM protocol (:class:`~oodseg.refine.saom.SaomEval`: per-class pooled IoU and pixel recall over
+Validation: the SAOM protocol (:class:`~oodseg.scoring.metrics.SaomEval`: per-class pooled IoU and pixel recall over
 instances, prompts from the same GT-based grid assignment). Export: the SAM as self-describing safetensors
 (``create_sam(path)``), which S2M loads with one config line.
 """
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from oodseg.config import from_dict
@@ -40,17 +39,18 @@ from oodseg.data.coco import CocoObjects
 from oodseg.data.instances import CityscapesInstances
 from oodseg.data.paste import OutlierPaste
 from oodseg.labels import IGNORE_ID
+from oodseg.losses.saom import promptable_mask_loss, saom_loss
 from oodseg.models import resolve_checkpoint
 from oodseg.models.sam import SamSegmenter, check_sam, create_sam, save_sam
-from oodseg.refine.saom import (
-    SaomEval,
+from oodseg.models.saom import (
     SaomHead,
+    best_of_three,
     point_grid,
-    saom_image_loss,
     saom_predict,
+    saom_prompts,
     select_saom_parameters,
 )
-from oodseg.scoring.metrics import MetricSet
+from oodseg.scoring.metrics import MetricSet, SaomEval
 from oodseg.training.task import Task
 from oodseg.training.tasks import register_task
 
@@ -147,10 +147,44 @@ class InstanceSamples:
         return image, stacked, np.asarray(classes, np.int64)
 
 
+def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.Tensor | np.ndarray,
+                    classes: torch.Tensor | np.ndarray, grid: np.ndarray,
+                    min_fraction: float = 0.5) -> dict[str, torch.Tensor] | None:
+    """SAOM's loss terms on one image with all its GT masks ``[K, H, W]`` (classes ``[K]``) as one prompt batch
+    (the ``[0, 1]`` ``grid`` comes from :func:`point_grid`); None when no mask is usable."""
+    encoder_grad = any(p.requires_grad for p in sam.param_groups()["encoder"])
+    img = sam.embed(image, grad=encoder_grad)
+    points, keep = saom_prompts(sam, img, masks, grid, min_fraction)
+    if not keep.any():
+        return None
+    dev = img.embeddings.device
+    gt = torch.as_tensor(masks, device=dev)[torch.as_tensor(keep, device=dev)]
+    cls = torch.as_tensor(classes, device=dev).long()[torch.as_tensor(keep, device=dev)]
+    n_cls = getattr(head, "num_classes", None)
+    if n_cls is not None and (cls.min() < 0 or cls.max() >= n_cls):
+        raise ValueError(f"SAOM classes must be in [0, {n_cls}), got {sorted(set(cls.tolist()))}")
+    logits, token = best_of_three(sam, img, points[keep])
+    return {**saom_loss(logits, gt, head(token), cls), "n_masks": torch.tensor(float(keep.sum()))}
+
+
+def saom_step(sam: Any, head: nn.Module, optimizer: torch.optim.Optimizer, image: np.ndarray,
+              masks: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray, grid: np.ndarray,
+              min_fraction: float = 0.5) -> dict[str, float]:
+    """One optimizer step of :func:`saom_image_loss` on one image. Returns the loss terms and ``n_masks``; with
+    no usable mask no step is taken (terms 0, ``n_masks`` 0)."""
+    terms = saom_image_loss(sam, head, image, masks, classes, grid, min_fraction)
+    if terms is None:
+        return {"loss": 0.0, "dice": 0.0, "focal": 0.0, "ce": 0.0, "n_masks": 0.0}
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
 def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
                     grad_encoder: bool) -> torch.Tensor | None:
     """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
-    (3 masks, the lowest-loss one counts), Dice + focal (None without masks)."""
+    (3 masks, the lowest-loss one counts), Dice + BCE (:func:`promptable_mask_loss`; None without masks)."""
     keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)
     if not keep.any():
         return None
@@ -161,16 +195,8 @@ def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng
     box_logits, _ = sam.mask_logits_from_boxes(img, boxes)
     points = np.stack([_random_point(m, rng) for m in masks])[:, None, :]
     pt_logits, _, _ = sam.mask_logits_from_points(img, points, np.ones((len(masks), 1), np.int64), multimask=True)
-    per = torch.stack([_mask_losses(pt_logits[:, j], gt) for j in range(pt_logits.shape[1])], dim=1)
-    return _mask_losses(box_logits[:, 0], gt).mean() + per.min(dim=1).values.mean()
-
-
-def _mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-mask Dice + mean per-pixel BCE ``[K]`` (not summed over masks)."""
-    x, t = logits.flatten(1), gt.float().flatten(1)
-    p = x.sigmoid()
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-    return dice + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
+    per = torch.stack([promptable_mask_loss(pt_logits[:, j], gt) for j in range(pt_logits.shape[1])], dim=1)
+    return promptable_mask_loss(box_logits[:, 0], gt).mean() + per.min(dim=1).values.mean()
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
