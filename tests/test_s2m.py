@@ -25,7 +25,6 @@ from oodseg.refine import (
     list_prompters,
     load_detector,
     multiplicative_noise,
-    prompter_space,
     refine_s2m,
     save_detector,
 )
@@ -222,7 +221,6 @@ def test_components_calibration_and_errors() -> None:
     with pytest.raises(ValueError, match="1 NaN"):
         create_prompter("components", threshold=0.0, scale=1.0)(partial)
     assert set(list_prompters()) >= {"components", "detector"}
-    assert prompter_space("components")["reduce"]["values"] == ["mean", "max"]
 
 
 def test_components_many_tiny_components_capped() -> None:

@@ -158,7 +158,18 @@ def _scene():
     return image, masks, np.array([0, 1, 2, 1])  # mask 3 is empty → dropped
 
 
-def test_saom_step_updates_exactly_the_intended_groups():
+def _train_step(sam, head, opt):
+    """One step of the saom task's training path on :func:`_scene`: ``SaomModel``'s loss, backward, optimizer step."""
+    image, masks, classes = _scene()
+    model = T.SaomModel(sam, head, T.SaomTaskConfig(grid=(8, 6)), seed=0)
+    opt.zero_grad(set_to_none=True)
+    loss = model([{"image": image, "masks": masks, "classes": classes, "index": 0, "epoch": 0}])
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_saom_training_step_updates_exactly_the_intended_groups():
     sam = create_sam("tiny", seed=3, image_size=64)
     head = S.SaomHead(sam.hidden_size, 3)
     params = S.select_saom_parameters(sam, head=head)
@@ -166,9 +177,11 @@ def test_saom_step_updates_exactly_the_intended_groups():
     before = {n: p.detach().clone() for n, p in sam.model.named_parameters()}
     head_before = head.fc.weight.detach().clone()
     image, masks, classes = _scene()
-    terms = T.saom_step(sam, head, opt, image, masks, classes, S.point_grid(8, 6))
+    terms = T.saom_image_loss(sam, head, image, masks, classes, S.point_grid(8, 6))
     assert terms["n_masks"] == 3
-    assert terms["loss"] == pytest.approx(terms["dice"] + terms["focal"] + terms["ce"], rel=1e-6)
+    torch.testing.assert_close(terms["loss"], terms["dice"] + terms["focal"] + terms["ce"])
+    loss = _train_step(sam, head, opt)
+    torch.testing.assert_close(loss.detach(), terms["loss"].detach())  # one image: the model's loss is SAOM's
     changed = {n for n, p in sam.model.named_parameters() if not torch.equal(p, before[n])}
     assert not any(n.startswith("vision_encoder.") for n in changed)
     assert not any(".iou_prediction_head." in n for n in changed)
@@ -184,23 +197,23 @@ def test_saom_step_updates_exactly_the_intended_groups():
     assert not any(p.requires_grad for p in sam.model.vision_encoder.parameters())
 
 
-def test_saom_step_loss_is_the_best_of_three(sam):
+def test_saom_loss_is_the_best_of_three(sam):
     image, masks, classes = _scene()
     head = S.SaomHead(sam.hidden_size, 3)
-    opt = torch.optim.SGD(S.select_saom_parameters(sam, head=head), lr=0.0)
     grid = S.point_grid(8, 6)
-    terms = T.saom_step(sam, head, opt, image, masks, classes, grid)
-    img = sam.embed(image)
-    points, keep = S.saom_prompts(sam, img, masks, grid)
-    logits, iou, token = sam.mask_logits_from_points(img, points[keep][:, None], np.ones((3, 1)))
-    best = torch.stack([logits[i, int(iou[i].argmax())] for i in range(3)])
-    gt = torch.from_numpy(masks[keep])
-    assert terms["dice"] == pytest.approx(L.dice_loss(best, gt).item(), rel=1e-5)
-    assert terms["ce"] == pytest.approx(F.cross_entropy(head(token), torch.tensor([0, 1, 2])).item(), rel=1e-5)
-    empty = T.saom_step(sam, head, opt, image, np.zeros((2, 48, 64), bool), np.array([0, 1]), grid)
-    assert empty["n_masks"] == 0
-    with pytest.raises(ValueError, match="classes"):
-        T.saom_step(sam, head, opt, image, masks, np.array([0, 1, 7, 1]), grid)
+    with torch.no_grad():
+        terms = T.saom_image_loss(sam, head, image, masks, classes, grid)
+        img = sam.embed(image)
+        points, keep = S.saom_prompts(sam, img, masks, grid)
+        logits, iou, token = sam.mask_logits_from_points(img, points[keep][:, None], np.ones((3, 1)))
+        best = torch.stack([logits[i, int(iou[i].argmax())] for i in range(3)])
+        gt = torch.from_numpy(masks[keep])
+        assert terms["dice"].item() == pytest.approx(L.dice_loss(best, gt).item(), rel=1e-5)
+        ce = F.cross_entropy(head(token), torch.tensor([0, 1, 2])).item()
+        assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
+        assert T.saom_image_loss(sam, head, image, np.zeros((2, 48, 64), bool), np.array([0, 1]), grid) is None
+        with pytest.raises(ValueError, match="classes"):
+            T.saom_image_loss(sam, head, image, masks, np.array([0, 1, 7, 1]), grid)
 
 
 def test_train_encoder_variant_moves_the_encoder():
@@ -209,8 +222,7 @@ def test_train_encoder_variant_moves_the_encoder():
     opt = torch.optim.AdamW(S.select_saom_parameters(sam, train_encoder=True, head=head), lr=1e-2)
     w = sam.model.vision_encoder.neck.conv1.weight
     w0 = w.detach().clone()
-    image, masks, classes = _scene()
-    T.saom_step(sam, head, opt, image, masks, classes, S.point_grid(8, 6))
+    _train_step(sam, head, opt)
     assert not torch.equal(w, w0)
 
 

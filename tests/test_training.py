@@ -96,6 +96,18 @@ def test_full_keeps_parameters_the_model_freezes_itself():
     assert len(params) == len(_trainable(model))
 
 
+def test_groups_that_do_not_partition_the_model_are_refused():
+    model = tiny_erfnet()
+    groups = model.param_groups()
+    head = groups.pop("head")
+    model.param_groups = lambda: groups  # the classifier in no group: `full` would never train it
+    with pytest.raises(ValueError, match=r"ERFNet.param_groups\(\): trainable parameters in no group: \['decoder"):
+        select_parameters(model, "full")
+    model.param_groups = lambda: {**groups, "head": head, "also": head[:1]}
+    with pytest.raises(ValueError, match="in both 'head' and 'also'"):
+        select_parameters(model, "head")
+
+
 def test_last_k_selects_head_and_last_blocks():
     model = tiny_erfnet()
     select_parameters(model, "last_k:2")

@@ -1,7 +1,7 @@
 """Object-level refinement of anomaly score maps with SAM.
 
 * :mod:`oodseg.refine.prompters`: box prompters (registry ``create_prompter`` / ``register_prompter`` /
-  ``list_prompters`` / ``prompter_space``), :class:`Boxes`, :class:`ScoreCalibration`.
+  ``list_prompters``), :class:`Boxes`, :class:`ScoreCalibration`.
 * :mod:`oodseg.refine.detector`: S2M's Faster R-CNN prompt generator on score maps (``detector`` prompter).
 * :mod:`oodseg.refine.s2m`: :func:`assemble_masks`, :func:`refine_s2m` (boxes → SAM masks → refined map).
 * :mod:`oodseg.refine.everything`: SAM's / SAOM's everything mode (:func:`generate_everything`).
@@ -33,7 +33,6 @@ from oodseg.refine.prompters import (
     create_prompter,
     list_prompters,
     mask_box,
-    prompter_space,
     register_prompter,
     score_map_array,
 )
@@ -60,7 +59,6 @@ __all__ = [
     "load_detector",
     "mask_box",
     "multiplicative_noise",
-    "prompter_space",
     "refine_s2m",
     "register_prompter",
     "save_detector",

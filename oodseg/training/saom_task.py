@@ -167,20 +167,6 @@ def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.T
     return {**saom_loss(logits, gt, head(token), cls), "n_masks": torch.tensor(float(keep.sum()))}
 
 
-def saom_step(sam: Any, head: nn.Module, optimizer: torch.optim.Optimizer, image: np.ndarray,
-              masks: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray, grid: np.ndarray,
-              min_fraction: float = 0.5) -> dict[str, float]:
-    """One optimizer step of :func:`saom_image_loss` on one image. Returns the loss terms and ``n_masks``; with
-    no usable mask no step is taken (terms 0, ``n_masks`` 0)."""
-    terms = saom_image_loss(sam, head, image, masks, classes, grid, min_fraction)
-    if terms is None:
-        return {"loss": 0.0, "dice": 0.0, "focal": 0.0, "ce": 0.0, "n_masks": 0.0}
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return {k: float(v.detach()) for k, v in terms.items()}
-
-
 def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
                     grad_encoder: bool) -> torch.Tensor | None:
     """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
