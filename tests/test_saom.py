@@ -412,6 +412,7 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     tc = cfg.train
     assert (tc.task, tc.lr, tc.weight_decay, tc.schedule, tc.warmup, tc.global_batch, cfg.num_workers) == (
         "saom", 1e-3, 0.01, "cosine", 0, 4, 4)
+    assert (tc.adam_eps, tc.decay_1d, tc.lr_per, tc.precision) == (1e-4, True, "epoch", "fp16")  # the release's
     cfg = resolve_data(cfg, tmp_path / "cache")
     validate(cfg)
     check_sam(cfg.train.task_cfg["sam"])

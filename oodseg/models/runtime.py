@@ -43,6 +43,7 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Runtime:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", *_DTYPES):
-            raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
     @property
     def torch_device(self) -> torch.device:

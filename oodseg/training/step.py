@@ -66,9 +66,12 @@ def torch_step(
     forward: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Plain torch / DDP step: gradients of all micro-batches accumulate locally; DDP all-reduces on the last one.
-    ``compute(model, micro_batch, forward=…, autocast_dtype=…)`` is the micro-batch loss (a task's ``loss``)."""
+    ``compute(model, micro_batch, forward=…, autocast_dtype=…)`` is the micro-batch loss (a task's ``loss``). With
+    a ``scaler`` (fp16) the loss is scaled before backward and the gradients unscaled before clipping; the scaler
+    skips a step whose gradients overflowed."""
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     total = 0.0
@@ -78,11 +81,17 @@ def torch_step(
             sync = forward.no_sync()  # type: ignore[union-attr]
         with sync:
             loss = compute(model, mb, forward=forward, autocast_dtype=autocast_dtype)
-            (loss / n).backward()
+            (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         total += float(loss.detach())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     return total / n
