@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oodseg.config import help_meta as _h
 from oodseg.data import list_datasets
 from oodseg.losses import list_losses
 from oodseg.models import list_models
@@ -16,10 +17,6 @@ from oodseg.models.runtime import PRECISIONS
 from oodseg.scoring import list_scorers
 from oodseg.training.schedule import LR_PER, SCHEDULES
 from oodseg.training.tasks import list_tasks
-
-
-def _h(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from oodseg.models.saom import (
     select_saom_parameters,
 )
 from oodseg.scoring.metrics import MetricSet, SaomEval
+from oodseg.training.evaluate import val_indices
 from oodseg.training.task import Task
 from oodseg.training.tasks import register_task
 
@@ -236,9 +237,8 @@ class SaomTask(Task):
                                  scale=(0.1, 0.6), seed=self.cfg.seed)
         return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and train, paste, self.opts.outliers)
 
-    def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]], *, forward: Any = None,
-             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (forward or model)(batch)
+    def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]]) -> torch.Tensor:
+        return model(batch)
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
@@ -247,19 +247,15 @@ class SaomTask(Task):
         if not self.cfg.val_split:
             return None
         samples = self.samples(split=self.cfg.val_split)
-        n = len(samples) if not self.cfg.val_images else min(self.cfg.val_images, len(samples))
-        return [samples.get(i, 0) for i in range(n)]
+        return {"saom": [samples.get(i, 0) for i in val_indices(len(samples), self.cfg.val_images)]}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Sequence[dict[str, Any]], rank: int = 0, world: int = 1) -> MetricSet:
-        metric = SaomEval(self.opts.num_classes)
-        was = model.training
-        model.eval()
-        for s in data[rank::world]:
-            pred, _ = saom_predict(model.sam, model.head, s["image"], s["masks"], self.grid, self.opts.min_fraction)
-            metric.update(pred.cpu(), s["masks"], s["classes"])
-        model.train(was)
-        return MetricSet({"saom": metric})
+    def eval_state(self, data: Any) -> MetricSet:
+        return MetricSet({"saom": SaomEval(self.opts.num_classes)})
+
+    def eval_sample(self, model: nn.Module, state: MetricSet, name: str, sample: Any) -> None:
+        pred, _ = saom_predict(model.sam, model.head, sample["image"], sample["masks"], self.grid,
+                               self.opts.min_fraction)
+        state["saom"].update(pred.cpu(), sample["masks"], sample["classes"])
 
     def summarize(self, state: MetricSet) -> dict[str, float]:
         values = state["saom"].compute()

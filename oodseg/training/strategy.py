@@ -16,10 +16,13 @@ optimizer step, the cross-rank reductions and the checkpoint format:
 
 A step consumes ``accum`` micro-batches and makes one optimizer update on their mean loss
 (:mod:`oodseg.training.step`); all strategies follow the same learning-rate curve (:mod:`oodseg.training.schedule`).
+Distribution and precision stay here: a task's ``loss(module, batch)`` gets :attr:`Strategy.module` (the model, the
+DDP wrapper or the DeepSpeed engine) and runs inside the strategy's autocast (:meth:`Strategy.compute`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -86,15 +89,26 @@ class Strategy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
-        """One optimizer step over ``micro_batches``; ``compute`` is the task's micro-batch loss."""
-        autocast = self.runtime.dtype if self.runtime.dtype != torch.float32 else None
-        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, compute,
-                          forward=self._forward(), autocast_dtype=autocast, grad_clip=self.grad_clip,
-                          scaler=self.scaler)
+    @property
+    def module(self) -> nn.Module:
+        """What a task's loss runs: the model itself here; its DDP wrapper or DeepSpeed engine in subclasses."""
+        return self.model
 
-    def _forward(self) -> nn.Module | None:
-        return None
+    def compute(self, loss: Callable[[nn.Module, Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        """``loss(module, micro_batch)`` (a task's) on :attr:`module` under this strategy's autocast: the one place
+        precision enters a step (CPU: fp32; CUDA: bf16 by default, ``TrainConfig.precision``)."""
+
+        def run(micro_batch: Any) -> torch.Tensor:
+            with self.runtime.autocast():
+                return loss(self.module, micro_batch)
+
+        return run
+
+    def step(self, micro_batches: list[Any], loss: Callable[[nn.Module, Any], torch.Tensor]) -> float:
+        """One optimizer step over ``micro_batches``; ``loss(module, micro_batch)`` is the task's micro-batch loss."""
+        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, self.compute(loss),
+                          no_sync=getattr(self.module, "no_sync", None), grad_clip=self.grad_clip,
+                          scaler=self.scaler)
 
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over all ranks."""
@@ -160,8 +174,9 @@ class DDPStrategy(Strategy):
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None,
                                                         find_unused_parameters=True) if self.world > 1 else None)
 
-    def _forward(self) -> nn.Module | None:
-        return self.ddp
+    @property
+    def module(self) -> nn.Module:
+        return self.model if self.ddp is None else self.ddp
 
 
 class DeepSpeedStrategy(Strategy):
@@ -206,8 +221,12 @@ class DeepSpeedStrategy(Strategy):
         self.engine.checkpoint_engine = _weights_only_engine()
         self.scheduler = self.engine.lr_scheduler
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
-        return deepspeed_step(self.engine, self.model, micro_batches, compute)
+    @property
+    def module(self) -> nn.Module:
+        return self.engine
+
+    def step(self, micro_batches: list[Any], loss: Callable[[nn.Module, Any], torch.Tensor]) -> float:
+        return deepspeed_step(self.engine, micro_batches, self.compute(loss))
 
     def save(self, directory: Path, step: int) -> None:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})
