@@ -204,7 +204,8 @@ def textual_regulariser(text: torch.Tensor, anchors: torch.Tensor) -> torch.Tens
     models=("tdos",),
 )
 class TdosLoss(nn.Module):
-    """The TDOS loss (module docstring); every weight defaults to the release's value."""
+    """``Σ_predictions [2·class_CE + 5·mask_BCE + 5·dice] + pixel_text_CE + textual_reg`` on identity-assigned
+    queries (class ``i`` ↔ query ``i``, ``ood`` included); every weight defaults to the release's value."""
 
     def __init__(self, class_weight: float = 2.0, ood_weight: float | str = 10.0, no_object_weight: float = 0.1,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, num_points: int = 12544, oversample: float = 3.0,

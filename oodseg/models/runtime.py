@@ -33,8 +33,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 def tune_allocator(threshold: int = 1 << 30) -> bool:
     """CPU processes: make glibc malloc serve large blocks from the heap and keep freed memory, instead of a fresh
-    ``mmap`` (zeroed pages, a page fault per 4 KiB) for every activation tensor of every step. Measured on the demo
-    training (2 cores): 17 % faster, system time 8.2 s → 1.3 s per 30 steps. Returns False where there is no glibc."""
+    ``mmap`` (zeroed pages, a page fault per 4 KiB) for every activation tensor of every step, which cuts the system
+    time of small CPU training steps (``benchmarks/README.md``). Returns False where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))

@@ -193,7 +193,7 @@ def filtered_stderr(drop: re.Pattern[str]) -> Iterator[None]:
 
 def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtime_env: Mapping[str, Any] | None = None,
              dashboard: bool = False) -> Any:
-    """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray (module docstring); reuses a running Ray."""
+    """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray; reuses a running Ray."""
     import ray
 
     quiet_ray_logging(verbose)

@@ -33,7 +33,7 @@ EDGE_ATOL = 20.0  # is_box_near_crop_edge's tolerance (px)
 
 
 def crop_boxes(h: int, w: int, n_layers: int, overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
-    """SAM's crop boxes ``[x0, y0, x1, y1]`` and their layer indexes (module docstring)."""
+    """SAM's crop boxes ``[x0, y0, x1, y1]`` and their layer indexes."""
     boxes, layers = [[0, 0, w, h]], [0]
     for i in range(1, n_layers + 1):
         n = 2 ** i
@@ -73,7 +73,7 @@ def _filter_batch(logits: torch.Tensor, iou: torch.Tensor, pred_iou_thresh: floa
 def masks_in_crop(sam: Any, image: np.ndarray, crop_box: list[int], grid: np.ndarray, points_per_batch: int,
                   pred_iou_thresh: float, stability_score_thresh: float, stability_offset: float,
                   box_nms_thresh: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop (module docstring)."""
+    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop."""
     from torchvision.ops import batched_nms, masks_to_boxes
 
     h, w = image.shape[:2]

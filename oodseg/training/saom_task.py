@@ -199,7 +199,9 @@ def _random_point(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @register_task("saom")
 class SaomTask(Task):
-    """SAM training on instance masks (module docstring)."""
+    """SAM trained on instance masks: SAOM's grid-point fine-tuning (``prompts="grid"``) or SAM's own box / point
+    objective from scratch (``prompts="box"``); validated with SAOM's per-class pooled mask IoU (:class:`SaomEval`);
+    exported as a self-describing SAM."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -32,7 +32,7 @@ def lr_factor(
     steps_per_epoch: Fraction | None = None,
 ) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based); per epoch when ``steps_per_epoch``
-    is given (module docstring)."""
+    is given."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {kind!r}; known: {', '.join(SCHEDULES)}")
     if total <= 0:

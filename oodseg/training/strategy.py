@@ -180,7 +180,8 @@ class DDPStrategy(Strategy):
 
 
 class DeepSpeedStrategy(Strategy):
-    """A DeepSpeed engine over our optimizer and schedule (module docstring)."""
+    """A DeepSpeed engine (ZeRO ``zero_stage``) over our AdamW and LR schedule; the engine is the module a task's
+    loss runs, and its checkpoints load with ``weights_only=True``."""
 
     name = "deepspeed"
 

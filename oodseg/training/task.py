@@ -37,7 +37,7 @@ from oodseg.training.tasks import register_task
 
 
 class Task:
-    """The training contract (module docstring). ``samples`` must be addressable by ``(index, epoch)`` and carry a
+    """The training contract. ``samples`` must be addressable by ``(index, epoch)`` and carry a
     ``collate``; ``loss`` gets one collated micro-batch and returns a scalar."""
 
     name: ClassVar[str] = ""
@@ -111,7 +111,8 @@ class Task:
 
 @register_task("segmentation")
 class SegmentationTask(Task):
-    """A registered segmentation model trained with a registered loss (module docstring)."""
+    """A registered segmentation model trained with a registered loss on augmented crops (optionally with pasted COCO
+    outliers); validated by val mIoU and the held-out anomaly set's AuPRC / FPR95."""
 
     def build_model(self) -> nn.Module:
         """``create_model(cfg.model, checkpoint=cfg.init, seed=cfg.seed, ...)`` with the model changes the loss's

@@ -61,7 +61,8 @@ def unit_line(model: str, stage: str, unit: UnitResult, rows: list[dict[str, Any
 
 
 class BenchmarkRunner:
-    """Runs a :class:`BenchmarkConfig` (module docstring); ``run()`` returns the run id."""
+    """Runs a :class:`BenchmarkConfig`: prepare (no Ray), then every model through :data:`STAGES`, each unit
+    committed as it completes; ``run()`` returns the run id."""
 
     def __init__(self, cfg: BenchmarkConfig, plan: Plan | None = None) -> None:
         self.cfg = cfg
@@ -111,7 +112,7 @@ class BenchmarkRunner:
                         ShardCache(plan.store.root, self.run_id, spec.name, key, kind).delete()
 
     def run_stage(self, ray: Any, stage: Stage) -> None:
-        """Stream → reduce → components → commit, unit by unit (module docstring)."""
+        """Stream → reduce → components → commit, unit by unit."""
         run = stage.run
         if not stage.enabled():
             return

@@ -187,7 +187,7 @@ def merge_calls(batches: Any, names: Sequence[str]) -> tuple[dict[str, Any], int
 
 
 def run_fit_pass(ray: Any, run: Any, train: Any, missing: Mapping[str, Mapping[str, Any]]) -> tuple[dict, int, int]:
-    """The Ray Data pass computing the ``missing`` states ``{name: config}`` over ``train`` (module docstring)."""
+    """The Ray Data pass computing the ``missing`` states ``{name: config}`` over ``train``."""
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     cfg = run.cfg
