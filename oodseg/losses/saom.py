@@ -12,12 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def mask_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-mask Dice loss ``[K]``: ``1 − (2Σpt + 1)/(Σp + Σt + 1)``, p = sigmoid(logits)
-    (``SAOM:misc.py calculate_dice_loss`` before its sum over masks)."""
-    p, t = logits.sigmoid().flatten(1), targets.float().flatten(1)
-    return 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+from oodseg.losses.functional import mask_dice
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from oodseg.labels import IGNORE_ID, OUTLIER_ID
 from oodseg.losses.base import register_loss
+from oodseg.losses.functional import mask_dice
 
 NUM_CLASSES = 20
 OOD_CLASS = 19
@@ -124,10 +125,7 @@ def indicator_sample(target: torch.Tensor, image: torch.Tensor, cls: torch.Tenso
 
 def mask_point_losses(pred: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean BCE over all points, mean naive Dice over masks) of point logits ``[M, P]`` vs point targets."""
-    bce = F.binary_cross_entropy_with_logits(pred, tgt)
-    p = pred.sigmoid()
-    dice = 1.0 - (2.0 * (p * tgt).sum(-1) + 1.0) / (p.sum(-1) + tgt.sum(-1) + 1.0)
-    return bce, dice.mean()
+    return F.binary_cross_entropy_with_logits(pred, tgt), mask_dice(pred, tgt).mean()
 
 
 @dataclass(frozen=True)
