@@ -130,6 +130,11 @@ def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def help_meta(text: str, **extra: Any) -> dict[str, Any]:
+    """A field's ``metadata``: its ``--help`` text plus ``choices`` / ``on_parse``."""
+    return {"help": text, **extra}
+
+
 def choices_of(f: dataclasses.Field) -> list[Any] | None:
     """The allowed values a field declares (``metadata["choices"]``: a sequence or a callable returning one)."""
     choices = f.metadata.get("choices")

@@ -30,7 +30,7 @@ def default_cache_dir() -> Path:
 
 def synthetic_suite(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
     """Build (once) and return the synthetic road suite ``<cache>/suite-seed<seed>``, rendering frames in up to 4
-    processes (the output does not depend on the count; 2 cores: 7.5 → 4.0 s)."""
+    processes (the output does not depend on the count)."""
     from oodseg.data.synthetic import ensure_suite
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -3,8 +3,8 @@ torch is imported; importing oodseg changes nothing in the process.
 
 * ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy: torch's OpenMP threads sleep at barriers instead of
   spinning. With spinning (the GNU OpenMP default) a CPU process whose cores are shared — the benchmark's Ray actors
-  beside the driver, a laptop doing other work — slows down by an order of magnitude on small ops (a tiny TDOS step
-  on 2 busy cores: 15 s spinning, 0.9 s passive). libgomp reads it once, when torch loads it, so it must be set
+  beside the driver, a laptop doing other work — slows down by an order of magnitude on small ops
+  (``benchmarks/README.md``). libgomp reads it once, when torch loads it, so it must be set
   first; Ray's local workers inherit it. :data:`JOB_WAIT_POLICY` marks the policy as the job's choice, so a child
   that has the cores to itself may spin again (:mod:`oodseg.training.background`: the demo trainer) while a policy
   the user set is kept.

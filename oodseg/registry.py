@@ -25,7 +25,7 @@ T = TypeVar("T")
 #: kind → {name: module that registers it on import}: the built-in providers outside their registry's package
 PROVIDERS: dict[str, dict[str, str]] = {
     "training task": {"segmentation": "oodseg.training.task", "s2m_detector": "oodseg.training.detector_task",
-                      "saom": "oodseg.refine.saom_task"},
+                      "saom": "oodseg.training.saom_task"},
     "checkpoint source": {"demo": "oodseg.training.demo", "demo-tdos": "oodseg.training.demo_tdos",
                           "demo-mask": "oodseg.training.demo_mask", "demo-sam": "oodseg.refine.demo",
                           "demo-saom": "oodseg.refine.demo", "demo-detector": "oodseg.refine.demo"},

@@ -196,7 +196,7 @@ def test_semantic_to_mask_labels_by_hand():
 def test_training_loss_is_eomts_own_mask_classification_loss(model):
     """forward_loss on EoMT: ``ce`` is transformers' mask-classification loss on the target's class masks,
     ``oe`` adds its outlier term, per-pixel-only losses are refused by name."""
-    from oodseg.losses import create_loss
+    from oodseg.losses import create_loss, loss_info
     from oodseg.training.step import forward_loss
 
     rng = np.random.default_rng(7)
@@ -211,13 +211,13 @@ def test_training_loss_is_eomts_own_mask_classification_loss(model):
         torch.manual_seed(0)
         ref = model.hf(pixel_values=x, mask_labels=masks, class_labels=classes)
         torch.manual_seed(0)
-        ce = forward_loss(model, batch, create_loss("ce"))
+        ce = forward_loss(model, batch, create_loss("ce"), combine=loss_info("ce").combine)
         torch.testing.assert_close(ce, ref.loss)
         oe_fn = create_loss("oe", weight=0.5)
         oe_term = oe_fn(MaskOutputs(ref.class_queries_logits, ref.masks_queries_logits), target,
                         batch["outlier_mask"])
         torch.manual_seed(0)
-        oe = forward_loss(model, batch, oe_fn)
+        oe = forward_loss(model, batch, oe_fn, combine=loss_info("oe").combine)
         torch.testing.assert_close(oe, ref.loss + oe_term)
         model.zero_grad()
         oe.backward()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oodseg.losses import create_loss
+from oodseg.losses import create_loss, loss_info
 from oodseg.models import check_partition, create_model, list_models, model_output_kind, save_safetensors
 from oodseg.models.mask2former import shortest_edge_size
 from oodseg.outputs import MaskOutputs
@@ -131,7 +131,7 @@ def test_finetunes_on_its_own_loss_plus_oe(spec, loss):
     for _ in range(4):
         torch.manual_seed(1)  # the same sampled points every step
         opt.zero_grad()
-        value = forward_loss(model, batch, loss_fn)
+        value = forward_loss(model, batch, loss_fn, combine=loss_info(loss).combine)
         value.backward()
         assert torch.isfinite(value)
         assert all((p.grad is not None) == p.requires_grad for p in model.parameters())

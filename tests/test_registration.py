@@ -49,7 +49,7 @@ def test_a_fresh_process_creates_the_refine_tasks_without_importing_refine(tmp_p
     """)
     assert out.split("\n")[:2] == [
         "['s2m_detector', 'saom', 'segmentation'] False",
-        "oodseg.refine.saom_task SaomTask oodseg.training.detector_task DetectorTask"]
+        "oodseg.training.saom_task SaomTask oodseg.training.detector_task DetectorTask"]
 
 
 def test_a_fresh_process_knows_every_demo_checkpoint_source():

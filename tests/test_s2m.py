@@ -21,7 +21,7 @@ from oodseg.models.detector import (
     save_detector,
 )
 from oodseg.outputs import Boxes
-from oodseg.refine import assemble_masks, create_prompter, list_prompters, prompter_space, refine_s2m
+from oodseg.refine import assemble_masks, create_prompter, list_prompters, refine_s2m
 from oodseg.scoring.calibration import ScoreCalibration
 from oodseg.scoring.metrics import S2MMetrics, average_precision, box_recall, metric_from_state
 
@@ -216,7 +216,6 @@ def test_components_calibration_and_errors() -> None:
     with pytest.raises(ValueError, match="1 NaN"):
         create_prompter("components", threshold=0.0, scale=1.0)(partial)
     assert set(list_prompters()) >= {"components", "detector"}
-    assert prompter_space("components")["reduce"]["values"] == ["mean", "max"]
 
 
 def test_components_many_tiny_components_capped() -> None:

@@ -236,7 +236,8 @@ def test_everything_with_crop_layers_matches_segment_anything(tmp_path):
     same converted weights: same masks and predicted IoUs. With this random model every sub-crop mask touches a crop
     edge, so the crop-edge filter removes them on both sides; its rule and the crop layout are compared with
     segment-anything's own helpers on hand-made boxes below."""
-    from oodseg.refine.saom import generate_everything, point_grid
+    from oodseg.models.saom import point_grid
+    from oodseg.refine.everything import generate_everything
 
     ref = _reference("small-256", seed=7)
     torch.save(ref.state_dict(), tmp_path / "amg.pth")

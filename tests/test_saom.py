@@ -1,4 +1,5 @@
-"""SAOM core: grid, nearest-neighbour prompt assignment, losses, the training step, SaomEval, everything mode."""
+"""SAOM: grid, nearest-neighbour prompt assignment (models.saom), losses (losses.saom), the training objective
+(training.saom_task), SaomEval (scoring.metrics.saom), everything mode (refine.everything)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from oodseg.losses import saom as L
+from oodseg.models import saom as S
 from oodseg.models.sam import create_sam
 from oodseg.refine import everything as E
-from oodseg.refine import saom as S
+from oodseg.scoring.metrics import SaomEval
 from oodseg.scoring.metrics.base import create_metric, metric_from_state
+from oodseg.training import saom_task as T
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +136,11 @@ def test_dice_and_focal_match_numpy():
     a_t = np.where(t, 0.25, 0.75)
     focal = sum((a_t[i] * ce[i] * (1 - p_t[i]) ** 2).mean() for i in range(3))
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
-    assert S.dice_loss(xt, tt).item() == pytest.approx(dice, rel=1e-9)
-    assert S.focal_loss(xt, tt).item() == pytest.approx(focal, rel=1e-7)
+    assert L.dice_loss(xt, tt).item() == pytest.approx(dice, rel=1e-9)
+    assert L.focal_loss(xt, tt).item() == pytest.approx(focal, rel=1e-7)
     cls_logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
     cls = torch.tensor([0, 2, 2])
-    terms = S.saom_loss(xt, tt, cls_logits, cls)
+    terms = L.saom_loss(xt, tt, cls_logits, cls)
     lsm = cls_logits.log_softmax(1).numpy()
     ce_ref = -np.mean([lsm[0, 0], lsm[1, 2], lsm[2, 2]])
     assert terms["ce"].item() == pytest.approx(ce_ref, rel=1e-6)
@@ -154,7 +158,18 @@ def _scene():
     return image, masks, np.array([0, 1, 2, 1])  # mask 3 is empty → dropped
 
 
-def test_saom_step_updates_exactly_the_intended_groups():
+def _train_step(sam, head, opt):
+    """One step of the saom task's training path on :func:`_scene`: ``SaomModel``'s loss, backward, optimizer step."""
+    image, masks, classes = _scene()
+    model = T.SaomModel(sam, head, T.SaomTaskConfig(grid=(8, 6)), seed=0)
+    opt.zero_grad(set_to_none=True)
+    loss = model([{"image": image, "masks": masks, "classes": classes, "index": 0, "epoch": 0}])
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_saom_training_step_updates_exactly_the_intended_groups():
     sam = create_sam("tiny", seed=3, image_size=64)
     head = S.SaomHead(sam.hidden_size, 3)
     params = S.select_saom_parameters(sam, head=head)
@@ -162,9 +177,11 @@ def test_saom_step_updates_exactly_the_intended_groups():
     before = {n: p.detach().clone() for n, p in sam.model.named_parameters()}
     head_before = head.fc.weight.detach().clone()
     image, masks, classes = _scene()
-    terms = S.saom_step(sam, head, opt, image, masks, classes, S.point_grid(8, 6))
+    terms = T.saom_image_loss(sam, head, image, masks, classes, S.point_grid(8, 6))
     assert terms["n_masks"] == 3
-    assert terms["loss"] == pytest.approx(terms["dice"] + terms["focal"] + terms["ce"], rel=1e-6)
+    torch.testing.assert_close(terms["loss"], terms["dice"] + terms["focal"] + terms["ce"])
+    loss = _train_step(sam, head, opt)
+    torch.testing.assert_close(loss.detach(), terms["loss"].detach())  # one image: the model's loss is SAOM's
     changed = {n for n, p in sam.model.named_parameters() if not torch.equal(p, before[n])}
     assert not any(n.startswith("vision_encoder.") for n in changed)
     assert not any(".iou_prediction_head." in n for n in changed)
@@ -180,23 +197,23 @@ def test_saom_step_updates_exactly_the_intended_groups():
     assert not any(p.requires_grad for p in sam.model.vision_encoder.parameters())
 
 
-def test_saom_step_loss_is_the_best_of_three(sam):
+def test_saom_loss_is_the_best_of_three(sam):
     image, masks, classes = _scene()
     head = S.SaomHead(sam.hidden_size, 3)
-    opt = torch.optim.SGD(S.select_saom_parameters(sam, head=head), lr=0.0)
     grid = S.point_grid(8, 6)
-    terms = S.saom_step(sam, head, opt, image, masks, classes, grid)
-    img = sam.embed(image)
-    points, keep = S.saom_prompts(sam, img, masks, grid)
-    logits, iou, token = sam.mask_logits_from_points(img, points[keep][:, None], np.ones((3, 1)))
-    best = torch.stack([logits[i, int(iou[i].argmax())] for i in range(3)])
-    gt = torch.from_numpy(masks[keep])
-    assert terms["dice"] == pytest.approx(S.dice_loss(best, gt).item(), rel=1e-5)
-    assert terms["ce"] == pytest.approx(F.cross_entropy(head(token), torch.tensor([0, 1, 2])).item(), rel=1e-5)
-    empty = S.saom_step(sam, head, opt, image, np.zeros((2, 48, 64), bool), np.array([0, 1]), grid)
-    assert empty["n_masks"] == 0
-    with pytest.raises(ValueError, match="classes"):
-        S.saom_step(sam, head, opt, image, masks, np.array([0, 1, 7, 1]), grid)
+    with torch.no_grad():
+        terms = T.saom_image_loss(sam, head, image, masks, classes, grid)
+        img = sam.embed(image)
+        points, keep = S.saom_prompts(sam, img, masks, grid)
+        logits, iou, token = sam.mask_logits_from_points(img, points[keep][:, None], np.ones((3, 1)))
+        best = torch.stack([logits[i, int(iou[i].argmax())] for i in range(3)])
+        gt = torch.from_numpy(masks[keep])
+        assert terms["dice"].item() == pytest.approx(L.dice_loss(best, gt).item(), rel=1e-5)
+        ce = F.cross_entropy(head(token), torch.tensor([0, 1, 2])).item()
+        assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
+        assert T.saom_image_loss(sam, head, image, np.zeros((2, 48, 64), bool), np.array([0, 1]), grid) is None
+        with pytest.raises(ValueError, match="classes"):
+            T.saom_image_loss(sam, head, image, masks, np.array([0, 1, 7, 1]), grid)
 
 
 def test_train_encoder_variant_moves_the_encoder():
@@ -205,8 +222,7 @@ def test_train_encoder_variant_moves_the_encoder():
     opt = torch.optim.AdamW(S.select_saom_parameters(sam, train_encoder=True, head=head), lr=1e-2)
     w = sam.model.vision_encoder.neck.conv1.weight
     w0 = w.detach().clone()
-    image, masks, classes = _scene()
-    S.saom_step(sam, head, opt, image, masks, classes, S.point_grid(8, 6))
+    _train_step(sam, head, opt)
     assert not torch.equal(w, w0)
 
 
@@ -232,7 +248,7 @@ def test_saom_eval_pools_per_class():
     pr1 = _m((0, 2, 0, 1), (0, 3, 3, 6))  # ∩2 ∪4 ; ∩9 ∪9
     gt2 = _m((2, 6, 0, 4), None)  # class 0: 16 px; class 2: empty GT (not an instance)
     pr2 = _m((2, 6, 2, 6), (0, 1, 0, 1))  # ∩8 ∪24 ; class 2: ∩0 ∪1
-    a = S.SaomEval(num_classes=4).update(pr1, gt1, np.array([0, 1]))
+    a = SaomEval(num_classes=4).update(pr1, gt1, np.array([0, 1]))
     b = create_metric("saom", num_classes=4).update(torch.from_numpy(pr2), torch.from_numpy(gt2), [0, 2])
     ab = metric_from_state("saom", a.state_dict()).merge(b).compute(warn=False)
     ba = metric_from_state("saom", b.state_dict()).merge(a).compute(warn=False)
@@ -245,9 +261,9 @@ def test_saom_eval_pools_per_class():
         np.testing.assert_equal(ab[k], ba[k])
     assert a.row(ab) == {"saom_miou": ab["miou"], "saom_macc": ab["macc"]}
     with pytest.raises(ValueError, match="classes"):
-        S.SaomEval(2).update(pr1, gt1, np.array([0, 5]))
+        SaomEval(2).update(pr1, gt1, np.array([0, 5]))
     with pytest.raises(ValueError, match="config"):
-        S.SaomEval(2).merge(S.SaomEval(3))
+        SaomEval(2).merge(SaomEval(3))
 
 
 # -- everything mode ---------------------------------------------------------------------------------------------------
@@ -281,7 +297,7 @@ def test_everything_matches_transformers_helpers(sam):
     iou_t = float(iou.flatten().median()) + 1e-7
     sv = np.unique(stab.numpy())
     stab_t = float(sv[len(sv) // 3: len(sv) // 3 + 2].mean())
-    masks, scores = S.generate_everything(sam, image, (6, 5), points_per_batch=7, pred_iou_thresh=iou_t,
+    masks, scores = E.generate_everything(sam, image, (6, 5), points_per_batch=7, pred_iou_thresh=iou_t,
                                           stability_score_thresh=stab_t, box_nms_thresh=0.7, min_area=0,
                                           stability_offset=offset)
     ref_masks, ref_scores = _reference_everything(sam, image, (6, 5), iou_t, stab_t, offset, 0.7)
@@ -299,10 +315,10 @@ def _components(mask: np.ndarray) -> np.ndarray:
 
 def test_everything_min_area_cleans_regions(sam):
     image = np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    raw, _ = S.generate_everything(sam, image, (5, 4), pred_iou_thresh=0, stability_score_thresh=0,
+    raw, _ = E.generate_everything(sam, image, (5, 4), pred_iou_thresh=0, stability_score_thresh=0,
                                    box_nms_thresh=1.0, min_area=0)
     assert any((_components(m) < 25).any() for m in raw.numpy())  # the raw random masks are fragmented
-    masks, scores = S.generate_everything(sam, image, (5, 4), pred_iou_thresh=0, stability_score_thresh=0,
+    masks, scores = E.generate_everything(sam, image, (5, 4), pred_iou_thresh=0, stability_score_thresh=0,
                                           box_nms_thresh=0.9, min_area=25)
     assert len(masks) > 0 and len(scores) == len(masks)
     for m in masks.numpy():
@@ -332,7 +348,6 @@ def test_remove_small_regions_hand_case():
 def test_box_objective_samples_objects_with_pasted_outliers(tmp_path):
     from oodseg.data.synthetic import build_suite
     from oodseg.labels import IGNORE_ID
-    from oodseg.refine import saom_task  # noqa: F401  (registers the saom task)
     from oodseg.training.config import TrainConfig
     from oodseg.training.tasks import create_task
 
@@ -384,7 +399,7 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     from oodseg.platform.jobs.finetune import validate
     from oodseg.platform.jobs.train_saom import PRESET
     from oodseg.platform.trainer import FinetuneConfig, resolve_data
-    from oodseg.refine.saom_task import SaomTask
+    from oodseg.training.saom_task import SaomTask
 
     torch.manual_seed(0)
     sam_path = tmp_path / "sam_vit_tiny.pth"
@@ -397,6 +412,7 @@ def test_saom_released_config_parses_and_dry_checks(tmp_path):
     tc = cfg.train
     assert (tc.task, tc.lr, tc.weight_decay, tc.schedule, tc.warmup, tc.global_batch, cfg.num_workers) == (
         "saom", 1e-3, 0.01, "cosine", 0, 4, 4)
+    assert (tc.adam_eps, tc.decay_1d, tc.lr_per, tc.precision) == (1e-4, True, "epoch", "fp16")  # the release's
     cfg = resolve_data(cfg, tmp_path / "cache")
     validate(cfg)
     check_sam(cfg.train.task_cfg["sam"])

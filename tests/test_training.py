@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from oodseg.models import create_model
+from oodseg.training.config import TrainConfig
 from oodseg.training.data import SegAugment, StepBatches, TrainSamples, collate, step_items
 from oodseg.training.params import (
     apply_lora,
@@ -94,6 +95,18 @@ def test_full_keeps_parameters_the_model_freezes_itself():
     unused = {"encoder.output_conv.weight", "encoder.output_conv.bias"}  # ERFNet's encoder-pretraining head
     assert _trainable(model) == {n for n, _ in model.named_parameters()} - unused
     assert len(params) == len(_trainable(model))
+
+
+def test_groups_that_do_not_partition_the_model_are_refused():
+    model = tiny_erfnet()
+    groups = model.param_groups()
+    head = groups.pop("head")
+    model.param_groups = lambda: groups  # the classifier in no group: `full` would never train it
+    with pytest.raises(ValueError, match=r"ERFNet.param_groups\(\): trainable parameters in no group: \['decoder"):
+        select_parameters(model, "full")
+    model.param_groups = lambda: {**groups, "head": head, "also": head[:1]}
+    with pytest.raises(ValueError, match="in both 'head' and 'also'"):
+        select_parameters(model, "head")
 
 
 def test_last_k_selects_head_and_last_blocks():
@@ -243,7 +256,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         params = select_parameters(model, "full")
         opt = torch.optim.AdamW(params, lr=1e-2)
         train_mode(model, frozen_stats=True)
-        compute = partial(forward_loss, loss_fn=loss_fn)
+        compute = partial(forward_loss, model, loss_fn=loss_fn)
         losses = [torch_step(model, opt, None, data[k], compute) for k in range(len(data))]
         finals.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
     np.testing.assert_allclose(finals[0][0], finals[1][0], rtol=1e-5)
@@ -279,3 +292,35 @@ def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, 
     assert not list(a.parent.glob("*.tmp"))  # atomic write left no temp file
     # the demo trains with denormals flushed; the process is left in the default mode afterwards
     assert torch.tensor([1e-40]).mul(1.0).item() != 0.0
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+def test_every_task_validates_on_the_same_evenly_spaced_subset(tiny_suite):
+    from oodseg.training.evaluate import val_indices
+    from oodseg.training.tasks import create_task
+
+    assert val_indices(10, 4) == [0, 3, 6, 9] and val_indices(5, 0) == val_indices(5, 7) == [0, 1, 2, 3, 4]
+    seg = create_task(TrainConfig(data_root=str(tiny_suite), val_images=3))
+    data = seg.eval_data()
+    assert {k: list(v.indices) for k, v in data.items()} == {"semantic": [0, 2, 3], "anomaly": [0, 2, 3]}
+    saom = create_task(TrainConfig(task="saom", data_root=str(tiny_suite), val_images=3))
+    frames = saom.samples(split="val")
+    picked = saom.eval_data()["saom"]
+    for i, s in zip([0, 2, 3], picked, strict=True):
+        np.testing.assert_array_equal(s["image"], frames.get(i, 0)["image"])
+
+
+def test_evaluation_split_over_ranks_merges_to_the_whole(tiny_suite):
+    from oodseg.training.tasks import create_task
+
+    task = create_task(TrainConfig(data_root=str(tiny_suite), scorer="msp"))
+    model = tiny_erfnet()
+    model.train()
+    data = task.eval_data()
+    whole = task.summarize(task.evaluate(model, data))
+    parts = [task.evaluate(model, data, rank=r, world=3) for r in range(3)]
+    for part in parts[1:]:
+        for name in ("confusion", "pixel"):
+            parts[0][name].merge(part[name])
+    assert task.summarize(parts[0]) == pytest.approx(whole)
+    assert model.training  # the model's mode is restored

@@ -73,11 +73,9 @@ def loss_info(name: str) -> LossInfo:
 def create_loss(name: str, **cfg: Any) -> nn.Module:
     """Build the registered loss ``name`` with constructor arguments ``cfg``."""
     try:
-        loss = LOSSES.create(name, **cfg)
+        return LOSSES.create(name, **cfg)
     except TypeError as e:
         raise TypeError(f"loss {name!r}: {e}") from None
-    loss.registry_name = name
-    return loss
 
 
 def list_losses() -> list[str]:

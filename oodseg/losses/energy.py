@@ -43,7 +43,8 @@ def energy_hinge(energy: torch.Tensor, inlier: torch.Tensor, outlier: torch.Tens
                          "m_out": {"type": "choice", "values": [-3.2, -3.0]}}},
 )
 class EnergyOutlierExposureLoss(nn.Module):
-    """Energy-bounded outlier exposure (module docstring)."""
+    """Energy-bounded OE: ``CE(inliers) + weight · OE`` on per-pixel logits, ``weight · OE`` on mask outputs, with
+    ``OE = mean_in relu(E − m_in)² + mean_out relu(m_out − E)²`` of the free energy ``E``."""
 
     def __init__(self, weight: float = 0.1, m_in: float = -5.0, m_out: float = -2.0) -> None:
         super().__init__()

@@ -1,5 +1,7 @@
 """Functional loss kernels on per-pixel tensors (no registry, no output-kind handling).
 
+:func:`mask_dice` (per-mask Dice of mask logits) is shared by SAM's mask losses and TDOS's point losses.
+
 All reductions are means over a boolean pixel set; an empty set gives ``0`` (times the input, so the graph and
 the device are kept) instead of the ``0/0 = NaN`` of a plain mean.
 """
@@ -64,3 +66,11 @@ def logit_normalize(logits: torch.Tensor, temperature: float, eps: float = 1e-7)
     """
     norms = torch.linalg.vector_norm(logits, ord=2, dim=1, keepdim=True)
     return logits / (temperature * (norms + eps))
+
+
+def mask_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-mask Dice loss ``[K]`` of logits ``[K, ...]``: ``1 − (2Σpt + 1)/(Σp + Σt + 1)``, p = sigmoid(logits) (the
+    "naive" Dice of SAOM's ``misc.py calculate_dice_loss`` before its sum over masks, and of Mask2Former's point
+    loss)."""
+    p, t = logits.sigmoid().flatten(1), targets.float().flatten(1)
+    return 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from oodseg.labels import IGNORE_ID, OUTLIER_ID
 from oodseg.losses.base import register_loss
+from oodseg.losses.functional import mask_dice
 
 NUM_CLASSES = 20
 OOD_CLASS = 19
@@ -124,10 +125,7 @@ def indicator_sample(target: torch.Tensor, image: torch.Tensor, cls: torch.Tenso
 
 def mask_point_losses(pred: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean BCE over all points, mean naive Dice over masks) of point logits ``[M, P]`` vs point targets."""
-    bce = F.binary_cross_entropy_with_logits(pred, tgt)
-    p = pred.sigmoid()
-    dice = 1.0 - (2.0 * (p * tgt).sum(-1) + 1.0) / (p.sum(-1) + tgt.sum(-1) + 1.0)
-    return bce, dice.mean()
+    return F.binary_cross_entropy_with_logits(pred, tgt), mask_dice(pred, tgt).mean()
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,8 @@ def textual_regulariser(text: torch.Tensor, anchors: torch.Tensor) -> torch.Tens
     models=("tdos",),
 )
 class TdosLoss(nn.Module):
-    """The TDOS loss (module docstring); every weight defaults to the release's value."""
+    """``Σ_predictions [2·class_CE + 5·mask_BCE + 5·dice] + pixel_text_CE + textual_reg`` on identity-assigned
+    queries (class ``i`` ↔ query ``i``, ``ood`` included); every weight defaults to the release's value."""
 
     def __init__(self, class_weight: float = 2.0, ood_weight: float | str = 10.0, no_object_weight: float = 0.1,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, num_points: int = 12544, oversample: float = 3.0,

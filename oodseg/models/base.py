@@ -159,18 +159,20 @@ class SegModel(nn.Module):
 
 
 def check_partition(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> None:
-    """Raise if the top-level groups (all but ``blocks.<i>``) do not partition ``model``'s trainable parameters."""
+    """``ValueError`` unless the top-level groups (all but ``blocks.<i>``) partition ``model``'s trainable
+    parameters: fine-tuning's ``full`` spec trains exactly these groups (:mod:`oodseg.training.params`)."""
     seen: dict[int, str] = {}
+    where = f"{type(model).__name__}.param_groups()"
     for name, params in groups.items():
         if name.startswith("blocks."):
             continue
         for p in params:
             if id(p) in seen:
-                raise AssertionError(f"parameter in both {seen[id(p)]!r} and {name!r}")
+                raise ValueError(f"{where}: a parameter is in both {seen[id(p)]!r} and {name!r}")
             seen[id(p)] = name
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
-        raise AssertionError(f"trainable parameters in no group: {missing[:5]}")
+        raise ValueError(f"{where}: trainable parameters in no group: {missing[:5]}")
 
 
 class MeanStdInput:

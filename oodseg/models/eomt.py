@@ -55,7 +55,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def window_starts(length: int, size: int) -> list[int]:
-    """Start offsets of the reference's overlapping windows of ``size`` covering ``length`` (see module docstring)."""
+    """Start offsets of the reference's overlapping windows of ``size`` covering ``length``."""
     if length < size:
         raise ValueError(f"cannot tile length {length} with windows of {size}")
     n = math.ceil(length / size)
@@ -187,7 +187,7 @@ class EoMT(MeanStdInput, SegModel):
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor, features: bool = False) -> MaskOutputs:
         """Resize (short side → S), overlapping S×S windows along the long side, one output row per window;
-        ``features=True``: also the last layer's per-pixel mask embeddings (module docstring)."""
+        ``features=True``: also the last layer's per-pixel mask embeddings."""
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
         s = self.image_size

@@ -88,7 +88,7 @@ class _Inert:
 
 def load_untrusted(path: str | Path, allow: Callable[[str], Any] | None = None) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with every non-allowlisted global of the file
-    replaced by an inert stand-in (module docstring), except those ``allow(name)`` resolves to a real object (numpy's
+    replaced by an inert stand-in, except those ``allow(name)`` resolves to a real object (numpy's
     array reconstruction for detectron2 files); CheckpointError (one line) on any failure."""
     path = Path(path)
     if not path.is_file():
@@ -316,7 +316,7 @@ def _check_schedule(state: SourceState) -> None:
 
 
 def convert_state_dict(state: SourceState, config: Any, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map ``state`` onto the transformers state dict ``own`` (names/shapes); strict (module docstring)."""
+    """Map ``state`` onto the transformers state dict ``own`` (names/shapes); strict."""
     table = key_map(config)
     consumed = set(table) | set(_NORM_KEYS) | {_LOSS_KEY}
     missing = [f"{state.file_key(k)} (→ {', '.join(v)})" for k, v in table.items() if k not in state.tensors]

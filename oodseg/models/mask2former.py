@@ -107,7 +107,7 @@ class Mask2Former(MeanStdInput, SegModel):
         super().__init__(hf.config.num_labels)
         self.hf = hf
         for p in self._unused():
-            p.requires_grad_(False)  # permanently frozen (module docstring): DDP would wait for their gradients
+            p.requires_grad_(False)  # permanently frozen: DDP would wait for their gradients
         mean = [float(v) for v in (image_mean or stored.get("image_mean") or IMAGENET_MEAN)]
         std = [float(v) for v in (image_std or stored.get("image_std") or IMAGENET_STD)]
         self._mean, self._std = mean, std
@@ -145,7 +145,7 @@ class Mask2Former(MeanStdInput, SegModel):
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
-        """(Resize to the test size,) pad to ``size_divisibility``, run; one crop per image (module docstring)."""
+        """(Resize to the test size,) pad to ``size_divisibility``, run; one crop per image."""
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
         fh, fw = (h, w) if self.test_size is None else shortest_edge_size(h, w, *self.test_size)

@@ -33,8 +33,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 def tune_allocator(threshold: int = 1 << 30) -> bool:
     """CPU processes: make glibc malloc serve large blocks from the heap and keep freed memory, instead of a fresh
-    ``mmap`` (zeroed pages, a page fault per 4 KiB) for every activation tensor of every step. Measured on the demo
-    training (2 cores): 17 % faster, system time 8.2 s → 1.3 s per 30 steps. Returns False where there is no glibc."""
+    ``mmap`` (zeroed pages, a page fault per 4 KiB) for every activation tensor of every step, which cuts the system
+    time of small CPU training steps (``benchmarks/README.md``). Returns False where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
@@ -43,6 +43,7 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Runtime:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", *_DTYPES):
-            raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -117,7 +117,7 @@ def to_input_frame(coords: torch.Tensor, original_size: tuple[int, int], input_s
 
 
 class SamSegmenter(nn.Module):
-    """``SamModel`` + its image processor, with embedding reuse and chunked prompt batches (module docstring)."""
+    """``SamModel`` + its image processor, with embedding reuse and chunked prompt batches."""
 
     def __init__(self, model: Any, processor: Any, prompt_batch: int = 64) -> None:
         super().__init__()
@@ -321,7 +321,7 @@ SEGMENT_ANYTHING_SUFFIXES = (".pth", ".pt")
 
 
 def _create_from_segment_anything(path: Path, cfg: dict[str, Any]) -> SamSegmenter:
-    """A segment-anything-format checkpoint (module docstring), converted; preprocessing as ``SamPredictor``."""
+    """A segment-anything-format checkpoint, converted; preprocessing as ``SamPredictor``."""
     from transformers import SamModel, SamProcessor
 
     if set(cfg) - {"prompt_batch"}:
@@ -370,7 +370,7 @@ def _create_pretrained(source: str, cfg: dict[str, Any]) -> SamSegmenter:
 
 
 def create_sam(source: str = "tiny", **cfg: Any) -> SamSegmenter:
-    """Build a :class:`SamSegmenter` from ``source`` (module docstring).
+    """Build a :class:`SamSegmenter` from ``source``.
 
     ``"tiny"``: ``image_size`` (128), ``hidden`` (32), ``layers`` (2), ``heads`` (2), ``seed`` (0), ``prompt_batch``
     (64). A ``.safetensors`` file: its stored cfg, ``cfg`` overriding (e.g. ``prompt_batch``). A segment-anything

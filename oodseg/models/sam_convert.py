@@ -81,7 +81,7 @@ _TIED = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_e
 
 
 def read_segment_anything(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
-    """The segment-anything-layout SAM weights in ``path`` (module docstring): wrapper keys unwrapped, a
+    """The segment-anything-layout SAM weights in ``path``: wrapper keys unwrapped, a
     ``SamWrapper``-style prefix (``model.``) stripped, SAOM's ``classifier.*`` dropped. ``meta=True``: names and
     shapes only (cheap check before work starts)."""
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -101,7 +101,7 @@ def read_segment_anything(path: str | Path, meta: bool = False) -> dict[str, tor
 
 
 def convert_key(key: str, mlp_depth: Mapping[str, int]) -> str | None:
-    """segment-anything key → transformers key (module docstring); ``None`` when the key is not part of SAM."""
+    """segment-anything key → transformers key; ``None`` when the key is not part of SAM."""
     m = _MLP.fullmatch(key)
     if m:
         mlp, i, leaf = m.group(1), int(m.group(2)), m.group(3)
@@ -128,7 +128,7 @@ def _mlp_depths(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
-    """Rename every key (module docstring); the Fourier matrix fills both tied transformers keys."""
+    """Rename every key; the Fourier matrix fills both tied transformers keys."""
     depth = _mlp_depths(state)
     out = {}
     for key, value in state.items():
@@ -175,7 +175,7 @@ def _vision_config(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[
 
 
 def sam_config(state: Mapping[str, torch.Tensor], path: str | Path) -> Any:
-    """The transformers ``SamConfig`` of a segment-anything state dict, read off its shapes (module docstring)."""
+    """The transformers ``SamConfig`` of a segment-anything state dict, read off its shapes."""
     from transformers import SamConfig, SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig
 
     vision = _vision_config(state, path)

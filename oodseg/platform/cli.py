@@ -55,8 +55,8 @@ def run_cli(body: Callable[[], int], resume_hint: Callable[[], str] | None = Non
 
 def exit_fast(code: int) -> NoReturn:
     """End a job's process with ``code``: shut Ray down, flush the console and leave with ``os._exit``, skipping
-    the interpreter's teardown of the torch / pandas / Ray modules (2–3 s on 2 cores after every run; the benchmark
-    job's cached rerun: 51.3 → 46.3 s). For a job script's ``__main__`` only: by then its results are committed and
+    the interpreter's teardown of the torch / pandas / Ray modules (seconds after every run on a small machine:
+    ``benchmarks/README.md``). For a job script's ``__main__`` only: by then its results are committed and
     its files closed, and Ray's own exit handler (the shutdown) has run here."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

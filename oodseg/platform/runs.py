@@ -130,6 +130,20 @@ class RunRecord:
         self.row.update(status=status, finished_at=datetime.now(timezone.utc), wall_s=time.time() - self.t0, **extra)
         self._write()
 
+    @contextlib.contextmanager
+    def running(self, gpu: str = "") -> Iterator[RunRecord]:
+        """The one start/finish block of every job: :meth:`start`, run the body, then :meth:`finish` with its
+        outcome (:func:`status_of`). A status row that cannot be written (a full disk) does not hide the body's
+        error; the next attempt marks this row ``interrupted``."""
+        self.start(gpu)
+        try:
+            yield self
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                self.finish(status_of(e))
+            raise
+        self.finish("finished")
+
     def _write(self) -> None:
         self.store.write_part("runs", safe_key(self.run_id, self.attempt), [self.row])
 
@@ -179,7 +193,7 @@ def filtered_stderr(drop: re.Pattern[str]) -> Iterator[None]:
 
 def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtime_env: Mapping[str, Any] | None = None,
              dashboard: bool = False) -> Any:
-    """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray (module docstring); reuses a running Ray."""
+    """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray; reuses a running Ray."""
     import ray
 
     quiet_ray_logging(verbose)

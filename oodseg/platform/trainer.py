@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import torch
 
 from oodseg.config import ConfigError, from_dict, to_dict, to_json
+from oodseg.config import help_meta as _h
 from oodseg.models import resolve_checkpoint, tune_allocator
 from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.platform.results import resolve_fs
@@ -34,10 +35,6 @@ from oodseg.training.config import TrainConfig
 from oodseg.training.loop import HISTORY, MODEL, RESUMABLE, RUN, fit, run_fingerprint
 from oodseg.training.strategy import create_strategy
 from oodseg.training.tasks import TASKS
-
-
-def _h(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)

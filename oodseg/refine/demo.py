@@ -58,7 +58,7 @@ def detector_config(suite: Path, seed: int, scorer: str, scoring_model: str) -> 
 @register_checkpoint_source("demo-sam")
 def demo_sam(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
              seed: int = 0, **_: object) -> str:
-    """The stock demo SAM (module docstring)."""
+    """The stock demo SAM: a tiny SAM trained from scratch on the suite with box and point prompts (cached file)."""
     suite, cache = demo_suite(cache_dir, data_root, seed)
     return str(cached_fit("demo-sam", sam_config(suite, seed, "box"), suite, cache, SAM_VERSION, printer("demo-sam")))
 
@@ -66,7 +66,7 @@ def demo_sam(cache_dir: str | os.PathLike[str] | None = None, data_root: str | o
 @register_checkpoint_source("demo-saom")
 def demo_saom(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
               seed: int = 0, **_: object) -> str:
-    """The SAOM demo SAM (module docstring)."""
+    """The SAOM demo SAM: ``demo-sam`` fine-tuned with SAOM's grid-point recipe (cached file)."""
     suite, cache = demo_suite(cache_dir, data_root, seed)
     init = demo_sam(cache, suite, seed)
     cfg = sam_config(suite, seed, "grid", init=init)
@@ -76,7 +76,7 @@ def demo_saom(cache_dir: str | os.PathLike[str] | None = None, data_root: str | 
 @register_checkpoint_source("demo-detector")
 def demo_detector(cache_dir: str | os.PathLike[str] | None = None, data_root: str | os.PathLike[str] | None = None,
                   seed: int = 0, scorer: str = "msp", **_: object) -> str:
-    """The demo detector for ``scorer`` on the demo ERFNet's maps (module docstring)."""
+    """The demo detector for ``scorer`` on the demo ERFNet's maps."""
     suite, cache = demo_suite(cache_dir, data_root, seed)
     scoring = resolve_checkpoint("demo", cache_dir=cache, data_root=suite, seed=seed)
     cfg = detector_config(suite, seed, scorer, scoring)

@@ -17,7 +17,7 @@ from oodseg.outputs import Boxes
 from oodseg.refine.prompters import ScoreCalibration, register_prompter, score_map_array
 
 
-@register_prompter("detector", space={"score_thresh": {"type": "choice", "values": [0.05, 0.1, 0.3, 0.5]}})
+@register_prompter("detector")
 class DetectorPrompter:
     """S2M prompts: the boxes of a detector (its checkpoint holds its own input normalisation, so ``calibration``
     is not used). ``detector`` (a module with ``detect(map) -> Boxes``) or ``checkpoint`` (a file: our ``.safetensors`` or S2M's detectron2

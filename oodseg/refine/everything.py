@@ -1,5 +1,5 @@
-"""Pieces of SAM's automatic ("everything") mask generation that :func:`oodseg.refine.saom.generate_everything`
-assembles: crop layers, per-crop mask filtering, small-region cleanup.
+"""SAM's automatic ("everything") mask generation, :func:`generate_everything` (SAM's and SAOM's), and its pieces:
+crop layers, per-crop mask filtering, small-region cleanup.
 
 Facts from ``facebookresearch/segment-anything`` (``segment_anything/automatic_mask_generator.py``,
 ``segment_anything/utils/amg.py``); SAOM's ``SamAutomaticMaskGenerator3_panoPhD``
@@ -20,17 +20,20 @@ with its own defaults (``pred_iou_thresh 0.3``, ``box_nms_thresh 0.3``, ``crop_n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from oodseg.models.saom import point_grid
+
 EDGE_ATOL = 20.0  # is_box_near_crop_edge's tolerance (px)
 
 
 def crop_boxes(h: int, w: int, n_layers: int, overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
-    """SAM's crop boxes ``[x0, y0, x1, y1]`` and their layer indexes (module docstring)."""
+    """SAM's crop boxes ``[x0, y0, x1, y1]`` and their layer indexes."""
     boxes, layers = [[0, 0, w, h]], [0]
     for i in range(1, n_layers + 1):
         n = 2 ** i
@@ -70,7 +73,7 @@ def _filter_batch(logits: torch.Tensor, iou: torch.Tensor, pred_iou_thresh: floa
 def masks_in_crop(sam: Any, image: np.ndarray, crop_box: list[int], grid: np.ndarray, points_per_batch: int,
                   pred_iou_thresh: float, stability_score_thresh: float, stability_offset: float,
                   box_nms_thresh: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop (module docstring)."""
+    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop."""
     from torchvision.ops import batched_nms, masks_to_boxes
 
     h, w = image.shape[:2]
@@ -131,3 +134,53 @@ def drop_small_regions(masks: torch.Tensor, min_area: float, nms_thresh: float) 
     keep = batched_nms(boxes, torch.tensor(unchanged, device=masks.device), torch.zeros(len(out), device=masks.device),
                        nms_thresh)
     return out, keep
+
+
+def layer_grids(grid: Sequence[int], n_layers: int, downscale: int) -> list[np.ndarray]:
+    """SAM's ``build_all_layer_point_grids`` for an ``nx × ny`` grid (SAOM's ``build_all_layer_point_grids_pano``):
+    layer ``i`` gets ``int(nx / downscale^i) × int(ny / downscale^i)`` points in ``[0, 1]``."""
+    return [point_grid(int(grid[0] / downscale ** i), int(grid[1] / downscale ** i)) for i in range(n_layers + 1)]
+
+
+@torch.no_grad()
+def generate_everything(
+    sam: Any, image: np.ndarray, grid: Sequence[int] = (32, 32), points_per_batch: int = 64,
+    pred_iou_thresh: float = 0.3, stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.3,
+    min_area: float = 150, stability_offset: float = 1.0, *, point_grids: Sequence[Any] | None = None,
+    crop_n_layers: int = 0, crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
+    crop_nms_thresh: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM/SAOM everything mode (SAOM's defaults: ``SamAutomaticMaskGenerator3_panoPhD``; the pieces above).
+
+    Points: ``point_grids`` (one ``[G, 2]`` grid in ``[0, 1]`` per crop layer, as the release's generator takes them)
+    or the ``nx × ny`` ``grid`` (:func:`point_grid`) thinned per layer by ``crop_n_points_downscale_factor``. Crops:
+    the whole image plus ``crop_n_layers`` layers of overlapping crops, each encoded on its own; per crop every point
+    gives 3 masks, kept when predicted IoU ``> pred_iou_thresh`` and stability ``|logit > o| / |logit > −o|``
+    (``o = stability_offset``) ``≥ stability_score_thresh`` and not cut by a crop edge, then box NMS at
+    ``box_nms_thresh``; across crops box NMS at ``crop_nms_thresh`` preferring smaller crops; with ``min_area > 0``
+    holes and islands below ``min_area`` px are cleaned and NMS rerun (threshold ``max(box_nms_thresh,
+    crop_nms_thresh)``) preferring unchanged masks. Returns bool masks ``[N, H, W]`` and their predicted IoUs ``[N]``,
+    by decreasing IoU."""
+    from torchvision.ops import batched_nms, masks_to_boxes
+
+    grids = ([np.asarray(g, dtype=np.float64) for g in point_grids] if point_grids is not None
+             else layer_grids(grid, crop_n_layers, crop_n_points_downscale_factor))
+    if len(grids) != crop_n_layers + 1 or any(g.ndim != 2 or g.shape[-1] != 2 for g in grids):
+        raise ValueError(f"point_grids: need crop_n_layers + 1 = {crop_n_layers + 1} grids of shape [G, 2], got "
+                         f"{[tuple(g.shape) for g in grids]}")
+    h, w = image.shape[:2]
+    boxes, layers = crop_boxes(h, w, crop_n_layers, crop_overlap_ratio)
+    parts = [masks_in_crop(sam, image, box, grids[layer], points_per_batch, pred_iou_thresh, stability_score_thresh,
+                           stability_offset, box_nms_thresh) for box, layer in zip(boxes, layers, strict=True)]
+    masks, scores = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+    if len(boxes) > 1 and len(masks):
+        area = torch.cat([torch.full((len(s),), float((b[2] - b[0]) * (b[3] - b[1]))) for (_, s), b in
+                          zip(parts, boxes, strict=True)])
+        keep = batched_nms(masks_to_boxes(masks).float(), (1 / area).to(masks.device), torch.zeros_like(scores),
+                           crop_nms_thresh)
+        masks, scores = masks[keep], scores[keep]
+    if len(masks) and min_area > 0:
+        masks, keep = drop_small_regions(masks, min_area, max(box_nms_thresh, crop_nms_thresh))
+        masks, scores = masks[keep], scores[keep]
+    order = torch.argsort(scores, descending=True, stable=True)
+    return masks[order], scores[order]

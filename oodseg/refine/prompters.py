@@ -2,8 +2,9 @@
 
 A prompter is built by ``create_prompter(name, **cfg)`` and called as ``prompter(score_map [H,W], image=None,
 calibration=None) -> Boxes`` (xyxy in original pixels, scores in [0, 1], sorted by descending score). A new prompter
-is one class (or factory function) plus ``@register_prompter(name, space=...)``; ``space`` is its Tune search space
-(same format as :func:`oodseg.scoring.scorer_space`).
+is one class (or factory function) plus ``@register_prompter(name)``. Prompters declare no Tune space: their settings
+act on the refine stage, and no search runs it (the Tune searches fit a scorer's temperature and a loss's
+parameters).
 
 Registered here: ``components`` (training-free: thresholded connected components). ``detector`` (S2M's Faster R-CNN
 on the score map) is registered in :mod:`oodseg.refine.detector`.
@@ -14,7 +15,6 @@ Boxes follow :class:`oodseg.outputs.Boxes`' pixel-edge convention; a prompter's 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,9 +37,9 @@ class Prompter(Protocol):
 PROMPTERS: Registry[Prompter] = Registry("prompter")
 
 
-def register_prompter(name: str | None = None, space: dict[str, dict[str, Any]] | None = None) -> Callable:
-    """Decorator registering a prompter factory (class or function) with its Tune search ``space``."""
-    return PROMPTERS.register(name, space=dict(space or {}))
+def register_prompter(name: str | None = None, **meta: Any) -> Callable:
+    """Decorator registering a prompter factory (class or function), with optional metadata."""
+    return PROMPTERS.register(name, **meta)
 
 
 def create_prompter(name: str, **cfg: Any) -> Prompter:
@@ -48,11 +48,6 @@ def create_prompter(name: str, **cfg: Any) -> Prompter:
 
 def list_prompters() -> list[str]:
     return PROMPTERS.list()
-
-
-def prompter_space(name: str) -> dict[str, dict[str, Any]]:
-    """The hyper-parameter space prompter ``name`` declares (a copy)."""
-    return copy.deepcopy(PROMPTERS.meta(name)["space"])
 
 
 def score_map_array(score_map: Any) -> np.ndarray:
@@ -73,11 +68,7 @@ def score_map_array(score_map: Any) -> np.ndarray:
     return s
 
 
-@register_prompter(
-    "components",
-    space={"min_area": {"type": "choice", "values": [1, 16, 64, 256, 1024]},
-           "reduce": {"type": "choice", "values": ["mean", "max"]}},
-)
+@register_prompter("components")
 class ComponentPrompter:
     """Training-free prompts: one box per 8-connected component of ``score > threshold``.
 

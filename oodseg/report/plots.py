@@ -28,8 +28,8 @@ STYLES = ("-", "--", ":", "-.")
 
 def _png(fig: Any) -> bytes:
     """PNG bytes at 110 dpi. The figures set fixed margins (their layout never changes) instead of ``tight_layout``
-    or ``bbox_inches="tight"``, which measure every text box by rendering it (a heatmap: 0.42 → 0.28 s on a 2-core
-    box); zlib level 1 (a heatmap: 0.59 → 0.50 s, 13 % larger)."""
+    or ``bbox_inches="tight"``, which measure every text box by rendering it; zlib level 1 (faster, slightly larger
+    files; the numbers: ``benchmarks/README.md``)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, pil_kwargs={"compress_level": 1})
     plt.close(fig)
@@ -43,7 +43,7 @@ def _fpr95_point(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
 
 
 def curves_figure(curves: pd.DataFrame, metrics: pd.DataFrame, title: str) -> bytes:
-    """PR + ROC panels of one dataset (module docstring) as PNG bytes."""
+    """PR + ROC panels of one dataset as PNG bytes."""
     fig, (ax_pr, ax_roc) = plt.subplots(1, 2, figsize=(12, 4.8))
     fig.subplots_adjust(left=0.055, right=0.985, bottom=0.1, top=0.93, wspace=0.15)
     methods = sorted({(r.scorer, r.placement, r.temperature) for r in curves.itertuples()}, key=str)
@@ -104,7 +104,7 @@ def plot_curves(store: Any, runs: Sequence[str] | None = None, out_dir: str = "p
 
 def heatmap_png(image: np.ndarray, score: np.ndarray, label: np.ndarray | None = None, title: str = "",
                 masks: np.ndarray | None = None) -> bytes:
-    """PNG bytes of the image and its anomaly-score overlay (module docstring)."""
+    """PNG bytes of the image and its anomaly-score overlay."""
     lo, hi = np.percentile(score, [1, 99])
     norm = np.clip((score - lo) / max(hi - lo, 1e-12), 0, 1)
     panel = 11 * (0.92 - 0.01) / 2.03  # inches per panel: 11-inch figure, margins and wspace below

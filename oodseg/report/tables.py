@@ -37,7 +37,7 @@ def method_label(scorer: str, placement: str | None, temperature: float | None, 
 
 
 def select_rows(store: Any, runs: Sequence[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The metric rows a report shows (module docstring) and ``info`` about their sources."""
+    """The metric rows a report shows and ``info`` about their sources."""
     con = store.duckdb()
     where = "r.job = 'benchmark'" if runs is None else "m.run_id IN (SELECT unnest(?))"
     params = [] if runs is None else [list(runs)]

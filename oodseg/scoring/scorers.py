@@ -258,7 +258,7 @@ def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", *,
 
 
 #: Pixels per chunk when :func:`score_many` runs on the CPU: 16k pixels × 19 classes × 4 B ≈ 1.2 MB, so a scorer's
-#: intermediates stay in L2 cache (measured 3.5× faster than whole-batch ops for six scorers at 256×512).
+#: intermediates stay in L2 cache (several times faster than whole-batch ops: ``benchmarks/README.md``).
 CPU_CHUNK_PIXELS = 1 << 14
 
 

@@ -24,7 +24,7 @@ def gaussian_kernel1d(size: int, sigma: float, device: torch.device | None = Non
 
 
 def gaussian_blur(scores: torch.Tensor, size: int = 7, sigma: float = 1.0) -> torch.Tensor:
-    """Blur ``[B, H, W]`` score maps (module docstring); maps smaller than the kernel are padded by replication."""
+    """Blur ``[B, H, W]`` score maps; maps smaller than the kernel are padded by replication."""
     w = gaussian_kernel1d(size, sigma, scores.device)
     half = size // 2
     x = scores.float().unsqueeze(1)

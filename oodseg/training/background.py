@@ -11,8 +11,8 @@ behind.
 The child has the cores to itself (the driver waits; with several sources the benchmark starts one child at a time),
 so its OpenMP threads spin briefly at barriers as OpenMP does by default (``GOMP_SPINCOUNT`` = GNU libgomp's default
 of 300,000) instead of sleeping at once, as the job's ``OMP_WAIT_POLICY=PASSIVE`` makes them (:mod:`oodseg.process`):
-the demo ERFNet's small steps train 1.6× as fast (2 cores: 9.5 vs 5.8 steps/s, ``benchmarks/omp_wait.py``; the
-same weights). A policy the user set is kept.
+the demo ERFNet's small steps train faster and give the same weights (``benchmarks/omp_wait.py``; the numbers:
+``benchmarks/README.md``). A policy the user set is kept.
 """
 
 from __future__ import annotations

@@ -9,16 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oodseg.config import help_meta as _h
 from oodseg.data import list_datasets
 from oodseg.losses import list_losses
 from oodseg.models import list_models
+from oodseg.models.runtime import PRECISIONS
 from oodseg.scoring import list_scorers
-from oodseg.training.schedule import SCHEDULES
+from oodseg.training.schedule import LR_PER, SCHEDULES
 from oodseg.training.tasks import list_tasks
-
-
-def _h(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,16 @@ class TrainConfig:
     lora_alpha: float = field(default=16.0, metadata=_h("LoRA alpha (scaling alpha / r)"))
     lr: float = field(default=1e-3, metadata=_h("peak learning rate (AdamW)"))
     weight_decay: float = field(default=1e-4, metadata=_h("AdamW weight decay"))
+    adam_eps: float = field(default=1e-8, metadata=_h("AdamW epsilon (SAOM's release: 1e-4)"))
+    decay_1d: bool = field(default=False, metadata=_h("weight decay on 1-d tensors (norm scales, biases) too, as "
+                                                      "SAOM's release; off: on ≥ 2-d weights only"))
     schedule: str = field(default="cosine", metadata=_h("LR decay after warmup", choices=SCHEDULES))
+    lr_per: str = field(default="step", metadata=_h("the LR schedule moves every optimizer step or once an epoch "
+                                                    "(a torch scheduler stepped per epoch, as SAOM's release)",
+                                                    choices=LR_PER))
+    precision: str = field(default="auto", metadata=_h("auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | "
+                                                       "fp16 (autocast + GradScaler, as SAOM's release)",
+                                                       choices=PRECISIONS))
     warmup: int = field(default=10, metadata=_h("linear warmup steps"))
     steps: int = field(default=200, metadata=_h("optimizer steps"))
     global_batch: int = field(default=8, metadata=_h("images per optimizer step over all workers"))
@@ -74,8 +81,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.global_batch < 1 or self.accum < 1:
             raise ValueError("steps, global_batch and accum must be positive")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError(f"lr must be > 0, weight_decay and warmup ≥ 0; got lr {self.lr}, weight_decay "
-                             f"{self.weight_decay}, warmup {self.warmup}")
+        if not self.lr > 0 or not self.adam_eps > 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError(f"lr and adam_eps must be > 0, weight_decay and warmup ≥ 0; got lr {self.lr}, adam_eps "
+                             f"{self.adam_eps}, weight_decay {self.weight_decay}, warmup {self.warmup}")
+        for key, allowed in (("lr_per", LR_PER), ("precision", PRECISIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if self.global_batch % self.accum:
             raise ValueError(f"global_batch {self.global_batch} not divisible by accum {self.accum}")

@@ -16,13 +16,13 @@ cache when ``data_root`` is not a synthetic suite.
   training config, the suite's build parameters and ``DEMO_VERSION``; concurrent callers train once.
 * Reproducible from ``seed``: weights init (``torch.manual_seed``), data order and augmentation all derive from it.
 * Budget: ``DEMO_STEPS`` AdamW steps of ``DEMO_BATCH`` crops of 128×256 (the suite's resolution, rescaled by
-  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)), about 70 s on a free 2-core box at this
-  machine's best speed (the development machine's speed drifts by up to 2× within hours, so speed-ups are measured
-  side by side, ``benchmarks/demo_step.py``, not one run after another). Plain CE with class weights from the train
-  split's pixel frequencies (:func:`class_weights`).
+  ``DEMO_SCALE``; ERFNet at ``width=0.375`` → channels (6, 24, 48)), a minute or two on 2 CPU cores (the
+  README's table of first-run times; the step's speed: ``benchmarks/demo_step.py``). Plain CE with class weights
+  from the train split's pixel frequencies (:func:`class_weights`).
 * Header metadata (besides ``oodseg.model`` / ``oodseg.cfg``): ``oodseg.demo.hash``, ``oodseg.demo.train_config``
   (JSON), ``oodseg.demo.train_seconds``. No validation at the end of training: the benchmark that asks for the
-  model reports the same val mIoU and anomaly AuPRC seconds later (it saves ~5 s of the first run).
+  model reports the same val mIoU and anomaly AuPRC seconds later (validating here would only lengthen the first
+  run).
 
 Training entry point (the plain single-process loop of ``oodseg.training.loop.train_local``, the same step function
 the Ray trainer runs)::
@@ -46,11 +46,8 @@ from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.training.cached import Progress, cached_fit, printer
 from oodseg.training.config import TrainConfig
 
-# Chosen by measurement on 2 CPU cores (synthetic suite v4; README "Standard table" and its seed table): 700 steps of 4
-# crops (1.35× the crops of the former 260 × 8, 2.7× the updates) raise the energy AuPRC on RA-21 / FS Static / Road
-# Anomaly from 28.4 / 23.4 / 24.6 to 32.3 / 30.7 / 32.5 (seed 0) and meet the demo's targets for training seeds 0, 1
-# and 2; 260 × 8 met them for none of the three on this machine, 520 × 4 (the same crops) for seed 0 only, and
-# 1,000 × 8 reaches 40 / 41 / 39 in 2.7× the time.
+# The smallest budget that meets the demo's AuPRC targets for training seeds 0, 1 and 2 (README "Standard table" and
+# its seed table; the recipes compared: benchmarks/README.md).
 DEMO_VERSION = 5
 DEMO_STEPS = 700
 DEMO_BATCH = 4
@@ -113,8 +110,7 @@ def get_demo_checkpoint(
 ) -> Path:
     """Path of the cached demo checkpoint for (suite, seed); trains it first when absent (see module docstring)."""
     cfg = demo_config(suite_root, seed=seed, steps=steps)
-    # Denormals flushed: the same weights bit for bit (all 345 tensors, seed 0, suite v4, DEMO_VERSION 4 and 5) and ≈2 %
-    # faster (DEMO_VERSION 4, two concurrent 1-thread processes: 127.4 s flushed, 130.3 s not).
+    # Denormals flushed: the same weights bit for bit and slightly faster (benchmarks/README.md)
     return cached_fit("demo-erfnet", cfg, suite_root, cache_dir, DEMO_VERSION, progress, flush_denormal=True,
                       evaluate=False)
 

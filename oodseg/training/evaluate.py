@@ -1,61 +1,66 @@
-"""Validation during training: in-distribution mIoU and held-out anomaly AuPRC / FPR95, as mergeable state.
+"""Validation during training: the one subset rule (:func:`val_indices`) and the segmentation task's metrics.
 
-Each rank scores every ``world``-th image (:func:`evaluate`) through ``model.predict``, exactly as the benchmark does;
-the per-rank :class:`~oodseg.scoring.metrics.MetricSet` states merge into the full-set metrics
-(``Strategy.gather``), so the numbers do not depend on the worker count.
+The evaluation loop itself is :meth:`oodseg.training.task.Task.evaluate`: each rank scores every ``world``-th item
+of each validation set into a mergeable :class:`~oodseg.scoring.metrics.MetricSet`, and the per-rank states merge
+into the full-set metrics (``Strategy.gather``), so the numbers do not depend on the worker count. The segmentation
+task measures in-distribution mIoU and held-out anomaly AuPRC / FPR95 through ``model.predict``, exactly as the
+benchmark does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from oodseg.data import create_dataset
-from oodseg.scoring import create_scorer, semantic_prediction
+from oodseg.scoring import semantic_prediction
 from oodseg.scoring.metrics import ConfusionMatrix, MetricSet, PixelMetrics
 from oodseg.training.config import TrainConfig
 
 
-def eval_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(in-distribution val split, anomaly set) of ``cfg`` (either may be None)."""
-    semantic = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.val_split) if cfg.val_split else None
-    anomaly = create_dataset(cfg.anomaly_set, root=cfg.data_root) if cfg.anomaly_set else None
-    return semantic, anomaly
-
-
-def _subset(n: int, limit: int) -> list[int]:
-    """The first ``limit`` indices of an evenly spaced selection (all when ``limit`` is 0 or ≥ n)."""
+def val_indices(n: int, limit: int) -> list[int]:
+    """The validation images of every task: ``limit`` evenly spaced indices of ``n`` (all when ``limit`` is 0 or
+    ≥ n). Evenly spaced rather than the first ``limit``: a set's files are ordered by city or sequence, and the
+    first few would all come from one."""
     if limit <= 0 or limit >= n:
         return list(range(n))
     return np.linspace(0, n - 1, limit).round().astype(int).tolist()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
-             datasets: tuple[Any, Any] | None = None) -> MetricSet:
-    """This rank's share of the validation metrics: ``confusion`` on the val split, ``pixel`` (of ``cfg.scorer``)
-    on the anomaly set."""
-    semantic, anomaly = datasets if datasets is not None else eval_datasets(cfg)
-    was_training = model.training
-    model.eval()
-    metrics = {}
-    if semantic is not None:
-        cm = metrics["confusion"] = ConfusionMatrix(num_classes=semantic.num_classes)
-        for i in _subset(len(semantic), cfg.val_images)[rank::world]:
-            s = semantic[i]
-            pred = semantic_prediction(model.predict(torch.from_numpy(s["image"])[None]), semantic.num_classes)[0]
-            cm.update(pred.cpu().numpy().astype(np.int64), s["label"])
-    if anomaly is not None:
-        scorer = create_scorer(cfg.scorer)
-        pm = metrics["pixel"] = PixelMetrics(smiyc=False)
-        for i in _subset(len(anomaly), cfg.val_images)[rank::world]:
-            s = anomaly[i]
-            pm.update(scorer(model.predict(torch.from_numpy(s["image"])[None]))[0].float().cpu().numpy(), s["label"])
-    model.train(was_training)
+def eval_datasets(cfg: TrainConfig) -> dict[str, Subset]:
+    """``semantic`` (the in-distribution val split) and ``anomaly`` (the held-out anomaly set) of ``cfg``, each
+    cut to :func:`val_indices`; a set the config leaves out is absent."""
+    sets = {"semantic": create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.val_split) if cfg.val_split else None,
+            "anomaly": create_dataset(cfg.anomaly_set, root=cfg.data_root) if cfg.anomaly_set else None}
+    return {name: Subset(ds, val_indices(len(ds), cfg.val_images)) for name, ds in sets.items() if ds is not None}
+
+
+def segmentation_state(data: Mapping[str, Subset]) -> MetricSet:
+    """Empty metrics for :func:`eval_datasets`' sets: ``confusion`` on the semantic split, ``pixel`` on the anomaly
+    set."""
+    metrics: dict[str, Any] = {}
+    if "semantic" in data:
+        metrics["confusion"] = ConfusionMatrix(num_classes=data["semantic"].dataset.num_classes)
+    if "anomaly" in data:
+        metrics["pixel"] = PixelMetrics(smiyc=False)
     return MetricSet(metrics)
+
+
+def update_segmentation(model: nn.Module, state: MetricSet, scorer: Any, name: str, sample: dict[str, Any]) -> None:
+    """Add one validation image: its semantic prediction to ``confusion`` or its anomaly score (``scorer``) to
+    ``pixel``."""
+    logits = model.predict(torch.from_numpy(sample["image"])[None])
+    if name == "semantic":
+        cm = state["confusion"]
+        pred = semantic_prediction(logits, cm.num_classes)[0]
+        cm.update(pred.cpu().numpy().astype(np.int64), sample["label"])
+    else:
+        state["pixel"].update(scorer(logits)[0].float().cpu().numpy(), sample["label"])
 
 
 def summarize(state: MetricSet) -> dict[str, float]:

@@ -85,13 +85,14 @@ def _setup(cfg: TrainConfig, strategy: Strategy, model: nn.Module | None, resume
            export: dict[str, Any] | None, validate: bool) -> tuple[_Run, torch.utils.data.DataLoader]:
     task = create_task(cfg)
     model = task.build_model() if model is None else model
-    strategy.setup(model, task.parameters(model), cfg)
+    samples = task.samples()
+    strategy.setup(model, task.parameters(model), cfg, epoch_len=len(samples))
     task.setup(strategy.device)
     run = _Run(task, strategy, task.eval_data() if validate else None, run_fingerprint(cfg, strategy.name), export)
     if resume is not None:
         run.start = strategy.load(resume)
         run.history = [r for r in json.loads((Path(resume) / HISTORY).read_text()) if r["step"] <= run.start]
-    batches = StepBatches(task.samples(), start=run.start, stop=cfg.steps, global_batch=cfg.global_batch,
+    batches = StepBatches(samples, start=run.start, stop=cfg.steps, global_batch=cfg.global_batch,
                           seed=cfg.seed, rank=strategy.rank, world=strategy.world, accum=cfg.accum)
     # collate_fn: the micro-batches are already collated by the task; the default would turn numpy arrays into tensors
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.data_workers,

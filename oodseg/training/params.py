@@ -25,6 +25,8 @@ import re
 
 from torch import nn
 
+from oodseg.models.base import check_partition
+
 LORA_PREFIX = "lora_"
 
 
@@ -32,7 +34,9 @@ def _groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     fn = getattr(model, "param_groups", None)
     if fn is None:
         raise TypeError(f"{type(model).__name__} has no param_groups(); parameter selection needs a SegModel")
-    return fn()
+    groups = fn()
+    check_partition(model, groups)  # a trainable parameter outside every group would silently never train
+    return groups
 
 
 def _need_group(groups: dict[str, list[nn.Parameter]], key: str, spec: str) -> list[nn.Parameter]:

@@ -6,7 +6,11 @@
 * cosine (Loshchilov & Hutter, "SGDR", ICLR 2017): ``f = m + (1 - m) · ½ (1 + cos(π · p))``;
 * poly (Chen et al., DeepLab, TPAMI 2018; the usual schedule for ERFNet/Cityscapes): ``f = m + (1 - m) · (1 - p)^power``;
 
-where ``p = (step - warmup) / max(1, total - warmup)`` clipped to ``[0, 1]`` and ``m = min_ratio``.
+where ``p = (step - warmup) / max(1, total - warmup)`` clipped to ``[0, 1]`` and ``m = min_ratio``. Stepped per epoch
+(``steps_per_epoch`` given; a torch scheduler stepped once an epoch, as SAOM's release ``CosineAnnealingLR``), the
+decay is held through an epoch: ``step`` is taken back to the start of its epoch, ``⌊step / E⌋ · E`` with ``E``
+optimizer steps per epoch (a fraction when the training set is not a multiple of the global batch), so with no
+warmup ``p = epoch / epochs``.
 The same multiplier drives the plain-torch loop (``torch.optim.lr_scheduler.LambdaLR``) and DeepSpeed (a client
 ``LambdaLR`` passed to ``deepspeed.initialize``), so both strategies follow an identical curve.
 """
@@ -14,17 +18,21 @@ The same multiplier drives the plain-torch loop (``torch.optim.lr_scheduler.Lamb
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from functools import partial
 
 import torch
 
 SCHEDULES = ("cosine", "poly", "constant")
+LR_PER = ("step", "epoch")
 
 
 def lr_factor(
-    step: int, *, total: int, warmup: int = 0, kind: str = "cosine", power: float = 0.9, min_ratio: float = 0.0
+    step: int, *, total: int, warmup: int = 0, kind: str = "cosine", power: float = 0.9, min_ratio: float = 0.0,
+    steps_per_epoch: Fraction | None = None,
 ) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based); per epoch when ``steps_per_epoch``
+    is given."""
     if kind not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {kind!r}; known: {', '.join(SCHEDULES)}")
     if total <= 0:
@@ -33,7 +41,9 @@ def lr_factor(
         return (step + 1) / warmup
     if kind == "constant":
         return 1.0
-    p = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    if steps_per_epoch is not None:
+        step = (step // steps_per_epoch) * steps_per_epoch
+    p = min(1.0, max(0.0, float(step - warmup) / max(1, total - warmup)))
     decay = 0.5 * (1.0 + math.cos(math.pi * p)) if kind == "cosine" else (1.0 - p) ** power
     return min_ratio + (1.0 - min_ratio) * decay
 
@@ -46,7 +56,10 @@ def build_scheduler(
     kind: str = "cosine",
     power: float = 0.9,
     min_ratio: float = 0.0,
+    steps_per_epoch: Fraction | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group (stepped once per optimizer step)."""
-    fn = partial(lr_factor, total=total, warmup=warmup, kind=kind, power=power, min_ratio=min_ratio)
+    """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group (stepped once per optimizer step; the
+    factor itself moves once an epoch when ``steps_per_epoch`` is given)."""
+    fn = partial(lr_factor, total=total, warmup=warmup, kind=kind, power=power, min_ratio=min_ratio,
+                 steps_per_epoch=steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

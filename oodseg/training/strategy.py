@@ -3,22 +3,28 @@
 The training loop (:func:`oodseg.training.loop.fit`) is written once against :class:`Strategy`; a strategy owns the
 optimizer step, the cross-rank reductions and the checkpoint format:
 
-* :class:`LocalStrategy` — one process (CPU or one GPU; bf16/fp16 autocast on CUDA through ``Runtime``);
+* :class:`LocalStrategy` — one process (CPU or one GPU; ``TrainConfig.precision`` through ``Runtime``: bf16 autocast
+  on CUDA by default, fp16 autocast with a ``GradScaler``);
 * :class:`DDPStrategy` — ``torch.nn.parallel.DistributedDataParallel`` over an initialised process group (Ray Train
   sets it up); checkpoints hold model/optimizer/scheduler state written by rank 0 (``train_state.pt``, loaded with
   ``weights_only=True``);
 * :class:`DeepSpeedStrategy` — ``deepspeed.initialize`` with our own ``AdamW`` + ``LambdaLR`` (DeepSpeed never
-  JIT-compiles FusedAdam), ZeRO stage 0/1/2, bf16 on CUDA, fp32 on CPU over gloo; on CPU the compiled shared-memory
-  all-reduce is switched off unless ``shm_comm``. Its own checkpoint loader unpickles; we swap in an engine that
-  loads with ``weights_only=True`` (allow-listing only DeepSpeed's ``LossScaler``, ``ZeroStageEnum``,
-  ``fragment_address``). Every rank saves its ZeRO partition.
+  JIT-compiles FusedAdam), ZeRO stage 0/1/2, bf16 (or fp16 with its own loss scaling) on CUDA, fp32 on CPU over
+  gloo; on CPU the compiled shared-memory all-reduce is switched off unless ``shm_comm``. Its own checkpoint loader
+  unpickles; we swap in an engine that loads with ``weights_only=True`` (allow-listing only DeepSpeed's
+  ``LossScaler``, ``ZeroStageEnum``, ``fragment_address``). Every rank saves its ZeRO partition.
 
 A step consumes ``accum`` micro-batches and makes one optimizer update on their mean loss
 (:mod:`oodseg.training.step`); all strategies follow the same learning-rate curve (:mod:`oodseg.training.schedule`).
+Distribution and precision stay here: a task's ``loss(module, batch)`` gets :attr:`Strategy.module` (the model, the
+DDP wrapper or the DeepSpeed engine) and runs inside the strategy's autocast (:meth:`Strategy.compute`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +41,22 @@ DS_TAG = "state"
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter, ICLR 2019); no weight decay on 1-d tensors (norm scales, biases)."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    """AdamW (Loshchilov & Hutter, ICLR 2019) with epsilon ``cfg.adam_eps``; weight decay on ≥ 2-d weights only (not
+    on norm scales and biases), or with ``cfg.decay_1d`` on every parameter (SAOM's release: torch's AdamW over all
+    parameters)."""
+    decay = [p for p in params if cfg.decay_1d or p.ndim > 1]
+    no_decay = [p for p in params if not cfg.decay_1d and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_eps)
+
+
+def steps_per_epoch(cfg: TrainConfig, epoch_len: int) -> Fraction | None:
+    """Optimizer steps per epoch of ``epoch_len`` training samples when the LR moves per epoch (else None)."""
+    if cfg.lr_per == "step":
+        return None
+    if epoch_len < 1:
+        raise ValueError("lr_per: epoch needs the number of training samples per epoch")
+    return Fraction(epoch_len, cfg.global_batch)
 
 
 class Strategy:
@@ -54,26 +71,44 @@ class Strategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
 
-    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
-        """Move the model to the device and build the optimizer and LR schedule for ``params``."""
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, epoch_len: int = 0) -> None:
+        """Move the model to the device and build the optimizer and LR schedule for ``params`` (``epoch_len``: the
+        training samples of an epoch, for ``cfg.lr_per = "epoch"``); fp16 autocast gets a ``GradScaler`` (loss
+        scaling keeps small fp16 gradients from flushing to zero; bf16 has fp32's range and needs none)."""
+        self.runtime = replace(self.runtime, precision=cfg.precision)
         self.model = self.runtime.prepare(model)
         self.optimizer = build_optimizer(params, cfg)
-        self.scheduler = build_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule)
+        self.scheduler = build_scheduler(self.optimizer, total=cfg.steps, warmup=cfg.warmup, kind=cfg.schedule,
+                                         steps_per_epoch=steps_per_epoch(cfg, epoch_len))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.runtime.dtype == torch.float16 else None
         self.grad_clip = cfg.grad_clip
 
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
-        """One optimizer step over ``micro_batches``; ``compute`` is the task's micro-batch loss."""
-        autocast = self.runtime.dtype if self.runtime.dtype != torch.float32 else None
-        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, compute,
-                          forward=self._forward(), autocast_dtype=autocast, grad_clip=self.grad_clip)
+    @property
+    def module(self) -> nn.Module:
+        """What a task's loss runs: the model itself here; its DDP wrapper or DeepSpeed engine in subclasses."""
+        return self.model
 
-    def _forward(self) -> nn.Module | None:
-        return None
+    def compute(self, loss: Callable[[nn.Module, Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        """``loss(module, micro_batch)`` (a task's) on :attr:`module` under this strategy's autocast: the one place
+        precision enters a step (CPU: fp32; CUDA: bf16 by default, ``TrainConfig.precision``)."""
+
+        def run(micro_batch: Any) -> torch.Tensor:
+            with self.runtime.autocast():
+                return loss(self.module, micro_batch)
+
+        return run
+
+    def step(self, micro_batches: list[Any], loss: Callable[[nn.Module, Any], torch.Tensor]) -> float:
+        """One optimizer step over ``micro_batches``; ``loss(module, micro_batch)`` is the task's micro-batch loss."""
+        return torch_step(self.model, self.optimizer, self.scheduler, micro_batches, self.compute(loss),
+                          no_sync=getattr(self.module, "no_sync", None), grad_clip=self.grad_clip,
+                          scaler=self.scaler)
 
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over all ranks."""
@@ -97,8 +132,11 @@ class Strategy:
     def save(self, directory: Path, step: int) -> None:
         """Write this rank's share of the training state into ``directory``."""
         if self.rank == 0:
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "step": step}, Path(directory) / TRAIN_STATE)
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "step": step}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, Path(directory) / TRAIN_STATE)
 
     def load(self, directory: Path) -> int:
         """Restore from ``directory``; returns the step it was saved at."""
@@ -109,6 +147,8 @@ class Strategy:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         return int(state["step"])
 
     def close(self) -> None:
@@ -126,20 +166,22 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
 
-    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
-        super().setup(model, params, cfg)
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, epoch_len: int = 0) -> None:
+        super().setup(model, params, cfg, epoch_len)
         cuda = self.device.type == "cuda"
         # find_unused_parameters: a task may leave trainable parameters out of a step's graph (SAOM's grid prompts
         # never reach SAM's box / mask prompt embeddings), which plain DDP refuses ("did not receive grad")
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None,
                                                         find_unused_parameters=True) if self.world > 1 else None)
 
-    def _forward(self) -> nn.Module | None:
-        return self.ddp
+    @property
+    def module(self) -> nn.Module:
+        return self.model if self.ddp is None else self.ddp
 
 
 class DeepSpeedStrategy(Strategy):
-    """A DeepSpeed engine over our optimizer and schedule (module docstring)."""
+    """A DeepSpeed engine (ZeRO ``zero_stage``) over our AdamW and LR schedule; the engine is the module a task's
+    loss runs, and its checkpoints load with ``weights_only=True``."""
 
     name = "deepspeed"
 
@@ -154,14 +196,15 @@ class DeepSpeedStrategy(Strategy):
             "train_micro_batch_size_per_gpu": cfg.global_batch // (self.world * cfg.accum),
             "gradient_accumulation_steps": cfg.accum,
             "zero_optimization": {"stage": self.zero_stage},
-            "bf16": {"enabled": self.device.type == "cuda"},
+            "bf16": {"enabled": self.device.type == "cuda" and self.runtime.dtype == torch.bfloat16},
+            "fp16": {"enabled": self.device.type == "cuda" and self.runtime.dtype == torch.float16},
             "gradient_clipping": float(cfg.grad_clip or 0.0),
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
 
-    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig) -> None:
+    def setup(self, model: nn.Module, params: list[nn.Parameter], cfg: TrainConfig, epoch_len: int = 0) -> None:
         import deepspeed
         import deepspeed.ops
 
@@ -169,7 +212,8 @@ class DeepSpeedStrategy(Strategy):
         if scalars:  # deepspeed's initial broadcast views each parameter as bytes, which fails for 0-dim tensors
             raise ValueError(f"--strategy deepspeed: the model has 0-dim parameters {scalars[:5]}, which DeepSpeed "
                              "cannot broadcast; use --strategy ddp")
-        super().setup(model, params, cfg)
+        super().setup(model, params, cfg, epoch_len)
+        self.scaler = None  # DeepSpeed scales an fp16 loss itself (its "fp16" config)
         if self.device.type != "cuda" and not self.shm_comm:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo all-reduce, nothing to compile
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
@@ -178,8 +222,12 @@ class DeepSpeedStrategy(Strategy):
         self.engine.checkpoint_engine = _weights_only_engine()
         self.scheduler = self.engine.lr_scheduler
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], compute: Any) -> float:
-        return deepspeed_step(self.engine, self.model, micro_batches, compute)
+    @property
+    def module(self) -> nn.Module:
+        return self.engine
+
+    def step(self, micro_batches: list[Any], loss: Callable[[nn.Module, Any], torch.Tensor]) -> float:
+        return deepspeed_step(self.engine, micro_batches, self.compute(loss))
 
     def save(self, directory: Path, step: int) -> None:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step})

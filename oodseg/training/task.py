@@ -7,7 +7,7 @@ micro-batch, a mergeable validation state and the export. Tasks are registered b
 * ``segmentation`` (:class:`SegmentationTask`) — a registered ``SegModel`` with a registered loss on Cityscapes-format
   crops, optionally with COCO objects pasted as outliers (OE); validation mIoU + anomaly AuPRC / FPR95;
 * ``s2m_detector`` (:mod:`oodseg.training.detector_task`) — S2M's box detector on the score maps of a frozen model;
-* ``saom`` (:mod:`oodseg.refine.saom_task`) — SAOM fine-tuning of SAM on instance masks.
+* ``saom`` (:mod:`oodseg.training.saom_task`) — SAOM fine-tuning of SAM on instance masks.
 
 A new system that trains is one Task subclass plus its registration; its settings come from ``TrainConfig.task_cfg``
 (parsed into the task's own frozen dataclass, so a typo is an error naming the key).
@@ -26,17 +26,18 @@ from oodseg.data.coco import CocoObjects
 from oodseg.data.paste import OutlierPaste
 from oodseg.losses import create_loss, loss_info
 from oodseg.models import create_model, save_safetensors
+from oodseg.scoring import create_scorer
 from oodseg.scoring.metrics import MetricSet
 from oodseg.training.config import TrainConfig
 from oodseg.training.data import SegAugment, TrainSamples, collate
-from oodseg.training.evaluate import eval_datasets, evaluate, summarize
+from oodseg.training.evaluate import eval_datasets, segmentation_state, summarize, update_segmentation
 from oodseg.training.params import merge_lora, select_parameters, train_mode
 from oodseg.training.step import forward_loss
 from oodseg.training.tasks import register_task
 
 
 class Task:
-    """The training contract (module docstring). ``samples`` must be addressable by ``(index, epoch)`` and carry a
+    """The training contract. ``samples`` must be addressable by ``(index, epoch)`` and carry a
     ``collate``; ``loss`` gets one collated micro-batch and returns a scalar."""
 
     name: ClassVar[str] = ""
@@ -63,19 +64,43 @@ class Task:
     def samples(self) -> Any:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, forward: Any = None,
-             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The loss of one micro-batch. ``model`` is what the strategy trains — the model, its DDP wrapper or a
+        DeepSpeed engine —: call it for the forward pass (so the wrapper sees the pass whose gradients it reduces)
+        and reach the network's own attributes through :func:`oodseg.training.step.unwrap`. The strategy has already
+        entered its autocast; a task sees no distribution or precision setting."""
         raise NotImplementedError
 
     def train_mode(self, model: nn.Module) -> None:
         train_mode(model, frozen_stats=self.cfg.frozen_stats)
 
     def eval_data(self) -> Any:
-        """The validation data (None: the task does not validate)."""
+        """The validation data (None: the task does not validate): ``{set name: items}``, each set cut to
+        :func:`~oodseg.training.evaluate.val_indices`."""
         return None
 
-    def evaluate(self, model: nn.Module, data: Any, rank: int = 0, world: int = 1) -> MetricSet:
+    def eval_state(self, data: Any) -> MetricSet:
+        """Empty validation metrics for ``data``."""
         raise NotImplementedError
+
+    def eval_sample(self, model: nn.Module, state: MetricSet, name: str, sample: Any) -> None:
+        """Add one validation item of set ``name`` to ``state``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Any, rank: int = 0, world: int = 1) -> MetricSet:
+        """This rank's share of the validation state: the model in eval mode, every ``world``-th item of each set
+        from ``rank`` on through :meth:`eval_sample`, the model's mode restored (the one evaluation loop)."""
+        state = self.eval_state(data)
+        was = model.training
+        model.eval()
+        try:
+            for name, items in data.items():
+                for k in range(rank, len(items), world):
+                    self.eval_sample(model, state, name, items[k])
+        finally:
+            model.train(was)
+        return state
 
     def summarize(self, state: MetricSet) -> dict[str, float]:
         raise NotImplementedError
@@ -86,7 +111,8 @@ class Task:
 
 @register_task("segmentation")
 class SegmentationTask(Task):
-    """A registered segmentation model trained with a registered loss (module docstring)."""
+    """A registered segmentation model trained with a registered loss on augmented crops (optionally with pasted COCO
+    outliers); validated by val mIoU and the held-out anomaly set's AuPRC / FPR95."""
 
     def build_model(self) -> nn.Module:
         """``create_model(cfg.model, checkpoint=cfg.init, seed=cfg.seed, ...)`` with the model changes the loss's
@@ -111,17 +137,18 @@ class SegmentationTask(Task):
         aug = SegAugment(crop=tuple(cfg.crop), scale=tuple(cfg.scale), hflip=cfg.hflip)
         return TrainSamples(dataset, aug, seed=cfg.seed, paste=paste, cache=cfg.cache_data, collate=collate)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, forward: Any = None,
-             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return forward_loss(model, batch, self.loss_fn, forward=forward, autocast_dtype=autocast_dtype,
-                            input_dtype=input_dtype)
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return forward_loss(model, batch, self.loss_fn, combine=loss_info(self.cfg.loss).combine)
 
     def eval_data(self) -> Any:
-        data = eval_datasets(self.cfg)
-        return data if any(d is not None for d in data) else None
+        return eval_datasets(self.cfg) or None
 
-    def evaluate(self, model: nn.Module, data: Any, rank: int = 0, world: int = 1) -> MetricSet:
-        return evaluate(model, self.cfg, rank=rank, world=world, datasets=data)
+    def eval_state(self, data: Any) -> MetricSet:
+        self.scorer = create_scorer(self.cfg.scorer)
+        return segmentation_state(data)
+
+    def eval_sample(self, model: nn.Module, state: MetricSet, name: str, sample: Any) -> None:
+        update_segmentation(model, state, self.scorer, name, sample)
 
     def summarize(self, state: MetricSet) -> dict[str, float]:
         return summarize(state)

@@ -115,7 +115,7 @@ def _objects(rng: np.random.Generator, c: Canvas, g: dict[str, float]) -> None:
 
 
 def render_scene(rng: np.random.Generator, h: int, w: int) -> Scene:
-    """One street scene (module docstring), lit by a global gain, a mild colour cast and smooth shadows."""
+    """One street scene, lit by a global gain, a mild colour cast and smooth shadows."""
     c = Canvas(h, w, rng)
     yh = rng.uniform(0.34, 0.46) * h
     k_road = rng.uniform(0.45, 0.7) * w / (h - yh)  # road half-width per row below the horizon

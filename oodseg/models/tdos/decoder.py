@@ -74,7 +74,7 @@ class _PixelLayer(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """Multi-scale pixel decoder with text cross-attention (module docstring)."""
+    """Multi-scale pixel decoder with text cross-attention."""
 
     def __init__(self, in_dim: int, dim: int, heads: int, layers: int, ffn: int, text_dim: int, n_text: int,
                  attn: str = "global") -> None:
@@ -132,7 +132,7 @@ class _DecoderLayer(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    """Text-initialised masked-attention transformer decoder + class / mask heads (module docstring)."""
+    """Text-initialised masked-attention transformer decoder + class / mask heads."""
 
     def __init__(self, dim: int, heads: int, layers: int, ffn: int, text_dim: int, n_queries: int,
                  n_classes: int) -> None:

@@ -50,7 +50,7 @@ def eot_positions(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
 
 
 class PromptTextEncoder(nn.Module):
-    """``K = C + n_negative`` text embeddings ``[K, D]`` from the frozen CLIP text tower (module docstring)."""
+    """``K = C + n_negative`` text embeddings ``[K, D]`` from the frozen CLIP text tower."""
 
     def __init__(self, clip: Any, class_ids: torch.Tensor, sot_id: int, eot_id: int, n_ctx: int, n_negative: int,
                  neg_len: int) -> None:

@@ -29,7 +29,7 @@ def scaled_blocks(n_layers: int, blocks: Sequence[int] = BASE_BLOCKS, depth: int
 
 
 class Adapters(nn.Module):
-    """``fpn1..4``: token grids ``[B, W, h, w]`` → strides ``p/4, p/2, p, 2p`` (module docstring)."""
+    """``fpn1..4``: token grids ``[B, W, h, w]`` → strides ``p/4, p/2, p, 2p``."""
 
     def __init__(self, width: int) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ Stages, each one module with a documented input and output:
 * :mod:`.driver`     — the loop over models and stages (:data:`~.driver.STAGES`).
 
 Importing the package imports none of them: Ray workers import only the stage module they run (a read task needs
-``read``, ~0.2 s; the whole package with torch, torchvision and pandas took ~7 s per new worker process). The names
+``read`` alone, not torch, torchvision and pandas; the cost: ``benchmarks/README.md``). The names
 below resolve on first use (PEP 562); ``prepare`` is the submodule, its function is ``prepare.prepare``.
 """
 

@@ -47,7 +47,7 @@ def unit_components(unit: UnitResult, track: str) -> dict[int, dict[str, dict[st
 
 def shard_metrics(scores: np.ndarray, label: np.ndarray, configs: Mapping[str, Mapping[str, Any]],
                   refined: bool) -> dict[str, Any]:
-    """The post metrics of one image's map for one key (module docstring)."""
+    """The post metrics of one image's map for one key."""
     out: dict[str, Any] = {slot: ComponentMetrics(**cfg).update(scores, label) for slot, cfg in configs.items()}
     s2m_map = scores if refined else scores > np.float32(configs["components"]["threshold"])
     out["s2m"] = S2MMetrics().update(s2m_map.astype(np.float32), label)
@@ -69,7 +69,7 @@ def component_shard(path: str, cache: Mapping[str, str], configs: Mapping[int, M
 
 class ComponentWorker:
     """Ray actor running :func:`component_shard`; one process for the whole run, so the imports (torch, the
-    package: ~7 s on 2 cores) are paid once instead of once per short-lived task worker."""
+    package) are paid once instead of once per short-lived task worker."""
 
     def shard(self, path: str, cache: Mapping[str, str], configs: Mapping[int, Mapping[str, Any]],
               refined: bool) -> bytes:
@@ -80,14 +80,11 @@ class ComponentPass:
     """The component pass of a run: a unit whose cached maps are small (≤ ``local_bytes``) is computed in the driver;
     larger ones go to ``n_actors`` :class:`ComponentWorker` actors, started on first need and fed round-robin.
 
-    Measured on 2 cores (demo: 5 anomaly units × 20 images × 6 keys of 128×256 maps, ~4 ms per image × key, 2.4 s
-    in all): one Ray task per shard cost 10–13 s per unit, nearly all of it new worker processes importing torch and
-    the package (Ray keeps ~num_cpus idle workers, so every unit started them again); one long-lived actor brought it
-    to ~0.5 s per unit, but its own start-up (~4 s of CPU beside the model actor's) still cost more than the whole
-    demo pass in the driver. The default ``local_bytes`` (64 MiB of fp16 maps, ~34 M pixel × key values) bounds the
-    driver's share to a few seconds per unit; real-size sets (1024×2048 maps: ~25 MiB per image at 6 keys) go to the
-    actors. The actors reserve no CPU: their work is short, the driver waits on it, and a reserved CPU would queue
-    them behind the streaming reads."""
+    Why: a Ray task per shard pays for new worker processes importing torch and the package on every unit (Ray keeps
+    only ~num_cpus idle workers); a long-lived actor pays its start-up once, which is more than a small set's whole
+    pass in the driver. ``local_bytes`` (64 MiB of fp16 maps) bounds the driver's share to a few seconds per unit;
+    real-size sets go to the actors (the measurements: ``benchmarks/README.md``). The actors reserve no CPU: their
+    work is short, the driver waits on it, and a reserved CPU would queue them behind the streaming reads."""
 
     def __init__(self, ray: Any, n_actors: int | None = None, local_bytes: int = 64 << 20) -> None:
         self.ray = ray

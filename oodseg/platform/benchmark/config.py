@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oodseg.config import ConfigError
+from oodseg.config import help_meta as _h
 from oodseg.data import default_datasets, list_datasets
 from oodseg.models import list_models, model_output_kind
 from oodseg.models.factory import MODELS
@@ -99,10 +100,6 @@ class ScorerKey:
     def label(self) -> str:
         extra = "".join(f",{k}={v}" for k, v in self.params)
         return f"{self.method}[{self.placement},T={self.temperature:g}{extra}]"
-
-
-def _h(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ CPU budget (2-core machines): actors and read tasks take fractional CPUs (``acto
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 from typing import Any
@@ -29,7 +28,7 @@ from oodseg.platform.benchmark.score import ScoreStage
 from oodseg.platform.benchmark.stage import ModelRun, Stage
 from oodseg.platform.benchmark.units import Reducer, UnitResult
 from oodseg.platform.cache import KINDS, ShardCache
-from oodseg.platform.runs import RunRecord, gpu_names, init_ray, log, new_run_id, progress_bar, status_of
+from oodseg.platform.runs import RunRecord, gpu_names, init_ray, log, new_run_id, progress_bar
 
 #: the passes of a model, in order; a new pass is one Stage subclass added here
 STAGES: tuple[type[Stage], ...] = (ScoreStage, RefineStage)
@@ -62,7 +61,8 @@ def unit_line(model: str, stage: str, unit: UnitResult, rows: list[dict[str, Any
 
 
 class BenchmarkRunner:
-    """Runs a :class:`BenchmarkConfig` (module docstring); ``run()`` returns the run id."""
+    """Runs a :class:`BenchmarkConfig`: prepare (no Ray), then every model through :data:`STAGES`, each unit
+    committed as it completes; ``run()`` returns the run id."""
 
     def __init__(self, cfg: BenchmarkConfig, plan: Plan | None = None) -> None:
         self.cfg = cfg
@@ -79,30 +79,27 @@ class BenchmarkRunner:
             plan.cancel()
             raise
         record = RunRecord(plan.store, self.run_id, "benchmark", to_json(self.cfg), self.cfg.seed,
-                           json.dumps(plan.fingerprint())).start(gpu_names(ray))
-        log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
-        self.components = ComponentPass(ray) if self.cfg.component_metrics else None
-        try:
-            for spec in self.cfg.models:
-                run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
-                               plan.keys[spec.name], plan.datasets, plan.infos,
-                               plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
-                run.fits = ensure_fits(ray, run, plan.data_root)  # before scoring: what post-hoc scorers need
-                for stage_cls in STAGES:
-                    self.run_stage(ray, stage_cls(run))
-        except BaseException as e:
-            if disk_full(e):
+                           json.dumps(plan.fingerprint()))
+        with record.running(gpu_names(ray)):
+            log(f"run {self.run_id}: results → {plan.store.root}, data ← {plan.data_root}")
+            self.components = ComponentPass(ray) if self.cfg.component_metrics else None
+            try:
+                for spec in self.cfg.models:
+                    run = ModelRun(self.cfg, plan.store, self.run_id, spec, plan.checkpoints[spec.name],
+                                   plan.keys[spec.name], plan.datasets, plan.infos,
+                                   plan.store.completed_units(self.run_id), plan.refine.get(spec.name, {}))
+                    run.fits = ensure_fits(ray, run, plan.data_root)  # before scoring: what post-hoc scorers need
+                    for stage_cls in STAGES:
+                        self.run_stage(ray, stage_cls(run))
+            except BaseException as e:
+                if not disk_full(e):
+                    raise
                 self.free_scratch(plan)  # room for the status row; the rerun redoes these units anyway
-            with contextlib.suppress(OSError):  # still full: the next attempt marks the row interrupted
-                record.finish(status_of(e))
-            if disk_full(e):
                 raise ConfigError(f"--results {plan.store.root}: no space left on its device; free space and rerun "
                                   f"with --run-id {self.run_id} to resume (committed units are kept)") from None
-            raise
-        finally:
-            if self.components:
-                self.components.stop()
-        record.finish("finished")
+            finally:
+                if self.components:
+                    self.components.stop()
         return self.run_id
 
     def free_scratch(self, plan: Plan) -> None:
@@ -115,7 +112,7 @@ class BenchmarkRunner:
                         ShardCache(plan.store.root, self.run_id, spec.name, key, kind).delete()
 
     def run_stage(self, ray: Any, stage: Stage) -> None:
-        """Stream → reduce → components → commit, unit by unit (module docstring)."""
+        """Stream → reduce → components → commit, unit by unit."""
         run = stage.run
         if not stage.enabled():
             return

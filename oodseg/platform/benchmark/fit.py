@@ -187,7 +187,7 @@ def merge_calls(batches: Any, names: Sequence[str]) -> tuple[dict[str, Any], int
 
 
 def run_fit_pass(ray: Any, run: Any, train: Any, missing: Mapping[str, Mapping[str, Any]]) -> tuple[dict, int, int]:
-    """The Ray Data pass computing the ``missing`` states ``{name: config}`` over ``train`` (module docstring)."""
+    """The Ray Data pass computing the ``missing`` states ``{name: config}`` over ``train``."""
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     cfg = run.cfg
@@ -244,18 +244,13 @@ def ensure_fits(ray: Any, run: Any, root: str) -> dict[str, str]:
     log(f"{spec.name}: fitting {', '.join(missing)} on {cfg.fit_dataset} {cfg.fit_split} ({len(train.samples)} images)")
     record = RunRecord(run.store, f"{run.run_id}-fit-{spec.name}", "fit", json.dumps(
         {"model": spec.name, "fits": missing}), cfg.seed, json.dumps({n: prints[n] for n in missing}, default=str))
-    record.start()
-    try:
+    with record.running():
         states, n, failed = run_fit_pass(ray, run, train, {m: prints[m]["fit_cfg"] for m in missing})
         for name in missing:
             if states[name] is None or n == failed:
                 raise ConfigError(f"{spec.name}: fit {name!r} saw no training image ({failed} failed to read)")
             save_fit(run.store, paths[name], states[name], {"fingerprint": prints[name], "run_id": run.run_id,
                                                              "n_images": n - failed, "failed": failed})
-    except BaseException as e:
-        record.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
-    record.finish("finished")
     log(f"{spec.name}: fitted {', '.join(missing)} on {n - failed} images → {run.store.root}/fits")
     return paths
 

@@ -260,7 +260,7 @@ def open_datasets(cfg: BenchmarkConfig, root: str) -> dict[str, Any]:
 
 
 def prepare(cfg: BenchmarkConfig) -> Plan:
-    """Validate and resolve ``cfg`` (module docstring); no Ray, no scoring."""
+    """Validate and resolve ``cfg``; no Ray, no scoring."""
     import_plugins(cfg.plugins)
     check_device(cfg)
     store = check_results_root(cfg.results)

@@ -55,7 +55,7 @@ class RefineInputs:
 
 
 class RefineActor:
-    """Ray Data UDF (module docstring): SAM + prompter loaded once; per call, score shards → refined rows."""
+    """Ray Data UDF: SAM + prompter loaded once; per call, score shards → refined rows."""
 
     def __init__(self, ctx: ActorContext, inputs: RefineInputs) -> None:
         import_plugins(ctx.cfg.plugins)
@@ -119,7 +119,8 @@ class RefineActor:
 
 
 class RefineStage(Stage):
-    """The refine pass (module docstring) on an actor pool."""
+    """The ``s2m`` pass: each refined key's score maps from the score stage's cache → prompts → SAM masks → refined
+    maps and their metric rows, on a pool of :class:`RefineActor`."""
 
     name = "s2m"
     cache_kind = "refined"
@@ -154,7 +155,7 @@ class RefineStage(Stage):
                 for k in pending if self.run.infos[k].kind == "anomaly"}
 
     def calibrations(self, pending: list[str]) -> dict[str, dict[str, dict]]:
-        """Dataset → refined scorer → ScoreCalibration fields of the map it refines (module docstring)."""
+        """Dataset → refined scorer → ScoreCalibration fields of the map it refines."""
         plain, sources, keys = self.score_keys(), self.sources(), self.keys()
 
         def of(dataset: str) -> dict[str, dict]:

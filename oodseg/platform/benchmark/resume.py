@@ -49,7 +49,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def fingerprint(cfg: BenchmarkConfig, checkpoints: Mapping[str, str | None]) -> dict[str, Any]:
-    """The run's fingerprint (module docstring); ``checkpoints``: model name → resolved file, for those resolved."""
+    """The run's fingerprint; ``checkpoints``: model name → resolved file, for those resolved."""
     out = {k: v for k, v in json.loads(to_json(cfg)).items() if k not in RESUMABLE}
     out.update({f"{CHECKPOINT}{name!r}": file_digest(path) for name, path in checkpoints.items()})
     return out

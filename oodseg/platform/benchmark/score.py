@@ -69,7 +69,7 @@ def writes_scores(cfg: BenchmarkConfig) -> bool:
 
 
 class ScoreActor:
-    """Stateful Ray Data UDF (module docstring): model loaded once; per call → rows."""
+    """Stateful Ray Data UDF: model loaded once; per call → rows."""
 
     def __init__(self, ctx: ActorContext) -> None:
         cfg = ctx.cfg

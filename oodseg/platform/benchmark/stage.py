@@ -116,7 +116,8 @@ class ActorContext:
 
 
 class Stage:
-    """One pass (module docstring). ``name`` keys its units in the results store."""
+    """One pass over a model's pending units: ``stream`` yields their rows, which the driver reduces per unit and
+    commits. ``name`` keys its units in the results store."""
 
     name: ClassVar[str] = ""
     cache_kind: ClassVar[str] = "scores"  # the maps its units' component pass reads

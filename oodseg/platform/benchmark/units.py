@@ -91,7 +91,7 @@ class UnitResult:
 
 
 class Reducer:
-    """Merge a pass's rows into units and yield each unit once all its images arrived (module docstring)."""
+    """Merge a pass's rows into units and yield each unit once all its images arrived."""
 
     def __init__(self, units: Mapping[str, UnitResult], on_image: Callable[[str], None] | None = None,
                  on_info: Callable[[str], None] | None = None) -> None:

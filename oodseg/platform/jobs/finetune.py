@@ -19,7 +19,7 @@ from oodseg.models import check_checkpoint
 from oodseg.models.factory import MODELS, check_checkpoint_model, model_output_kind
 from oodseg.platform.benchmark.prepare import check_results_root
 from oodseg.platform.cli import run_cli
-from oodseg.platform.runs import RunRecord, init_ray, log, status_of
+from oodseg.platform.runs import RunRecord, init_ray, log
 from oodseg.platform.trainer import (
     FinetuneConfig,
     StoredCheckpoint,
@@ -97,13 +97,8 @@ def main(argv: list[str] | None = None, preset: Mapping[str, Any] | None = None,
             log(f"resuming {cfg.name} from {last} (step {checkpoint_step(last)}/{run.train.steps})")
         store = check_results_root(cfg.results)
         init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
-        record = RunRecord(store, cfg.name, "finetune", to_json(run), cfg.train.seed).start()
-        try:
+        with RunRecord(store, cfg.name, "finetune", to_json(run), cfg.train.seed).running():
             result = run_finetune(run, printer=lambda row: log(format_row(row, run.train.steps)))
-        except BaseException as e:
-            record.finish(status_of(e))
-            raise
-        record.finish("finished")
         final = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
         print(f"finished {cfg.name} in {time.time() - t0:.0f} s: " +
               ", ".join(f"{k} {100 * v:.1f}%" for k, v in final.items() if v is not None), flush=True)

@@ -42,7 +42,7 @@ from oodseg.config import from_dict, to_dict, to_json
 from oodseg.losses import loss_space
 from oodseg.models import model_output_kind
 from oodseg.platform.results import ResultsStore
-from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id, status_of
+from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id
 from oodseg.platform.trainer import FinetuneConfig, build_trainer, resolve_data
 from oodseg.platform.tuning.reaper import placement_group_reaper, reap_until_clean
 from oodseg.platform.tuning.spaces import tune_space
@@ -223,8 +223,7 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
     exp_dir = f"{storage}/{run_id}/{study}"
     objective, mode = cfg.objective, OBJECTIVES[cfg.objective]
     ray = init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
-    record = RunRecord(store, run_id, "tune_loss", to_json(cfg), cfg.seed).start()
-    try:
+    with RunRecord(store, run_id, "tune_loss", to_json(cfg), cfg.seed).running():
         trainable = tune.with_resources(
             tune.with_parameters(loss_trial, base=to_dict(base), train_storage=f"{storage}/{run_id}/train"),
             {"cpu": 0.01},  # the driver only waits on the Train controller; the workers hold the real resources
@@ -245,10 +244,6 @@ def run_loss_search(cfg: LossSearchConfig) -> LossSearchResult:
         stopped = sum(1 for r in rows if r["status"] == "ok" and _iterations(r) < cfg.max_t)
         log(f"{study}: {len(rows)} trials, {stopped} stopped early by ASHA; best {objective} = "
             f"{best.metrics[objective]:.4f} with {best.config}")
-    except BaseException as e:
-        record.finish(status_of(e))
-        raise
-    record.finish("finished")
     return LossSearchResult(run_id, study, grid.experiment_path, dict(best.config), float(best.metrics[objective]),
                             rows, bool(restored), best.metrics.get("checkpoint_path"),
                             hints(store, f"{storage}/{run_id}", run_id, study, SQL_COMPLETED.format(cfg.max_t)))

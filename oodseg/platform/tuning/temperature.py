@@ -31,22 +31,19 @@ from typing import Any
 import numpy as np
 
 from oodseg.config import ConfigError, to_json
+from oodseg.config import help_meta as _h
 from oodseg.data import default_datasets, list_datasets
 from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, DatasetSpec, ModelSpec
 from oodseg.platform.cache import record_outputs
 from oodseg.platform.output_cache import CachedSet, find_source_run, load_cached_set
 from oodseg.platform.results import ResultsStore, safe_key
-from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id, status_of
+from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id
 from oodseg.platform.tuning.spaces import at_bound, in_space, tune_space
 from oodseg.platform.tuning.trials import hints, trial_rows, write_trials
 from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers, scorer_applies, scorer_space
 from oodseg.scoring.metrics import PixelMetrics
 
 OBJECTIVES = {"auprc": "max", "fpr95": "min"}
-
-
-def _h(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass(frozen=True)
@@ -304,8 +301,7 @@ def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchRes
     source, created = source_run(cfg, store)
     data = load_sets(cfg, store, source)
     ray = init_ray(cfg.ray_address, cfg.num_cpus, verbose=cfg.verbose)
-    record = RunRecord(store, run_id, "tune_temperature", to_json(cfg), cfg.seed).start()
-    try:
+    with RunRecord(store, run_id, "tune_temperature", to_json(cfg), cfg.seed).running():
         log(f"{'created' if created else 'reusing'} the output cache of benchmark run {source!r}: "
             f"{sum(len(d.labels) for d in data.values())} images, {sum(d.nbytes for d in data.values()) / 2**20:.1f}"
             " MiB")
@@ -319,10 +315,6 @@ def run_temperature_search(cfg: TemperatureSearchConfig) -> TemperatureSearchRes
             write_trials(store, run_id, study.study, study.trials)
             studies.append(study)
         rows = _report(ray, cfg, store, run_id, source, studies, refs)
-    except BaseException as e:
-        record.finish(status_of(e))
-        raise
-    record.finish("finished")
     tb = f"{cfg.storage or store.uri('tune')}/{run_id}"
     return TemperatureSearchResult(run_id, source, created, studies, rows, hints(store, tb, run_id, studies[0].study))
 

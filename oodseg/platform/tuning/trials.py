@@ -50,7 +50,7 @@ def _trial_id_from_dir(path: str) -> str:
 
 def trial_rows(result_grid: Any, *, run_id: str, study: str, model: str, dataset: str, objective: str, mode: str,
                params: Iterable[str], extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One ``trials`` row per Tune trial of ``result_grid`` (module docstring)."""
+    """One ``trials`` row per Tune trial of ``result_grid``."""
     names = list(params)
     rows = []
     now = datetime.now(timezone.utc)

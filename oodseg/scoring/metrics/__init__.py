@@ -8,6 +8,8 @@
   NeurIPS 2021 Datasets & Benchmarks; official ``road_anomaly_benchmark/metrics/instance_segmentation.py``).
 * :class:`ConfusionMatrix` (``"confusion"``): mIoU / per-class IoU / pixel accuracy of the closed-set head.
 * :class:`BoxMetrics` (``"boxes"``): box recall and AP at IoU 0.5 (S2M's detector validation).
+* :class:`S2MMetrics` (``"s2m"``): S2M's IoU / AuIoU / mean F1; :class:`SaomEval` (``"saom"``): SAOM's per-class
+  pooled mask IoU and pixel recall over GT instances.
 
 Every metric shares :class:`~oodseg.scoring.metrics.base.MergeableMetric` (``update``, ``merge``, ``compute(warn=)``,
 ``state_dict`` / ``from_state_dict``, ``reset``, ``row``) and is registered by name (:func:`create_metric`,
@@ -28,6 +30,7 @@ from oodseg.scoring.metrics.confusion import ConfusionMatrix
 from oodseg.scoring.metrics.functional import curve_metrics
 from oodseg.scoring.metrics.pixel import PixelMetrics, float32_keys, keys_to_float32
 from oodseg.scoring.metrics.s2m import S2MMetrics
+from oodseg.scoring.metrics.saom import SaomEval
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "MetricSet",
     "PixelMetrics",
     "S2MMetrics",
+    "SaomEval",
     "SmiycPixelMetrics",
     "average_precision",
     "box_recall",

@@ -39,7 +39,7 @@ def curve_metrics(tp: np.ndarray, fp: np.ndarray) -> dict[str, float]:
 
 
 def fpr95_interp(tp: np.ndarray, fp: np.ndarray) -> float:
-    """``ood_metrics.fpr_at_95_tpr`` on the same curve (module docstring)."""
+    """``ood_metrics.fpr_at_95_tpr`` on the same curve."""
     keep = np.arange(tp.size) if tp.size < 3 else \
         np.flatnonzero(np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True])
     tpr = np.r_[0.0, tp[keep]] / tp[-1]

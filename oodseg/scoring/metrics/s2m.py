@@ -52,7 +52,7 @@ def s2m_image_curves(scores: np.ndarray, labels: np.ndarray, exclude_void: bool 
 
 @register_metric("s2m")
 class S2MMetrics(MergeableMetric):
-    """S2M's IoU, AuIoU and mean F1 over the 101 thresholds of :data:`S2M_THRESHOLDS` (module docstring).
+    """S2M's IoU, AuIoU and mean F1 over the 101 thresholds of :data:`S2M_THRESHOLDS`.
 
     compute(): ``iou`` = the best image-mean IoU over thresholds (S2M ``Best_miou``, an oracle threshold; the first
     threshold reaching it is ``best_threshold``), ``auiou`` = ``np.trapezoid(mean IoU, thresholds)`` (S2M

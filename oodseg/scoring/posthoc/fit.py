@@ -53,7 +53,7 @@ def fit_reads_features(name: str) -> bool:
 
 
 class FitState(MergeableMetric):
-    """Mergeable train-split state of a post-hoc scorer (module docstring)."""
+    """Mergeable train-split state of a post-hoc scorer."""
 
     columns: ClassVar[dict[str, str]] = {}
 

@@ -18,7 +18,7 @@ GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "
 
 @register_scorer("gen", space=GEN_SPACE)
 def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -> torch.Tensor:
-    """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z)`` (module docstring). For the top class,
+    """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z)``. For the top class,
     ``1 − p`` is the sum of the other probabilities (``1 − p`` in float32 loses the digits that matter as ``p → 1``)."""
     p = torch.softmax(z, dim=1)
     top = z.argmax(dim=1, keepdim=True)

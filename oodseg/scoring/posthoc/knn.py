@@ -51,7 +51,7 @@ def normalise(f: torch.Tensor) -> torch.Tensor:
 
 @register_fit("feature_bank", features=True)
 class FeatureBank(FitState):
-    """At most ``cap`` normalised training feature pixels with the smallest seeded keys (module docstring)."""
+    """At most ``cap`` normalised training feature pixels with the smallest seeded keys."""
 
     def __init__(self, num_classes: int = 19, cap: int = 8192, seed: int = 0) -> None:
         if cap < 1:

@@ -102,7 +102,7 @@ def min_sq_distance(y: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("mahalanobis", space={}, reads="map", fit="class_gaussians", needs=("features",))
 def mahalanobis(ctx: ScoreContext, temperature: float) -> torch.Tensor:
-    """Min class-conditional Mahalanobis distance of each feature pixel (module docstring)."""
+    """Min class-conditional Mahalanobis distance of each feature pixel."""
     f = ctx.features("mahalanobis")
     w, centres = ctx.fitted("mahalanobis").whitening()
     if w.shape[0] != f.shape[1]:

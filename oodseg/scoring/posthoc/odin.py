@@ -25,7 +25,7 @@ ODIN_SPACE = {"temperature": {"type": "loguniform", "low": 1.0, "high": 1000.0},
 
 
 def perturb(model: torch.nn.Module, x: torch.Tensor, temperature: float, epsilon: float) -> torch.Tensor:
-    """``x − ε · sign(∇ₓ CE(L(x)/T, argmax L(x))) / std`` (module docstring); ``x`` is not modified."""
+    """``x − ε · sign(∇ₓ CE(L(x)/T, argmax L(x))) / std``; ``x`` is not modified."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         logits = model(x).logits.float()
@@ -37,7 +37,7 @@ def perturb(model: torch.nn.Module, x: torch.Tensor, temperature: float, epsilon
 
 @register_scorer("odin", space=ODIN_SPACE, reads="map", needs=("network",), kinds=("pixel",))
 def odin(ctx: ScoreContext, temperature: float, epsilon: float = 0.0014) -> torch.Tensor:
-    """``1 − MSP`` of the perturbed input at temperature ``T`` (module docstring)."""
+    """``1 − MSP`` of the perturbed input at temperature ``T``."""
     model = ctx.network("odin")
     x, _ = model.model_input(ctx.images)
     x_tilde = perturb(model, x, temperature, float(epsilon))

@@ -28,7 +28,7 @@ from oodseg.scoring.scorers import energy, register_scorer
 
 @register_fit("activation_histogram", features=True)
 class ActivationHistogram(FitState):
-    """Sparse exact histogram of the rounded feature activations (module docstring)."""
+    """Sparse exact histogram of the rounded feature activations."""
 
     def __init__(self) -> None:
         self.values = np.zeros(0, np.int64)
@@ -63,7 +63,7 @@ class ActivationHistogram(FitState):
                                  "temperature": {"type": "loguniform", "low": 0.05, "high": 20.0}},
                  reads="map", fit="activation_histogram", needs=("features", "network"), kinds=("pixel",))
 def react(ctx: ScoreContext, temperature: float, percentile: float = 90.0) -> torch.Tensor:
-    """Energy of the logits of the clipped features (module docstring)."""
+    """Energy of the logits of the clipped features."""
     f = ctx.features("react")
     model = ctx.network("react", images=False)
     c = ctx.fitted("react").threshold(float(percentile))

@@ -92,7 +92,7 @@ SML_SPACE = {
 @register_scorer("sml", space=SML_SPACE, reads="map", fit="max_logit_stats")
 def sml(ctx: ScoreContext, temperature: float, boundary_width: int = 4, boundary_iterations: int = 4,
         dilation: int = 6) -> torch.Tensor:
-    """``−SML`` (module docstring); ``boundary_width=0`` turns boundary suppression off, ``dilation=0`` the dilated
+    """``−SML``; ``boundary_width=0`` turns boundary suppression off, ``dilation=0`` the dilated
     smoothing (the reference applies both: width 4 in 4 iterations, dilation 6)."""
     stats: MaxLogitStats = ctx.fitted("sml")
     z = ctx.class_scores(1.0)

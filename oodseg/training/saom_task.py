@@ -8,7 +8,7 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
 
 * ``grid`` — SAOM (Khan et al., ICIP 2024; ``mariiak2021/SAOMv1-SAOMv2-and-PanoSAM``): one positive point per GT mask
   by nearest-neighbour assignment on the everything-mode grid, best of 3 masks by predicted IoU, Dice + focal +
-  class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.refine.saom`).
+  class CE; image encoder frozen unless ``train_encoder`` (:mod:`oodseg.models.saom`, :mod:`oodseg.losses.saom`).
 * ``box`` — SAM's own promptable objective (Kirillov et al., ICCV 2023), for a SAM trained from scratch: each object
   mask (classes with instances only: a box around a stuff region says nothing about it) prompted by its box (one mask)
   and by a random interior point (3 masks, the lowest-loss one trained), Dice + per-pixel BCE; every part trains.
@@ -19,7 +19,7 @@ on the IoU token (:class:`SaomModel`). ``prompts`` selects the objective:
   ``outliers`` COCO-format objects per frame are pasted (:class:`~oodseg.data.paste.OutlierPaste`, one at a time,
   later pastes occluding earlier masks) and prompted like the frame's own objects.
 
-Validation: the SAOM protocol (:class:`~oodseg.refine.saom.SaomEval`: per-class pooled IoU and pixel recall over
+Validation: the SAOM protocol (:class:`~oodseg.scoring.metrics.SaomEval`: per-class pooled IoU and pixel recall over
 instances, prompts from the same GT-based grid assignment). Export: the SAM as self-describing safetensors
 (``create_sam(path)``), which S2M loads with one config line.
 """
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from oodseg.config import from_dict
@@ -40,17 +39,19 @@ from oodseg.data.coco import CocoObjects
 from oodseg.data.instances import CityscapesInstances
 from oodseg.data.paste import OutlierPaste
 from oodseg.labels import IGNORE_ID
+from oodseg.losses.saom import promptable_mask_loss, saom_loss
 from oodseg.models import resolve_checkpoint
 from oodseg.models.sam import SamSegmenter, check_sam, create_sam, save_sam
-from oodseg.refine.saom import (
-    SaomEval,
+from oodseg.models.saom import (
     SaomHead,
+    best_of_three,
     point_grid,
-    saom_image_loss,
     saom_predict,
+    saom_prompts,
     select_saom_parameters,
 )
-from oodseg.scoring.metrics import MetricSet
+from oodseg.scoring.metrics import MetricSet, SaomEval
+from oodseg.training.evaluate import val_indices
 from oodseg.training.task import Task
 from oodseg.training.tasks import register_task
 
@@ -147,10 +148,30 @@ class InstanceSamples:
         return image, stacked, np.asarray(classes, np.int64)
 
 
+def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.Tensor | np.ndarray,
+                    classes: torch.Tensor | np.ndarray, grid: np.ndarray,
+                    min_fraction: float = 0.5) -> dict[str, torch.Tensor] | None:
+    """SAOM's loss terms on one image with all its GT masks ``[K, H, W]`` (classes ``[K]``) as one prompt batch
+    (the ``[0, 1]`` ``grid`` comes from :func:`point_grid`); None when no mask is usable."""
+    encoder_grad = any(p.requires_grad for p in sam.param_groups()["encoder"])
+    img = sam.embed(image, grad=encoder_grad)
+    points, keep = saom_prompts(sam, img, masks, grid, min_fraction)
+    if not keep.any():
+        return None
+    dev = img.embeddings.device
+    gt = torch.as_tensor(masks, device=dev)[torch.as_tensor(keep, device=dev)]
+    cls = torch.as_tensor(classes, device=dev).long()[torch.as_tensor(keep, device=dev)]
+    n_cls = getattr(head, "num_classes", None)
+    if n_cls is not None and (cls.min() < 0 or cls.max() >= n_cls):
+        raise ValueError(f"SAOM classes must be in [0, {n_cls}), got {sorted(set(cls.tolist()))}")
+    logits, token = best_of_three(sam, img, points[keep])
+    return {**saom_loss(logits, gt, head(token), cls), "n_masks": torch.tensor(float(keep.sum()))}
+
+
 def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
                     grad_encoder: bool) -> torch.Tensor | None:
     """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
-    (3 masks, the lowest-loss one counts), Dice + focal (None without masks)."""
+    (3 masks, the lowest-loss one counts), Dice + BCE (:func:`promptable_mask_loss`; None without masks)."""
     keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)
     if not keep.any():
         return None
@@ -161,16 +182,8 @@ def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng
     box_logits, _ = sam.mask_logits_from_boxes(img, boxes)
     points = np.stack([_random_point(m, rng) for m in masks])[:, None, :]
     pt_logits, _, _ = sam.mask_logits_from_points(img, points, np.ones((len(masks), 1), np.int64), multimask=True)
-    per = torch.stack([_mask_losses(pt_logits[:, j], gt) for j in range(pt_logits.shape[1])], dim=1)
-    return _mask_losses(box_logits[:, 0], gt).mean() + per.min(dim=1).values.mean()
-
-
-def _mask_losses(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-mask Dice + mean per-pixel BCE ``[K]`` (not summed over masks)."""
-    x, t = logits.flatten(1), gt.float().flatten(1)
-    p = x.sigmoid()
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-    return dice + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
+    per = torch.stack([promptable_mask_loss(pt_logits[:, j], gt) for j in range(pt_logits.shape[1])], dim=1)
+    return promptable_mask_loss(box_logits[:, 0], gt).mean() + per.min(dim=1).values.mean()
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
@@ -186,7 +199,9 @@ def _random_point(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @register_task("saom")
 class SaomTask(Task):
-    """SAM training on instance masks (module docstring)."""
+    """SAM trained on instance masks: SAOM's grid-point fine-tuning (``prompts="grid"``) or SAM's own box / point
+    objective from scratch (``prompts="box"``); validated with SAOM's per-class pooled mask IoU (:class:`SaomEval`);
+    exported as a self-describing SAM."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -224,9 +239,8 @@ class SaomTask(Task):
                                  scale=(0.1, 0.6), seed=self.cfg.seed)
         return InstanceSamples(ds, self.cfg.seed, self.cfg.hflip and train, paste, self.opts.outliers)
 
-    def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]], *, forward: Any = None,
-             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (forward or model)(batch)
+    def loss(self, model: nn.Module, batch: Sequence[dict[str, Any]]) -> torch.Tensor:
+        return model(batch)
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
@@ -235,19 +249,15 @@ class SaomTask(Task):
         if not self.cfg.val_split:
             return None
         samples = self.samples(split=self.cfg.val_split)
-        n = len(samples) if not self.cfg.val_images else min(self.cfg.val_images, len(samples))
-        return [samples.get(i, 0) for i in range(n)]
+        return {"saom": [samples.get(i, 0) for i in val_indices(len(samples), self.cfg.val_images)]}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Sequence[dict[str, Any]], rank: int = 0, world: int = 1) -> MetricSet:
-        metric = SaomEval(self.opts.num_classes)
-        was = model.training
-        model.eval()
-        for s in data[rank::world]:
-            pred, _ = saom_predict(model.sam, model.head, s["image"], s["masks"], self.grid, self.opts.min_fraction)
-            metric.update(pred.cpu(), s["masks"], s["classes"])
-        model.train(was)
-        return MetricSet({"saom": metric})
+    def eval_state(self, data: Any) -> MetricSet:
+        return MetricSet({"saom": SaomEval(self.opts.num_classes)})
+
+    def eval_sample(self, model: nn.Module, state: MetricSet, name: str, sample: Any) -> None:
+        pred, _ = saom_predict(model.sam, model.head, sample["image"], sample["masks"], self.grid,
+                               self.opts.min_fraction)
+        state["saom"].update(pred.cpu(), sample["masks"], sample["classes"])
 
     def summarize(self, state: MetricSet) -> dict[str, float]:
         values = state["saom"].compute()
