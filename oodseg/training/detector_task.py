@@ -15,7 +15,6 @@ config and so in the exported checkpoint. Validation: held-out val-split frames,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +33,8 @@ from oodseg.scoring.calibration import ScoreCalibration
 from oodseg.scoring.metrics import MetricSet
 from oodseg.scoring.metrics.boxes import BoxMetrics
 from oodseg.training.data import SegAugment, TrainSamples, collate
+from oodseg.training.evaluate import val_indices
+from oodseg.training.step import unwrap
 from oodseg.training.task import Task
 from oodseg.training.tasks import register_task
 
@@ -100,12 +101,10 @@ class DetectorTask(Task):
     def setup(self, device: torch.device) -> None:
         self.scoring.to(device)
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], *, forward: Any = None,
-             autocast_dtype: torch.dtype | None = None, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         maps = self.score_maps(batch["images"])
         targets = [detector_targets(m == 1) for m in batch["outlier_mask"]]
-        losses = (forward or model)(maps, targets)
-        return sum(losses.values())
+        return sum(model(maps, targets).values())
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
@@ -114,20 +113,15 @@ class DetectorTask(Task):
         if not self.cfg.val_split:
             return None
         samples = self.samples(split=self.cfg.val_split, seed_offset=20_000)
-        n = len(samples) if not self.cfg.val_images else min(self.cfg.val_images, len(samples))
-        return [samples.get(i, 0) for i in range(n)]
+        return {"boxes": [samples.get(i, 0) for i in val_indices(len(samples), self.cfg.val_images)]}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Sequence[dict[str, np.ndarray]], rank: int = 0,
-                 world: int = 1) -> MetricSet:
-        metric = BoxMetrics()
-        was = model.training
-        model.eval()
-        for s in data[rank::world]:
-            score = self.score_maps(torch.from_numpy(s["image"])[None])[0]
-            metric.update(model.detect(score.cpu().numpy()), detector_targets(s["outlier_mask"] == 1)["boxes"])
-        model.train(was)
-        return MetricSet({"boxes": metric})
+    def eval_state(self, data: Any) -> MetricSet:
+        return MetricSet({"boxes": BoxMetrics()})
+
+    def eval_sample(self, model: nn.Module, state: MetricSet, name: str, sample: dict[str, np.ndarray]) -> None:
+        score = self.score_maps(torch.from_numpy(sample["image"])[None])[0]
+        boxes = unwrap(model).detect(score.cpu().numpy())
+        state["boxes"].update(boxes, detector_targets(sample["outlier_mask"] == 1)["boxes"])
 
     def summarize(self, state: MetricSet) -> dict[str, float]:
         values = state["boxes"].compute()
