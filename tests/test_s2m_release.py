@@ -119,12 +119,18 @@ def test_s2m_missing_files_are_listing_problems(tmp_path):
         create_dataset("s2m_fs_static", root=str(tmp_path / "elsewhere"))
 
 
-def released_detector(tmp_path: Path) -> Path:
-    """S2M's detector as released: a detectron2 Faster R-CNN ``model_final.pth`` (here the tiny config of the same
-    design with the seeded random weights of ``tests/test_d2_rcnn.py``, whose outputs match detectron2's)."""
+def released_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The shipped config and stand-ins for its two downloads: S2M's detector as released, a detectron2 Faster R-CNN
+    ``model_final.pth`` (the tiny config of the same design with ``tests/test_d2_rcnn.py``'s seeded random weights,
+    whose outputs match detectron2's), and a tiny random SAM ``.pth`` in segment-anything's format."""
+    segment_anything = pytest.importorskip("segment_anything.build_sam")
     from test_d2_rcnn import d2_fixture, write_d2_checkpoint
 
-    return write_d2_checkpoint(d2_fixture("tiny"), tmp_path / "model_final.pth")
+    detector = write_d2_checkpoint(d2_fixture("tiny"), tmp_path / "model_final.pth")
+    sam = tmp_path / "sam_vit_tiny.pth"
+    torch.save(segment_anything._build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                                           encoder_global_attn_indexes=[1]).state_dict(), sam)
+    return Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml", detector, sam
 
 
 def released_argv(config: Path, val: Path, tmp_path: Path, detector: Path, sam: Path) -> list[str]:
@@ -137,21 +143,14 @@ def released_argv(config: Path, val: Path, tmp_path: Path, detector: Path, sam: 
 
 
 def test_s2m_released_config_dry_checks(s2m_val, tmp_path):
-    """configs/s2m_released.yaml with its paths replaced (S2M's layout written above, a tiny detectron2-format detector, a random
-    tiny segment-anything-format SAM ``.pth``): it parses, and the benchmark's pre-Ray checks pass with one key,
-    ``precomputed``, refined by the detector prompter with that SAM, on the five S2M sets."""
-    pytest.importorskip("segment_anything")
-    from segment_anything.build_sam import _build_sam
-
+    """configs/s2m_released.yaml with its paths replaced (S2M's layout written above, :func:`released_inputs`): it
+    parses, and the benchmark's pre-Ray checks pass with one key, ``precomputed``, refined by the detector prompter
+    with that SAM, on the five S2M sets."""
     from oodseg.config import parse_config
     from oodseg.platform.benchmark import BenchmarkConfig
     from oodseg.platform.benchmark.prepare import prepare
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml"
-    detector = released_detector(tmp_path)
-    sam = tmp_path / "sam_vit_tiny.pth"
-    torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                          encoder_global_attn_indexes=[1]).state_dict(), sam)
+    config, detector, sam = released_inputs(tmp_path)
     cfg = parse_config(BenchmarkConfig, released_argv(config, s2m_val, tmp_path, detector, sam))
     assert cfg.refine == "s2m" and cfg.refine_cfg.prompter == "detector" and cfg.scorers == ("precomputed",)
     assert [d.name for d in cfg.datasets] == list(FILES)
@@ -170,18 +169,11 @@ def test_s2m_released_config_runs_end_to_end(ray_session, s2m_val, tmp_path):
     refined by the (random tiny) detectron2-format detector + SAM, and the set gets its ``precomputed`` and
     ``precomputed+s2m`` rows with S2M's IoU / AuIoU / mean F1; the maps here are perfect, so the plain row's AuPRC
     and S2M IoU are 1."""
-    pytest.importorskip("segment_anything")
-    from segment_anything.build_sam import _build_sam
-
     from oodseg.config import parse_config
     from oodseg.platform.benchmark import BenchmarkConfig, run_benchmark
     from oodseg.platform.results import ResultsStore
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "s2m_released.yaml"
-    detector = released_detector(tmp_path)
-    sam = tmp_path / "sam_vit_tiny.pth"
-    torch.save(_build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                          encoder_global_attn_indexes=[1]).state_dict(), sam)
+    config, detector, sam = released_inputs(tmp_path)
     name = "s2m_road_obstacle_21"
     argv = released_argv(config, s2m_val, tmp_path, detector, sam) + [
         "--set", f"datasets=[{name}]", "--set", "plots=false", "--set", "read_concurrency=1"]
