@@ -22,11 +22,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A single local Ray instance (2 CPUs, like CI) shared by every test that needs Ray; shut down at the end."""
+    """A single local Ray instance (2 CPUs, like CI) shared by every test that needs Ray; shut down at the end. Always
+    a new one (``address="local"``): a cluster someone started on this machine (``ray start``) is not joined."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
