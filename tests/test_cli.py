@@ -135,7 +135,7 @@ def test_help_lists_valid_values_without_internal_type_names(capsys):
         benchmark.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines wherever
     for value in ("road_obstacle_21", "fs_lost_found", "smiyc_anomaly", "folder", "maxentropy", "p_ood",
-                  "field|course", "true|false", "a,b", "eomt, erfnet, mask2former, tdos, timm_seg"):
+                  "field|course", "true|false", "a,b", "eomt, erfnet, mask2former, precomputed, tdos, timm_seg"):
         assert value in text, value
     assert "TUPLE[" not in text and "OODSEG." not in text and "ModelSpec" not in text
     with pytest.raises(SystemExit):

@@ -81,9 +81,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.global_batch < 1 or self.accum < 1:
             raise ValueError("steps, global_batch and accum must be positive")
-        if not self.lr > 0 or not self.adam_eps > 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError(f"lr and adam_eps must be > 0, weight_decay and warmup ≥ 0; got lr {self.lr}, adam_eps "
-                             f"{self.adam_eps}, weight_decay {self.weight_decay}, warmup {self.warmup}")
+        rules = (("lr", self.lr > 0, "> 0"), ("adam_eps", self.adam_eps > 0, "> 0"),
+                 ("weight_decay", self.weight_decay >= 0, "≥ 0"), ("warmup", self.warmup >= 0, "≥ 0"))
+        bad = [f"{key} must be {rule}, got {getattr(self, key)}" for key, ok, rule in rules if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
         for key, allowed in (("lr_per", LR_PER), ("precision", PRECISIONS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
