@@ -98,20 +98,18 @@ class PixelMetrics(MergeableMetric):
         keys = float32_keys(s)  # once, for both the histogram and the SMIYC frames
         if self._smiyc is not None:  # first: if it raises (fp16 overflow) nothing was added
             self._smiyc.add_frames(s, lab, keys)
+        # code = bin · 2 + label, in uint32 (bits ≤ 26: fits), one compress of the valid pixels, one bincount
+        code = ((keys >> np.uint32(32 - self.bits)) << np.uint32(1)) | (lab & np.uint8(1))
         valid = lab != IGNORE_ID
-        if not valid.all():
-            keys, lab = keys[valid], lab[valid]
-        else:
-            keys, lab = keys.reshape(-1), lab.reshape(-1)
-        if keys.size == 0:
+        code = code.reshape(-1) if valid.all() else code[valid]
+        if code.size == 0:
             return self
-        bins = keys >> np.uint32(32 - self.bits)
-        page = (bins >> np.uint32(PAGE_BITS)).astype(np.intp)
-        present = np.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
-        slot = np.cumsum(present) - 1  # compact page numbering so the bincount only spans pages that occur
         size = 1 << PAGE_BITS
-        local = slot[page] * size + (bins & np.uint32(size - 1)).astype(np.intp)
-        counts = np.bincount(local * 2 + lab, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
+        page = code >> np.uint32(PAGE_BITS + 1)
+        present = np.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
+        slot = (np.cumsum(present) - 1).astype(np.uint32)  # compact page numbering: the bincount spans present pages
+        local = (slot[page] << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * size - 1))
+        counts = np.bincount(local, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
         return self._add_pages(np.flatnonzero(present).tolist(), counts)
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
