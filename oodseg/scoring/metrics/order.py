@@ -57,38 +57,27 @@ class KeyOrder:
         self.shape = keys.shape
         self.n = int(keys.size)
         self._keys = keys
-        self._sorted: dict[int, tuple[np.ndarray, int]] = {}  # bucket → (sorted keys of a load, its first one)
         if not self.n:
             return
         self.lo, self.hi = int(keys.min()), int(keys.max())
-        hi = self.hi
-        self.shift = max(0, (hi - self.lo).bit_length() - BUCKET_BITS)
+        self.shift = max(0, (self.hi - self.lo).bit_length() - BUCKET_BITS)
         self._bucket = ((keys - np.uint32(self.lo)) >> np.uint32(self.shift)).astype(np.intp)
-        hist = np.bincount(self._bucket, minlength=((hi - self.lo) >> self.shift) + 1)
+        hist = np.bincount(self._bucket, minlength=((self.hi - self.lo) >> self.shift) + 1)
         self._below = np.concatenate([[0], np.cumsum(hist)])  # keys in buckets < b
 
-    def _load(self, buckets: np.ndarray) -> None:
-        """Gather and sort the keys of the ``buckets`` not loaded yet (one pass over the keys)."""
-        new = np.unique(buckets)
-        new = new[[b not in self._sorted for b in new.tolist()]]
-        if not new.size:
-            return
+    def _gather(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys of ``buckets``, sorted, and where each bucket starts in them (one pass over the keys)."""
         need = np.zeros(self._below.size - 1, bool)
-        need[new] = True
+        need[buckets] = True
         got = np.sort(self._keys[need[self._bucket]])
-        starts = np.searchsorted(got, (new.astype(np.int64) << self.shift) + self.lo)  # each bucket's first key
-        for b, start in zip(new.tolist(), starts.tolist()):
-            self._sorted[b] = (got, start)
+        return got, np.searchsorted(got, (buckets.astype(np.int64) << self.shift) + self.lo)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """The values (float32) at ascending-sort positions ``idx`` (``np.sort(values)[idx]``)."""
         idx = np.asarray(idx, dtype=np.int64)
         buckets = np.searchsorted(self._below, idx, side="right") - 1
-        self._load(buckets)
-        below = self._below[buckets].tolist()
-        keys = np.array([self._at(b, i - lo) for b, i, lo in zip(buckets.tolist(), idx.tolist(), below)],
-                        dtype=np.uint32)
-        return keys_to_float32(keys)
+        got, start = self._gather(buckets)
+        return keys_to_float32(got[start + idx - self._below[buckets]])
 
     def count_below(self, edges: np.ndarray) -> np.ndarray:
         """``#{v < e}`` for every edge but the last, ``#{v ≤ e}`` for the last: ``np.searchsorted`` on the sorted
@@ -96,21 +85,9 @@ class KeyOrder:
         t = float32_bounds(edges, last_inclusive=True)
         if not self.n:
             return np.zeros(t.size, np.int64)
+        out = np.where(t <= self.lo, 0, self.n).astype(np.int64)
         inside = (t > self.lo) & (t <= self.hi)
         buckets = (t[inside] - self.lo) >> self.shift
-        self._load(buckets)
-        out = np.where(t <= self.lo, 0, self.n).astype(np.int64)
-        out[inside] = self._below[buckets] + np.array(
-            [self._rank(b, k) for b, k in zip(buckets.tolist(), t[inside].tolist())], np.int64)
+        got, start = self._gather(buckets)
+        out[inside] = self._below[buckets] + np.searchsorted(got, t[inside]) - start
         return out
-
-    def _at(self, bucket: int, i: int) -> int:
-        """The ``i``-th smallest key of ``bucket``."""
-        got, start = self._sorted[bucket]
-        return int(got[start + i])
-
-    def _rank(self, bucket: int, key: int) -> int:
-        """How many keys of ``bucket`` are < ``key``."""
-        got, start = self._sorted[bucket]
-        end = start + int(self._below[bucket + 1] - self._below[bucket])
-        return int(np.searchsorted(got[start:end], key))
