@@ -146,8 +146,9 @@ class TimedRunner(BenchmarkRunner):
 
 
 def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runtime: Runtime, repeats: int
-                ) -> tuple[float, float, float]:
-    """(bare images/s, in-process images/s, median per-repeat ratio in-process / bare), measured interleaved.
+                ) -> tuple[float, float, float, float]:
+    """(bare images/s, in-process images/s, median per-repeat ratio in-process / bare of the wall and of the CPU
+    seconds of this process), measured interleaved.
 
     Bare: ``model.predict`` alone over the decoded images in the actors' batches (device-synchronised). In-process:
     the score stage's per-batch work (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric states,
@@ -163,29 +164,30 @@ def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runt
     model = runtime.prepare(model).eval()
     sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
 
-    def bare(table: pa.Table) -> float:
+    def bare(table: pa.Table) -> tuple[float, float]:
         decoded = read_batch(table, plan.datasets, cfg.protocol).to_pylist()  # decoded outside the timing
         images = torch.from_numpy(np.stack([np.frombuffer(r["image"], np.uint8).reshape(r["height"], r["width"], 3)
                                             for r in decoded]))
         with torch.inference_mode(), runtime.autocast():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model.predict(images)
             sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    def work(table: pa.Table) -> float:
-        t0 = time.perf_counter()
+    def work(table: pa.Table) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         actor(read_batch(table, plan.datasets, cfg.protocol))
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     bare(batches[0]), work(batches[0])  # warm-up
     totals, ratios = np.zeros(2), []
     for _ in range(repeats):
-        pair = np.array([[bare(b), work(b)] for b in batches]).sum(axis=0)
-        totals += pair
+        pair = np.array([[bare(b), work(b)] for b in batches]).sum(axis=0)  # [bare, work] x [wall, cpu]
+        totals += pair[:, 0]
         ratios.append(pair[0] / pair[1])
     n = len(rows) * repeats
-    return n / totals[0], n / totals[1], float(np.median(ratios))
+    wall, cpu = np.median(ratios, axis=0)
+    return n / totals[0], n / totals[1], float(wall), float(cpu)
 
 
 def whole_job(cfg: BenchmarkConfig) -> tuple[float, TimedRunner, float]:
@@ -237,6 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare forward vs in-process work")
+    p.add_argument("--skip-job", action="store_true", help="only the bare forward vs in-process work, no Ray")
     return p.parse_args(argv)
 
 
@@ -267,14 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at "
               f"{tuple(a.input_size) if a.input_size else 'native size'}, {n} images of "
               f"{sorted({im.shape[:2] for im in images})}, batch {a.batch_size}, {threads} thread(s)", file=sys.stderr)
-        bare, work_rate, work_ratio = interleaved(model, cfg, plan, threads, runtime, a.repeats)
+        bare, work_rate, work_ratio, cpu_ratio = interleaved(model, cfg, plan, threads, runtime, a.repeats)
         print(f"[{load()}] bare vs in-process done", file=sys.stderr)
+        print(f"bare batched forward        : {bare:8.2f} images/s")
+        print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
+              f"median of {a.repeats} interleaved repeats {work_ratio:.2f}, of their CPU seconds {cpu_ratio:.2f})")
+        if a.skip_job:
+            print(f"load average at the end      : {load()}")
+            return 0
         job_s, runner, peak = whole_job(cfg)
     score = runner.streams["score"]
     score_rate, job_rate = n / score.last_s, n / job_s
-    print(f"bare batched forward        : {bare:8.2f} images/s")
-    print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
-          f"median of {a.repeats} interleaved repeats {work_ratio:.2f})")
     print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}"
           f"  (vs in-process work {score_rate / work_rate:.2f}; actor start-up included)")
     print(f"  after its first batch     : {score.steady_rate:8.2f} images/s   ratio {score.steady_rate / bare:.2f}"
