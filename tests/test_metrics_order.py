@@ -48,9 +48,10 @@ def test_float32_bounds_compare_float64_edges_exactly():
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_smiyc_frames_from_key_order_equal_sorted_frames(fp16):
-    """Host input (``KeyOrder``) and CPU torch input (full sort) give the same per-frame bins, to the bit."""
+    """Host input (``KeyOrder`` for the ≥ 2^15 inlier pixels of a frame, a key sort for the anomaly pixels) and CPU
+    torch input (full sort) give the same per-frame bins, to the bit."""
     rng = np.random.default_rng(3)
-    s = (rng.standard_normal((3, 64, 96)) * 3).astype(np.float32)
+    s = (rng.standard_normal((3, 192, 256)) * 3).astype(np.float32)
     s[1] = np.round(s[1])  # ties
     lab = (rng.random((3, 64, 96)) < 0.05).astype(np.uint8)
     lab[:, :4] = 255

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 _SIGN = np.uint32(0x80000000)
-BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the largest key
+BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the largest key (~ one per value)
 
 
 def float32_keys(x: np.ndarray) -> np.ndarray:
@@ -60,7 +60,8 @@ class KeyOrder:
         if not self.n:
             return
         self.lo, self.hi = int(keys.min()), int(keys.max())
-        self.shift = max(0, (self.hi - self.lo).bit_length() - BUCKET_BITS)
+        buckets_bits = min(BUCKET_BITS, max(8, self.n.bit_length()))  # about as many buckets as values
+        self.shift = max(0, (self.hi - self.lo).bit_length() - buckets_bits)
         self._bucket = ((keys - np.uint32(self.lo)) >> np.uint32(self.shift)).astype(np.intp)
         hist = np.bincount(self._bucket, minlength=((self.hi - self.lo) >> self.shift) + 1)
         self._below = np.concatenate([[0], np.cumsum(hist)])  # keys in buckets < b

@@ -53,7 +53,7 @@ from oodseg.scoring.metrics.base import (
     scores_and_labels,
     torch_scores_and_labels,
 )
-from oodseg.scoring.metrics.order import KeyOrder, float32_keys
+from oodseg.scoring.metrics.order import KeyOrder, float32_keys, keys_to_float32
 
 NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
 QUANTILES_PER_CLASS = NUM_BINS // 2
@@ -178,6 +178,12 @@ def leaderboard_metrics(curve: Mapping[str, np.ndarray], n_pos: int, n_neg: int)
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def key_order(keys: np.ndarray) -> KeyOrder | np.ndarray:
+    """A class's scores for :func:`frame_bins` from their keys: a :class:`KeyOrder` for ≥ 2^15 values, else the
+    sorted values (a small sort is cheaper than the key histogram; measured in CPU time on 1e4 / 5e5 values)."""
+    return KeyOrder(keys) if keys.size >= 1 << 15 else keys_to_float32(np.sort(keys))
+
+
 def _sorted(x: Array) -> Array:
     return torch.sort(x.reshape(-1)).values if isinstance(x, torch.Tensor) else np.sort(x.reshape(-1))
 
@@ -254,7 +260,7 @@ class SmiycPixelMetrics(MergeableMetric):
             pos, neg = _sorted(s[lab == ANOMALY]), _sorted(s[lab == INLIER])
         else:
             k = float32_keys(s) if keys is None or self.fp16 else keys
-            pos, neg = KeyOrder(k[lab == ANOMALY]), KeyOrder(k[lab == INLIER])
+            pos, neg = key_order(k[lab == ANOMALY]), key_order(k[lab == INLIER])
         if pos.shape[0] + neg.shape[0] == 0:
             return None
         dtype = np.float16 if self.fp16 else np.float32
