@@ -53,7 +53,7 @@ def test_smiyc_frames_from_key_order_equal_sorted_frames(fp16):
     rng = np.random.default_rng(3)
     s = (rng.standard_normal((3, 192, 256)) * 3).astype(np.float32)
     s[1] = np.round(s[1])  # ties
-    lab = (rng.random((3, 64, 96)) < 0.05).astype(np.uint8)
+    lab = (rng.random((3, 192, 256)) < 0.05).astype(np.uint8)
     lab[:, :4] = 255
     lab[2] = 0  # a frame without anomaly pixels
     host = SmiycPixelMetrics(fp16=fp16).add_frames(s, lab)
