@@ -100,7 +100,7 @@ def parse_args() -> argparse.Namespace:
                     help="interleaved repeats of ours / sklearn (the time ratio printed is the median of the repeats')")
     ap.add_argument("--skip-sklearn", action="store_true")
     args = ap.parse_args()
-    args.n_chunks = max(1, int(round(args.pixels / (args.height * args.width))))
+    args.n_chunks = max(1, round(args.pixels / (args.height * args.width)))
     return args
 
 

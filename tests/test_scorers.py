@@ -10,7 +10,6 @@ import torch
 
 import oodseg.scoring.scorers as scorers_mod
 from oodseg.outputs import MaskOutputs, PixelLogits
-from oodseg.scoring.context import SharedStats
 from oodseg.scoring import (
     SCORERS,
     create_scorer,
@@ -22,6 +21,7 @@ from oodseg.scoring import (
     scorer_applies,
     scorer_space,
 )
+from oodseg.scoring.context import SharedStats
 
 TEMPERATURES = [0.1, 0.5, 1.0, 3.0]
 NAMES = ["msp", "maxlogit", "maxentropy", "energy", "rba", "eim"]

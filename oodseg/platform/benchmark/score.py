@@ -19,8 +19,8 @@ from __future__ import annotations
 import errno
 import math
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
