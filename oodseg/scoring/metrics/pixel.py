@@ -62,7 +62,8 @@ class PixelMetrics(MergeableMetric):
     ``smiyc=False``. ``smiyc_fp16=True`` rounds the scores to float16 first, as the toolkit stores them. The exact
     numbers are the ones to quote; the leaderboard ones are binned per frame (AuPRC mostly overstated, by up to a
     few 1e-2 when frames have few or no anomaly pixels; see the smiyc module). Cost: memory grows with frames ×
-    ≤ 768 bins (~18 KiB a frame); ``update`` also sorts each frame's anomaly and inlier scores.
+    ≤ 768 bins (~18 KiB a frame); ``update`` also ranks each frame's anomaly and inlier scores (host arrays: from
+    a histogram of the keys, :class:`~oodseg.scoring.metrics.order.KeyOrder`; accelerator tensors: a sort).
     """
 
     columns = {
