@@ -11,11 +11,13 @@ Measured in one run (tracemalloc is on for both sides, so both pay its small per
   and label in memory at once, reported as "inputs held" (5 bytes/pixel here).
 
     python benchmarks/metrics.py --pixels 1e8
+    python benchmarks/metrics.py --pixels 2e7 --repeats 3    # ours / sklearn alternated 3 times, median ratio
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 import tracemalloc
@@ -42,7 +44,50 @@ def make_chunk(rng: np.random.Generator, h: int, w: int, frac: float, offset: fl
     return scores, labels
 
 
-def main() -> None:
+def ours(args: argparse.Namespace, keep: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, int, dict, int]:
+    """(seconds, peak bytes, metrics, pixels kept) of PixelMetrics over every chunk (regenerated from the seed, the
+    generation untimed); with ``keep`` the non-ignored pixels are copied into it for sklearn."""
+    rng = np.random.default_rng(args.seed)
+    metric = PixelMetrics(bits=args.bits)
+    t_ours, peak, n_kept = 0.0, 0, 0
+    for _ in range(args.n_chunks):
+        scores, labels = make_chunk(rng, args.height, args.width, args.anomaly_fraction, args.offset)
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        t0 = time.perf_counter()
+        metric.update(scores, labels)
+        t_ours += time.perf_counter() - t0
+        peak = max(peak, tracemalloc.get_traced_memory()[1] - base)
+        if keep is not None:
+            valid = labels.reshape(-1) != 255
+            k = int(valid.sum())
+            keep[0][n_kept : n_kept + k] = scores.reshape(-1)[valid]
+            keep[1][n_kept : n_kept + k] = labels.reshape(-1)[valid]
+            n_kept += k
+        del scores, labels
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    result = metric.compute()
+    t_ours += time.perf_counter() - t0
+    peak = max(peak, tracemalloc.get_traced_memory()[1] - base)
+    print(f"ours: {t_ours:.2f} s, peak {peak / MB:.0f} MB (state "
+          f"{sum(p.nbytes for p in metric._pages.values()) / MB:.0f} MB, {len(metric._pages)} pages)", flush=True)
+    return t_ours, peak, result, n_kept
+
+
+def sklearn_ap_auroc(y: np.ndarray, s: np.ndarray) -> tuple[float, int, dict]:
+    """(seconds, peak bytes, {auprc, auroc}) of sklearn's average_precision_score + roc_auc_score."""
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    ref = {"auprc": average_precision_score(y, s), "auroc": roc_auc_score(y, s)}
+    t_sk = time.perf_counter() - t0
+    print(f"sklearn AP+AUROC: {t_sk:.2f} s", flush=True)
+    return t_sk, tracemalloc.get_traced_memory()[1] - base, ref
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pixels", type=float, default=1e8, help="total pixels (default 1e8)")
     ap.add_argument("--height", type=int, default=1024)
@@ -51,87 +96,55 @@ def main() -> None:
     ap.add_argument("--offset", type=float, default=0.0, help="add to all scores (e.g. -15 for energy-like scores)")
     ap.add_argument("--bits", type=int, default=24, help="PixelMetrics bin bits")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="interleaved repeats of ours / sklearn (the time ratio printed is the median of the repeats')")
     ap.add_argument("--skip-sklearn", action="store_true")
     args = ap.parse_args()
+    args.n_chunks = max(1, round(args.pixels / (args.height * args.width)))
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     chunk = args.height * args.width
-    n_chunks = max(1, int(round(args.pixels / chunk)))
-    n_total = n_chunks * chunk
-    print(f"{n_chunks} chunks of {args.height}x{args.width} = {n_total:.3g} pixels, "
-          f"anomaly fraction ~{args.anomaly_fraction}, offset {args.offset}, bits {args.bits}")
-
+    n_total = args.n_chunks * chunk
+    print(f"{args.n_chunks} chunks of {args.height}x{args.width} = {n_total:.3g} pixels, anomaly fraction "
+          f"~{args.anomaly_fraction}, offset {args.offset}, bits {args.bits}; load {os.getloadavg()[0]:.2f}")
     tracemalloc.start()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    # ---- ours: streaming, one chunk at a time -------------------------------------------------------------------
-    rng = np.random.default_rng(args.seed)
-    metric = PixelMetrics(bits=args.bits)
-    t_ours, peak_ours = 0.0, 0
-    keep_scores = None if args.skip_sklearn else np.empty(n_total, np.float32)
-    keep_labels = None if args.skip_sklearn else np.empty(n_total, np.uint8)
-    n_kept = 0
-    for _ in range(n_chunks):
-        scores, labels = make_chunk(rng, args.height, args.width, args.anomaly_fraction, args.offset)
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        t0 = time.perf_counter()
-        metric.update(scores, labels)
-        t_ours += time.perf_counter() - t0
-        peak_ours = max(peak_ours, tracemalloc.get_traced_memory()[1] - base)
-        if keep_scores is not None:
-            valid = labels.reshape(-1) != 255
-            k = int(valid.sum())
-            keep_scores[n_kept : n_kept + k] = scores.reshape(-1)[valid]
-            keep_labels[n_kept : n_kept + k] = labels.reshape(-1)[valid]
-            n_kept += k
-        del scores, labels
-    base = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    t0 = time.perf_counter()
-    ours = metric.compute()
-    t_ours += time.perf_counter() - t0
-    peak_ours = max(peak_ours, tracemalloc.get_traced_memory()[1] - base)
-    state_mb = sum(p.nbytes for p in metric._pages.values()) / MB
-    print(f"ours: {t_ours:.2f} s, peak {peak_ours / MB:.0f} MB (state {state_mb:.0f} MB, "
-          f"{len(metric._pages)} pages)", flush=True)
-
+    keep = None if args.skip_sklearn else (np.empty(n_total, np.float32), np.empty(n_total, np.uint8))
+    t_ours, peak_ours, result, n_kept = ours(args, keep)
     rows = [("AuPRC", "auprc"), ("AUROC", "auroc"), ("FPR95", "fpr95")]
-    if keep_scores is None:
+    if keep is None:
         for label, key in rows:
-            print(f"{label:8s} {ours[key]:.6f}")
+            print(f"{label:8s} {result[key]:.6f}")
         return
-
-    # ---- sklearn: everything in memory ------------------------------------------------------------------------
-    y, s = keep_labels[:n_kept], keep_scores[:n_kept]
-    inputs_mb = (y.nbytes + s.nbytes) / MB
-    base = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    t0 = time.perf_counter()
-    ref_ap = average_precision_score(y, s)
-    ref_auroc = roc_auc_score(y, s)
-    t_sk = time.perf_counter() - t0
-    peak_sk = tracemalloc.get_traced_memory()[1] - base
-    print(f"sklearn AP+AUROC: {t_sk:.2f} s, peak {peak_sk / MB:.0f} MB", flush=True)
+    y, s = keep[1][:n_kept], keep[0][:n_kept]
+    t_sk, peak_sk, ref = sklearn_ap_auroc(y, s)
+    times = [(t_ours, t_sk)]
+    for _ in range(args.repeats - 1):  # alternate, so a change of machine load hits both alike
+        times.append((ours(args, None)[0], sklearn_ap_auroc(y, s)[0]))
     t0 = time.perf_counter()
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    ref_fpr95 = float(fpr[np.argmax(tpr >= 0.95)])
+    ref["fpr95"] = float(fpr[np.argmax(tpr >= 0.95)])
     t_fpr = time.perf_counter() - t0
     del fpr, tpr
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ref = {"auprc": ref_ap, "auroc": ref_auroc, "fpr95": ref_fpr95}
-
+    t_ours, t_sk = (float(np.median(v)) for v in zip(*times))
+    ratio = float(np.median([b / a for a, b in times]))
     print()
     print(f"{'':28s} {'PixelMetrics':>14s} {'sklearn':>14s} {'ratio sk/ours':>14s}")
-    print(f"{'time AP+AUROC (s)':28s} {t_ours:14.2f} {t_sk:14.2f} {t_sk / t_ours:14.1f}")
+    print(f"{'time AP+AUROC (s), median':28s} {t_ours:14.2f} {t_sk:14.2f} {ratio:14.1f}   ({len(times)} repeat(s))")
     print(f"{'time FPR95 roc_curve (s)':28s} {'(included)':>14s} {t_fpr:14.2f}")
     print(f"{'peak working memory (MB)':28s} {peak_ours / MB:14.0f} {peak_sk / MB:14.0f} {peak_sk / peak_ours:14.1f}")
-    print(f"{'inputs held at once (MB)':28s} {chunk * 5 / MB:14.0f} {inputs_mb:14.0f}")
+    print(f"{'inputs held at once (MB)':28s} {chunk * 5 / MB:14.0f} {(y.nbytes + s.nbytes) / MB:14.0f}")
     print(f"{'process max RSS (MB)':28s} {'':14s} {'':14s} (start {rss0:.0f}, end {rss1:.0f})")
+    print(f"load average (1/5/15 min) at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     print(f"{'metric':8s} {'PixelMetrics':>14s} {'sklearn':>14s} {'|diff|':>10s}")
     for label, key in rows:
-        print(f"{label:8s} {ours[key]:14.8f} {ref[key]:14.8f} {abs(ours[key] - ref[key]):10.2e}")
-    print(f"pixels scored: {ours['n_pixels']} (sklearn {n_kept}), anomaly fraction {ours['anomaly_fraction']:.4f}")
+        print(f"{label:8s} {result[key]:14.8f} {ref[key]:14.8f} {abs(result[key] - ref[key]):10.2e}")
+    print(f"pixels scored: {result['n_pixels']} (sklearn {n_kept}), anomaly fraction {result['anomaly_fraction']:.4f}")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,17 @@
     python benchmarks/pipeline.py --image-size 512 1024 --images 32 --batch-size 8 --num-cpus 0   # GPU machine
     python benchmarks/pipeline.py --data-root /data  # real datasets instead of a temporary synthetic suite
 
-Prints images/s of (a) ``model.predict`` alone over the in-memory images in batches (device-synchronised), (w) the
+Prints images/s of (a) ``model.predict`` alone over the decoded images in batches (device-synchronised), (w) the
 same per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
-states, fp16 score shards) in this process without Ray, (b) the Ray Data scoring pass (from the score stage's start,
+states, fp16 score shards) in this process without Ray, (a) and (w) interleaved batch by batch and repeated
+(``--repeats``; the median of the per-repeat ratios is printed too, so a change of load on a shared machine hits
+both alike), (b) the Ray Data scoring pass (from the score stage's start,
 actor start-up included, to its last row) and (b') the same pass after its first batch arrived (steady state), (c)
 the whole job (prepare, Ray start, score stage, component pass, Parquet commit); the ratios to (a) (target ≥ 0.9
 for (b') on a GPU) and to (w) (Ray's own overhead), the peak object-store use sampled during the run, and the
 output-cache bytes per image of ERFNet and EoMT-L (``oodseg.platform.cache.output_nbytes``). With the small CPU
 defaults the fixed costs (Ray start, actor start-up: seconds) dominate (b) and (c); (b') shows the per-image cost.
+The load averages at the start, after (a)/(w) and at the end are printed (``os.getloadavg``, as ``uptime``).
 Weights are random: only the timing is meaningful. Everything is written to a temporary directory; Ray is shut down
 at the end.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import queue
 import re
 import sys
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from common import bench_suite, forward_seconds  # benchmarks/common.py: the script's own folder is on sys.path
+from common import bench_suite  # benchmarks/common.py: the script's own folder is on sys.path
 
 from oodseg.data import default_datasets
 from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
@@ -141,31 +145,49 @@ class TimedRunner(BenchmarkRunner):
         self.stage_s[stage.name] = time.perf_counter() - t0
 
 
-def bare_forward(model: Any, images: list[np.ndarray], batch_size: int, runtime: Runtime) -> float:
-    """images/s of ``model.predict`` alone (same-size images batched, as the actors do; one warm-up batch not
-    timed)."""
-    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for im in images:
-        by_shape.setdefault(im.shape, []).append(im)
-    batches = [torch.from_numpy(np.stack(group[i : i + batch_size])) for group in by_shape.values()
-               for i in range(0, len(group), batch_size)]
-    return len(images) / forward_seconds(model, batches, runtime)
+def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runtime: Runtime, repeats: int
+                ) -> tuple[float, float, float, float]:
+    """(bare images/s, in-process images/s, median per-repeat ratio in-process / bare of the wall and of the CPU
+    seconds of this process), measured interleaved.
 
-
-def in_process_actor(cfg: BenchmarkConfig, plan: Plan, threads: int) -> float:
-    """images/s of the score stage's per-batch work (decode, predict, every scorer, metric states, fp16 score
-    shards) by one in-process :class:`ScoreActor` without Ray: what the pipeline costs on top of the work."""
+    Bare: ``model.predict`` alone over the decoded images in the actors' batches (device-synchronised). In-process:
+    the score stage's per-batch work (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric states,
+    fp16 score shards) by one :class:`ScoreActor` in this process without Ray. Each repeat times every batch both
+    ways, one right after the other, so a change of machine load hits both alike; one warm-up batch each, untimed.
+    """
     spec = cfg.models[0]
     run = ModelRun(replace(cfg, torch_threads=threads), plan.store, "inproc", spec, plan.checkpoints[spec.name],
                    plan.keys[spec.name], plan.datasets, plan.infos)
     actor = ScoreActor(run.actor_context(ScoreStage(run).keys()))
     rows = image_items(plan.datasets)
     batches = [pa.Table.from_pylist(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size)]
-    actor(read_batch(batches[0], plan.datasets, cfg.protocol))  # warm-up
-    t0 = time.perf_counter()
-    for b in batches:
-        actor(read_batch(b, plan.datasets, cfg.protocol))
-    return len(rows) / (time.perf_counter() - t0)
+    model = runtime.prepare(model).eval()
+    sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
+
+    def bare(table: pa.Table) -> tuple[float, float]:
+        decoded = read_batch(table, plan.datasets, cfg.protocol).to_pylist()  # decoded outside the timing
+        images = torch.from_numpy(np.stack([np.frombuffer(r["image"], np.uint8).reshape(r["height"], r["width"], 3)
+                                            for r in decoded]))
+        with torch.inference_mode(), runtime.autocast():
+            t0, c0 = time.perf_counter(), time.process_time()
+            model.predict(images)
+            sync()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def work(table: pa.Table) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        actor(read_batch(table, plan.datasets, cfg.protocol))
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    bare(batches[0]), work(batches[0])  # warm-up
+    totals, ratios = np.zeros(2), []
+    for _ in range(repeats):
+        pair = np.array([[bare(b), work(b)] for b in batches]).sum(axis=0)  # [bare, work] x [wall, cpu]
+        totals += pair[:, 0]
+        ratios.append(pair[0] / pair[1])
+    n = len(rows) * repeats
+    wall, cpu = np.median(ratios, axis=0)
+    return n / totals[0], n / totals[1], float(wall), float(cpu)
 
 
 def whole_job(cfg: BenchmarkConfig) -> tuple[float, TimedRunner, float]:
@@ -216,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPUs per scoring actor; the bare loop uses as many torch threads, for a like-for-like ratio")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare forward vs in-process work")
+    p.add_argument("--skip-job", action="store_true", help="only the bare forward vs in-process work, no Ray")
     return p.parse_args(argv)
 
 
@@ -242,16 +266,21 @@ def main(argv: list[str] | None = None) -> int:
         plan = prepare(cfg)
         images = [ds.load(r)["image"] for ds in plan.datasets.values() for r in ds.samples]
         n = len(images)
+        print(f"[{load()}] start", file=sys.stderr)
         print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at "
               f"{tuple(a.input_size) if a.input_size else 'native size'}, {n} images of "
               f"{sorted({im.shape[:2] for im in images})}, batch {a.batch_size}, {threads} thread(s)", file=sys.stderr)
-        bare = bare_forward(model, images, a.batch_size, runtime)
-        work_rate = in_process_actor(cfg, plan, threads)
+        bare, work_rate, work_ratio, cpu_ratio = interleaved(model, cfg, plan, threads, runtime, a.repeats)
+        print(f"[{load()}] bare vs in-process done", file=sys.stderr)
+        print(f"bare batched forward        : {bare:8.2f} images/s")
+        print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
+              f"median of {a.repeats} interleaved repeats {work_ratio:.2f}, of their CPU seconds {cpu_ratio:.2f})")
+        if a.skip_job:
+            print(f"load average at the end      : {load()}")
+            return 0
         job_s, runner, peak = whole_job(cfg)
     score = runner.streams["score"]
     score_rate, job_rate = n / score.last_s, n / job_s
-    print(f"bare batched forward        : {bare:8.2f} images/s")
-    print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost)")
     print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}"
           f"  (vs in-process work {score_rate / work_rate:.2f}; actor start-up included)")
     print(f"  after its first batch     : {score.steady_rate:8.2f} images/s   ratio {score.steady_rate / bare:.2f}"
@@ -261,7 +290,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{score.last_s:.1f}, committed {runner.stage_s['score']:.1f}")
     print(f"peak object store use       : {peak:.1f} MiB")
     print(cache_sizes())
+    print(f"load average at the end      : {load()}")
     return 0
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages (``uptime``): on a shared machine, what the timings ran beside."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

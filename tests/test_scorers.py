@@ -21,6 +21,7 @@ from oodseg.scoring import (
     scorer_applies,
     scorer_space,
 )
+from oodseg.scoring.context import SharedStats
 
 TEMPERATURES = [0.1, 0.5, 1.0, 3.0]
 NAMES = ["msp", "maxlogit", "maxentropy", "energy", "rba", "eim"]
@@ -329,3 +330,55 @@ def test_p_ood_and_in_distribution_scorers_on_outputs_with_an_ood_class(mask_out
     with pytest.raises(ValueError, match="needs a model with OOD class channels"):
         create_scorer("p_ood")(mask_out)
     assert scorer_applies("p_ood", (2,)) and not scorer_applies("p_ood", ()) and scorer_applies("msp", ())
+
+
+# ---------------------------------------------------------------- shared reductions ----------------------------
+def former_ops(name: str, z: torch.Tensor, t: float) -> torch.Tensor:
+    """The scorers' former own ops, before they shared ``SharedStats`` (for a bit-for-bit comparison)."""
+    if name == "msp":
+        d = z - z.amax(dim=1, keepdim=True)
+        is_max = d == 0
+        rest = d.exp_().masked_fill_(is_max, 0.0).sum(dim=1) + (is_max.sum(dim=1) - 1)
+        return rest / (1.0 + rest)
+    if name in ("maxlogit", "eim"):
+        return -z.amax(dim=1)
+    if name in ("energy", "energy_blur"):
+        return -t * torch.logsumexp(z, dim=1)
+    if name == "gen":  # defaults gamma 0.1, m 100 (all classes)
+        p = torch.softmax(z, dim=1)
+        top = z.argmax(dim=1, keepdim=True)
+        q = (1.0 - p).scatter_(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
+        return (p * q).pow_(0.1).sum(dim=1)
+    raise AssertionError(name)
+
+
+def blockwise(name: str, z: torch.Tensor, t: float, rows: int) -> torch.Tensor:
+    """``former_ops`` applied as ``score_many`` applies scorers on the CPU: per image, per block of ``rows`` rows."""
+    return torch.stack([torch.cat([former_ops(name, z[b : b + 1, :, r : r + rows], t)[0]
+                                   for r in range(0, z.shape[2], rows)]) for b in range(z.shape[0])])
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_shared_reductions_give_the_former_bits(t):
+    """Scorers sharing one block's max / exp / logsumexp / argmax (``score_many``) produce exactly the bits of their
+    former standalone ops (``torch.logsumexp``, ``argmax``), with tied maxima (fp16-rounded logits, tied channels)."""
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(2, 19, 9, 33, generator=g) * 4).half().float()  # fp16 rounding: many exact ties
+    z[:, 3] = z[:, 5]  # whole channels tied
+    z[0, :, 0, 0] = 2.0  # every class tied at one pixel
+    names = ["msp", "maxlogit", "eim", "energy", "gen"]
+    specs = [create_scorer(n, t, "pl") for n in names]
+    zt = z / t if t != 1.0 else z
+    for chunk, rows in ((0, None), (40, 1), (70, 2)):
+        got = score_many(z, specs, chunk_pixels=chunk)
+        for name, s in zip(names, got):
+            ref = former_ops(name, zt, t) if rows is None else blockwise(name, zt, t, rows)
+            assert torch.equal(s, ref), (name, chunk)
+    assert torch.equal(SharedStats(z).argmax(), z.argmax(dim=1, keepdim=True))
+
+
+def test_shared_stats_fall_back_to_torch_on_infinite_maxima():
+    z = torch.tensor([[0.0, float("inf")], [1.0, -float("inf")], [2.0, 1.0]]).T.reshape(1, 2, 1, 3)
+    st = SharedStats(z)
+    assert torch.equal(st.logsumexp(), torch.logsumexp(z, dim=1))
+    assert torch.equal(st.argmax(), z.argmax(dim=1, keepdim=True))

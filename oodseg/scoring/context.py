@@ -9,10 +9,18 @@ context instead, ``fn(ctx, temperature, **params) -> [B, H, W]``, that hands out
 * ``ctx.network()`` / ``ctx.images``: the model itself and the uint8 input batch, for scorers that run the network
   again (ODIN's input gradient) or a part of it (ReAct's classifier). They are given by the scoring actor.
 * ``ctx.to_size(map)``: a ``[B, h, w]`` map (e.g. at feature resolution) bilinearly resized to the label size.
+
+Pixel-wise scorers share the per-pixel reductions of their input instead: :class:`SharedStats` (class max, first
+argmax, ``exp(z − max)``, logsumexp) is computed once per block of class scores while :func:`sharing` is active for
+that block (:func:`~oodseg.scoring.scorers.score_many`), and on demand otherwise, by the same ops, so a scorer's map
+is the same bits either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +100,72 @@ def stitch_windows(maps: torch.Tensor, outputs: Any) -> torch.Tensor:
         out[img, :, top : top + h, left : left + w] += resize(maps[n : n + 1], (h, w))[0]
         count[img, :, top : top + h, left : left + w] += 1
     return out / count.clamp(min=1)
+
+
+class SharedStats:
+    """Per-pixel reductions over the class dim of one class-score tensor ``z [B, C, H, W]``, each computed once.
+
+    ``max()`` is ``z.amax(1, keepdim=True)``; ``shifted()`` is ``d = z − max`` and ``exp()`` is ``exp(d)`` (read-only:
+    scorers must not modify them in place); ``logsumexp()`` is ``log Σ_c exp(d) + max``, the op sequence of
+    ``torch.logsumexp`` (whose own call it falls back to where the max is infinite); ``argmax()`` is the first
+    index of the max (``torch.argmax``'s tie rule) found by a loop over the channels, ~3.5× faster than
+    ``argmax(dim=1)`` on the CPU (a strided reduction) and equal to it."""
+
+    def __init__(self, z: torch.Tensor) -> None:
+        self.z = z
+        self._memo: dict[str, torch.Tensor] = {}
+
+    def _get(self, name: str, make: Any) -> torch.Tensor:
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
+
+    def max(self) -> torch.Tensor:
+        return self._get("max", lambda: self.z.amax(dim=1, keepdim=True))
+
+    def shifted(self) -> torch.Tensor:
+        return self._get("shifted", lambda: self.z - self.max())
+
+    def exp(self) -> torch.Tensor:
+        return self._get("exp", lambda: self.shifted().exp())
+
+    def logsumexp(self) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            m = self.max().squeeze(1)
+            if not bool(torch.isfinite(m).all()):
+                return torch.logsumexp(self.z, dim=1)
+            return self.exp().sum(dim=1).log_().add_(m)
+
+        return self._get("logsumexp", make)
+
+    def argmax(self) -> torch.Tensor:
+        """``[B, 1, H, W]`` int64: the first channel holding the max."""
+        def make() -> torch.Tensor:
+            z, m = self.z, self.max()
+            if z.shape[1] == 0 or not bool(torch.isfinite(m).all()):  # NaN ordering: leave it to torch
+                return z.argmax(dim=1, keepdim=True)
+            idx = torch.full_like(m, z.shape[1] - 1, dtype=torch.long)
+            for c in range(z.shape[1] - 2, -1, -1):
+                idx = torch.where(z[:, c : c + 1] == m, c, idx)
+            return idx
+
+        return self._get("argmax", make)
+
+
+_ACTIVE: ContextVar[SharedStats | None] = ContextVar("oodseg_shared_stats", default=None)
+
+
+@contextmanager
+def sharing(shared: SharedStats) -> Iterator[SharedStats]:
+    """Make ``stats(shared.z)`` return ``shared`` inside the block (see the module docstring)."""
+    token = _ACTIVE.set(shared)
+    try:
+        yield shared
+    finally:
+        _ACTIVE.reset(token)
+
+
+def stats(z: torch.Tensor) -> SharedStats:
+    """The active :class:`SharedStats` of ``z`` (same tensor object), else a fresh one."""
+    active = _ACTIVE.get()
+    return active if active is not None and active.z is z else SharedStats(z)

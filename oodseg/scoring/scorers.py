@@ -36,7 +36,7 @@ import torch
 from oodseg.outputs import MaskOutputs, PixelLogits, inlier_channels
 from oodseg.registry import Registry
 from oodseg.scoring.class_scores import Outputs, pixel_class_scores
-from oodseg.scoring.context import ScoreContext
+from oodseg.scoring.context import ScoreContext, SharedStats, sharing, stats
 from oodseg.scoring.spatial import gaussian_blur
 
 PLACEMENTS = ("cl", "pl")
@@ -108,16 +108,16 @@ def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     With ``e_c = exp(z_c − max z)``, ``MSP = 1 / (1 + r)`` where ``r`` sums ``e_c`` over the non-maximal classes (plus
     one per extra tied maximum), so ``1 − MSP = r / (1 + r)``: confident pixels keep their full float32 resolution
     near 0 (``1 − p`` computed directly would round to multiples of 6e-8) and no ``argmax`` is needed."""
-    d = z - z.amax(dim=1, keepdim=True)  # a new tensor: the in-place ops below never touch z
-    is_max = d == 0
-    rest = d.exp_().masked_fill_(is_max, 0.0).sum(dim=1) + (is_max.sum(dim=1) - 1)
+    st = stats(z)  # d = z − max z and exp(d), shared with the other scorers of this block
+    is_max = st.shifted() == 0
+    rest = st.exp().masked_fill(is_max, 0.0).sum(dim=1) + (is_max.sum(dim=1) - 1)
     return rest / (1.0 + rest)
 
 
 @register_scorer("maxlogit")
 def maxlogit(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Max logit, ``s = −max_c z_c`` (Hendrycks et al., "Scaling OOD detection to real-world settings", ICML 2022)."""
-    return -z.amax(dim=1)
+    return -stats(z).max().squeeze(1)
 
 
 @register_scorer("eim")
@@ -139,7 +139,7 @@ def maxentropy(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def energy(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Free energy, ``s = −T·logsumexp_c(L_c / T)`` (Liu et al., "Energy-based OOD detection", NeurIPS 2020);
     ``z = L / T`` so ``s = −T·logsumexp(z)``."""
-    return -temperature * torch.logsumexp(z, dim=1)
+    return -temperature * stats(z).logsumexp()
 
 
 def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
@@ -226,20 +226,23 @@ class Scorer:
     def t_cl(self, outputs: Outputs) -> float:
         return _temperatures(outputs, self.temperature, self.placement)[0]
 
-    def from_class_scores(self, scores: torch.Tensor, outputs: Outputs) -> torch.Tensor:
+    def from_class_scores(self, scores: torch.Tensor, outputs: Outputs,
+                          shared: dict[tuple[bool, float], SharedStats] | None = None) -> torch.Tensor:
         """Apply the scorer to ``pixel_class_scores(outputs, self.t_cl(outputs))`` (all channels; the scorer's
-        channels are selected here)."""
+        channels are selected here). ``shared``: the :class:`SharedStats` of this block's scorer inputs, by (reads
+        the OOD channels, ``T_pl``), filled on first use, so scorers with the same input share its reductions."""
         t_pl = _temperatures(outputs, self.temperature, self.placement)[1]
         ood = tuple(getattr(outputs, "ood_channels", ()))
         if not scorer_applies(self.name, ood):
             raise ValueError(f"scorer {self.name!r} needs a model with OOD class channels; these outputs have none")
-        if SCORERS.meta(self.name)["ood"]:
-            z = scores if t_pl == 1.0 else scores / t_pl
-            return SCORERS.get(self.name)(z, t_pl, ood_channels=ood, **self.params)
-        if ood:
-            scores = scores[:, inlier_channels(outputs)]
-        z = scores if t_pl == 1.0 else scores / t_pl
-        return SCORERS.get(self.name)(z, t_pl, **self.params)
+        reads_ood = bool(SCORERS.meta(self.name)["ood"])
+        shared = {} if shared is None else shared
+        if (reads_ood, t_pl) not in shared:
+            z = scores[:, inlier_channels(outputs)] if ood and not reads_ood else scores
+            shared[(reads_ood, t_pl)] = SharedStats(z if t_pl == 1.0 else z / t_pl)
+        st = shared[(reads_ood, t_pl)]
+        with sharing(st):
+            return SCORERS.get(self.name)(st.z, t_pl, **({"ood_channels": ood} if reads_ood else {}), **self.params)
 
     def __call__(
         self, outputs: Outputs, size: tuple[int, int] | None = None, chunk_pixels: int | None = None, *,
@@ -319,9 +322,9 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
         n, _, h, w = z.shape
         rows = max(1, chunk_pixels // w) if chunk_pixels else h
         if rows >= h:
-            z = z.float()
+            z, shared = z.float(), {}
             for i in members:
-                results[i] = scorers[i].from_class_scores(z, outputs).float()
+                results[i] = scorers[i].from_class_scores(z, outputs, shared).float()
             continue
         for i in members:
             results[i] = torch.empty((n, h, w), dtype=torch.float32, device=z.device)
@@ -329,5 +332,6 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
             for r in range(0, h, rows):
                 # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike)
                 block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
+                shared: dict[tuple[bool, float], SharedStats] = {}
                 for i in members:
-                    results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs)[0]
+                    results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs, shared)[0]

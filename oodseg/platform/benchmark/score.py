@@ -20,6 +20,7 @@ import errno
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,11 @@ from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.stage import ActorContext, ScoredUnit, Stage
 from oodseg.platform.benchmark.units import UnitInfo, UnitResult
-from oodseg.platform.cache import split_outputs
+from oodseg.platform.cache import ShardCache, split_outputs
 from oodseg.registry import import_plugins
 from oodseg.scoring import SCORERS, create_scorer, score_many, semantic_prediction
 from oodseg.scoring.metrics import ConfusionMatrix, PixelMetrics
+from oodseg.scoring.metrics.base import check_anomaly_labels, check_scores
 
 F16_MAX = float(np.finfo(np.float16).max)  # score maps are clipped to it before the fp16 cast (no inf)
 
@@ -51,16 +53,24 @@ def build_model(spec: ModelSpec, checkpoint: str | None, protocol: str = "field"
 def image_summary(scores: Sequence[np.ndarray], label: np.ndarray, keys: Sequence[ScorerKey]) -> list[dict]:
     """Per-scorer mean inlier / anomaly score and max score of one image (float64 accumulation)."""
     inl, ano = label == INLIER, label == ANOMALY
+    n_inl, n_ano = int(inl.sum()), int(ano.sum())
     out = []
-    for key, s in zip(keys, scores):
-        s = s.astype(np.float64, copy=False)
+    for key, s in zip(keys, scores):  # only the selected pixels are cast (same values, same order: same means)
         out.append({
             "scorer": key.method, "placement": key.placement, "temperature": key.temperature,
-            "n_valid": int(inl.sum() + ano.sum()), "n_anomaly": int(ano.sum()),
-            "score_mean_inlier": float(s[inl].mean()) if inl.any() else None,
-            "score_mean_anomaly": float(s[ano].mean()) if ano.any() else None, "score_max": float(s.max()),
+            "n_valid": n_inl + n_ano, "n_anomaly": n_ano,
+            "score_mean_inlier": float(s[inl].astype(np.float64).mean()) if n_inl else None,
+            "score_mean_anomaly": float(s[ano].astype(np.float64).mean()) if n_ano else None,
+            "score_max": float(s.max()),
         })
     return out
+
+
+def scores_shard(cache: ShardCache, scores: list[np.ndarray], labels: np.ndarray, ids: list[str]) -> str:
+    """Write one shard of the chunk's score maps (per image ``[S, H, W]`` fp16, clipped to the fp16 range)."""
+    records = [{"label": labels[j], "scores": np.clip(np.stack([s[j] for s in scores]), -F16_MAX, F16_MAX)
+                .astype(np.float16), "keys": np.arange(len(scores))} for j in range(len(ids))]
+    return cache.write(records, ids)
 
 
 def writes_scores(cfg: BenchmarkConfig) -> bool:
@@ -86,6 +96,7 @@ class ScoreActor:
         needs = {n for k in self.keys for n in SCORERS.meta(k.scorer)["needs"]}
         self.features, self.network = "features" in needs, "network" in needs
         self.write_scores = writes_scores(cfg)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-shards")
         self.calls = 0
         self.announced = False
 
@@ -169,21 +180,30 @@ class ScoreActor:
         keep = [b for b in range(len(chunk)) if self.cfg.protocol != "course" or (labels[b] == ANOMALY).any()]
         for b in set(range(len(chunk))) - set(keep):  # the course code skips frames without anomaly pixels
             rows.image(chunk[b], [])
+        if not keep:
+            return
         net = {"model": self.model, "images": torch.from_numpy(images)} if self.network else {}
         on_device = score_many(outputs, self.scorers, labels.shape[1:], **net)  # one model pass serves all
-        label_t = torch.from_numpy(labels[keep]).to(on_device[0].device) if on_device else None
-        for i, s in enumerate(on_device):  # binned on the actor's device, whole chunk
-            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.cfg.smiyc)).update(s[keep], label_t)
-        scores = [s.cpu().numpy() for s in on_device]
-        records = []
-        for b in keep:
-            per = [s[b] for s in scores]
-            rows.image(chunk[b], image_summary(per, labels[b], self.keys))
-            if self.write_scores:
-                maps = np.clip(np.stack(per), -F16_MAX, F16_MAX).astype(np.float16)
-                records.append({"label": labels[b], "scores": maps, "keys": np.arange(len(self.keys))})
-        if records:
-            self._write(dataset, "scores", records, [chunk[b]["id"] for b in keep])
+        if len(keep) < len(chunk):  # no copy when every frame is kept
+            on_device, labels = [s[keep] for s in on_device], labels[keep]
+        scores = [s.cpu().numpy() for s in on_device]  # views on the CPU
+        ids = [chunk[b]["id"] for b in keep]
+        shard = self.writer.submit(scores_shard, self.ctx.cache(dataset, "scores"), scores, labels, ids) \
+            if self.write_scores else None  # fp16 maps written while the metrics update
+        self._update_pixel(on_device, labels, states)
+        for j, b in enumerate(keep):
+            rows.image(chunk[b], image_summary([s[j] for s in scores], labels[j], self.keys))
+        if shard is not None:
+            self.written[dataset]["scores"].append(shard.result())
+
+    def _update_pixel(self, scores: list[torch.Tensor], labels: np.ndarray, states: dict) -> None:
+        """Every key's ``PixelMetrics`` over the whole chunk, on the scores' device; the labels are checked once."""
+        label_t = torch.from_numpy(labels).to(scores[0].device) if scores else None
+        if scores:
+            check_anomaly_labels(label_t, tuple(scores[0].shape))
+        for i, s in enumerate(scores):
+            check_scores(s)
+            states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.cfg.smiyc, validate=False)).update(s, label_t)
 
     def _cache_outputs(self, dataset: str, outputs: Any, labels: np.ndarray, chunk: list[dict], rows: Rows) -> None:
         records = split_outputs(outputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from oodseg.scoring.context import stats
 from oodseg.scoring.scorers import TEMPERATURE_SPACE, register_scorer
 
 GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "high": 1.0},
@@ -21,7 +22,7 @@ def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -
     """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z)``. For the top class,
     ``1 − p`` is the sum of the other probabilities (``1 − p`` in float32 loses the digits that matter as ``p → 1``)."""
     p = torch.softmax(z, dim=1)
-    top = z.argmax(dim=1, keepdim=True)
+    top = stats(z).argmax()  # = z.argmax(dim=1, keepdim=True), shared with the block's other scorers
     q = (1.0 - p).scatter_(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
     g = (p * q).pow_(gamma)
     if m < p.shape[1]:

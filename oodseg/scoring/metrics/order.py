@@ -1,0 +1,94 @@
+"""Order-preserving integer keys of float32 scores, and exact order statistics from them without a full sort.
+
+* :func:`float32_keys` / :func:`keys_to_float32`: the radix-sort map float32 ↔ uint32 (``a < b ⇔ key(a) < key(b)``);
+  :class:`~oodseg.scoring.metrics.PixelMetrics` bins its scores by the keys' top bits.
+* :class:`KeyOrder`: what the SMIYC per-frame binning reads of a frame's sorted scores, a few hundred values at
+  given ranks (``take``) and the counts below a few hundred edges (``count_below``), answered from a histogram of
+  the keys over ≤ 2^20 buckets: only the buckets holding a requested rank or edge are gathered and sorted (a few
+  percent of the pixels on real maps), the rest is counted. Results equal those of the fully sorted array
+  (``np.sort`` + indexing / ``np.searchsorted``), except that −0.0 is returned as +0.0 (they compare equal).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SIGN = np.uint32(0x80000000)
+BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the largest key (~ one per value)
+
+
+def float32_keys(x: np.ndarray) -> np.ndarray:
+    """Order-preserving map float32 → uint32: ``a < b ⇔ key(a) < key(b)`` for finite floats (−0.0 folded to +0.0).
+
+    Positive floats get their sign bit set, negative floats have all bits flipped (the usual radix-sort trick).
+    """
+    bits = (np.asarray(x, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 turns −0.0 into +0.0
+    flip = (bits.view(np.int32) >> 31).view(np.uint32) | _SIGN  # all ones for negatives, sign bit for positives
+    return bits ^ flip
+
+
+def keys_to_float32(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`float32_keys`."""
+    keys = np.asarray(keys, dtype=np.uint32)
+    bits = np.where(keys & _SIGN, keys ^ _SIGN, ~keys).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def float32_bounds(edges: np.ndarray, last_inclusive: bool) -> np.ndarray:
+    """uint32-key thresholds ``t`` (int64) such that, for every float32 ``v``, ``v < e ⇔ key(v) < t``; with
+    ``last_inclusive`` the last one is for ``v ≤ e`` instead. ``e`` (float64) is first rounded up to the nearest float32
+    (rounded down, plus one key, for the inclusive one), so the comparison stays exact."""
+    e = np.asarray(edges, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        e32 = e.astype(np.float32)
+    up = np.where(e32.astype(np.float64) < e, np.nextafter(e32, np.float32(np.inf)), e32)
+    t = float32_keys(up).astype(np.int64)
+    if last_inclusive and e.size:
+        down = e32[-1] if float(e32[-1]) <= e[-1] else np.nextafter(e32[-1], np.float32(-np.inf))
+        t[-1] = int(float32_keys(np.array([down], np.float32))[0]) + 1
+    return t
+
+
+class KeyOrder:
+    """The order statistics of a set of float32 values given by their :func:`float32_keys` (module docstring)."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=np.uint32).reshape(-1)
+        self.shape = keys.shape
+        self.n = int(keys.size)
+        self._keys = keys
+        if not self.n:
+            return
+        self.lo, self.hi = int(keys.min()), int(keys.max())
+        buckets_bits = min(BUCKET_BITS, max(8, self.n.bit_length()))  # about as many buckets as values
+        self.shift = max(0, (self.hi - self.lo).bit_length() - buckets_bits)
+        self._bucket = ((keys - np.uint32(self.lo)) >> np.uint32(self.shift)).astype(np.intp)
+        hist = np.bincount(self._bucket, minlength=((self.hi - self.lo) >> self.shift) + 1)
+        self._below = np.concatenate([[0], np.cumsum(hist)])  # keys in buckets < b
+
+    def _gather(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys of ``buckets``, sorted, and where each bucket starts in them (one pass over the keys)."""
+        need = np.zeros(self._below.size - 1, bool)
+        need[buckets] = True
+        got = np.sort(self._keys[need[self._bucket]])
+        return got, np.searchsorted(got, (buckets.astype(np.int64) << self.shift) + self.lo)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The values (float32) at ascending-sort positions ``idx`` (``np.sort(values)[idx]``)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        buckets = np.searchsorted(self._below, idx, side="right") - 1
+        got, start = self._gather(buckets)
+        return keys_to_float32(got[start + idx - self._below[buckets]])
+
+    def count_below(self, edges: np.ndarray) -> np.ndarray:
+        """``#{v < e}`` for every edge but the last, ``#{v ≤ e}`` for the last: ``np.searchsorted`` on the sorted
+        values (``side="left"``, the last ``"right"``), as int64."""
+        t = float32_bounds(edges, last_inclusive=True)
+        if not self.n:
+            return np.zeros(t.size, np.int64)
+        out = np.where(t <= self.lo, 0, self.n).astype(np.int64)
+        inside = (t > self.lo) & (t <= self.hi)
+        buckets = (t[inside] - self.lo) >> self.shift
+        got, start = self._gather(buckets)
+        out[inside] = self._below[buckets] + np.searchsorted(got, t[inside]) - start
+        return out

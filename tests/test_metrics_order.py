@@ -1,0 +1,64 @@
+"""``KeyOrder`` (exact order statistics from float32 keys, no full sort) against ``np.sort`` + indexing /
+``np.searchsorted``, and the SMIYC frame binning it serves against the same binning on fully sorted scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oodseg.scoring.metrics import SmiycPixelMetrics
+from oodseg.scoring.metrics.order import KeyOrder, float32_bounds, float32_keys
+
+
+def values(rng: np.random.Generator, kind: int, n: int) -> np.ndarray:
+    """Spread, narrow, wide, heavily tied (with −0.0) and fp16-rounded float32 samples."""
+    x = rng.standard_normal(n).astype(np.float32) * np.float32([1, 1e-3, 100, 1, 1][kind])
+    if kind == 3:
+        x = (np.round(x * 4) / 4).astype(np.float32)
+        x[x == 0] = -0.0
+    if kind == 4:
+        x = (x * 20 - 15).astype(np.float16).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("kind", range(5))
+def test_key_order_equals_the_sorted_array(kind):
+    rng = np.random.default_rng(kind)
+    for n in (1, 2, 17, 5000, 300_000):
+        x = values(rng, kind, n)
+        srt = np.sort(x)
+        order = KeyOrder(float32_keys(x))
+        idx = np.unique(np.r_[0, n - 1, rng.integers(0, n, 60)])
+        assert np.array_equal(order.take(idx), srt[idx])
+        picked = rng.choice(srt, 30).astype(np.float64)
+        edges = np.unique(np.r_[picked, picked + 1e-9, np.nextafter(picked, -np.inf), srt[0] - 1, srt[-1], 1e300,
+                                -1e300, 0.0])
+        ref = np.r_[np.searchsorted(srt, edges[:-1], "left"), np.searchsorted(srt, edges[-1:], "right")]
+        assert np.array_equal(order.count_below(edges), ref)
+
+
+def test_float32_bounds_compare_float64_edges_exactly():
+    """``v < e`` ⇔ ``key(v) < t`` for float32 ``v`` next to float64 edges that are not float32 numbers."""
+    v = np.float32([1.0, np.nextafter(np.float32(1.0), np.float32(2.0)), -0.0, 0.0, 3.4e38, -3.4e38])
+    edges = np.array([1.0 + 1e-12, 1.0, 0.0, -1e-300, 1e39, -1e39])
+    for e, t in zip(edges, float32_bounds(edges, last_inclusive=False)):
+        assert np.array_equal(v.astype(np.float64) < e, float32_keys(v).astype(np.int64) < t)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_smiyc_frames_from_key_order_equal_sorted_frames(fp16):
+    """Host input (``KeyOrder`` for the ≥ 2^15 inlier pixels of a frame, a key sort for the anomaly pixels) and CPU
+    torch input (full sort) give the same per-frame bins, to the bit."""
+    rng = np.random.default_rng(3)
+    s = (rng.standard_normal((3, 192, 256)) * 3).astype(np.float32)
+    s[1] = np.round(s[1])  # ties
+    lab = (rng.random((3, 192, 256)) < 0.05).astype(np.uint8)
+    lab[:, :4] = 255
+    lab[2] = 0  # a frame without anomaly pixels
+    host = SmiycPixelMetrics(fp16=fp16).add_frames(s, lab)
+    ref = SmiycPixelMetrics(fp16=fp16).add_frames(torch.from_numpy(s), torch.from_numpy(lab))
+    a, b = host._state(), ref._state()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
