@@ -4,6 +4,7 @@
     python benchmarks/pipeline.py --width 0.25       # a tiny model: the scoring cost dominates
     python benchmarks/pipeline.py --image-size 512 1024 --images 32 --batch-size 8 --num-cpus 0   # GPU machine
     python benchmarks/pipeline.py --data-root /data  # real datasets instead of a temporary synthetic suite
+    python benchmarks/pipeline.py --scale 1 4 16     # only the whole job at 1x, 4x, 16x the images (scaling.py)
 
 Prints images/s of (a) ``model.predict`` alone over the decoded images in batches (device-synchronised), (w) the
 same per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
@@ -51,8 +52,8 @@ from oodseg.platform.cache import output_nbytes
 from oodseg.platform.runs import init_ray
 
 
-class ObjectStorePeak(threading.Thread):
-    """Samples this cluster's plasma usage (``memory_summary(stats_only=True)``) until stopped; keeps the max MiB."""
+class PeakSampler(threading.Thread):
+    """Calls :meth:`sample` every ``period_s`` until stopped and keeps the largest value (MiB; None: no sample)."""
 
     def __init__(self, period_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -60,25 +61,36 @@ class ObjectStorePeak(threading.Thread):
         self.peak_mib = 0.0
         self._stop_event = threading.Event()
 
-    def run(self) -> None:
-        import ray
-        from ray._private.internal_api import memory_summary
+    def sample(self) -> float | None:
+        raise NotImplementedError
 
+    def run(self) -> None:
         while not self._stop_event.is_set():
-            if ray.is_initialized():
-                try:
-                    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
-                    m = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", text)
-                    if m:
-                        self.peak_mib = max(self.peak_mib, float(m.group(1)))
-                except Exception:  # noqa: BLE001 - sampling is best effort while Ray starts/stops
-                    pass
+            if (value := self.sample()) is not None:
+                self.peak_mib = max(self.peak_mib, value)
             self._stop_event.wait(self.period_s)
 
     def stop(self) -> float:
         self._stop_event.set()
         self.join(timeout=10)
         return self.peak_mib
+
+
+class ObjectStorePeak(PeakSampler):
+    """This cluster's plasma usage (``memory_summary(stats_only=True)``), once Ray is up."""
+
+    def sample(self) -> float | None:
+        import ray
+        from ray._private.internal_api import memory_summary
+
+        if not ray.is_initialized():
+            return None
+        try:
+            text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+        except Exception:  # noqa: BLE001 - sampling is best effort while Ray starts/stops
+            return None
+        m = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", text)
+        return float(m.group(1)) if m else None
 
 
 @dataclass
@@ -240,7 +252,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare forward vs in-process work")
     p.add_argument("--skip-job", action="store_true", help="only the bare forward vs in-process work, no Ray")
-    return p.parse_args(argv)
+    p.add_argument("--scale", type=int, nargs="+", default=None, metavar="K",
+                   help="instead: the whole job on synthetic sets of K x --images images each (e.g. 1 4 16), per-image "
+                        "time and the driver's peak RSS per K, ratios to the first K (benchmarks/scaling.py)")
+    a = p.parse_args(argv)
+    if a.scale and (a.data_root or min(a.scale) < 1):
+        p.error("--scale needs positive factors and the synthetic suite (no --data-root)")
+    return a
+
+
+def job_config(a: argparse.Namespace, work: Path, root: str) -> tuple[BenchmarkConfig, Any]:
+    """The benchmark job's config over the suite at ``root``, for a random ERFNet (seed 0) saved under ``work``
+    (results there too), and that model."""
+    torch.manual_seed(0)
+    model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
+    ckpt = save_safetensors(model, work / "model.safetensors")
+    threads = max(1, math.ceil(a.actor_cpus))
+    cfg = BenchmarkConfig(
+        results=str(work / "results"), data_root=root, models=(ModelSpec("bench", checkpoint=str(ckpt)),),
+        datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
+        progress=False, num_cpus=a.num_cpus, actor_num_cpus=a.actor_cpus, torch_threads=threads,
+        device=a.device, precision=a.precision)
+    return cfg, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,19 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     if runtime.torch_device.type == "cpu":
         tune_allocator()  # as the score actors do
+    if a.scale:
+        from scaling import scaling  # benchmarks/scaling.py (it imports this module's job helpers)
+
+        return scaling(a)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = a.data_root
-        if not root:
-            root = str(bench_suite(work, a.image_size, a.images))
-        torch.manual_seed(0)
-        model = create_model("erfnet", width=a.width, input_size=list(a.input_size) if a.input_size else None)
-        ckpt = save_safetensors(model, work / "model.safetensors")
-        cfg = BenchmarkConfig(
-            results=str(work / "results"), data_root=root, models=(ModelSpec("bench", checkpoint=str(ckpt)),),
-            datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
-            progress=False, num_cpus=a.num_cpus, actor_num_cpus=a.actor_cpus, torch_threads=threads,
-            device=a.device, precision=a.precision)
+        root = a.data_root or str(bench_suite(work, a.image_size, a.images))
+        cfg, model = job_config(a, work, root)
         plan = prepare(cfg)
         images = [ds.load(r)["image"] for ds in plan.datasets.values() for r in ds.samples]
         n = len(images)
