@@ -190,11 +190,14 @@ class ScoreActor:
         ids = [chunk[b]["id"] for b in keep]
         shard = self.writer.submit(scores_shard, self.ctx.cache(dataset, "scores"), scores, labels, ids) \
             if self.write_scores else None  # fp16 maps written while the metrics update
-        self._update_pixel(on_device, labels, states)
-        for j, b in enumerate(keep):
-            rows.image(chunk[b], image_summary([s[j] for s in scores], labels[j], self.keys))
-        if shard is not None:
-            self.written[dataset]["scores"].append(shard.result())
+        try:
+            self._update_pixel(on_device, labels, states)
+            for j, b in enumerate(keep):
+                rows.image(chunk[b], image_summary([s[j] for s in scores], labels[j], self.keys))
+        finally:  # the write ends within the call either way; its shard is recorded only if the chunk is
+            path = shard.result() if shard is not None else None
+        if path is not None:
+            self.written[dataset]["scores"].append(path)
 
     def _update_pixel(self, scores: list[torch.Tensor], labels: np.ndarray, states: dict) -> None:
         """Every key's ``PixelMetrics`` over the whole chunk, on the scores' device; the labels are checked once."""
