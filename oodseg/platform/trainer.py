@@ -73,12 +73,16 @@ class FinetuneConfig:
                              f"({self.num_workers}) x train.accum ({self.train.accum})")
 
     @property
+    def storage(self) -> str:
+        """``storage_path`` as Ray Train and the checkpoint lookup take it: a URI as given, a local path absolute."""
+        if "://" in self.storage_path:
+            return self.storage_path.rstrip("/")
+        return str(Path(self.storage_path).expanduser().resolve())
+
+    @property
     def export_path(self) -> str:
         """``export``, else ``<storage_path>/<name>.safetensors`` (a path or a URI, as ``storage_path``)."""
-        if self.export:
-            return self.export
-        return f"{self.storage_path.rstrip('/')}/{self.name}.safetensors" if "://" in self.storage_path else str(
-            Path(self.storage_path).expanduser().resolve() / f"{self.name}.safetensors")
+        return self.export or f"{self.storage}/{self.name}.safetensors"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -152,8 +156,7 @@ class StoredCheckpoint:
 
 def run_location(cfg: FinetuneConfig) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path of ``<storage_path>/<name>`` inside it)."""
-    fs, base = resolve_fs(str(Path(cfg.storage_path).expanduser()) if "://" not in cfg.storage_path
-                          else cfg.storage_path)
+    fs, base = resolve_fs(cfg.storage)
     return fs, f"{base}/{cfg.name}"
 
 
@@ -229,7 +232,6 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (), step_hook:
 
     ext_dir = str(Path(cfg.extensions_dir).expanduser().resolve())
     env = {"TORCH_EXTENSIONS_DIR": ext_dir, "OMP_NUM_THREADS": str(max(1, cfg.cpus_per_worker))}
-    storage = str(Path(cfg.storage_path).expanduser().resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": to_dict(cfg), "step_hook": step_hook, "progress": progress},
@@ -237,7 +239,7 @@ def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = (), step_hook:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage, callbacks=list(callbacks),
+            name=cfg.name, storage_path=cfg.storage, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
             worker_runtime_env={"env_vars": env} if cfg.strategy == "deepspeed" else None,
