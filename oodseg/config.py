@@ -308,9 +308,9 @@ def parse_config(
     cls: type[C], argv: Sequence[str] | None = None, description: str | None = None, prog: str | None = None,
     aliases: Mapping[str, str] | None = None, base: Mapping[str, Any] | None = None,
 ) -> C:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance; see the module docstring.
-    ``base`` holds a job's own defaults (below the YAML file). A bad value exits with code 2 and one line naming
-    the option."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a frozen ``cls`` instance, layering dataclass defaults, ``base``
+    (a job's own defaults), ``--config FILE.yaml``, ``--set key=value`` and per-field flags, highest last. A bad
+    value exits with code 2 and one line naming the option; ``aliases`` map short flags to dotted fields."""
     parser = config_parser(cls, description=description, prog=prog, aliases=aliases, base=base)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -20,7 +20,8 @@ def in_submitted_job() -> bool:
 
 
 def default_cache_dir() -> Path:
-    """The cache root (see the module docstring)."""
+    """The cache root: ``$OODSEG_CACHE``, else ``./.cache/oodseg``, or ``~/.cache/oodseg`` in a submitted job
+    (whose working directory is a fresh copy each time, so a cache there would be rebuilt on every submission)."""
     if os.environ.get("OODSEG_CACHE"):
         return Path(os.environ["OODSEG_CACHE"]).expanduser().resolve()
     if in_submitted_job():

@@ -46,7 +46,9 @@ class SampleRef:
 
 
 class Sample(dict):
-    """Dict with keys ``image`` (uint8 HxWx3 RGB), ``label`` (uint8 HxW), ``id``, ``image_path``, ``label_path``."""
+    """Dict with keys ``image`` (uint8 HxWx3 RGB, channels last), ``label`` (uint8 HxW, same size), ``id``,
+    ``image_path``, ``label_path``. Labels follow :mod:`oodseg.labels`: anomaly datasets 0 = inlier, 1 = anomaly;
+    semantic datasets trainIds ``0..C-1``; 255 = void (not evaluated) in both."""
 
     @property
     def image(self) -> np.ndarray:
@@ -228,7 +230,9 @@ class ListedDataset:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """The registered facts about a dataset (see the module docstring)."""
+    """The facts a dataset registers (:func:`register_dataset`), read by the benchmark and the report without
+    building it: table ``title``, ``kind`` (``anomaly`` / ``semantic``), SMIYC ``track``, scored ``num_classes``,
+    and whether the benchmark runs it by ``default``."""
 
     name: str
     title: str
@@ -243,7 +247,15 @@ class DatasetInfo:
 
 def register_dataset(name: str, *, title: str, kind: str, track: str | None = None, num_classes: int = 2,
                      default: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a dataset factory/class under ``name`` with its facts (timm-style decorator)."""
+    """Register a dataset factory/class under ``name`` with its facts (timm-style decorator).
+
+    Args:
+        title: the standard table's column title.
+        kind: ``"anomaly"`` (labels 0 / 1 / 255) or ``"semantic"`` (trainIds, 255 = void).
+        track: SMIYC track (``"anomaly"`` / ``"obstacle"``) whose metric rules apply, or None.
+        num_classes: scored classes (2 for anomaly sets).
+        default: run by the benchmark when no datasets are given; registration order = column order.
+    """
     if kind not in ("anomaly", "semantic"):
         raise ValueError(f"dataset {name!r}: kind must be 'anomaly' or 'semantic', got {kind!r}")
     info = DatasetInfo(name, title, kind, track, num_classes, default)
@@ -261,7 +273,9 @@ def default_datasets(kind: str | None = None) -> tuple[str, ...]:
 
 
 def create_dataset(name: str, /, root: str | os.PathLike[str] | None = None, **cfg: Any) -> Any:
-    """Build dataset ``name`` from ``root`` (``None`` → ``$OODSEG_DATA``) with reader-specific ``cfg``."""
+    """Build dataset ``name`` from ``root`` (``None`` → ``$OODSEG_DATA``) with reader-specific ``cfg`` (such as
+    ``split``, ``strict``). The result lists ``.samples`` (:class:`SampleRef`) and decodes each with ``load(ref)``
+    or ``ds[i]`` into a :class:`Sample`; a bad file raises :class:`DataError` naming it."""
     return DATASETS.get(name)(root=root, **cfg)
 
 

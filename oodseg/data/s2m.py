@@ -68,7 +68,8 @@ def _obstacle_number(name: str) -> int:
 
 
 class S2MValidationSet(ListedDataset):
-    """One set of S2M's validation release (module docstring); ``kind="anomaly"``."""
+    """One set of S2M's validation release (``layout``: a key of :data:`LAYOUTS`), listed and paired in the order
+    S2M's ``val_score.py`` uses, so sample ids match its ``score/<i>.npz`` maps; labels 1 = anomaly, 255 = void."""
 
     kind = "anomaly"
     num_classes = 2
@@ -133,7 +134,8 @@ def _s2m_set(layout: str, title: str, track: str):
         return S2MValidationSet(root, layout, name=name, track=track, strict=strict)
 
     factory.__name__ = name
-    factory.__doc__ = f"S2M's validation release, ``val/{LAYOUTS[layout][0]}`` (module docstring); track {track!r}."
+    factory.__doc__ = (f"S2M's validation set ``val/{LAYOUTS[layout][0]}``, in S2M's own sample order (ids match "
+                       f"its ``score/<i>.npz``); SMIYC track {track!r}.")
     return register_dataset(name, title=title, kind="anomaly", track=track)(factory)
 
 

@@ -90,7 +90,9 @@ class SourceError(Exception):
 
 
 class SegModel(nn.Module):
-    """Base class of every oodseg segmentation model (contract in the module docstring)."""
+    """Base class of every oodseg segmentation model: an ``nn.Module`` that turns uint8 RGB images into
+    :class:`PixelLogits` or :class:`MaskOutputs` (``output_kind``) with ``num_classes`` class channels, and names
+    its parameter groups for fine-tuning and the config that rebuilds it (each method: module docstring)."""
 
     output_kind: ClassVar[str] = "pixel"
     #: whether ``forward(x, target)`` also returns a loss of the model's own (mask-classification models)
@@ -101,9 +103,9 @@ class SegModel(nn.Module):
     model_name: str = ""
     input_size: tuple[int, int] | None = None
     ood_channels: tuple[int, ...] = ()
-    #: whether ``predict(..., features=True)`` and ``classify`` exist (see the module docstring)
+    #: whether ``predict(..., features=True)`` and ``classify`` exist (what the post-hoc scorers and ReAct read)
     has_features: ClassVar[bool] = False
-    #: whether ``predict`` needs ``sources=`` (per-image files of its own; see the module docstring)
+    #: whether ``predict`` needs ``sources=``: it reads a file of its own per image instead of running a network
     reads_sources: ClassVar[bool] = False
 
     def __init__(self, num_classes: int) -> None:
@@ -141,7 +143,15 @@ class SegModel(nn.Module):
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor, features: bool = False) -> PixelLogits | MaskOutputs:
         """Per-pixel inference (mask models override it): :meth:`model_input`, logits at that size; ``size`` = the
-        input size, so scorers upsample back to the label; ``features=True``: also the features (one pass)."""
+        input size, so scorers upsample back to the label; ``features=True``: also the features (one pass).
+
+        Args:
+            images_uint8: RGB uint8 ``[B,H,W,3]`` or ``[B,3,H,W]`` (values 0..255, not normalised).
+
+        Returns:
+            :class:`PixelLogits` with raw logits ``[B,C,h,w]`` (not probabilities) at the network's resolution,
+            ``size=(H, W)`` and ``ood_channels``; ``features`` ``[B,D,h',w']`` when asked.
+        """
         x, size = self.model_input(images_uint8)
         if features and not self.has_features:
             raise NotImplementedError(f"{type(self).__name__} does not expose features (has_features=False)")

@@ -352,7 +352,8 @@ class D2Shapes:
 
 
 class D2FasterRCNN(nn.Module):
-    """detectron2's ``GeneralizedRCNN`` (Faster R-CNN, ResNet-FPN) at inference on score maps (module docstring).
+    """detectron2's ``GeneralizedRCNN`` (Faster R-CNN, ResNet-FPN: RPN + box head) at inference, boxes of every
+    class from a score map; sizes read off the checkpoint (:class:`D2Shapes`), stages as detectron2's (module doc).
 
     Input normalisation is S2M's, detectron2's ``(x − PIXEL_MEAN) / PIXEL_STD`` on the raw score: the released
     detector was trained on exactly that, so it must see it (our own detectors standardise per scorer instead:

@@ -63,8 +63,9 @@ def _to_tensor(path: Path, key: str, value: Any) -> torch.Tensor:
 
 def read_detectron2_weights(path: str | Path, require: str, what: str) -> dict[str, torch.Tensor]:
     """detectron2 ``model_final.pth`` (``{"model": state_dict, …}`` or a bare state dict) or model-zoo ``.pkl``
-    → ``{key: tensor}`` (module docstring for what is read and how); CheckpointError naming the file unless some key
-    starts with ``require`` (the network ``what`` is, e.g. ``"Mask2Former"``)."""
+    → ``{key: tensor}``, read without trusting the file (weights-only ``torch.load``; a numpy-only unpickler for
+    ``.pkl``); CheckpointError naming the file when it is unreadable, holds a non-numeric entry, or has no key
+    starting with ``require`` (the network ``what`` is, e.g. ``"Mask2Former"``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")

@@ -107,7 +107,9 @@ def mask_classification_forward(
 
 @register_model("eomt")
 class EoMT(MeanStdInput, SegModel):
-    """EoMT as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
+    """EoMT (transformers) as a mask-classification :class:`SegModel`: a plain ViT whose queries give per-query
+    class and mask logits over overlapping ``S × S`` windows, with its own mask-classification loss in training.
+    Windowing and weights: module docstring."""
 
     output_kind = "mask"
     own_loss = True
@@ -187,7 +189,13 @@ class EoMT(MeanStdInput, SegModel):
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor, features: bool = False) -> MaskOutputs:
         """Resize (short side → S), overlapping S×S windows along the long side, one output row per window;
-        ``features=True``: also the last layer's per-pixel mask embeddings."""
+        ``features=True``: also the last layer's per-pixel mask embeddings.
+
+        Returns:
+            :class:`MaskOutputs` with ``N`` = all windows: ``class_logits [N,Q,C+1]`` (last = no-object),
+            raw ``mask_logits [N,Q,S/4,S/4]`` (``[N,Q,S,S]`` with ``upsample_masks``), ``crops [N,5]`` =
+            ``(image, top, left, S, S)`` in the resized ``frame_size``, ``size`` = input ``(H, W)``.
+        """
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
         s = self.image_size

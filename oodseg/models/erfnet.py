@@ -140,7 +140,9 @@ class Decoder(nn.Module):
 
 @register_model("erfnet")
 class ERFNet(SegModel):
-    """ERFNet as a :class:`SegModel` (``output_kind="pixel"``); see the module docstring for conventions.
+    """ERFNet (Romera et al. 2018) as a per-pixel :class:`SegModel`: [0, 1] RGB input without mean/std, resized to
+    ``input_size``; logits of ``num_classes`` Cityscapes classes (void channel dropped unless ``keep_void``);
+    optional IsoMax+ head. Layers and published-weight layout: module docstring.
 
     ``param_groups()``: ``backbone`` = encoder, ``decoder`` = decoder layers, ``head`` = ``decoder.output_conv``
     (+ IsoMax+ head); ``blocks.0`` = ``encoder.initial_block``, ``blocks.1..15`` = ``encoder.layers``,

@@ -70,7 +70,9 @@ def model_output_kind(name: str) -> str:
 
 
 def register_checkpoint_source(name: str) -> Callable[[Callable[..., str | None]], Callable[..., str | None]]:
-    """Register ``fn(cache_dir, data_root, seed) -> path | None`` as the named checkpoint ``name``."""
+    """Register ``fn(cache_dir, data_root, seed) -> path | None`` as the named checkpoint ``name``; the function
+    receives the run context as keywords (take ``**_`` for the rest) and returns a file, building it if need be,
+    or None for a random initialisation."""
     return CHECKPOINT_SOURCES.register(name)
 
 
@@ -147,9 +149,18 @@ def create_model(
     seed: int | None = None,
     **cfg: Any,
 ) -> SegModel:
-    """Build registered model ``name`` with ``cfg`` and load ``checkpoint`` (see the module docstring).
+    """Build registered model ``name`` with ``cfg`` and load ``checkpoint`` strictly (timm's ``create_model``).
 
-    ``seed`` seeds the random initialisation (of everything, or of the ``fresh`` parts a checkpoint lacks).
+    Args:
+        name: registered model; may be None when ``checkpoint`` is a self-describing ``.safetensors`` (its header
+            names the model and holds the cfg that ``cfg`` then overrides).
+        checkpoint: ``.pth`` / ``.pt`` (read with ``weights_only=True``) or ``.safetensors``; None keeps the random
+            init. A named source (``"demo"``) must go through :func:`resolve_checkpoint` first.
+        fresh: parameter-name prefixes the checkpoint may lack (a new head: ``("head.",)``); they keep their init.
+        seed: seeds the random initialisation (of everything, or of the ``fresh`` parts).
+
+    Returns:
+        The model on the default device (the CPU), in ``nn.Module``'s default training mode.
     """
     if seed is not None:
         torch.manual_seed(seed)

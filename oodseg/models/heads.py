@@ -21,7 +21,8 @@ from torch import nn
 
 
 class IsoMaxPlusHead(nn.Module):
-    """Per-pixel IsoMax+ logits ``[B, C, H, W]`` from features ``[B, D, H, W]`` (formula in the module docstring)."""
+    """Per-pixel IsoMax+ logits ``[B, C, H, W]`` = ``−|s|·‖f̂ − p̂_c‖₂`` from features ``[B, D, H, W]``: negative
+    scaled distances of the L2-normalised features to learned normalised prototypes (Macêdo & Ludermir 2021)."""
 
     def __init__(self, in_channels: int, num_classes: int, init: str = "normal") -> None:
         super().__init__()

@@ -77,7 +77,9 @@ def shortest_edge_size(height: int, width: int, short: int, longest: int) -> tup
 
 @register_model("mask2former")
 class Mask2Former(MeanStdInput, SegModel):
-    """Mask2Former as a :class:`SegModel` (``output_kind="mask"``); conventions in the module docstring."""
+    """Mask2Former (transformers) as a mask-classification :class:`SegModel`: per-query class and mask logits,
+    detectron2's input convention (mean/std in 0..255, zero padding to ``size_divisibility``) and its own
+    Hungarian-matched loss in training. Weights, feature levels, test size: module docstring."""
 
     output_kind = "mask"
     own_loss = True
@@ -145,7 +147,13 @@ class Mask2Former(MeanStdInput, SegModel):
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
-        """(Resize to the test size,) pad to ``size_divisibility``, run; one crop per image."""
+        """(Resize to the test size,) pad to ``size_divisibility``, run; one crop per image.
+
+        Returns:
+            :class:`MaskOutputs`: ``class_logits [B,Q,C+1]`` (last = no-object), ``mask_logits [B,Q,fh,fw]`` (raw,
+            before sigmoid) at the frame ``(fh, fw)`` the network saw, ``crops`` ``(i, 0, 0, fh, fw)`` and
+            ``size`` = the input ``(H, W)``.
+        """
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape
         fh, fw = (h, w) if self.test_size is None else shortest_edge_size(h, w, *self.test_size)

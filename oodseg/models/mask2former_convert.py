@@ -71,7 +71,9 @@ def _fmt(keys: Sequence[str], limit: int = 4) -> str:
 def convert_state_dict(
     path: Path, state: Mapping[str, torch.Tensor], conv: Converted, hf: Any
 ) -> dict[str, torch.Tensor]:
-    """Map ``state`` onto ``hf``'s state dict (strict; module docstring); BGR models get RGB first convolutions."""
+    """Map ``state`` onto ``hf``'s state dict through :func:`key_map` (qkv rows split, level embeddings reshaped;
+    BGR models get RGB first convolutions); CheckpointError naming the file for any missing, unexpected, unfilled
+    or mis-shaped key, so nothing loads half-converted."""
     table = key_map(conv)
     missing = [k for k in table if k not in state and k != "criterion.empty_weight"]
     unexpected = [k for k in state if k not in table]

@@ -118,7 +118,8 @@ def check_map(arr: np.ndarray, path: Path, size: tuple[int, int]) -> np.ndarray:
 
 @register_model("precomputed")
 class Precomputed(SegModel):
-    """Saved score maps as a model (module docstring). ``predict(images, sources=...)`` → :class:`ScoreMaps`."""
+    """Another method's saved anomaly maps as a model with no network: ``predict(images, sources=...)`` reads one
+    file per image (``folder`` / ``pattern``; npz, npy, 16-bit png or SMIYC hdf5) and returns :class:`ScoreMaps`."""
 
     output_kind = "score"
     reads_sources = True
@@ -168,7 +169,15 @@ class Precomputed(SegModel):
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor, features: bool = False,
                 sources: Sequence[ImageSource] | None = None) -> ScoreMaps:
-        """The maps of ``sources`` (one per image, in order) at the images' size; ``SourceError`` for bad ones."""
+        """The maps of ``sources`` (one per image, in order) at the images' size.
+
+        Returns:
+            :class:`ScoreMaps` ``[B,H,W]`` float32 anomaly scores (higher = more anomalous, in the saved units).
+
+        Raises:
+            SourceError: mapping the batch index of every missing / unreadable / wrong-size / non-finite map to
+                ``(file, message)``; the caller records those and predicts the rest again.
+        """
         x = to_nchw_uint8(images_uint8)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         if features:

@@ -1,5 +1,6 @@
-"""The torchvision Faster R-CNN behind :class:`~oodseg.models.detector.ScoreDetector` (its module docstring says
-what follows S2M / detectron2 and what differs). A module of its own so that importing the detector prompter — every
+"""The torchvision Faster R-CNN behind :class:`~oodseg.models.detector.ScoreDetector`: one foreground class, no
+input normalisation or test-time resize of its own (S2M's settings and what differs from detectron2:
+:mod:`oodseg.models.detector`). A module of its own so that importing the detector prompter — every
 benchmark worker does, through the prompter registry — does not import torchvision's detection stack (~2 s)."""
 
 from __future__ import annotations

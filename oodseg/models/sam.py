@@ -90,8 +90,8 @@ RESIZE_BACKENDS = ("torchvision", "pil")
 
 def _image_processor(image_size: int, pad_size: tuple[int, int] | list[int], image_mean: Any = None,
                      image_std: Any = None, resize: str = "torchvision") -> Any:
-    """``SamImageProcessor`` (torchvision resize) or, ``resize="pil"``, ``SamImageProcessorPil`` (segment-anything's
-    PIL bilinear resize); module docstring."""
+    """The processor that resizes to longest side ``image_size``, normalises and pads to ``pad_size``: torchvision's
+    antialiased resize, or ``resize="pil"`` segment-anything's PIL bilinear one (equal masks for ``.pth`` SAMs)."""
     from transformers import SamImageProcessor, SamImageProcessorPil
 
     if resize not in RESIZE_BACKENDS:

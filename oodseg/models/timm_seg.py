@@ -52,7 +52,8 @@ class FPNDecoder(nn.Module):
 
 @register_model("timm_seg")
 class TimmSeg(SegModel):
-    """Per-pixel segmentation on a timm backbone (``output_kind="pixel"``); see the module docstring."""
+    """Per-pixel segmentation on any timm backbone (CNN stages or ViT patch grids) with a small FPN decoder and a
+    linear or IsoMax+ head; input normalised with the backbone's timm data config, logits at input resolution."""
 
     output_kind = "pixel"
     has_features = True

@@ -113,7 +113,8 @@ class CachedItem:
 
 
 class ShardCache:
-    """Shards of one (run, model, dataset, kind); see the module docstring for layout and formats."""
+    """fp16 ``.npz`` shards of one (run, model, dataset, kind) under ``<results>/cache/…``: several images per
+    shard, written atomically and named from their ids so a re-run replaces them (formats: module docstring)."""
 
     def __init__(self, results_root: str, run_id: str, model: str, dataset: str, kind: str = "outputs") -> None:
         if kind not in KINDS:

@@ -38,7 +38,9 @@ def user_error(exc: BaseException) -> BaseException | None:
 
 
 def run_cli(body: Callable[[], int], resume_hint: Callable[[], str] | None = None) -> int:
-    """Run a job's ``body`` with the module docstring's error handling; returns the exit code."""
+    """Run a job's ``body`` and return its exit code: a user error (config, data, checkpoint; also one raised in a
+    Ray worker) prints ``error: …`` and gives 2, Ctrl-C prints ``interrupted; <resume_hint()>`` and gives 130, and
+    anything else is re-raised with its traceback."""
     try:
         return body()
     except KeyboardInterrupt:

@@ -122,7 +122,8 @@ def to_table(table: str, rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pa
 
 
 class ResultsStore:
-    """Append-only Parquet tables under ``root``; see the module docstring for the commit protocol."""
+    """Append-only Parquet tables under ``root``, one ``part-<key>.parquet`` per unit of work and table, each
+    written under a temporary name and renamed; a unit counts as done once its ``metrics`` part exists."""
 
     def __init__(self, root: str, create: bool = True) -> None:
         self.fs, self.base = resolve_fs(str(root))

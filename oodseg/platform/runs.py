@@ -99,7 +99,8 @@ def gpu_names(ray: Any) -> str:
 
 
 class RunRecord:
-    """The ``runs`` row of one attempt of a job (see the module docstring)."""
+    """The ``runs`` row of one attempt of a job: written ``running`` by :meth:`start` (with config, git sha,
+    versions, host and resume fingerprint) and rewritten with its final status and wall time by :meth:`finish`."""
 
     def __init__(self, store: ResultsStore, run_id: str, job: str, config_json: str, seed: int = 0,
                  fingerprint_json: str | None = None) -> None:

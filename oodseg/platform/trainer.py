@@ -177,9 +177,9 @@ def checkpoint_step(checkpoint: StoredCheckpoint) -> int:
 
 
 def check_resume(cfg: FinetuneConfig) -> StoredCheckpoint | None:
-    """Raise ``ConfigError`` when ``cfg`` would resume a checkpoint of a different run (module docstring; a key the
-    checkpoint did not record, written by an older oodseg, is not compared); returns the checkpoint a rerun resumes
-    from, or None."""
+    """Raise ``ConfigError`` when ``cfg`` would resume a checkpoint of a different run (any fingerprint key other
+    than ``steps`` / ``log_every`` differs; a key the checkpoint did not record, written by an older oodseg, is not
+    compared) or one already trained past ``train.steps``; returns the checkpoint a rerun resumes from, or None."""
     last = latest_checkpoint(cfg)
     if last is None:
         return None

@@ -157,7 +157,8 @@ _ACTIVE: ContextVar[SharedStats | None] = ContextVar("oodseg_shared_stats", defa
 
 @contextmanager
 def sharing(shared: SharedStats) -> Iterator[SharedStats]:
-    """Make ``stats(shared.z)`` return ``shared`` inside the block (see the module docstring)."""
+    """Make ``stats(shared.z)`` return ``shared`` inside the block, so every pixel-wise scorer of one block of class
+    scores reuses the same max / argmax / exp / logsumexp reductions instead of recomputing them."""
     token = _ACTIVE.set(shared)
     try:
         yield shared

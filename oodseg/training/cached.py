@@ -40,7 +40,7 @@ from oodseg.training.loop import train_local
 from oodseg.training.tasks import create_task
 
 Progress = Callable[[dict[str, Any]], None]
-TRAIN_THREADS = 2  # the README's numbers were measured with this many; see the module docstring
+TRAIN_THREADS = 2  # fixed: the thread count changes CPU reductions, hence the weights; the README measured with 2
 _TRAIN = contextvars.ContextVar("oodseg_cached_train", default=True)
 
 
@@ -83,7 +83,8 @@ LATER_DEFAULTS = {"adam_eps": 1e-8, "decay_1d": False, "lr_per": "step", "precis
 
 
 def config_hash(cfg: TrainConfig, suite_root: Path, version: int) -> str:
-    """Hash of everything that determines the weights (see the module docstring)."""
+    """16 hex digits over what determines the weights: the config minus paths and logging (input files by name
+    only; later-added settings at their defaults left out), the suite's build parameters and ``version``."""
     paths = ("data_root", "coco_root", "log_every", "data_workers")
     key = _file_names({k: v for k, v in asdict(cfg).items() if k not in paths and LATER_DEFAULTS.get(k, ...) != v})
     blob = json.dumps({"version": version, "cfg": key, "suite": suite_params(suite_root)}, sort_keys=True,

@@ -52,7 +52,8 @@ class DetectorTaskConfig:
 
 @register_task("s2m_detector")
 class DetectorTask(Task):
-    """S2M's detector on a frozen model's score maps (module docstring)."""
+    """Trains S2M's Faster R-CNN box detector on the score maps a frozen segmentation model + scorer give for
+    training crops with one pasted COCO object each (that object's box is the single target)."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

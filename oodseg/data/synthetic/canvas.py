@@ -109,7 +109,8 @@ class Canvas:
         self.paint(shape[0], color, label, shape[1], instance)
 
     def compose(self) -> np.ndarray:
-        """Evaluate every material into the float RGB image (see the module docstring)."""
+        """Turn the painted material indices into the float ``[H, W, 3]`` RGB image, each pixel ``base + amp·noise +
+        grad·y/H`` of its material, in a few whole-image gathers; colour fields are painted on top afterwards."""
         mats = self.materials
         cells = sorted({m.cell for m in mats if m.amp != 0.0}) or [0.0]
         stack = np.stack([self.noise(c) if c else np.zeros((self.h, self.w), np.float32) for c in cells])

@@ -67,8 +67,10 @@ def _check_is_clip(source: str) -> None:
 
 
 def load_clip(source: str | dict[str, Any]) -> tuple[Any, bool]:
-    """``(CLIPModel, pretrained)`` for ``source`` (see module docstring); ``pretrained`` says the weights are real
-    (or the tiny model's own seeded ones), i.e. frozen text embeddings computed from them are meaningful."""
+    """``(CLIPModel, pretrained)`` for ``source``: ``"tiny"`` (random tiny config), a hub id / local directory
+    (``from_pretrained``), or a ``CLIPConfig`` dict (random weights, filled later from a checkpoint). ``pretrained``
+    says the weights are real (or the tiny model's own seeded ones), i.e. frozen text embeddings from them mean
+    something."""
     from transformers import CLIPConfig, CLIPModel
 
     if isinstance(source, dict):
@@ -82,7 +84,8 @@ def load_clip(source: str | dict[str, Any]) -> tuple[Any, bool]:
 
 
 class HashTokenizer:
-    """Deterministic word-level tokenizer for random tiny CLIPs (see module docstring)."""
+    """Deterministic word-level tokenizer for random tiny CLIPs (which have no tokenizer of their own): each
+    lower-cased word → ``1 + crc32(word) mod (V − 3)``; ``tok(texts, length)`` → ``[n, length]`` ``SOT words EOT pad``."""
 
     def __init__(self, vocab_size: int, sot_id: int, eot_id: int, pad_id: int = 0) -> None:
         self.vocab_size, self.sot_id, self.eot_id, self.pad_id = int(vocab_size), int(sot_id), int(eot_id), int(pad_id)

@@ -177,7 +177,9 @@ def _groups(negatives: Any, n_negative: int) -> list[list[str]] | None:
 
 @register_model("tdos")
 class TDOS(SegModel):
-    """TDOS as a :class:`SegModel` (conventions in the module docstring)."""
+    """TDOS as a mask-classification :class:`SegModel`: frozen CLIP towers, learned class / negative prompts and a
+    Mask2Former-style head; 19 Cityscapes classes + ``ood`` (channel 19), negative queries merged into ``ood``.
+    Trained with :class:`~oodseg.losses.tdos.TdosLoss` (its outputs in training: :class:`TdosOutputs`)."""
 
     output_kind = "mask"
     own_loss = False
@@ -317,8 +319,14 @@ class TDOS(SegModel):
 
     @torch.no_grad()
     def predict(self, images_uint8: torch.Tensor) -> MaskOutputs:
-        """Sliding windows over the resized frame, one merged output row per window (module docstring; the
-        ``release`` protocol returns mask logits at the window size, :mod:`.release`)."""
+        """Sliding windows over the resized frame, one merged output row per window.
+
+        Returns:
+            :class:`MaskOutputs` with ``N`` = all windows: ``class_logits [N,20,21]`` (19 classes, ``ood``,
+            no-object), raw ``mask_logits`` at stride ``patch/4`` (``release`` protocol: at the window size, as the
+            release upsamples them), ``crops [N,5]`` in the resized ``frame_size``, ``size`` = input ``(H, W)``,
+            ``ood_channels=(19,)``.
+        """
         from torchvision.transforms.v2 import functional as tvF
 
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)

@@ -83,9 +83,18 @@ def mine_negative_groups(
     percentile: float = PERCENTILE,
     source: str = "vocabulary",
 ) -> tuple[list[list[str]], list[list[float]]]:
-    """Groups of negative words, farthest first, and their scores (module docstring: ranked and cut per part of
-    speech, nouns then adjectives); ``source`` names the vocabulary in errors. ``encode(prompts)`` returns
-    L2-normalised CLIP text embeddings."""
+    """NegLabel's selection: score each candidate by the ``percentile`` quantile of its cosine similarity to the ID
+    class prompts, keep the farthest ``keep`` fraction per part of speech (nouns, then adjectives), cut into
+    ``n_groups`` equal groups (remainder dropped).
+
+    Args:
+        candidates: ``(word, part of speech)`` pairs, pos ``"noun"`` or ``"adj"``; ID class names are dropped.
+        encode: prompts → L2-normalised CLIP text embeddings ``[n, D]``.
+        source: names the vocabulary in errors.
+
+    Returns:
+        ``(groups, scores)``: word groups farthest first, and each word's score (lower = farther).
+    """
     id_set = {n.lower() for n in id_names}
     cands = [(w, p) for w, p in dict.fromkeys(candidates) if w.lower() not in id_set]
     if len(cands) < n_groups:

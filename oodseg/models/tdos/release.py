@@ -82,7 +82,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def window_mask_logits(mask_logits: torch.Tensor, padded: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
-    """``[N, Q, h, w]`` mask logits of (padded) windows → ``logit(resize(sigmoid(·)))`` at the window size
-    (module docstring, step 3)."""
+    """``[N, Q, h, w]`` mask logits of (padded) windows → ``logit(resize(sigmoid(·)))`` at the window size: the
+    release upsamples probabilities, not logits, and the standard sigmoid-then-sum scoring then reproduces it."""
     p = F.interpolate(mask_logits.float().sigmoid(), size=padded, mode="bilinear", align_corners=False)
     return torch.logit(p[..., : window[0], : window[1]], eps=LOGIT_EPS)

@@ -58,7 +58,8 @@ def reap_until_clean(timeout_s: float = 15.0, poll_s: float = 0.5) -> int:
 
 def placement_group_reaper(interval_s: float = 2.0):
     """A Tune callback running :func:`reap_orphan_placement_groups` at most every ``interval_s`` seconds of the
-    Tune loop (see the module docstring for why)."""
+    Tune loop, so the workers of stopped trials' Train controllers free their CPUs/GPUs even without a dashboard
+    (Ray Train's own cleaner needs the State API)."""
     from ray import tune
 
     class PlacementGroupReaper(tune.Callback):

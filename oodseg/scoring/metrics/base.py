@@ -44,6 +44,7 @@ def register_metric(name: str) -> Callable[[type[M]], type[M]]:
 
 
 def create_metric(name: str, **cfg: Any) -> MergeableMetric:
+    """A fresh registered metric ``name``; ``cfg`` = its constructor arguments (what :meth:`config` returns)."""
     return METRICS.create(name, **cfg)
 
 
@@ -53,7 +54,9 @@ def metric_from_state(name: str, state: Mapping[str, Any]) -> MergeableMetric:
 
 
 class MergeableMetric:
-    """update / merge / compute / state_dict / from_state_dict / reset (see the module docstring)."""
+    """A metric whose small state ``update`` accumulates, ``merge`` combines exactly and order-independently, and
+    ``state_dict`` / ``from_state_dict`` carry across processes as plain numpy; ``compute`` does the math once.
+    Subclasses implement ``config`` and ``_state`` / ``_load`` / ``_merge`` / ``_compute`` (module docstring)."""
 
     name: ClassVar[str] = ""
     columns: ClassVar[dict[str, str]] = {}

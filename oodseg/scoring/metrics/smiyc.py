@@ -199,7 +199,8 @@ def split_frames(x: Array) -> list[Array]:
 
 @register_metric("smiyc_pixel")
 class SmiycPixelMetrics(MergeableMetric):
-    """SMIYC leaderboard ``PixBinaryClass`` numbers (see the module docstring) as a mergeable per-frame state.
+    """The SMIYC toolkit's leaderboard pixel numbers (``PixBinaryClass``: ≤ 768 quantile bins per frame, pooled
+    by bin lower edge), reproduced as a mergeable state of per-frame bins; not the exact pooled curve.
 
     ``update(scores, labels)`` takes numpy arrays or torch tensors (on any device: sorting, quantile gathers and
     counting run there, only ≤ 768 bins per frame cross to the host); ``[B, H, W]`` is B frames, ``[H, W]`` (or a

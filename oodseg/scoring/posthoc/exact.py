@@ -36,7 +36,8 @@ def split(q: torch.Tensor) -> torch.Tensor:
 
 
 def gram_blocks(q: torch.Tensor) -> np.ndarray:
-    """Exact ``[2D, 2D]`` int64 Gram matrix of ``split(q)`` (see the module docstring)."""
+    """Exact ``[2D, 2D]`` int64 Gram matrix of ``split(q)`` for quantised ``q [N, D]``: every entry a sum of
+    products < 2^22, exact in one float64 matmul for N < 2^31; :func:`combine_gram` turns the blocks into ``Σ v vᵀ``."""
     s = split(q)
     return (s.T @ s).round().to(torch.int64).cpu().numpy()
 

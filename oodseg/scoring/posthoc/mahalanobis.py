@@ -80,7 +80,8 @@ class ClassGaussians(FitState):
         return mu, cov, present
 
     def whitening(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(W [D, r], μ W [C', r])`` with ``W Wᵀ = Σ⁺`` (see the module docstring)."""
+        """``(W [D, r], μ W [C', r])`` with ``W Wᵀ = Σ⁺`` (eigenvectors of Σ over the square roots of the kept
+        eigenvalues, ``pinvh``'s cut-off), so ``(f − μ_c)ᵀ Σ⁺ (f − μ_c) = ‖f W − μ_c W‖²``; cached."""
         return self.cached("whitening", self._whitening)
 
     def _whitening(self) -> tuple[np.ndarray, np.ndarray]:
