@@ -155,7 +155,8 @@ def _check_choices(f: dataclasses.Field, value: Any, key: str) -> None:
 
 def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
     """Build ``cls`` from a (possibly nested, possibly partial) mapping; unknown keys, values of the wrong type,
-    values outside a field's ``choices`` and invalid combinations (``__post_init__``) raise ConfigError."""
+    values outside a field's ``choices`` and invalid combinations (``__post_init__``) raise ConfigError, whose
+    message names the key with ``prefix`` in front (the dotted path of ``data`` in the whole config)."""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -336,7 +337,16 @@ def build_config(
     fields: Mapping[str, Any] | None = None,
     base: Mapping[str, Any] | None = None,
 ) -> C:
-    """Programmatic twin of :func:`parse_config`: ``base``, the YAML file, ``key=value`` overrides, field values."""
+    """Programmatic twin of :func:`parse_config`: ``base``, the YAML file, ``key=value`` overrides, field values.
+
+    Args:
+        overrides: ``"dotted.key=value"`` strings, the value parsed as YAML (``--set``).
+        fields: ``{dotted key: value}`` from per-field flags, applied last; values are coerced by the field's type.
+        base: a job's own defaults, below the YAML file (nested mappings merge key by key).
+
+    Returns:
+        The frozen ``cls``; any bad key or value raises a one-line :class:`ConfigError` naming it.
+    """
     data: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)

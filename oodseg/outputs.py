@@ -32,6 +32,15 @@ import torch
 
 @dataclass(frozen=True)
 class PixelLogits:
+    """Per-pixel outputs of a ``pixel`` model.
+
+    Attributes:
+        logits: raw class logits ``[B, C, h, w]`` (NCHW, not probabilities) at the network's resolution.
+        size: label ``(H, W)`` scorers upsample to (bilinear); None: keep ``(h, w)``.
+        ood_channels: channels standing for unknown objects (empty for closed-set models).
+        features: ``[B, D, h', w']`` per-pixel features when asked for (``predict(..., features=True)``).
+    """
+
     logits: torch.Tensor
     size: tuple[int, int] | None = None
     ood_channels: tuple[int, ...] = ()
@@ -52,6 +61,16 @@ class PixelLogits:
 
 @dataclass(frozen=True)
 class MaskOutputs:
+    """Per-query outputs of a ``mask`` (mask-classification) model; ``N`` rows = images, or crops with windows.
+
+    Attributes:
+        class_logits: ``[N, Q, C+1]`` raw logits per query, last column = no-object.
+        mask_logits: ``[N, Q, h, w]`` raw mask logits (sigmoid gives the mask), any resolution.
+        crops: ``[N, 5]`` int64 ``(image, top, left, height, width)`` of each row in the ``frame_size`` frame, or
+            None when each row is a whole image; ``n_images``: the batch size ``B`` behind the crops.
+        size, ood_channels, features: as :class:`PixelLogits`.
+    """
+
     class_logits: torch.Tensor
     mask_logits: torch.Tensor
     size: tuple[int, int] | None = None
@@ -83,6 +102,8 @@ class MaskOutputs:
 
 @dataclass(frozen=True)
 class ScoreMaps:
+    """Ready-made anomaly maps ``scores [B, H, W]`` (float32, higher = more anomalous) at ``size``; no classes."""
+
     scores: torch.Tensor
     size: tuple[int, int] | None = None
     ood_channels: tuple[int, ...] = ()

@@ -54,7 +54,17 @@ class OutlierPaste:
 
     def paste(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``(image, target, outlier_mask)`` as new uint8 arrays; inputs are left untouched."""
+        """Paste objects (with probability ``ood_prob``) at random allowed pixels, scaled by their row when
+        ``perspective_scale``; the inputs are left untouched.
+
+        Args:
+            image: uint8 ``[H, W, 3]`` RGB.
+            target: uint8 ``[H, W]`` trainIds, 255 = void (never a paste site).
+
+        Returns:
+            New uint8 ``(image, target, outlier_mask)``: pasted pixels get target 254 (``OUTLIER_ID``); the mask
+            is 1 there, 255 where the target is void, else 0.
+        """
         rng = self.rng if rng is None else rng
         if image.shape[:2] != target.shape:
             raise ValueError(f"image {image.shape} and target {target.shape} sizes differ")

@@ -59,7 +59,8 @@ class LossInfo:
 
 
 def register_loss(name: str, **facts: Any) -> Callable:
-    """Decorator registering a loss factory under ``name`` with its :class:`LossInfo` facts."""
+    """Decorator registering a loss factory under ``name`` with its :class:`LossInfo` facts (``space``,
+    ``kind_space``, ``model_cfg``, ``fresh``, ``combine``, ``models``, ``kinds``; each explained there)."""
     info = LossInfo(**facts)
     if info.combine not in COMBINE:
         raise ValueError(f"loss {name!r}: combine must be one of {COMBINE}, got {info.combine!r}")
@@ -71,7 +72,14 @@ def loss_info(name: str) -> LossInfo:
 
 
 def create_loss(name: str, **cfg: Any) -> nn.Module:
-    """Build the registered loss ``name`` with constructor arguments ``cfg``."""
+    """Build the registered loss ``name`` with constructor arguments ``cfg`` (the keys of its Tune space).
+
+    Returns:
+        An ``nn.Module`` called as ``loss(outputs, target, outlier_mask=None)`` → scalar tensor, where ``outputs``
+        are raw logits ``[B,C,h,w]`` / :class:`PixelLogits` / :class:`MaskOutputs` (resized bilinearly to the
+        target; ``tdos`` takes TDOS's training outputs), ``target`` is int ``[B,H,W]`` class ids with 255 = void
+        and 254 = pasted outlier, and ``outlier_mask`` (optional, ``[B,H,W]``) is 0 inlier / 1 outlier / 255 ignore.
+    """
     try:
         return LOSSES.create(name, **cfg)
     except TypeError as e:

@@ -37,7 +37,8 @@ def masked_cross_entropy(
 def rba_squared_hinge(
     score: torch.Tensor, inlier: torch.Tensor, outlier: torch.Tensor, tau_in: float, tau_out: float
 ) -> torch.Tensor:
-    """RbA outlier loss ``½·[mean_{inlier} relu(s − τ_in)² + mean_{outlier} relu(τ_out − s)²]``.
+    """RbA outlier loss ``½·[mean_{inlier} relu(s − τ_in)² + mean_{outlier} relu(τ_out − s)²]`` for RbA scores
+    ``s = −Σ_c tanh(L_c)`` ``[B, H, W]`` (higher = more anomalous) and boolean pixel sets of the same shape.
 
     Inlier scores are pushed below ``τ_in`` and outlier scores above ``τ_out``; an empty set contributes 0.
     (The reference implementation drops the ½ when a batch has no outlier pixel; here it is always applied so the

@@ -36,7 +36,15 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
 def saom_loss(mask_logits: torch.Tensor, masks: torch.Tensor, class_logits: torch.Tensor,
               classes: torch.Tensor) -> dict[str, torch.Tensor]:
     """``loss = dice + focal + ce`` (weights 1; ``SAOM:finetuneSAM.py``); ``ce`` = mean cross-entropy of the class
-    head over the masks."""
+    head over the masks.
+
+    Args:
+        mask_logits, masks: ``[K, H, W]`` raw mask logits and binary target masks, one row per prompted mask.
+        class_logits, classes: ``[K, C]`` class-head logits and ``[K]`` integer class ids.
+
+    Returns:
+        ``dice``, ``focal``, ``ce`` and their sum ``loss``, each a scalar tensor.
+    """
     terms = {"dice": dice_loss(mask_logits, masks), "focal": focal_loss(mask_logits, masks),
              "ce": F.cross_entropy(class_logits, classes.long())}
     terms["loss"] = terms["dice"] + terms["focal"] + terms["ce"]

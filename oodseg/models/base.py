@@ -122,6 +122,8 @@ class SegModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Any:
+        """Training path on ``preprocess``-ed ``[B, 3, H, W]``: the outputs, or ``(outputs, own_loss)`` for an
+        ``own_loss`` model given trainIds ``target [B, H, W]`` (255 = void, 254 = pasted outlier)."""
         raise NotImplementedError
 
     def model_input(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -159,6 +161,8 @@ class SegModel(nn.Module):
         return replace(out, size=size, ood_channels=self.ood_channels)
 
     def classify(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits ``[B, C, h, w]`` the last layer(s) make of ``features`` (as ``predict(..., features=True)`` gave
+        them, possibly modified, e.g. ReAct's clipping), cropped / resized to the logits' ``size``."""
         raise NotImplementedError(f"{type(self).__name__} has no classify (has_features=False)")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -125,6 +125,9 @@ class ScoreDetector(nn.Module):
 
     def forward(self, score_maps: Sequence[torch.Tensor] | torch.Tensor,
                 targets: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor] | list[Boxes]:
+        """Train mode: torchvision's loss dict (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``,
+        ``loss_box_reg``) for one target per map, ``{"boxes": [G, 4] pixel-edge xyxy, "labels": [G] ones}``
+        (:func:`detector_targets`); eval mode: one :class:`Boxes` per map, highest score first."""
         images = self.inputs(score_maps)
         if self.training:
             if targets is None or len(targets) != len(images):

@@ -219,7 +219,7 @@ class ERFNet(SegModel):
         return y[:, : self.n_scored, : size[0], : size[1]]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        unused = {id(p) for p in self.encoder.output_conv.parameters()}  # permanently frozen, see module doc
+        unused = {id(p) for p in self.encoder.output_conv.parameters()}  # frozen: pre-training-only conv
         head = list(self.decoder.output_conv.parameters()) + (list(self.head.parameters()) if self.head else [])
         groups: dict[str, list[nn.Parameter]] = {
             "backbone": [p for p in self.encoder.parameters() if id(p) not in unused],

@@ -36,6 +36,10 @@ class ScorerInputError(ValueError):
 
 @dataclass
 class ScoreContext:
+    """What a ``reads="map"`` scorer gets for one model batch, shared by all its scorers: ``outputs`` (model outputs
+    at their own resolution), label ``size``, the ``model`` and uint8 ``images`` (for scorers that rerun the
+    network) and the scorer's ``fit``; derived inputs are computed on first use and cached."""
+
     outputs: Outputs
     size: tuple[int, int] | None
     model: Any = None

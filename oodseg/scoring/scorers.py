@@ -248,14 +248,31 @@ class Scorer:
         self, outputs: Outputs, size: tuple[int, int] | None = None, chunk_pixels: int | None = None, *,
         model: Any = None, images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[B, H, W]`` float32 scores; evaluated exactly like :func:`score_many` (same blocks, same bits)."""
+        """Score one model batch, exactly like :func:`score_many` (same blocks, same bits).
+
+        Args:
+            outputs: the model's :class:`PixelLogits` / :class:`MaskOutputs` (raw logits, not probabilities; a bare
+                ``[B,C,h,w]`` tensor counts as per-pixel logits), or ``ScoreMaps`` for the ``precomputed`` scorer.
+            size: label ``(H, W)`` the map is made at; None: ``outputs.size``.
+            model, images: the network and its uint8 input batch, for scorers that need ``"network"`` (ODIN, ReAct).
+
+        Returns:
+            ``[B, H, W]`` float32 anomaly scores, higher = more anomalous (void pixels are not masked here).
+        """
         return score_many(outputs, [self], size, chunk_pixels, model=model, images=images)[0]
 
 
 def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", *, fit: Any = None,
                   blur: Sequence[float] | None = None, **params: Any) -> Scorer:
-    """Build scorer ``name`` (see :func:`list_scorers`) with temperature ``T`` and placement ``"cl"``/``"pl"``;
-    ``fit``: its fitted train-split state; ``blur=(kernel, σ)``: Gaussian blur of the map (S2M: ``(7, 1.0)``)."""
+    """Build scorer ``name`` (see :func:`list_scorers`) bound to its settings; call it on model outputs.
+
+    Args:
+        temperature: ``T > 0``; divides logits (per-pixel models) or, for mask outputs, the class logits before the
+            per-query softmax (``placement="cl"``) or the combined class scores (``"pl"``).
+        fit: the fitted train-split state of a scorer registered with ``fit=`` (Mahalanobis, kNN), else None.
+        blur: ``(kernel, σ)`` Gaussian blur of the final map (S2M: ``(7, 1.0)``); None: the registration's default.
+        params: the scorer function's own keyword parameters (its Tune space); unknown ones raise ``TypeError``.
+    """
     spec = None if blur is None else (int(blur[0]), float(blur[1]))
     return Scorer(name, float(temperature), placement, dict(params), fit, spec)
 

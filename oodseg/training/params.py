@@ -51,7 +51,8 @@ def _block_index(key: str) -> int | None:
 
 
 def lora_target_names(model: nn.Module) -> list[str]:
-    """Module names LoRA adapts: every ``nn.Linear`` and every ``nn.Conv2d`` with dilation 1 (see module doc)."""
+    """Module names LoRA adapts: every ``nn.Linear`` and every ``nn.Conv2d`` with dilation 1 (peft's conv adapter
+    ignores dilation, so on a dilated conv its branch would not match the base layer's output size)."""
     names = []
     for name, mod in model.named_modules():
         if type(mod) is nn.Linear or (type(mod) is nn.Conv2d and all(d == 1 for d in mod.dilation)):
@@ -92,7 +93,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def select_parameters(
     model: nn.Module, spec: str, *, lora_rank: int = 8, lora_alpha: float = 16.0
 ) -> list[nn.Parameter]:
-    """Set ``requires_grad`` per ``spec`` (see module doc) and return the trainable parameters."""
+    """Set ``requires_grad`` per ``spec`` and return the trainable parameters.
+
+    Args:
+        spec: ``full`` (every top-level ``param_groups`` group), ``head``, ``queries``, ``last_k:N`` (the head plus
+            the ``N`` ``blocks.<i>`` nearest the output) or ``lora`` (adapters of rank ``lora_rank`` and scale
+            ``lora_alpha / lora_rank`` injected in place; only they train).
+    """
     if spec == "lora":
         apply_lora(model, rank=lora_rank, alpha=lora_alpha)
         return [p for p in model.parameters() if p.requires_grad]

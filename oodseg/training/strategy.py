@@ -258,7 +258,13 @@ def _weights_only_engine() -> Any:
 
 
 def create_strategy(name: str, **kw: Any) -> Strategy:
-    """``local`` | ``ddp`` | ``deepspeed`` (``zero_stage``, ``shm_comm`` for DeepSpeed)."""
+    """Strategy ``local`` | ``ddp`` | ``deepspeed`` for this process.
+
+    Args:
+        kw: ``device`` (None: auto), ``rank`` and ``world`` (this process in the process group, set up by the
+            caller for ``ddp`` / ``deepspeed``); ``zero_stage`` (0/1/2) and ``shm_comm`` apply to DeepSpeed only
+            and are dropped for the others.
+    """
     classes = {"local": LocalStrategy, "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
     if name not in classes:
         raise ValueError(f"unknown strategy {name!r}; use one of {sorted(classes)}")

@@ -26,7 +26,8 @@ def register_task(name: str) -> Callable[[type], type]:
 
 
 def create_task(cfg: Any) -> Any:
-    """The task ``cfg.task`` for the run ``cfg`` (a ``TrainConfig``)."""
+    """The task ``cfg.task`` for the run ``cfg`` (a ``TrainConfig``; the task reads its own options from
+    ``cfg.task_cfg``), importing the task's module on first use."""
     return TASKS.get(cfg.task)(cfg)
 
 

@@ -20,7 +20,12 @@ def _iou_matrix(pred: Boxes, gt: torch.Tensor) -> torch.Tensor:
 
 
 def box_recall(preds: Sequence[Boxes], gts: Sequence[Any], iou: float = 0.5) -> float:
-    """Fraction of ground-truth boxes overlapped by some predicted box with IoU ≥ ``iou`` (NaN without GT)."""
+    """Fraction of ground-truth boxes overlapped by some predicted box with IoU ≥ ``iou`` (NaN without GT).
+
+    Args:
+        preds: per image, its :class:`Boxes` (pixel-edge xyxy, scores).
+        gts: per image, its ground-truth boxes as anything reshapeable to ``[G, 4]`` pixel-edge xyxy.
+    """
     hit = total = 0
     for pred, gt in zip(preds, gts, strict=True):
         m = _iou_matrix(pred, gt)
@@ -74,6 +79,7 @@ class BoxMetrics(MergeableMetric):
         return {"iou": self.iou}
 
     def update(self, pred: Boxes, gt: Any) -> BoxMetrics:
+        """Add one image: its predicted :class:`Boxes` and GT boxes ``[G, 4]`` (pixel-edge xyxy, G may be 0)."""
         self.preds.append(pred)
         self.gts.append(np.asarray(gt, dtype=np.float32).reshape(-1, 4))
         return self

@@ -28,7 +28,8 @@ class ConfusionMatrix(MergeableMetric):
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def update(self, pred: Any, target: Any) -> ConfusionMatrix:
-        """Add predicted and target class ids (same shape; target pixels equal to ``ignore_index`` are skipped)."""
+        """Add predicted and target class ids: integer arrays / tensors of the same shape (e.g. ``[B, H, W]``), ids in
+        ``[0, num_classes)``; target pixels equal to ``ignore_index`` (255 = void) are skipped."""
         p, t = as_numpy(pred), as_numpy(target)
         if p.shape != t.shape:
             raise ValueError(f"pred shape {p.shape} and target shape {t.shape} differ")

@@ -21,7 +21,16 @@ import numpy as np
 
 
 def curve_metrics(tp: np.ndarray, fp: np.ndarray) -> dict[str, float]:
-    """``auprc``, ``auroc``, ``fpr95``, ``best_f1`` and ``best_index`` from cumulative counts (both classes present)."""
+    """The exact pooled curve metrics (definitions: module docstring) from cumulative counts.
+
+    Args:
+        tp, fp: ``[K]`` cumulative anomaly / inlier pixel counts at or above each distinct threshold, ordered from
+            the highest score down, so ``tp[-1]`` / ``fp[-1]`` are the class totals; both must be > 0.
+
+    Returns:
+        ``auprc``, ``auroc``, ``fpr95``, ``fpr95_interp``, ``best_f1`` (all fractions in [0, 1]) and ``best_index``,
+        the threshold index ``k`` of the best F1.
+    """
     tp, fp = np.asarray(tp, dtype=np.float64), np.asarray(fp, dtype=np.float64)
     n_pos, n_neg = float(tp[-1]), float(fp[-1])
     precision = tp / np.maximum(tp + fp, 1.0)
@@ -39,7 +48,8 @@ def curve_metrics(tp: np.ndarray, fp: np.ndarray) -> dict[str, float]:
 
 
 def fpr95_interp(tp: np.ndarray, fp: np.ndarray) -> float:
-    """``ood_metrics.fpr_at_95_tpr`` on the same curve."""
+    """FPR at TPR 0.95 linearly interpolated between ROC points (``ood_metrics.fpr_at_95_tpr``) on the curve of the
+    cumulative counts ``tp`` / ``fp`` (same convention as :func:`curve_metrics`)."""
     keep = np.arange(tp.size) if tp.size < 3 else \
         np.flatnonzero(np.r_[True, np.logical_or(np.diff(fp, 2), np.diff(tp, 2)), True])
     tpr = np.r_[0.0, tp[keep]] / tp[-1]

@@ -89,7 +89,9 @@ class PixelMetrics(MergeableMetric):
 
     # --- accumulation ---------------------------------------------------------------------------------------
     def update(self, scores: Any, labels: Any) -> PixelMetrics:
-        """Add one batch of scores and labels (numpy arrays or torch tensors of the same shape).
+        """Add one batch of scores and labels (numpy arrays or torch tensors of the same shape, e.g. ``[B, H, W]``):
+        finite anomaly scores (higher = more anomalous, any range) and integer labels 0 inlier / 1 anomaly / 255
+        ignore. The SMIYC part reads the leading axis of ≥ 3-D input as frames.
 
         Scores on an accelerator are binned there (:meth:`_update_torch`): only the per-page counts cross to the
         host, not the pixels. CPU input takes the numpy path (faster than the same torch ops on CPU)."""

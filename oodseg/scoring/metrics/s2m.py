@@ -28,7 +28,9 @@ def _count_above(hist: np.ndarray) -> np.ndarray:
 
 
 def s2m_image_curves(scores: np.ndarray, labels: np.ndarray, exclude_void: bool = False) -> tuple[np.ndarray, ...]:
-    """Per-threshold IoU and F1 of one image (float64 ``[101]`` each).
+    """Per-threshold IoU and F1 of one image (float64 ``[101]`` each, at :data:`S2M_THRESHOLDS` 0, 0.01, …, 1;
+    a pixel is predicted anomalous when its score ``> t``); ``labels``: 1 = anomaly, anything else counts as
+    background unless ``exclude_void`` drops the 255 pixels.
 
     Scores arrive as float32 (S2M's assembled maps are float32) and are compared in float64, as S2M's float64
     arrays vs Python-float thresholds: ``searchsorted(thresholds, v)``

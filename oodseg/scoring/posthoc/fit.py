@@ -41,6 +41,7 @@ def register_fit(name: str, features: bool = False) -> Callable[[type[S]], type[
 
 
 def create_fit(name: str, **cfg: Any) -> FitState:
+    """An empty registered fit state ``name``; ``cfg`` = its constructor arguments (e.g. ``num_classes``)."""
     return FITS.create(name, **cfg)
 
 
@@ -58,6 +59,15 @@ class FitState(MergeableMetric):
     columns: ClassVar[dict[str, str]] = {}
 
     def update(self, outputs: Any, labels: Any, ids: Sequence[str]) -> Self:
+        """Add one batch of the training split.
+
+        Args:
+            outputs: the model's outputs for the batch (with ``features`` when the state was registered with
+                ``features=True``).
+            labels: semantic trainIds ``[B, H, W]`` at image resolution, 255 = void, 254 = outlier (states that
+                group features by class leave both out).
+            ids: one stable id per image (states that subsample, such as the kNN bank, hash them).
+        """
         self._cached: dict[str, Any] = {}
         self._update(outputs, as_labels(labels), list(ids))
         return self
