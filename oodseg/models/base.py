@@ -91,8 +91,9 @@ class SourceError(Exception):
 
 class SegModel(nn.Module):
     """Base class of every oodseg segmentation model: an ``nn.Module`` that turns uint8 RGB images into
-    :class:`PixelLogits` or :class:`MaskOutputs` (``output_kind``) with ``num_classes`` class channels, and names
-    its parameter groups for fine-tuning and the config that rebuilds it (each method: module docstring)."""
+    :class:`PixelLogits` or :class:`MaskOutputs` (``output_kind``; saved ``ScoreMaps`` for ``precomputed``) with
+    ``num_classes`` class channels, names its parameter groups for fine-tuning and the config that rebuilds it
+    (each method: module docstring)."""
 
     output_kind: ClassVar[str] = "pixel"
     #: whether ``forward(x, target)`` also returns a loss of the model's own (mask-classification models)

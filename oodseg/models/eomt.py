@@ -193,7 +193,8 @@ class EoMT(MeanStdInput, SegModel):
 
         Returns:
             :class:`MaskOutputs` with ``N`` = all windows: ``class_logits [N,Q,C+1]`` (last = no-object),
-            raw ``mask_logits [N,Q,S/4,S/4]`` (``[N,Q,S,S]`` with ``upsample_masks``), ``crops [N,5]`` =
+            raw ``mask_logits`` at 4× the patch grid (``[N,Q,S/4,S/4]`` for patch 16; ``[N,Q,S,S]`` with
+            ``upsample_masks``), ``crops [N,5]`` =
             ``(image, top, left, S, S)`` in the resized ``frame_size``, ``size`` = input ``(H, W)``.
         """
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)

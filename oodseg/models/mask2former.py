@@ -150,9 +150,9 @@ class Mask2Former(MeanStdInput, SegModel):
         """(Resize to the test size,) pad to ``size_divisibility``, run; one crop per image.
 
         Returns:
-            :class:`MaskOutputs`: ``class_logits [B,Q,C+1]`` (last = no-object), ``mask_logits [B,Q,fh,fw]`` (raw,
-            before sigmoid) at the frame ``(fh, fw)`` the network saw, ``crops`` ``(i, 0, 0, fh, fw)`` and
-            ``size`` = the input ``(H, W)``.
+            :class:`MaskOutputs`: ``class_logits [B,Q,C+1]`` (last = no-object), raw ``mask_logits`` (before the
+            sigmoid) at ¼ of the frame ``(fh, fw)`` the network saw, or, when padding was needed, upsampled to the
+            padded size and cropped to ``[B,Q,fh,fw]``; ``crops`` ``(i, 0, 0, fh, fw)``, ``size`` = input ``(H, W)``.
         """
         x8 = to_nchw_uint8(images_uint8).to(self.device, non_blocking=True)
         b, _, h, w = x8.shape

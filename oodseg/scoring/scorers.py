@@ -269,7 +269,8 @@ def create_scorer(name: str, temperature: float = 1.0, placement: str = "cl", *,
     Args:
         temperature: ``T > 0``; divides logits (per-pixel models) or, for mask outputs, the class logits before the
             per-query softmax (``placement="cl"``) or the combined class scores (``"pl"``).
-        fit: the fitted train-split state of a scorer registered with ``fit=`` (Mahalanobis, kNN), else None.
+        fit: the fitted train-split state of a scorer registered with ``fit=`` (``mahalanobis``, ``knn``,
+            ``react``, ``sml``), else None.
         blur: ``(kernel, σ)`` Gaussian blur of the final map (S2M: ``(7, 1.0)``); None: the registration's default.
         params: the scorer function's own keyword parameters (its Tune space); unknown ones raise ``TypeError``.
     """

@@ -85,7 +85,8 @@ def load_clip(source: str | dict[str, Any]) -> tuple[Any, bool]:
 
 class HashTokenizer:
     """Deterministic word-level tokenizer for random tiny CLIPs (which have no tokenizer of their own): each
-    lower-cased word → ``1 + crc32(word) mod (V − 3)``; ``tok(texts, length)`` → ``[n, length]`` ``SOT words EOT pad``."""
+    lower-cased word → ``1 + crc32(word) mod (V − 3)``; ``tok(texts, length)`` → ``[n, length]`` holding
+    ``SOT words EOT pad``."""
 
     def __init__(self, vocab_size: int, sot_id: int, eot_id: int, pad_id: int = 0) -> None:
         self.vocab_size, self.sot_id, self.eot_id, self.pad_id = int(vocab_size), int(sot_id), int(eot_id), int(pad_id)
