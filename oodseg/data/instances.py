@@ -55,8 +55,9 @@ def _cityscapes_labels() -> dict[int, tuple[int, bool]]:
 def decode_cityscapes_instances(raw: np.ndarray, path: str | os.PathLike[str], stuff: bool = True,
                                 groups: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An ``instanceIds`` array ``[H, W]`` → ``(masks [K, H, W] bool, train_ids [K] int64)``, ordered by id: one
-    mask per object of a class with instances, one per evaluated stuff class with ``stuff``; ids outside the
-    encoding raise ``DataError`` naming ``path`` and the ids."""
+    mask per object of a class with instances, one per evaluated stuff class with ``stuff``, and with ``groups``
+    one per crowd region of an instance class (stored as the bare labelId); ignored classes (trainId 255) never
+    get a mask. Ids outside the encoding raise ``DataError`` naming ``path`` and the ids."""
     if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
         raise DataError(path, f"instanceIds must be a single-channel integer map, got {raw.dtype} {raw.shape}")
     table = _cityscapes_labels()
