@@ -22,11 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/benchmark.py
 
+# two pytest-xdist workers, a test module on one worker (its fixtures shared): Ray start-ups and process waits of
+# one overlap the other's work on 2 cores; each worker has its own session Ray (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/metrics.py

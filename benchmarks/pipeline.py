@@ -42,7 +42,7 @@ import torch
 from common import bench_suite  # benchmarks/common.py: the script's own folder is on sys.path
 
 from oodseg.data import default_datasets
-from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
+from oodseg.models import Runtime, create_model, save_safetensors, setup_worker
 from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, ModelSpec, Plan
 from oodseg.platform.benchmark.prepare import prepare
 from oodseg.platform.benchmark.read import image_items, read_batch
@@ -280,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     runtime = Runtime(device=a.device, precision=a.precision)
     threads = max(1, math.ceil(a.actor_cpus))
-    torch.set_num_threads(threads)
-    if runtime.torch_device.type == "cpu":
-        tune_allocator()  # as the score actors do
+    setup_worker(threads, runtime.torch_device)  # as the score actors do
     if a.scale:
         from scaling import scaling  # benchmarks/scaling.py (it imports this module's job helpers)
 

@@ -31,7 +31,7 @@ import torch
 from common import bench_suite, forward_seconds  # benchmarks/common.py: the script's own folder is on sys.path
 
 from oodseg.data import create_dataset
-from oodseg.models import Runtime, create_model, save_safetensors, tune_allocator
+from oodseg.models import Runtime, create_model, save_safetensors, setup_worker
 from oodseg.platform.benchmark import ModelSpec
 from oodseg.platform.output_cache import load_cached_set
 from oodseg.platform.results import ResultsStore
@@ -107,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         ds = create_dataset(VAL_SET, root=str(suite))
         images = [ds.load(r)["image"] for r in ds.samples]
         threads = max(1, math.ceil(a.trial_cpus))
-        torch.set_num_threads(threads)
         runtime = Runtime(device=a.device)
-        if runtime.torch_device.type == "cpu":
-            tune_allocator()  # as the benchmark's score actors do
+        setup_worker(threads, runtime.torch_device)  # as the score actors and the trials do
         fwd = forward_seconds_over(model, images, a.batch_size, runtime)
         local = in_process_trial(cfg, res.source_run)
     evals, totals, n = trial_costs(res.studies[0].trials)

@@ -14,10 +14,20 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Train contr
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start Ray (they use ``ray_session``, directly or through a fixture) are end-to-end: ``slow``."""
+    """Tests that start Ray (they use ``ray_session``, directly or through a fixture) are end-to-end: ``slow``.
+
+    Order: the modules that declare ``RUN_FIRST = True`` (the longest single test), then the other slow tests, then
+    the rest, each group in file order. With ``make test``'s two xdist workers (``--dist loadfile``: a module's tests
+    stay on one worker, sharing its fixtures) the longest test starts at once and the short ones fill the gaps."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+    def rank(item: pytest.Item) -> int:
+        first = bool(getattr(getattr(item, "module", None), "RUN_FIRST", False))
+        return 0 if first else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

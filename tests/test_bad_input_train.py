@@ -9,13 +9,24 @@ import os
 from pathlib import Path
 
 import numpy as np
-import ray
+import pytest
 import torch
 
 from oodseg.platform.jobs import finetune, tune_loss, tune_temperature
 from oodseg.platform.results import ResultsStore, safe_key
 
 VAL = "road_anomaly_21"
+RAY_STARTS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Record every ``init_ray`` of the jobs (whether or not another test's Ray runs in this process)."""
+    from oodseg.platform.tuning import loss, temperature
+
+    RAY_STARTS.clear()
+    for module in (finetune, loss, temperature):
+        monkeypatch.setattr(module, "init_ray", lambda *a, m=module.__name__, **kw: RAY_STARTS.append(m))
 
 
 def one_line_before_ray(main, argv: list[str], results: Path, capsys, *needles: str) -> str:
@@ -29,7 +40,7 @@ def one_line_before_ray(main, argv: list[str], results: Path, capsys, *needles: 
     for needle in needles:
         assert needle in err[0], err
     assert "weights_only=False" not in err[0] and "Traceback" not in err[0]
-    assert not ray.is_initialized()
+    assert not RAY_STARTS, RAY_STARTS
     assert not (results / "runs").exists() or ResultsStore(str(results)).read("runs").empty
     return err[0]
 

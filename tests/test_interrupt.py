@@ -53,10 +53,23 @@ def endless_demo(cache_dir=None, data_root=None, seed=0, **_):
 '''
 
 
-def ray_processes(core_only: bool = False) -> set[int]:
-    """Ray's processes on this machine (``core_only``: the raylet and GCS server, not their agents)."""
-    out = set()
+def tagged(tag: str) -> list[psutil.Process]:
+    """This machine's processes started by one of this file's jobs: they (and every process they start, Ray's
+    included) inherit ``OODSEG_TEST_TAG``, so a Ray another test or user runs at the same time is never counted."""
+    out = []
     for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.environ().get("OODSEG_TEST_TAG") == tag:
+                out.append(p)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def ray_processes(tag: str, core_only: bool = False) -> set[int]:
+    """Ray's processes of the job tagged ``tag`` (``core_only``: the raylet and GCS server, not their agents)."""
+    out = set()
+    for p in tagged(tag):
         cmd = " ".join(p.info["cmdline"] or [])
         if "raylet" in cmd or "gcs_server" in cmd or (not core_only and cmd.startswith("ray::")):
             out.add(p.pid)
@@ -87,14 +100,16 @@ def setup(tmp_path_factory):
     return suite, model, plugins, work
 
 
-def start(setup, results: Path, run_id: str, checkpoint: str = "") -> subprocess.Popen:
+def start(setup, results: Path, run_id: str, tag: str, checkpoint: str = "") -> subprocess.Popen:
+    """The benchmark job in a child process; it and its descendants carry ``OODSEG_TEST_TAG=tag``."""
     suite, model, plugins, work = setup
     cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--data-root", str(suite), "--results", str(results),
            "--run-id", run_id, "--num-cpus", "2", "--batch-size", "1", "--plots", "false",
            "--datasets", ",".join(DATASETS), "--scorers", "maxlogit,slow_maxlogit", "--plugins", "slow_scorer",
            "--cache-dir", str(work / "cache"), "--set", f"models=[{{name: tiny, checkpoint: {checkpoint or model}}}]",
            "--set", "scorer_params={slow_maxlogit: {delay: 0.4, scale: 2.0}}"]
-    env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OODSEG_TEST_TAG": f"{tag}-{os.getpid()}"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(cmd, cwd=setup[3], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -117,19 +132,20 @@ def wait_for_commit(proc: subprocess.Popen, lines: list[str]) -> None:
     wait_for(proc, lines, ", committed (")  # a unit's summary line, not "resuming, 1 unit(s) already committed"
 
 
-def trainers() -> set[int]:
-    """Child processes building a checkpoint source (``oodseg.training.background``)."""
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "oodseg.training.background" in (p.info["cmdline"] or [])}
+def trainers(tag: str) -> set[int]:
+    """Child processes building a checkpoint source (``oodseg.training.background``) of the job tagged ``tag``."""
+    return {p.pid for p in tagged(tag) if "oodseg.training.background" in (p.info["cmdline"] or [])}
 
 
 def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
     results, run_id = tmp_path / "results", "interrupted-run"
-    before = ray_processes()
+    t1, t2, t3 = (f"{tag}-{os.getpid()}" for tag in ("ctrl-c", "kill", "final"))
 
     # 1. Ctrl-C after the first committed unit: one line, exit 130, row "interrupted", no Ray process left
-    proc, lines = start(setup, results, run_id), []
+    proc, lines = start(setup, results, run_id, "ctrl-c"), []
     wait_for_commit(proc, lines)
+    running = ray_processes(t1)  # the tag reaches Ray's processes: raylet, GCS and the workers
+    assert ray_processes(t1, core_only=True) and len(running) > len(ray_processes(t1, core_only=True)), running
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     lines += err.splitlines()
@@ -139,10 +155,10 @@ def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
     assert list(store.read("runs").status) == ["interrupted"]
     first = store.completed_units(run_id)
     assert 1 <= len(first) < len(DATASETS)
-    assert not wait_gone(ray_processes() - before), "Ray processes left after Ctrl-C"
+    assert not wait_gone(ray_processes(t1)), "Ray processes left after Ctrl-C"
 
     # 2. SIGKILL during the resumed run: the row stays "running" until the next attempt repairs it
-    proc, lines = start(setup, results, run_id), []
+    proc, lines = start(setup, results, run_id, "kill"), []
     wait_for_commit(proc, lines)
     assert any("resuming" in line for line in lines), lines
     proc.kill()
@@ -152,11 +168,10 @@ def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
     assert first < second  # the committed units were skipped and one more was committed
     # a SIGKILLed driver cannot clean up: Ray's fate sharing takes the raylet and GCS down with it; their agents
     # (ray::DashboardAgent, ray::RuntimeEnvAgent) notice the raylet is gone and exit on their own a minute later
-    assert not wait_gone(ray_processes(core_only=True) - before), "raylet / GCS left after SIGKILL"
-    before |= ray_processes()
+    assert not wait_gone(ray_processes(t2, core_only=True)), "raylet / GCS left after SIGKILL"
 
     # 3. The final attempt repairs the killed row and finishes the rest
-    proc = start(setup, results, run_id)
+    proc = start(setup, results, run_id, "final")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     ray_lines = [line for line in err.splitlines() if RAY_LOG_LINE.match(line)]
@@ -170,24 +185,24 @@ def test_ctrl_c_then_kill_then_resume(setup, tmp_path):
     for d in DATASETS:
         assert m.loc[(d, "slow_maxlogit"), "auprc"] == pytest.approx(m.loc[(d, "maxlogit"), "auprc"], rel=1e-9)
     assert '"scale": 2.0' in m.loc[(DATASETS[0], "slow_maxlogit"), "extra_json"]
-    assert not wait_gone(ray_processes() - before)
+    assert not wait_gone(ray_processes(t3))
 
 
 def test_ctrl_c_or_kill_while_the_model_trains_in_a_child_process(setup, tmp_path):
-    before = ray_processes()
-    proc, lines = start(setup, tmp_path / "results", "child-run", checkpoint="endless-demo"), []
+    t1, t2 = f"child-ctrl-c-{os.getpid()}", f"child-kill-{os.getpid()}"
+    proc, lines = start(setup, tmp_path / "results", "child-run", "child-ctrl-c", checkpoint="endless-demo"), []
     wait_for(proc, lines, "tiny: Ray is up; waiting for the model's training")  # the child trains meanwhile
-    assert len(trainers()) == 1
+    assert len(trainers(t1)) == 1 and ray_processes(t1, core_only=True)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     lines += err.splitlines()
     assert proc.returncode == 130 and "Traceback" not in err, "\n".join(lines)
     assert lines[-1] == "interrupted; rerun with --run-id child-run to resume", lines
-    assert not wait_gone(trainers(), 10) and not wait_gone(ray_processes() - before), "processes left after Ctrl-C"
+    assert not wait_gone(trainers(t1), 10) and not wait_gone(ray_processes(t1)), "processes left after Ctrl-C"
 
-    proc, lines = start(setup, tmp_path / "results", "child-run", checkpoint="endless-demo"), []
+    proc, lines = start(setup, tmp_path / "results", "child-run", "child-kill", checkpoint="endless-demo"), []
     wait_for(proc, lines, "[endless] step 5 ")
     proc.kill()  # no clean-up in the driver: the child notices its parent is gone and exits
     proc.communicate(timeout=30)
-    assert not wait_gone(trainers(), 10), "trainer left after SIGKILL"
-    assert not wait_gone(ray_processes(core_only=True) - before)
+    assert not wait_gone(trainers(t2), 10), "trainer left after SIGKILL"
+    assert not wait_gone(ray_processes(t2, core_only=True))

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_FIRST = True  # the suite's longest test: scheduled first (tests/conftest.py)
 BENCH = ["--max-images", "1", "--heatmaps", "1"]
 TRAIN = ["--steps", "4", "--set", "train.log_every=1", "--set", "train.val_every=2", "--set", "checkpoint_every=2", "--set", "train.crop=[64,128]",
          "--set", "train.global_batch=2", "--set", "train.val_images=2"]

@@ -38,7 +38,7 @@ from oodseg.models.factory import (
     resolve_checkpoint,
 )
 from oodseg.models.heads import IsoMaxPlusHead
-from oodseg.models.runtime import Runtime, tune_allocator
+from oodseg.models.runtime import Runtime, setup_worker, tune_allocator
 
 __all__ = [
     "CheckpointError",
@@ -60,6 +60,7 @@ __all__ = [
     "register_model",
     "resolve_checkpoint",
     "save_safetensors",
+    "setup_worker",
     "to_nchw_uint8",
     "tune_allocator",
 ]

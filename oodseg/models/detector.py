@@ -219,11 +219,13 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
 
 
 def _is_safetensors(path: str | Path) -> bool:
-    """safetensors files start with an 8-byte header length and the JSON header's ``{``; torch files are zip
-    archives (``PK``) or pickles (``0x80``)."""
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and the header's ``{``; the
+    length must fit in the file. (Torch files are zip archives, ``PK``, or pickles, ``0x80``: read as a length, those
+    bytes exceed any file. The first byte alone decides nothing: a header of 128 + 256·k bytes starts with ``0x80``.)"""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file not found")
     with path.open("rb") as f:
         head = f.read(9)
-    return not head.startswith((b"PK", b"\x80")) and head[8:9] == b"{"
+    n = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:9] == b"{" and n + 8 <= path.stat().st_size

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.fs as pafs
-import torch
 
 from oodseg.config import ConfigError, from_dict, to_dict, to_json
 from oodseg.config import help_meta as _h
-from oodseg.models import resolve_checkpoint, tune_allocator
+from oodseg.models import resolve_checkpoint, setup_worker
 from oodseg.paths import default_cache_dir, synthetic_suite
 from oodseg.platform.results import resolve_fs
 from oodseg.training.config import TrainConfig
@@ -94,9 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     cfg: FinetuneConfig = from_dict(FinetuneConfig, config["finetune"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.set_num_threads(max(1, cfg.cpus_per_worker))
-    if not cfg.use_gpu:
-        tune_allocator()
+    setup_worker(cfg.cpus_per_worker, "cuda" if cfg.use_gpu else "cpu")
     strategy = create_strategy(cfg.strategy, zero_stage=cfg.zero_stage, shm_comm=cfg.shm_comm,
                                device=ray.train.torch.get_device(), rank=rank, world=ctx.get_world_size())
     progress = config.get("progress")

@@ -33,7 +33,7 @@ import torch
 
 from oodseg.config import ConfigError
 from oodseg.data import create_dataset, dataset_info
-from oodseg.models import Runtime, create_model
+from oodseg.models import Runtime, create_model, setup_worker
 from oodseg.models.factory import checkpoint_model_cfg
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
 from oodseg.platform.benchmark.read import image_items, read_batch
@@ -139,8 +139,8 @@ class FitActor:
     def __init__(self, ctx: ActorContext, fits: Mapping[str, Mapping[str, Any]]) -> None:
         cfg = ctx.cfg
         import_plugins(cfg.plugins)
-        torch.set_num_threads(ctx.torch_threads)
         self.runtime = Runtime(device=cfg.device, precision=cfg.precision)
+        setup_worker(ctx.torch_threads, self.runtime.torch_device)
         model = create_model(ctx.spec.arch or None, checkpoint=ctx.checkpoint, **ctx.spec.model_kwargs(cfg.protocol))
         self.model = self.runtime.prepare(model.eval())
         self.fits = {name: dict(c) for name, c in fits.items()}

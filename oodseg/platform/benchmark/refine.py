@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from oodseg.models import setup_worker
 from oodseg.models.sam import create_sam
 from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.read import course_resize
@@ -59,8 +60,8 @@ class RefineActor:
 
     def __init__(self, ctx: ActorContext, inputs: RefineInputs) -> None:
         import_plugins(ctx.cfg.plugins)
-        torch.set_num_threads(ctx.torch_threads)
         dev = "cuda" if ctx.cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        setup_worker(ctx.torch_threads, dev)
         self.sam = create_sam(inputs.sam).to(dev).eval()
         self.ctx, self.inputs, self.keys = ctx, inputs, list(ctx.keys)
         # a prompter built from a checkpoint (a detector network) runs on the actor's device, as SAM does

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from oodseg.labels import ANOMALY, IGNORE_ID, INLIER
-from oodseg.models import ImageSource, Runtime, SegModel, SourceError, create_model, tune_allocator
+from oodseg.models import ImageSource, Runtime, SegModel, SourceError, create_model, setup_worker
 from oodseg.platform.benchmark.commit import calibration
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
 from oodseg.platform.benchmark.fit import load_fit
@@ -84,10 +84,8 @@ class ScoreActor:
     def __init__(self, ctx: ActorContext) -> None:
         cfg = ctx.cfg
         import_plugins(cfg.plugins)
-        torch.set_num_threads(ctx.torch_threads)
         self.runtime = Runtime(device=cfg.device, precision=cfg.precision)
-        if self.runtime.torch_device.type == "cpu":
-            tune_allocator()
+        setup_worker(ctx.torch_threads, self.runtime.torch_device)
         self.model = self.runtime.prepare(build_model(ctx.spec, ctx.checkpoint, cfg.protocol))
         self.ctx, self.cfg, self.keys = ctx, cfg, list(ctx.keys)  # states are keyed by the key's index
         fits = {name: load_fit(ctx.results_root, path, name) for name, path in ctx.fits.items()}

@@ -143,10 +143,11 @@ def temperature_trial(config: dict[str, Any], data: list, bits: int, threads: in
     """Tune trial: score the cached validation set at ``config["temperature"]`` and report its pixel metrics
     (``data`` = ``[ObjectRef]``, wrapped so ``with_parameters`` stores the reference, not a copy)."""
     import ray
-    import torch
     from ray import tune
 
-    torch.set_num_threads(threads)
+    from oodseg.models import setup_worker
+
+    setup_worker(threads)  # cached outputs are scored on the CPU
     params = {k: v for k, v in config.items() if k not in ("temperature", "scorer", "placement")}
     metrics = evaluate_temperature(ray.get(data[0]), config["scorer"], config["temperature"], config["placement"],
                                    params, bits=bits)
