@@ -77,13 +77,14 @@ def _check_parity(fx: dict, tmp_path: Path) -> None:
         boxes, scores, classes = det(s.unsqueeze(0).expand(3, -1, -1))
         ref_boxes, ref_scores = torch.tensor(case["boxes"]), torch.tensor(case["scores"])
         assert len(ref_scores) > 0 and boxes.shape == ref_boxes.shape
-        # float32 conv sums depend on the thread count: bit-identical at the fixture's, ~3e-6 relative at others
-        torch.testing.assert_close(boxes, ref_boxes, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-4)
+        # float32 conv sums depend on the thread count: bit-identical at the fixture's; at others the R50's boxes
+        # moved by up to 2.3e-4 px (measured), so boxes are compared to 1e-3 px and scores to 1e-4
+        torch.testing.assert_close(boxes, ref_boxes, rtol=0, atol=1e-3)
+        torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
         assert classes.tolist() == case["classes"]
         got = det.detect(s)  # the prompter's path: same boxes, by descending score
-        torch.testing.assert_close(got.xyxy, ref_boxes, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(got.scores, ref_scores, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.xyxy, ref_boxes, rtol=0, atol=1e-3)
+        torch.testing.assert_close(got.scores, ref_scores, rtol=0, atol=1e-4)
         compared += len(ref_scores)
     assert compared == fx["n_detections"]
 

@@ -41,3 +41,24 @@ def test_a_status_row_that_cannot_be_written_does_not_hide_the_error(tmp_path):
             store.write_part = full  # the disk fills up during the run
             raise RuntimeError("the body's error")
 
+
+
+@pytest.mark.parametrize("option,env,expected", [("", None, "local"), ("", "ray://head:10001", "ray://head:10001"),
+                                                 ("auto", "ray://head:10001", "auto")])
+def test_init_ray_starts_its_own_ray_unless_given_an_address(monkeypatch, option, env, expected):
+    """No ``--ray-address`` and no ``$RAY_ADDRESS``: a new local Ray with the job's CPUs, never the cluster someone
+    started on this machine (plain ``ray.init()`` joins that one and then refuses ``num_cpus``)."""
+    import ray
+
+    from oodseg.platform.runs import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    init_ray(option, num_cpus=2)
+    assert calls[0]["address"] == expected
+    assert calls[0].get("num_cpus") == (2 if expected == "local" else None)

@@ -194,15 +194,16 @@ def filtered_stderr(drop: re.Pattern[str]) -> Iterator[None]:
 
 def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtime_env: Mapping[str, Any] | None = None,
              dashboard: bool = False) -> Any:
-    """Connect to ``address`` / ``$RAY_ADDRESS`` or start a local Ray; reuses a running Ray."""
+    """Connect to ``address`` / ``$RAY_ADDRESS``, else start a new local Ray (``"local"``: never a cluster someone
+    started on this machine with ``ray start``, which plain ``ray.init()`` would join); reuses this process's Ray."""
     import ray
 
     quiet_ray_logging(verbose)
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         kwargs: dict[str, Any] = {"log_to_driver": verbose, "configure_logging": verbose,
                                   "logging_level": logging.INFO if verbose else logging.WARNING}
-        if address is None:
+        if address == "local":
             kwargs["include_dashboard"] = dashboard
             if num_cpus:
                 kwargs["num_cpus"] = num_cpus
