@@ -44,8 +44,8 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
 
 def setup_worker(threads: int, device: torch.device | str = "cpu") -> None:
     """A Ray worker's torch settings, applied where its work starts (score, fit and refine actors, training workers,
-    Tune trials): ``threads`` intra-op threads (its CPU share) and, on the CPU, :func:`tune_allocator` (a trial
-    without it scored cached outputs ~2× slower than the same code in a tuned process)."""
+    Tune trials): ``threads`` intra-op threads (its CPU share) and, on the CPU, :func:`tune_allocator`, so every
+    worker kind runs its tensors under the same settings as the in-process benchmarks it is compared with."""
     torch.set_num_threads(max(1, int(threads)))
     if torch.device(device).type == "cpu":
         tune_allocator()
