@@ -334,7 +334,8 @@ def test_p_ood_and_in_distribution_scorers_on_outputs_with_an_ood_class(mask_out
 
 # ---------------------------------------------------------------- shared reductions ----------------------------
 def former_ops(name: str, z: torch.Tensor, t: float) -> torch.Tensor:
-    """The scorers' former own ops, before they shared ``SharedStats`` (for a bit-for-bit comparison)."""
+    """The scorers' own standalone ops (``torch.logsumexp``, a boolean max mask), for a bit-for-bit comparison of
+    the ones whose bits sharing must not change."""
     if name == "msp":
         d = z - z.amax(dim=1, keepdim=True)
         is_max = d == 0
@@ -344,11 +345,6 @@ def former_ops(name: str, z: torch.Tensor, t: float) -> torch.Tensor:
         return -z.amax(dim=1)
     if name in ("energy", "energy_blur"):
         return -t * torch.logsumexp(z, dim=1)
-    if name == "gen":  # defaults gamma 0.1, m 100 (all classes)
-        p = torch.softmax(z, dim=1)
-        top = z.argmax(dim=1, keepdim=True)
-        q = (1.0 - p).scatter_(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
-        return (p * q).pow_(0.1).sum(dim=1)
     raise AssertionError(name)
 
 
@@ -358,27 +354,60 @@ def blockwise(name: str, z: torch.Tensor, t: float, rows: int) -> torch.Tensor:
                                    for r in range(0, z.shape[2], rows)]) for b in range(z.shape[0])])
 
 
-@pytest.mark.parametrize("t", [1.0, 0.5])
-def test_shared_reductions_give_the_former_bits(t):
-    """Scorers sharing one block's max / exp / logsumexp / argmax (``score_many``) produce exactly the bits of their
-    former standalone ops (``torch.logsumexp``, ``argmax``), with tied maxima (fp16-rounded logits, tied channels)."""
+def tied_logits() -> torch.Tensor:
+    """fp16-rounded logits (many exact ties), two whole channels tied and one pixel where every class ties."""
     g = torch.Generator().manual_seed(0)
-    z = (torch.randn(2, 19, 9, 33, generator=g) * 4).half().float()  # fp16 rounding: many exact ties
-    z[:, 3] = z[:, 5]  # whole channels tied
-    z[0, :, 0, 0] = 2.0  # every class tied at one pixel
-    names = ["msp", "maxlogit", "eim", "energy", "gen"]
-    specs = [create_scorer(n, t, "pl") for n in names]
+    z = (torch.randn(2, 19, 9, 33, generator=g) * 4).half().float()
+    z[:, 3] = z[:, 5]
+    z[0, :, 0, 0] = 2.0
+    return z
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5])
+def test_shared_reductions_give_the_standalone_bits(t):
+    """Scorers sharing one block's max / exp / logsumexp / off-top mass (``score_many``) produce exactly the bits of
+    the standalone ops (``torch.logsumexp``, a boolean max mask), with tied maxima, whole or in row blocks."""
+    z = tied_logits()
+    names = ["msp", "maxlogit", "eim", "energy"]
+    specs = [create_scorer(n, t, "pl") for n in names + ["gen", "maxentropy", "rba"]]
     zt = z / t if t != 1.0 else z
     for chunk, rows in ((0, None), (40, 1), (70, 2)):
         got = score_many(z, specs, chunk_pixels=chunk)
         for name, s in zip(names, got):
             ref = former_ops(name, zt, t) if rows is None else blockwise(name, zt, t, rows)
             assert torch.equal(s, ref), (name, chunk)
-    assert torch.equal(SharedStats(z).argmax(), z.argmax(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("chunk", [0, 40])
+def test_scorers_alone_equal_scorers_sharing(chunk):
+    """Each scorer computed alone (its reductions made on demand) has the same bits as in a ``score_many`` of all
+    default scorers (reductions shared), and the entropy-style scorers built on the shared reductions match their
+    float64 definitions on tied logits (ties: 1 − MSP = 1/2 for a 2-way tie, entropy log 19 where all tie)."""
+    z = tied_logits()
+    names = [n for n in default_scorers() if scorer_applies(n, ())]
+    together = score_many(z, [create_scorer(n) for n in names], chunk_pixels=chunk)
+    for name, s in zip(names, together):
+        assert torch.equal(s, score_many(z, [create_scorer(name)], chunk_pixels=chunk)[0]), name
+    zd = z.double().numpy()
+    p = np_softmax(zd, 1)
+    refs = {"maxentropy": -(p * np.log(p)).sum(1), "msp": 1.0 - p.max(1),
+            "gen": ((p * (1.0 - p)) ** 0.1).sum(1)}
+    for name, ref in refs.items():
+        np.testing.assert_allclose(together[names.index(name)].numpy(), ref, rtol=2e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(together[names.index("maxentropy")][0, 0, 0].item(), np.log(19), rtol=1e-6)
+
+
+def test_confident_pixels_keep_their_entropy_and_gen_resolution():
+    """Near-one-hot pixels: entropy and GEN stay within 1e-5 relative of float64 (``log S`` and ``1 − p`` in
+    float32 would round the top class's share to 0)."""
+    z = torch.zeros(1, 3, 1, 4)
+    z[0, 0, 0] = torch.tensor([12.0, 14.0, 16.0, 18.0])
+    p = np_softmax(z.double().numpy(), 1)
+    for name, ref in (("maxentropy", -(p * np.log(p)).sum(1)), ("gen", ((p * (1.0 - p)) ** 0.1).sum(1))):
+        np.testing.assert_allclose(create_scorer(name)(z).double().numpy(), ref, rtol=1e-5, err_msg=name)
 
 
 def test_shared_stats_fall_back_to_torch_on_infinite_maxima():
     z = torch.tensor([[0.0, float("inf")], [1.0, -float("inf")], [2.0, 1.0]]).T.reshape(1, 2, 1, 3)
     st = SharedStats(z)
     assert torch.equal(st.logsumexp(), torch.logsumexp(z, dim=1))
-    assert torch.equal(st.argmax(), z.argmax(dim=1, keepdim=True))

@@ -108,9 +108,7 @@ def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     With ``e_c = exp(z_c − max z)``, ``MSP = 1 / (1 + r)`` where ``r`` sums ``e_c`` over the non-maximal classes (plus
     one per extra tied maximum), so ``1 − MSP = r / (1 + r)``: confident pixels keep their full float32 resolution
     near 0 (``1 − p`` computed directly would round to multiples of 6e-8) and no ``argmax`` is needed."""
-    st = stats(z)  # d = z − max z and exp(d), shared with the other scorers of this block
-    is_max = st.shifted() == 0
-    rest = st.exp().masked_fill(is_max, 0.0).sum(dim=1) + (is_max.sum(dim=1) - 1)
+    rest = stats(z).rest()  # Σ e_c off the top class, shared with the other scorers of this block
     return rest / (1.0 + rest)
 
 
@@ -130,9 +128,13 @@ def eim(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @register_scorer("maxentropy")
 def maxentropy(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax entropy, ``s = −Σ_c p_c log p_c`` with ``p = softmax(z)`` (max-entropy / entropy baseline)."""
-    logp = torch.log_softmax(z, dim=1)
-    return -(logp.exp() * logp).sum(dim=1)
+    """Softmax entropy, ``s = −Σ_c p_c log p_c`` with ``p = softmax(z)`` (max-entropy / entropy baseline).
+
+    From the block's shared reductions: with ``d = z − max z``, ``e = exp(d)`` and ``S = Σ e = 1 + rest``,
+    ``log p_c = d_c − log S`` gives ``s = log1p(rest) − Σ_c e_c d_c / S`` (``log1p``: confident pixels keep the
+    top class's share, which ``log S`` would round to 0)."""
+    st = stats(z)
+    return torch.log1p(st.rest()).sub_((st.exp() * st.shifted()).sum(dim=1).div_(st.sumexp()))
 
 
 @register_scorer("energy")

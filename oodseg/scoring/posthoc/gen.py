@@ -19,12 +19,15 @@ GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "
 
 @register_scorer("gen", space=GEN_SPACE)
 def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -> torch.Tensor:
-    """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z)``. For the top class,
-    ``1 − p`` is the sum of the other probabilities (``1 − p`` in float32 loses the digits that matter as ``p → 1``)."""
-    p = torch.softmax(z, dim=1)
-    top = stats(z).argmax()  # = z.argmax(dim=1, keepdim=True), shared with the block's other scorers
-    q = (1.0 - p).scatter_(1, top, p.scatter(1, top, 0.0).sum(dim=1, keepdim=True))
-    g = (p * q).pow_(gamma)
-    if m < p.shape[1]:
-        g = g.gather(1, p.topk(int(m), dim=1).indices)
+    """``Σ_{top-M} p^γ (1 − p)^γ = Σ (p (1 − p))^γ`` of ``p = softmax(z) = e / S`` (the block's shared
+    reductions). At the top class ``1 − p = rest / S``, the mass of the other classes (``1 − p`` in float32 loses the
+    digits that matter as ``p → 1``); ``below`` selects between the two exactly (one term is 0)."""
+    st = stats(z)
+    s = st.sumexp().unsqueeze(1)
+    p = st.exp() / s
+    below = st.below()
+    q = (1.0 - p).mul_(below).add_((1.0 - below).mul_(st.rest().unsqueeze(1) / s))
+    g = p.mul_(q).pow_(gamma)
+    if m < g.shape[1]:
+        g = g.gather(1, (st.exp() / s).topk(int(m), dim=1).indices)
     return g.sum(dim=1)
