@@ -19,7 +19,14 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from oodseg.scoring.metrics import ComponentMetrics, ConfusionMatrix, PixelMetrics, float32_keys, keys_to_float32
+from oodseg.scoring.metrics import (
+    ComponentMetrics,
+    ConfusionMatrix,
+    PixelMetrics,
+    S2MMetrics,
+    float32_keys,
+    keys_to_float32,
+)
 
 
 # ---------------------------------------------------------------- pixel metrics -------------------------------
@@ -338,6 +345,30 @@ def test_component_metrics_match_official_loops_on_random_blobs(track):
     np.testing.assert_allclose(metric.ppv, all_ppv)
     out = metric.compute()
     assert out["siou"] == pytest.approx(np.mean(all_siou)) and out["ppv"] == pytest.approx(np.mean(all_ppv))
+
+
+def test_component_metrics_with_a_shared_ground_truth_and_float16_maps():
+    """The component pass labels an image's GT once for all its score maps (``ground_truth`` → ``update_image``):
+    the same values as ``update`` labelling it per map, for float32 and float16-stored maps; and S2M's curves of a
+    thresholded (boolean) map equal those of the same map as 0.0 / 1.0 floats."""
+    rng = np.random.default_rng(3)
+    blobs = ndimage.gaussian_filter(rng.random((90, 120)), 5)
+    labels = (blobs > np.quantile(blobs, 0.85)).astype(np.uint8)
+    labels[:8] = 255
+    for track in ("anomaly", "obstacle"):
+        shared = ComponentMetrics(0.2, track=track)
+        gt = shared.ground_truth(labels)
+        for k in range(3):
+            noise = ndimage.gaussian_filter(rng.random((90, 120)), 4)
+            scores = ((noise - noise.mean()) / noise.std() + labels * k).astype(np.float32)
+            for maps in (scores, scores.astype(np.float16)):
+                alone = ComponentMetrics(0.2, track=track).update(maps, labels)
+                one = ComponentMetrics(0.2, track=track).update_image(maps, labels, gt)
+                assert (one.siou_gt, one.siou_pred, one.ppv) == (alone.siou_gt, alone.siou_pred, alone.ppv)
+                assert one.siou_gt and one.ppv
+        binary = rng.random((90, 120)) > 0.6
+        assert S2MMetrics().update(binary, labels).compute() == S2MMetrics().update(binary.astype(np.float32),
+                                                                                  labels).compute()
 
 
 def test_component_metrics_merge_state_roundtrip_and_batches():

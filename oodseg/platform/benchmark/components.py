@@ -24,6 +24,7 @@ from oodseg.platform.benchmark.rows import metric_states, pack, unpack
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.platform.cache import ShardCache
 from oodseg.scoring.metrics import ComponentMetrics, S2MMetrics
+from oodseg.scoring.metrics.components import GroundTruth
 
 RULES = {"components": "exact", "components_smiyc": "smiyc"}
 
@@ -46,11 +47,18 @@ def unit_components(unit: UnitResult, track: str) -> dict[int, dict[str, dict[st
 
 
 def shard_metrics(scores: np.ndarray, label: np.ndarray, configs: Mapping[str, Mapping[str, Any]],
-                  refined: bool) -> dict[str, Any]:
-    """The post metrics of one image's map for one key."""
-    out: dict[str, Any] = {slot: ComponentMetrics(**cfg).update(scores, label) for slot, cfg in configs.items()}
+                  refined: bool, gt: dict[int, GroundTruth] | None = None) -> dict[str, Any]:
+    """The post metrics of one image's map for one key. ``gt``: the image's :class:`GroundTruth` by minimum GT size,
+    filled on first use, so the keys and rules of one image label its GT components once."""
+    gt = {} if gt is None else gt
+    out: dict[str, Any] = {}
+    for slot, cfg in configs.items():
+        metric = ComponentMetrics(**cfg)
+        if metric.min_gt not in gt:
+            gt[metric.min_gt] = metric.ground_truth(label)
+        out[slot] = metric.update_image(scores, label, gt[metric.min_gt])
     s2m_map = scores if refined else scores > np.float32(configs["components"]["threshold"])
-    out["s2m"] = S2MMetrics().update(s2m_map.astype(np.float32), label)
+    out["s2m"] = S2MMetrics().update(s2m_map if s2m_map.dtype == np.bool_ else s2m_map.astype(np.float32), label)
     return out
 
 
@@ -59,10 +67,11 @@ def component_shard(path: str, cache: Mapping[str, str], configs: Mapping[int, M
     """The post metrics of every image × key of one score shard, merged per key and packed."""
     merged: dict[tuple[int, str], Any] = {}
     for item in ShardCache(**cache).items([path]):
+        gt: dict[int, GroundTruth] = {}
         for j, i in enumerate(item.keys.tolist()):
             if i not in configs:
                 continue
-            for slot, metric in shard_metrics(item.scores[j], item.label, configs[i], refined).items():
+            for slot, metric in shard_metrics(item.scores[j], item.label, configs[i], refined, gt).items():
                 merged[(i, slot)] = merged[(i, slot)].merge(metric) if (i, slot) in merged else metric
     return pack(metric_states(merged))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,17 +26,20 @@ COMPONENT_COLUMNS = {
 }
 
 
-def _compact_ids(ids: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber non-negative ids to 0..n-1 keeping order and 0 (a lookup table: no sort); returns (ids, n)."""
-    ids = ids.reshape(-1).astype(np.intp, copy=False)
-    present = np.bincount(ids, minlength=1) > 0
-    present[0] = True
-    return (np.cumsum(present) - 1)[ids], int(present.sum())
+def _relabel(ids: np.ndarray, n: int, drop: np.ndarray) -> tuple[np.ndarray, int]:
+    """Instance ids ``0..n`` with the ids in ``drop`` (bool ``[n + 1]``) set to 0 and the rest renumbered ``1..k`` in
+    order, by one lookup table pass; returns (ids, k)."""
+    keep = ~drop
+    keep[0] = False
+    lut = np.cumsum(keep).astype(np.int32)
+    lut[~keep] = 0
+    return lut[ids], int(keep.sum())
 
 
-def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _component_ious(gt_inst: np.ndarray, n_gt: int, pred_seg: np.ndarray, n_pred: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-GT sIoU, per-prediction sIoU and per-prediction precision from instance maps restricted to the ROI
-    (non-negative integer ids, 0 = background; ids that do not occur are skipped, so no relabelling is needed).
+    (ids ``0..n_gt`` / ``0..n_pred``, 0 = background; ids with no pixel in the ROI are skipped).
 
     Follows ``segment_metrics`` of the official SMIYC code, via the contingency table ``M[g, s]`` (pixel counts of
     GT component g ∩ predicted segment s, 0 = background). For GT component ``k`` with predicted segments
@@ -43,9 +47,12 @@ def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarr
     other GT components, which reduces to ``Σ_{s∈P} M[k,s] / (|k| + Σ_{s∈P} M[0,s])``. Symmetrically for a
     predicted segment ``s`` (other predicted segments excluded), and PPV(s) = ``Σ_{k∈K(s)} M[k,s] / |s|``.
     """
-    g, n_g = _compact_ids(gt_inst)
-    s, n_s = _compact_ids(pred_seg)
-    m = np.bincount(g * n_s + s, minlength=n_g * n_s).reshape(n_g, n_s).astype(np.float64)
+    n_g, n_s = n_gt + 1, n_pred + 1
+    code = gt_inst.astype(np.intp) * n_s + pred_seg
+    m = np.bincount(code, minlength=n_g * n_s).reshape(n_g, n_s).astype(np.float64)
+    rows, cols = m.sum(axis=1) > 0, m.sum(axis=0) > 0
+    rows[0] = cols[0] = True
+    m = m[rows][:, cols]
     hit = m[1:, 1:] > 0  # [G, S]: GT component k touches predicted segment s
     gt_size, pred_size = m[1:].sum(axis=1), m[:, 1:].sum(axis=0)
     inter_gt = (m[1:, 1:] * hit).sum(axis=1)
@@ -53,6 +60,18 @@ def _component_ious(gt_inst: np.ndarray, pred_seg: np.ndarray) -> tuple[np.ndarr
     inter_pred = (m[1:, 1:] * hit).sum(axis=0)
     siou_pred = inter_pred / (pred_size + m[1:, 0] @ hit)
     return siou_gt, siou_pred, inter_pred / pred_size
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What :class:`ComponentMetrics` reads of one image's labels, the same for every score map of the image (so a
+    pass over many scorers computes it once, :meth:`ComponentMetrics.ground_truth`): ``void`` (label 255), the ROI
+    (not void, not a GT component below the track's minimum size) and the GT component ids inside it."""
+
+    void: np.ndarray
+    roi: np.ndarray
+    gt_roi: np.ndarray
+    n_gt: int
 
 
 @register_metric("components")
@@ -140,27 +159,42 @@ class ComponentMetrics(MergeableMetric):
             raise ValueError(f"ComponentMetrics.update expects [H,W] or [B,H,W]; got shape {s.shape}")
         return self
 
-    def _update_image(self, scores: np.ndarray, labels: np.ndarray, half: bool = False) -> None:
+    def ground_truth(self, labels: np.ndarray) -> GroundTruth:
+        """The image's :class:`GroundTruth` under this metric's track: 8-connected GT components (label 1), those
+        below the minimum size voided."""
         void = labels == IGNORE_ID
-        if self.fp16:
-            pred = (scores.astype(np.float16) > np.float16(self.threshold)) & ~void
-        elif half:  # float16-stored scores (the component pass's shards) under a float32 threshold: see update()
-            key = np.nextafter(np.float32(self.threshold), np.float32(np.inf))
-            pred = (scores >= np.float32(np.float16(key))) & ~void
-        else:
-            pred = (scores > np.float32(self.threshold)) & ~void
         gt_inst, n_gt = ndimage.label(labels == 1, structure=_STRUCTURE)
-        pred_seg, n_pred = ndimage.label(pred, structure=_STRUCTURE)
-        if n_pred:
-            small = np.bincount(pred_seg.reshape(-1), minlength=n_pred + 1) < self.min_pred
-            small[0] = False
-            pred_seg[small[pred_seg]] = 0
+        roi = ~void
         if n_gt:
             small = np.bincount(gt_inst.reshape(-1), minlength=n_gt + 1) < self.min_gt
             small[0] = False
-            void = void | small[gt_inst]
-        roi = ~void
-        siou_gt, siou_pred, ppv = _component_ious(gt_inst[roi], pred_seg[roi])
+            if small.any():
+                roi &= ~small[gt_inst]
+        return GroundTruth(void, roi, gt_inst[roi], n_gt)
+
+    def update_image(self, scores: np.ndarray, labels: np.ndarray, gt: GroundTruth | None = None) -> ComponentMetrics:
+        """Add one image ``[H, W]`` (float32 or float16 scores, uint8 labels, unchecked) with its :meth:`ground_truth`
+        when the caller has it."""
+        self._update_image(scores.astype(np.float32, copy=False) if scores.dtype != np.float16 else scores,
+                           labels, scores.dtype == np.float16, gt)
+        return self
+
+    def _update_image(self, scores: np.ndarray, labels: np.ndarray, half: bool = False,
+                      gt: GroundTruth | None = None) -> None:
+        gt = self.ground_truth(labels) if gt is None else gt
+        if self.fp16:
+            pred = scores.astype(np.float16, copy=False) > np.float16(self.threshold)
+        elif half:  # float16-stored scores (the component pass's shards) under a float32 threshold: see update()
+            key = np.nextafter(np.float32(self.threshold), np.float32(np.inf))
+            pred = scores >= np.asarray(np.float16(key), scores.dtype)  # exact: float16(key) is a value of both
+        else:
+            pred = scores > np.float32(self.threshold)
+        pred &= ~gt.void
+        pred_seg, n_pred = ndimage.label(pred, structure=_STRUCTURE)
+        if n_pred:
+            pred_seg, n_pred = _relabel(pred_seg, n_pred,
+                                        np.bincount(pred_seg.reshape(-1), minlength=n_pred + 1) < self.min_pred)
+        siou_gt, siou_pred, ppv = _component_ious(gt.gt_roi, gt.n_gt, pred_seg[gt.roi], n_pred)
         self.siou_gt.extend(siou_gt.tolist())
         self.siou_pred.extend(siou_pred.tolist())
         self.ppv.extend(ppv.tolist())

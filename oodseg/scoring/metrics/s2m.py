@@ -16,7 +16,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from oodseg.labels import ANOMALY, IGNORE_ID
-from oodseg.scoring.metrics.base import MergeableMetric, register_metric, scores_and_labels
+from oodseg.scoring.metrics.base import (
+    MergeableMetric,
+    as_numpy,
+    check_anomaly_labels,
+    register_metric,
+    scores_and_labels,
+)
 
 #: S2M's thresholds, built exactly as ``np.arange(0, 1 + step, step)`` with ``step = 0.01`` (101 values).
 S2M_THRESHOLDS = np.arange(0, 1 + 0.01, 0.01)
@@ -32,17 +38,19 @@ def s2m_image_curves(scores: np.ndarray, labels: np.ndarray, exclude_void: bool 
     a pixel is predicted anomalous when its score ``> t``); ``labels``: 1 = anomaly, anything else counts as
     background unless ``exclude_void`` drops the 255 pixels.
 
-    Scores arrive as float32 (S2M's assembled maps are float32) and are compared in float64, as S2M's float64
-    arrays vs Python-float thresholds: ``searchsorted(thresholds, v)``
-    counts the thresholds below each pixel value, so ``v > t_j ⇔ j < k(v)``; a histogram of ``k`` then gives
+    Scores arrive as float32 (S2M's assembled maps are float32; a boolean map counts as 0 / 1) and are compared in
+    float64, as S2M's float64 arrays vs Python-float thresholds: ``searchsorted(thresholds, v)`` counts the
+    thresholds below each pixel value, so ``v > t_j ⇔ j < k(v)``; a histogram of ``k`` then gives
     ``|P_t|`` and ``|P_t ∩ G|`` for every threshold in one pass over the pixels."""
-    v = scores.astype(np.float64).reshape(-1)
+    if scores.dtype == np.bool_:  # a thresholded map: its two values' threshold counts, no float compare per pixel
+        k = np.where(scores.reshape(-1), *np.searchsorted(S2M_THRESHOLDS, [1.0, 0.0], side="left"))
+    else:
+        k = np.searchsorted(S2M_THRESHOLDS, scores.astype(np.float64).reshape(-1), side="left")
     gt = labels.reshape(-1) == ANOMALY
     if exclude_void:
         keep = labels.reshape(-1) != IGNORE_ID
-        v, gt = v[keep], gt[keep]
+        k, gt = k[keep], gt[keep]
     n_t = S2M_THRESHOLDS.size
-    k = np.searchsorted(S2M_THRESHOLDS, v, side="left")
     pred = _count_above(np.bincount(k, minlength=n_t + 1))
     inter = _count_above(np.bincount(k[gt], minlength=n_t + 1))
     union = pred + float(gt.sum()) - inter
@@ -78,7 +86,11 @@ class S2MMetrics(MergeableMetric):
 
     def update(self, scores: Any, labels: Any) -> S2MMetrics:
         """Add one image ``[H, W]`` or a batch ``[B, H, W]`` (numpy or torch on any device) with 0/1/255 labels."""
-        s, lab = scores_and_labels(scores, labels)
+        if isinstance(scores, np.ndarray) and scores.dtype == np.bool_:  # a thresholded map, kept boolean
+            s, lab = scores, as_numpy(labels).astype(np.uint8, copy=False)
+            check_anomaly_labels(lab, s.shape)
+        else:
+            s, lab = scores_and_labels(scores, labels)
         if s.ndim == 2:
             s, lab = s[None], lab[None]
         if s.ndim != 3:
