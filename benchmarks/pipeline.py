@@ -6,17 +6,18 @@
     python benchmarks/pipeline.py --data-root /data  # real datasets instead of a temporary synthetic suite
     python benchmarks/pipeline.py --scale 1 4 16     # only the whole job at 1x, 4x, 16x the images (scaling.py)
 
-Prints images/s of (a) ``model.predict`` alone over the decoded images in batches (device-synchronised), (w) the
-same per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
+Prints images/s of (a) ``model.predict`` alone over the decoded images in batches (device-synchronised), (w) the same
+per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
 states, fp16 score shards) in this process without Ray, (a) and (w) interleaved batch by batch and repeated
-(``--repeats``; the median of the per-repeat ratios is printed too, so a change of load on a shared machine hits
-both alike), (b) the Ray Data scoring pass (from the score stage's start,
-actor start-up included, to its last row) and (b') the same pass after its first batch arrived (steady state), (c)
-the whole job (prepare, Ray start, score stage, component pass, Parquet commit); the ratios to (a) (target ≥ 0.9
-for (b') on a GPU) and to (w) (Ray's own overhead), the peak object-store use sampled during the run, and the
+(``--repeats``; the median of the per-repeat ratios is printed too, so a change of load on a shared machine hits both
+alike; with the job, the repeats are split between before and after it and their mean is the reference, so a drift of
+the machine's speed during the run hits (a), (w) and the job alike), (b) the Ray Data scoring pass (from the score
+stage's start, actor start-up included, to its last row) and (b') the same pass after its first batch arrived (steady
+state), (c) the whole job (prepare, Ray start, score stage, component pass, Parquet commit); the ratios to (a) (target
+≥ 0.9 for (b') on a GPU) and to (w) (Ray's own overhead), the peak object-store use sampled during the run, and the
 output-cache bytes per image of ERFNet and EoMT-L (``oodseg.platform.cache.output_nbytes``). With the small CPU
-defaults the fixed costs (Ray start, actor start-up: seconds) dominate (b) and (c); (b') shows the per-image cost.
-The load averages at the start, after (a)/(w) and at the end are printed (``os.getloadavg``, as ``uptime``).
+defaults the fixed costs (Ray start, actor start-up: seconds) dominate (b) and (c); (b') shows the per-image cost. The
+load averages at the start, after (a)/(w) and at the end are printed (``os.getloadavg``, as ``uptime``).
 Weights are random: only the timing is meaningful. Everything is written to a temporary directory; Ray is shut down
 at the end.
 """
@@ -296,15 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {runtime.torch_device} ({runtime.dtype}), ERFNet width {a.width} at "
               f"{tuple(a.input_size) if a.input_size else 'native size'}, {n} images of "
               f"{sorted({im.shape[:2] for im in images})}, batch {a.batch_size}, {threads} thread(s)", file=sys.stderr)
-        bare, work_rate, work_ratio, cpu_ratio = interleaved(model, cfg, plan, threads, runtime, a.repeats)
+        before = a.repeats if a.skip_job else max(1, (a.repeats + 1) // 2)
+        bare, work_rate, work_ratio, cpu_ratio = interleaved(model, cfg, plan, threads, runtime, before)
         print(f"[{load()}] bare vs in-process done", file=sys.stderr)
-        print(f"bare batched forward        : {bare:8.2f} images/s")
-        print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
-              f"median of {a.repeats} interleaved repeats {work_ratio:.2f}, of their CPU seconds {cpu_ratio:.2f})")
-        if a.skip_job:
-            print(f"load average at the end      : {load()}")
-            return 0
-        job_s, runner, peak = whole_job(cfg)
+        if not a.skip_job:
+            job_s, runner, peak = whole_job(cfg)
+            after = interleaved(model, cfg, plan, threads, runtime, max(1, a.repeats // 2))
+            print(f"in-process work before / after the job: {work_rate:.2f} / {after[1]:.2f} images/s (bare "
+                  f"{bare:.2f} / {after[0]:.2f}); their mean is compared with the job", file=sys.stderr)
+            bare, work_rate = (bare + after[0]) / 2, (work_rate + after[1]) / 2
+            work_ratio, cpu_ratio = (work_ratio + after[2]) / 2, (cpu_ratio + after[3]) / 2
+    print(f"bare batched forward        : {bare:8.2f} images/s")
+    print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
+          f"median per interleaved repeat {work_ratio:.2f}, of their CPU seconds {cpu_ratio:.2f})")
+    if a.skip_job:
+        print(f"load average at the end      : {load()}")
+        return 0
     score = runner.streams["score"]
     score_rate, job_rate = n / score.last_s, n / job_s
     print(f"Ray Data scoring pass       : {score_rate:8.2f} images/s   ratio {score_rate / bare:.2f}"
