@@ -45,7 +45,11 @@ def tune_allocator(threshold: int = 1 << 30) -> bool:
 def setup_worker(threads: int, device: torch.device | str = "cpu") -> None:
     """A Ray worker's torch settings, applied where its work starts (score, fit and refine actors, training workers,
     Tune trials): ``threads`` intra-op threads (its CPU share) and, on the CPU, :func:`tune_allocator`, so every
-    worker kind runs its tensors under the same settings as the in-process benchmarks it is compared with."""
+    worker kind runs its tensors under the same settings as the in-process benchmarks it is compared with.
+
+    Call it in the thread that runs the work: OpenMP's thread count is per thread, and a Ray Data actor runs its
+    calls on a pool thread, not the one that ran its constructor; such a thread runs with ``OMP_NUM_THREADS`` (what
+    Ray set for the worker), whatever the constructor set."""
     torch.set_num_threads(max(1, int(threads)))
     if torch.device(device).type == "cpu":
         tune_allocator()

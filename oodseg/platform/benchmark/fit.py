@@ -140,7 +140,8 @@ class FitActor:
         cfg = ctx.cfg
         import_plugins(cfg.plugins)
         self.runtime = Runtime(device=cfg.device, precision=cfg.precision)
-        setup_worker(ctx.torch_threads, self.runtime.torch_device)
+        self.threads, self.device = ctx.torch_threads, self.runtime.torch_device
+        setup_worker(self.threads, self.device)
         model = create_model(ctx.spec.arch or None, checkpoint=ctx.checkpoint, **ctx.spec.model_kwargs(cfg.protocol))
         self.model = self.runtime.prepare(model.eval())
         self.fits = {name: dict(c) for name, c in fits.items()}
@@ -148,6 +149,7 @@ class FitActor:
         self.model_batch = cfg.batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        setup_worker(self.threads, self.device)  # this call's thread (setup_worker)
         states = {name: create_fit(name, **cfg) for name, cfg in self.fits.items()}
         rows = batch.to_pylist()
         good = [r for r in rows if not r["error"]]

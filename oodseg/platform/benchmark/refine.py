@@ -61,7 +61,8 @@ class RefineActor:
     def __init__(self, ctx: ActorContext, inputs: RefineInputs) -> None:
         import_plugins(ctx.cfg.plugins)
         dev = "cuda" if ctx.cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-        setup_worker(ctx.torch_threads, dev)
+        self.threads, self.device = ctx.torch_threads, dev
+        setup_worker(self.threads, dev)
         self.sam = create_sam(inputs.sam).to(dev).eval()
         self.ctx, self.inputs, self.keys = ctx, inputs, list(ctx.keys)
         # a prompter built from a checkpoint (a detector network) runs on the actor's device, as SAM does
@@ -75,6 +76,7 @@ class RefineActor:
         return course_resize(image, label)[0] if image.shape[:2] != label.shape else image
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        setup_worker(self.threads, self.device)  # this call's thread (setup_worker)
         self.calls += 1
         rows = Rows()
         states: dict[str, dict] = defaultdict(dict)

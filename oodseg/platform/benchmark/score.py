@@ -85,7 +85,8 @@ class ScoreActor:
         cfg = ctx.cfg
         import_plugins(cfg.plugins)
         self.runtime = Runtime(device=cfg.device, precision=cfg.precision)
-        setup_worker(ctx.torch_threads, self.runtime.torch_device)
+        self.threads, self.device = ctx.torch_threads, self.runtime.torch_device
+        setup_worker(self.threads, self.device)
         self.model = self.runtime.prepare(build_model(ctx.spec, ctx.checkpoint, cfg.protocol))
         self.ctx, self.cfg, self.keys = ctx, cfg, list(ctx.keys)  # states are keyed by the key's index
         fits = {name: load_fit(ctx.results_root, path, name) for name, path in ctx.fits.items()}
@@ -99,6 +100,7 @@ class ScoreActor:
         self.announced = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        setup_worker(self.threads, self.device)  # this call's thread (setup_worker)
         self.calls += 1
         rows = Rows()
         groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
