@@ -8,11 +8,19 @@ torch is imported; importing oodseg changes nothing in the process.
   first; Ray's local workers inherit it. :data:`JOB_WAIT_POLICY` marks the policy as the job's choice, so a child
   that has the cores to itself may spin again (:mod:`oodseg.training.background`: the demo trainer) while a policy
   the user set is kept.
+* ``MALLOC_ARENA_MAX=1`` for the processes of a local Ray (:func:`local_ray_env`, used where a job starts one).
+  Ray runs Ray Data calls, Tune trials and Train loops on threads other than the worker's main thread; glibc gives
+  such a thread a malloc arena of its own, which keeps none of the freed large blocks that
+  :func:`~oodseg.models.runtime.tune_allocator` keeps in the main one, so every temporary tensor is fresh pages
+  again: scoring in a Ray Data actor's call thread measured 3× slower than in its main thread (``benchmarks/
+  README.md``). glibc reads it once, at a process's start: a cluster's nodes set it in ``ray start``'s environment.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 JOB_WAIT_POLICY = "OODSEG_JOB_OMP_WAIT_POLICY"  # set to "1" when OMP_WAIT_POLICY is the job's default, not the user's
 
@@ -27,3 +35,20 @@ def apply_job_settings() -> None:
 def wait_policy_from_user() -> bool:
     """Whether ``OMP_WAIT_POLICY`` is set and was set by the user (not by :func:`apply_job_settings`)."""
     return "OMP_WAIT_POLICY" in os.environ and os.environ.get(JOB_WAIT_POLICY) != "1"
+
+
+#: what a local Ray's processes get in their environment (unless the user set it), see the module docstring
+LOCAL_RAY_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+@contextmanager
+def local_ray_env() -> Iterator[None]:
+    """:data:`LOCAL_RAY_ENV` in ``os.environ`` while a local Ray starts inside the block (its raylet hands its
+    environment on to every worker it starts), this process's environment restored afterwards."""
+    added = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)

@@ -36,8 +36,11 @@ def ray_session():
     a new one (``address="local"``): a cluster someone started on this machine (``ray start``) is not joined."""
     import ray
 
+    from oodseg.process import local_ray_env
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        with local_ray_env():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -35,6 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from oodseg.platform.results import ResultsStore, safe_key
+from oodseg.process import local_ray_env
 
 LOGGER = logging.getLogger("oodseg")
 # Ray's C++ logger announces RAY_BACKEND_LOG_LEVEL on the driver's stderr at INFO whatever level it sets
@@ -209,7 +210,8 @@ def init_ray(address: str = "", num_cpus: int = 0, verbose: bool = False, runtim
                 kwargs["num_cpus"] = num_cpus
         if runtime_env:
             kwargs["runtime_env"] = dict(runtime_env)
-        with contextlib.nullcontext() if verbose else filtered_stderr(RAY_LEVEL_BANNER):
+        with contextlib.nullcontext() if verbose else filtered_stderr(RAY_LEVEL_BANNER), \
+                local_ray_env() if address == "local" else contextlib.nullcontext():
             ray.init(address=address, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
