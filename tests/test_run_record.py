@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 
 import pytest
 
@@ -54,7 +55,8 @@ def test_init_ray_starts_its_own_ray_unless_given_an_address(monkeypatch, option
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append({**kw, "arena": os.environ.get("MALLOC_ARENA_MAX")}))
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
@@ -62,3 +64,24 @@ def test_init_ray_starts_its_own_ray_unless_given_an_address(monkeypatch, option
     init_ray(option, num_cpus=2)
     assert calls[0]["address"] == expected
     assert calls[0].get("num_cpus") == (2 if expected == "local" else None)
+    # a local Ray's processes start with one malloc arena (oodseg.process); this process's environment is unchanged
+    assert calls[0]["arena"] == ("1" if expected == "local" else None) and "MALLOC_ARENA_MAX" not in os.environ
+
+
+def test_local_ray_env_keeps_what_the_user_set(monkeypatch):
+    from oodseg.process import local_ray_env
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    with local_ray_env():
+        assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
+
+
+def test_session_ray_workers_have_one_malloc_arena(ray_session):
+    """The test session's Ray starts as a job's local Ray does: its workers see ``MALLOC_ARENA_MAX=1``."""
+
+    @ray_session.remote(num_cpus=0)
+    def arena() -> str | None:
+        return os.environ.get("MALLOC_ARENA_MAX")
+
+    assert ray_session.get(arena.remote()) == "1"
