@@ -13,7 +13,8 @@ torch is imported; importing oodseg changes nothing in the process.
   such a thread a malloc arena of its own, which keeps none of the freed large blocks that
   :func:`~oodseg.models.runtime.tune_allocator` keeps in the main one, so every temporary tensor is fresh pages
   again: scoring in a Ray Data actor's call thread measured 3× slower than in its main thread (``benchmarks/
-  README.md``). glibc reads it once, at a process's start: a cluster's nodes set it in ``ray start``'s environment.
+  README.md``). glibc reads it once, at a process's start: on a cluster, CPU workers get it from ``ray start`` run
+  with it in its environment.
 """
 
 from __future__ import annotations
