@@ -23,15 +23,14 @@ def gaussian_kernel1d(size: int, sigma: float, device: torch.device | None = Non
     return (w / w.sum()).to(device=device, dtype=torch.float32)
 
 
-def _separable_gaussian(x: torch.Tensor, size: int, sigma: float, step: int, h: int, w: int) -> torch.Tensor:
-    """The ``size``-tap Gaussian (taps ``step`` apart) along the rows, then the columns, of a padded ``[B, H', W']``
-    map, as weighted sums of shifted views in tap order; returns ``[B, h, w]``."""
-    k = gaussian_kernel1d(size, sigma).tolist()
+def _separable_gaussian(x: torch.Tensor, k: list[float], step: int, h: int, w: int) -> torch.Tensor:
+    """The 1-D kernel ``k`` (taps ``step`` apart) along the rows, then the columns, of a padded ``[B, H', W']`` map,
+    as weighted sums of shifted views in tap order; returns ``[B, h, w]``."""
     rows = x[..., 0:w] * k[0]
-    for i in range(1, size):
+    for i in range(1, len(k)):
         rows.add_(x[..., i * step : i * step + w], alpha=k[i])
     out = rows[..., 0:h, :] * k[0]
-    for i in range(1, size):
+    for i in range(1, len(k)):
         out.add_(rows[..., i * step : i * step + h, :], alpha=k[i])
     return out
 
@@ -42,12 +41,12 @@ def gaussian_blur(scores: torch.Tensor, size: int = 7, sigma: float = 1.0) -> to
     Each 1-D pass is a weighted sum of ``size`` shifted views of the padded map, the sum in tap order as a
     convolution takes it: the same bits as ``F.conv2d`` with the 1-D kernels, ~20× faster on the CPU, where a
     one-channel ``conv2d`` does not vectorise (``benchmarks/README.md``)."""
-    gaussian_kernel1d(size, sigma)  # checks the size and σ
+    k = gaussian_kernel1d(size, sigma).tolist()
     half = size // 2
     x = scores.float().unsqueeze(1)
     mode = "reflect" if min(x.shape[-2:]) > half else "replicate"
     x = F.pad(x, (half, half, half, half), mode=mode).squeeze(1)
-    return _separable_gaussian(x, size, sigma, 1, *scores.shape[-2:])
+    return _separable_gaussian(x, k, 1, *scores.shape[-2:])
 
 
 def dilated_smoothing(scores: torch.Tensor, dilation: int = 6, size: int = 7, sigma: float = 1.0) -> torch.Tensor:
@@ -55,9 +54,10 @@ def dilated_smoothing(scores: torch.Tensor, dilation: int = 6, size: int = 7, si
     replication padding of ``dilation · (size−1)/2``, so the map keeps its size. Separable (the 2-D kernel is the
     outer product of the 1-D one), as two 1-D passes of shifted sums: ~10× faster than the 2-D ``conv2d`` on the CPU,
     equal to it up to float32 rounding (6e-7 on unit-variance maps)."""
+    k = gaussian_kernel1d(size, sigma).tolist()
     pad = dilation * (size // 2)
     x = F.pad(scores.float().unsqueeze(1), (pad, pad, pad, pad), mode="replicate").squeeze(1)
-    return _separable_gaussian(x, size, sigma, dilation, *scores.shape[-2:])
+    return _separable_gaussian(x, k, dilation, *scores.shape[-2:])
 
 
 def _max_cross(x: torch.Tensor) -> torch.Tensor:

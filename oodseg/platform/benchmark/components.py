@@ -58,7 +58,7 @@ def shard_metrics(scores: np.ndarray, label: np.ndarray, configs: Mapping[str, M
             gt[metric.min_gt] = metric.ground_truth(label)
         out[slot] = metric.update_image(scores, label, gt[metric.min_gt])
     s2m_map = scores if refined else scores > np.float32(configs["components"]["threshold"])
-    out["s2m"] = S2MMetrics().update(s2m_map if s2m_map.dtype == np.bool_ else s2m_map.astype(np.float32), label)
+    out["s2m"] = S2MMetrics().update(s2m_map, label)  # a refined fp16 map is read as float32 there
     return out
 
 

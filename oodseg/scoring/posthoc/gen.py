@@ -27,7 +27,6 @@ def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -
     p = st.exp() / s
     below = st.below()
     q = (1.0 - p).mul_(below).add_((1.0 - below).mul_(st.rest().unsqueeze(1) / s))
+    top = p.topk(int(m), dim=1).indices if m < p.shape[1] else None  # before p is overwritten by the product
     g = p.mul_(q).pow_(gamma)
-    if m < g.shape[1]:
-        g = g.gather(1, (st.exp() / s).topk(int(m), dim=1).indices)
-    return g.sum(dim=1)
+    return (g if top is None else g.gather(1, top)).sum(dim=1)
