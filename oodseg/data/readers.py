@@ -206,7 +206,18 @@ def folder(root: str | os.PathLike[str] | None = None, *, mapping: Mapping[Any, 
            image_dir: str = "images", mask_dir: str = "labels_masks", label_suffix: str = "", label_ext: str = ".png",
            name: str = "folder", track: str = "anomaly", strict: bool = True) -> MaskFolderDataset:
     """User dataset: ``root/image_dir`` + ``root/mask_dir/<stem><label_suffix><label_ext>`` with a raw → {0, 1, 255}
-    ``mapping`` (e.g. ``{0: 0, 1: 1, 2: 1, 255: 255}``; YAML string keys are accepted)."""
+    ``mapping`` (e.g. ``{0: 0, 1: 1, 2: 1, 255: 255}``; YAML string keys are accepted).
+
+    Args:
+        root: dataset folder; ``None`` reads ``$OODSEG_DATA``.
+        mapping: raw mask value → 0 inlier / 1 anomaly / 255 ignore; a raw value not in it is a ``DataError``.
+        image_dir, mask_dir: image and mask subfolders of ``root``.
+        label_suffix, label_ext: mask file name after the image stem (``<stem><label_suffix><label_ext>``).
+        name: the dataset's ``.name``.
+        track: SMIYC track (``"anomaly"`` / ``"obstacle"``) whose metric rules apply.
+        strict: raise on the first listing problem (image without mask, ...); ``False`` records it in ``.errors``
+            and skips the file.
+    """
     if not mapping:
         raise DataError("<folder dataset>", "needs a value mapping raw → {0, 1, 255}, e.g. "
                         "datasets=[{name: folder, cfg: {root: DIR, mapping: {0: 0, 1: 1, 255: 255}}}]")

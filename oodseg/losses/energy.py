@@ -27,7 +27,13 @@ from oodseg.losses.functional import masked_cross_entropy, masked_mean
 
 def energy_hinge(energy: torch.Tensor, inlier: torch.Tensor, outlier: torch.Tensor, m_in: float,
                  m_out: float) -> torch.Tensor:
-    """``mean_in relu(E − m_in)² + mean_out relu(m_out − E)²``; an empty pixel set contributes 0."""
+    """``mean_in relu(E − m_in)² + mean_out relu(m_out − E)²``; an empty pixel set contributes 0.
+
+    Args:
+        energy: per-pixel free energy ``E = −logsumexp_c(L_c)`` ``[B, H, W]`` (higher = more anomalous).
+        inlier, outlier: bool ``[B, H, W]`` inlier / pasted-outlier pixels (:func:`~oodseg.losses.base.pixel_batch`).
+        m_in, m_out: energy margins (``m_in < m_out``): inliers above ``m_in``, outliers below ``m_out`` are penalised.
+    """
     return masked_mean(F.relu(energy - m_in).square(), inlier) + masked_mean(F.relu(m_out - energy).square(), outlier)
 
 

@@ -43,6 +43,10 @@ def rba_squared_hinge(
     Inlier scores are pushed below ``τ_in`` and outlier scores above ``τ_out``; an empty set contributes 0.
     (The reference implementation drops the ½ when a batch has no outlier pixel; here it is always applied so the
     loss scale does not depend on the batch composition.)
+
+    Args:
+        inlier, outlier: bool ``[B, H, W]`` inlier / outlier pixels (ignore pixels in neither).
+        tau_in, tau_out: margins in the units of ``s`` (RbA's released COCO-OE checkpoint: 0 and 5).
     """
     inlier_term = masked_mean(F.relu(score - tau_in).square(), inlier)
     outlier_term = masked_mean(F.relu(tau_out - score).square(), outlier)

@@ -139,7 +139,19 @@ def prediction_loss(class_logits: torch.Tensor, mask_logits: torch.Tensor, targe
                     labels: torch.Tensor, present: torch.Tensor, class_weight: torch.Tensor, w: _Weights,
                     n_points: int, oversample: float, importance: float) -> torch.Tensor:
     """One prediction's ``w.cls·class_CE + w.mask·BCE + w.dice·Dice`` under the identity assignment (masks of the
-    present (image, class) pairs only, sampled at :func:`importance_points`)."""
+    present (image, class) pairs only, sampled at :func:`importance_points`).
+
+    Args:
+        class_logits: ``[B, Q, C + 1]`` query class logits (Q = C queries, 20 in TDOS; last column no-object).
+        mask_logits: ``[B, Q, h, w]`` query mask logits (any resolution; sampled at normalised points).
+        target: ``[B, H, W]`` class ids 0..C−1 (TDOS: 19 = ``ood``), 255 void (:func:`semantic_with_ood`).
+        labels: ``[B, Q]`` query labels from :func:`identity_targets` (``C`` = no-object).
+        present: ``[B, Q]`` bool, class ``q`` present in image ``b`` (:func:`identity_targets`).
+        class_weight: ``[C + 1]`` CE weight per class (``ood`` and no-object included).
+        w: the class / mask-BCE / Dice term weights.
+        n_points: points sampled per present mask.
+        oversample, importance: as in :func:`importance_points`.
+    """
     loss = w.cls * class_loss(class_logits, labels, class_weight)
     if not bool(present.any()):
         return loss + 0.0 * mask_logits.sum()
@@ -153,7 +165,13 @@ def prediction_loss(class_logits: torch.Tensor, mask_logits: torch.Tensor, targe
 def deep_supervision(predictions: list[tuple[torch.Tensor, torch.Tensor]], target: torch.Tensor,
                      class_weight: torch.Tensor, w: _Weights, n_points: int, oversample: float,
                      importance: float) -> torch.Tensor:
-    """Sum of :func:`prediction_loss` over every prediction (initial queries and each decoder layer)."""
+    """Sum of :func:`prediction_loss` over every prediction (initial queries and each decoder layer).
+
+    Args:
+        predictions: ``(class_logits [B, Q, C + 1], mask_logits [B, Q, h, w])`` per prediction.
+        target: ``[B, H, W]`` class ids 0..C−1, 255 void; ``C = class_weight.numel() − 1`` (no-object weight last).
+        class_weight, w, n_points, oversample, importance: as in :func:`prediction_loss`.
+    """
     labels, present = identity_targets(target, class_weight.numel() - 1)
     return sum(prediction_loss(c, m, target, labels, present, class_weight, w, n_points, oversample, importance)
                for c, m in predictions)

@@ -356,7 +356,15 @@ def convert_checkpoint(
     layer_norm_eps: float = 1e-6,
 ) -> Path:
     """tue-mps checkpoint ``src`` → transformers directory ``dst_dir`` (``config.json``, ``model.safetensors``,
-    ``preprocessor_config.json`` with the checkpoint's ``pixel_mean`` / ``pixel_std``). Returns ``dst_dir``."""
+    ``preprocessor_config.json`` with the checkpoint's ``pixel_mean`` / ``pixel_std``). Returns ``dst_dir``.
+
+    Args:
+        src: Lightning ``.ckpt`` or bare state dict (``pytorch_model.bin``), read with ``weights_only=True``.
+        dst_dir: output directory, created if needed; files already in it are overwritten.
+        image_size: square input size in pixels; None: the ``pos_embed`` grid × patch size.
+        num_heads: attention heads; None: hidden size / 64.
+        layer_norm_eps: LayerNorm epsilon (timm ViT: 1e-6).
+    """
     from transformers import EomtForUniversalSegmentation, EomtImageProcessor
 
     state = read_tue_mps(src)

@@ -122,7 +122,13 @@ def check_checkpoint_model(checkpoint: str | os.PathLike[str] | None, name: str 
     otherwise a one-line ``CheckpointError`` naming the file, or a ``ConfigError`` naming ``cfg_option``.
 
     ``owner`` names the model in messages (``"model 'x'"``), ``arch_option`` the option that chose ``name``
-    (``"model 'x''s arch"``, ``"--model"``); ``hint`` is appended to the mismatch message."""
+    (``"model 'x''s arch"``, ``"--model"``); ``hint`` is appended to the mismatch message.
+
+    Args:
+        checkpoint: weights file, or None (then ``name`` is required); a file without our header is taken as ``name``.
+        name: the registered model asked for; None: the one the header names.
+        cfg: the extra constructor keywords the job would pass, named in errors as ``cfg_option``.
+    """
     from oodseg.config import ConfigError
 
     stored = checkpoint_model_cfg(checkpoint) if checkpoint else None

@@ -65,7 +65,18 @@ def mask_cells(masks: torch.Tensor, grid_hw: tuple[int, int], input_size: tuple[
                pad_size: tuple[int, int] | None = None, min_fraction: float = 0.5) -> torch.Tensor:
     """Binary masks ``[K, H, W]`` → feature-grid cells ``[K, h, w]`` they cover: the mask is resized into the
     padded input frame (antialiased), each cell's covered fraction computed, cells ≥ ``min_fraction`` kept; a
-    non-empty mask with no such cell keeps its cells of maximal fraction."""
+    non-empty mask with no such cell keeps its cells of maximal fraction.
+
+    Args:
+        masks: ``[K, H, W]`` bool / {0, 1} masks at the original image size.
+        grid_hw: ``(h, w)`` of the feature grid.
+        input_size: ``(H', W')`` of the resized image inside the padded input frame; None: the masks' own size.
+        pad_size: ``(H_pad, W_pad)`` input frame the image is zero-padded to (bottom / right); None: no padding.
+        min_fraction: covered fraction in ``[0, 1]`` from which a cell counts.
+
+    Returns:
+        Bool ``[K, h, w]``.
+    """
     fracs = []
     for part in masks.split(32):  # bounded memory for full-resolution masks
         m = part.float()[:, None]
@@ -93,7 +104,15 @@ def assign_points(
     ``target = L2norm(½·max + ½·mean)`` (PerSAM's location prior), cosine similarity to every location, upsample to
     the image (:func:`upsample_to_image`), take the arg-max pixel and snap it to the nearest grid point ``grid_xy``
     ``[G, 2]`` (pixels; ``scipy.spatial.cKDTree``). Returns ``points [K, 2]`` (NaN rows for dropped masks) and
-    ``keep [K]`` (False for masks with no pixel)."""
+    ``keep [K]`` (False for masks with no pixel).
+
+    Args:
+        features: one image's encoder embeddings ``[C, h, w]`` (over the padded input frame, as SAM's).
+        masks: GT object masks ``[K, H, W]`` (bool / {0, 1}) at the original image size.
+        grid_xy: ``[G, 2]`` (x, y) candidate prompt points in original-image pixels.
+        input_size, pad_size, min_fraction: as in :func:`mask_cells` (SAM: ``SamImage.input_size``, ``sam.pad_size``).
+        chunk: masks per similarity batch (bounds memory).
+    """
     from scipy.spatial import cKDTree
 
     masks_t = torch.as_tensor(masks, device=features.device).bool()
@@ -153,7 +172,18 @@ def select_saom_parameters(sam: Any, train_encoder: bool = False, head: nn.Modul
 
 def saom_prompts(sam: Any, img: Any, masks: torch.Tensor | np.ndarray, grid: np.ndarray,
                  min_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`assign_points` for an embedded image (``SamImage``) with the ``[0, 1]`` ``grid`` scaled to its size."""
+    """:func:`assign_points` for an embedded image (``SamImage``) with the ``[0, 1]`` ``grid`` scaled to its size.
+
+    Args:
+        sam: the :class:`~oodseg.models.sam.SamSegmenter` that embedded ``img`` (gives ``pad_size``).
+        img: ``sam.embed(image)``.
+        masks: GT object masks ``[K, H, W]`` at ``img.original_size``.
+        grid: ``[G, 2]`` (x, y) points in ``[0, 1]`` (:func:`point_grid`).
+        min_fraction: as in :func:`mask_cells`.
+
+    Returns:
+        ``points [K, 2]`` (x, y) original-image pixels (NaN rows for dropped masks) and ``keep [K]`` bool.
+    """
     h, w = img.original_size
     grid_px = np.asarray(grid, dtype=np.float64) * np.array([w, h], dtype=np.float64)
     return assign_points(img.embeddings[0].detach(), masks, grid_px, img.input_size, sam.pad_size, min_fraction)
@@ -172,7 +202,18 @@ def best_of_three(sam: Any, img: Any, points: np.ndarray) -> tuple[torch.Tensor,
 def saom_predict(sam: Any, head: nn.Module | None, image: np.ndarray, masks: torch.Tensor | np.ndarray,
                  grid: np.ndarray, min_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """SAOM evaluation prompts: one predicted mask per GT mask (logit > 0 of the best-IoU output) and its predicted
-    class (-1 without ``head``); dropped (empty) GT masks get an empty prediction and class -1."""
+    class (-1 without ``head``); dropped (empty) GT masks get an empty prediction and class -1.
+
+    Args:
+        sam: a :class:`~oodseg.models.sam.SamSegmenter`.
+        head: the :class:`SaomHead` on the IoU token, or None.
+        image: uint8 ``[H, W, 3]`` RGB.
+        masks: GT object masks ``[K, H, W]`` (bool / {0, 1}), one prompt each.
+        grid, min_fraction: as in :func:`saom_prompts`.
+
+    Returns:
+        Bool masks ``[K, H, W]`` and int64 classes ``[K]``, on the model's device.
+    """
     img = sam.embed(image)
     points, keep = saom_prompts(sam, img, masks, grid, min_fraction)
     k = len(keep)

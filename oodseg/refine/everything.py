@@ -73,7 +73,19 @@ def _filter_batch(logits: torch.Tensor, iou: torch.Tensor, pred_iou_thresh: floa
 def masks_in_crop(sam: Any, image: np.ndarray, crop_box: list[int], grid: np.ndarray, points_per_batch: int,
                   pred_iou_thresh: float, stability_score_thresh: float, stability_offset: float,
                   box_nms_thresh: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop."""
+    """Bool masks ``[N, H, W]`` in the image frame and predicted IoUs ``[N]`` from one crop.
+
+    Args:
+        sam: a :class:`~oodseg.models.sam.SamSegmenter` (or anything with its ``embed`` / ``mask_logits_from_points``).
+        image: the whole uint8 ``[H, W, 3]`` RGB image; only ``crop_box`` of it is encoded.
+        crop_box: ``[x0, y0, x1, y1]`` in image pixels (from :func:`crop_boxes`).
+        grid: ``[G, 2]`` xy points in ``[0, 1]``, scaled to the crop's width and height.
+        points_per_batch: points prompted per decoder call (a memory / speed knob).
+        pred_iou_thresh: keep masks with predicted IoU ``>`` this (``0`` turns the filter off).
+        stability_score_thresh: keep masks with stability ``≥`` this (``0`` turns the filter off).
+        stability_offset: ``o`` of the stability score ``|logit > o| / |logit > −o|``.
+        box_nms_thresh: IoU threshold of the box NMS among this crop's masks.
+    """
     from torchvision.ops import batched_nms, masks_to_boxes
 
     h, w = image.shape[:2]
@@ -160,7 +172,14 @@ def generate_everything(
     ``box_nms_thresh``; across crops box NMS at ``crop_nms_thresh`` preferring smaller crops; with ``min_area > 0``
     holes and islands below ``min_area`` px are cleaned and NMS rerun (threshold ``max(box_nms_thresh,
     crop_nms_thresh)``) preferring unchanged masks. Returns bool masks ``[N, H, W]`` and their predicted IoUs ``[N]``,
-    by decreasing IoU."""
+    by decreasing IoU.
+
+    Args:
+        sam: a :class:`~oodseg.models.sam.SamSegmenter` (or anything with its ``embed`` / ``mask_logits_from_points``).
+        image: uint8 ``[H, W, 3]`` RGB image.
+        points_per_batch: points prompted per decoder call (a memory / speed knob).
+        crop_overlap_ratio: crop overlap as a fraction of the image's short side at layer 1 (halved per layer).
+    """
     from torchvision.ops import batched_nms, masks_to_boxes
 
     grids = ([np.asarray(g, dtype=np.float64) for g in point_grids] if point_grids is not None

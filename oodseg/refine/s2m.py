@@ -50,6 +50,12 @@ def refine_s2m(image: Any, score_map: Any, prompter: Prompter, sam: BoxSegmenter
 
     ``image`` uint8 ``[H, W, 3]`` RGB, ``score_map`` ``[H, W]`` (the prompter's input, same size). Returns the
     refined float32 ``[H, W]`` map on the CPU and the boxes used. No box → all zeros and SAM is not run.
+
+    Args:
+        prompter: score map → :class:`Boxes` (xyxy original pixels, scores in ``[0, 1]``; ``create_prompter``).
+        sam: the box-promptable SAM (:class:`~oodseg.models.sam.SamSegmenter`).
+        calibration: the scorer's statistics on a calibration split, passed to ``prompter`` (for thresholds / scale
+            it was not given); None: the prompter's own settings only.
     """
     img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:

@@ -50,16 +50,20 @@ TEMPERATURE_SPACE: dict[str, dict[str, Any]] = {"temperature": {"type": "logunif
 def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None, ood: bool = False,
                     reads: str = "classes", fit: str | None = None, needs: Sequence[str] = (),
                     kinds: Sequence[str] = ("pixel", "mask"), blur: tuple[int, float] | None = None):
-    """Decorator registering a scorer with its Tune search ``space`` and the facts the platform reads:
+    """Decorator registering a scorer with its Tune search ``space`` and the facts the platform reads.
 
-    * ``reads="classes"``: a pixel-wise ``fn(z, temperature, **params) -> [B,H,W]``; ``ood=True``: it reads the OOD
-      class channels (``fn(z, temperature, ood_channels, **params)``);
-    * ``reads="map"``: ``fn(ctx, temperature, **params)`` over a whole batch (:class:`ScoreContext`: class scores,
-      features, the fit, the network);
-    * ``fit``: the fit state it needs from the training split (``oodseg.scoring.posthoc.fit``), or None;
-    * ``needs``: ``"features"`` (``model.predict(images, features=True)``) and/or ``"network"`` (the model and the
-      input images at scoring time: the scorer runs the network itself);
-    * ``kinds``: the model output kinds it applies to; ``blur``: a default ``(kernel, σ)`` Gaussian blur of the map.
+    Args:
+        name: registry key; None: the function's ``__name__``.
+        space: Tune space ``{param: {"type": ..., ...}}`` (as :data:`TEMPERATURE_SPACE`); None: that temperature space.
+        ood: it reads the OOD class channels (``fn(z, temperature, ood_channels, **params)``).
+        reads: ``"classes"``: a pixel-wise ``fn(z, temperature, **params) -> [B,H,W]``; ``"map"``:
+            ``fn(ctx, temperature, **params)`` over a whole batch (:class:`ScoreContext`: class scores, features, the
+            fit, the network).
+        fit: the fit state it needs from the training split (``oodseg.scoring.posthoc.fit``), or None.
+        needs: ``"features"`` (``model.predict(images, features=True)``) and/or ``"network"`` (the model and the
+            input images at scoring time: the scorer runs the network itself).
+        kinds: the model output kinds it applies to (``"pixel"``, ``"mask"``, ``"score"``).
+        blur: a default ``(kernel, σ)`` Gaussian blur of the map; None: none.
     """
     if reads not in ("classes", "map"):
         raise ValueError(f"register_scorer: reads must be 'classes' or 'map', got {reads!r}")
@@ -313,6 +317,11 @@ def score_many(
     scorer sees the whole batch. Whole-map scorers (``reads="map"``) share one :class:`ScoreContext` (class scores
     once per ``T_cl``; ``model`` and the uint8 ``images`` for the scorers that run the network); a scorer's ``blur``
     is applied to its finished map. Returns one ``[B, H, W]`` float32 tensor per scorer, in order.
+
+    Args:
+        outputs: one model output: per-pixel logits ``[B, C, h, w]``, :class:`PixelLogits` or :class:`MaskOutputs`.
+        scorers: bound scorers (:class:`Scorer`), each with its temperature, placement and params.
+        size: label ``(H, W)`` the maps are resized to; None: ``outputs.size`` (None there: the output's own size).
     """
     results: list[torch.Tensor | None] = [None] * len(scorers)
     ctx = ScoreContext(outputs, size, model, images)

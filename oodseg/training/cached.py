@@ -123,7 +123,17 @@ def cached_fit(name: str, cfg: TrainConfig, suite_root: str | os.PathLike[str], 
 
     ``flush_denormal``: train with the CPU's flush-to-zero / denormals-are-zero modes (``torch.set_flush_denormal``):
     denormal floats slow x86 arithmetic by orders of magnitude. Only for a recipe whose weights were checked to stay
-    bit-identical (flushing can change results in general)."""
+    bit-identical (flushing can change results in general).
+
+    Args:
+        name: file name prefix: the file is ``<cache_dir>/<name>-<config_hash>.safetensors`` (returned).
+        suite_root: the synthetic suite the config trains on; its build parameters enter the hash.
+        version: the recipe's version; bump it to retrain after a change the config does not show.
+        progress: receives every logged training row, then one row with the final metrics.
+
+    Raises:
+        NotCached: under :func:`cached_only` when the file is absent.
+    """
     suite_root, cache_dir = Path(suite_root), Path(cache_dir)
     digest = config_hash(cfg, suite_root, version)
     out = cache_dir / f"{name}-{digest}.safetensors"

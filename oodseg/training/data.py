@@ -118,7 +118,21 @@ class TrainSamples:
 def step_items(
     step: int, *, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1
 ) -> list[list[tuple[int, int]]]:
-    """``(index, epoch)`` pairs this rank uses at optimizer ``step``, split into ``accum`` micro-batches."""
+    """``(index, epoch)`` pairs this rank uses at optimizer ``step``, split into ``accum`` micro-batches.
+
+    The run reads one endless stream of epochs, each a permutation of ``range(n)`` seeded by ``(seed, epoch)``; step
+    ``s`` takes stream positions ``[s·global_batch, (s + 1)·global_batch)`` and rank ``r`` its ``r``-th equal slice.
+
+    Args:
+        n: number of training samples.
+        global_batch: samples per optimizer step over all ranks (divisible by ``world · accum``).
+        seed: shuffling seed.
+        rank, world: this process's index and the number of processes.
+        accum: micro-batches per step (gradient accumulation).
+
+    Returns:
+        ``accum`` lists of ``global_batch / (world · accum)`` pairs each.
+    """
     if global_batch % (world * accum):
         raise ValueError(f"global batch {global_batch} is not divisible by world ({world}) × accum ({accum})")
     per_rank = global_batch // world

@@ -109,7 +109,14 @@ def get_demo_checkpoint(
     progress: Progress | None = printer("demo"),
 ) -> Path:
     """Path of the cached demo ERFNet checkpoint for (suite, seed), training it first (``steps`` AdamW steps on the
-    suite's train split, a minute or two on 2 cores) when absent; the file is self-describing for ``create_model``."""
+    suite's train split, a minute or two on 2 cores) when absent; the file is self-describing for ``create_model``.
+
+    Args:
+        suite_root: a built synthetic suite (holding ``.oodseg_suite.json``; its build parameters enter the cache key).
+        cache_dir: where ``demo-erfnet-<hash>.safetensors`` is kept.
+        seed: training seed (init, data order, augmentation); part of the cache key, as ``steps`` is.
+        progress: receives every logged training row (default: printed to stderr as ``[demo] ...``); None: silent.
+    """
     cfg = demo_config(suite_root, seed=seed, steps=steps)
     # Denormals flushed: the same weights bit for bit and slightly faster (benchmarks/README.md)
     return cached_fit("demo-erfnet", cfg, suite_root, cache_dir, DEMO_VERSION, progress, flush_denormal=True,

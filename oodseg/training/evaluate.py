@@ -53,7 +53,16 @@ def segmentation_state(data: Mapping[str, Subset]) -> MetricSet:
 
 def update_segmentation(model: nn.Module, state: MetricSet, scorer: Any, name: str, sample: dict[str, Any]) -> None:
     """Add one validation image: its semantic prediction to ``confusion`` or its anomaly score (``scorer``) to
-    ``pixel``."""
+    ``pixel``.
+
+    Args:
+        model: a network with ``predict(uint8 [1, H, W, 3])``.
+        state: :func:`segmentation_state`'s metrics, updated in place.
+        scorer: the config's scorer (``create_scorer``), outputs → anomaly map ``[1, H, W]`` (higher = anomalous).
+        name: which set the sample is from: ``"semantic"`` or ``"anomaly"`` (:func:`eval_datasets`' keys).
+        sample: a dataset item: ``image`` uint8 ``[H, W, 3]`` RGB and ``label`` ``[H, W]`` (trainIds with 255
+            ignore for ``"semantic"``; 0 inlier / 1 anomaly / 255 ignore for ``"anomaly"``).
+    """
     logits = model.predict(torch.from_numpy(sample["image"])[None])
     if name == "semantic":
         cm = state["confusion"]

@@ -112,7 +112,18 @@ def fit(cfg: TrainConfig, strategy: Strategy | None = None, *, model: nn.Module 
     ``report(row, checkpoint_dir)`` receives every logged row (``step``, ``loss``, ``lr``, ``steps_per_s``, the
     validation metrics on validation steps) and, every ``checkpoint_every`` steps and at the end, a temporary
     directory holding a checkpoint (with the exported model at the end when ``export`` metadata is given).
-    ``step_hook(step, rank)`` runs before each step (tests inject worker faults with it)."""
+    ``step_hook(step, rank)`` runs before each step (tests inject worker faults with it).
+
+    Args:
+        model: the network to train; None: ``task.build_model()``.
+        resume: a checkpoint directory of an earlier run of this config; training continues after its step and its
+            history is kept up to that step.
+        checkpoint_every: steps between checkpoints; 0: none (``report`` always gets ``checkpoint_dir=None``).
+        export: metadata (str → str) written into the exported ``model.safetensors`` of the last checkpoint.
+
+    Returns:
+        :class:`FitResult`: the trained model (in eval mode), every logged row, the last row's ``val_*`` metrics.
+    """
     strategy = strategy or LocalStrategy()
     run, loader = _setup(cfg, strategy, model, resume, export, bool(cfg.val_every or checkpoint_every))
     run.task.train_mode(strategy.model)

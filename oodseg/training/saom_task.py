@@ -152,7 +152,19 @@ def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.T
                     classes: torch.Tensor | np.ndarray, grid: np.ndarray,
                     min_fraction: float = 0.5) -> dict[str, torch.Tensor] | None:
     """SAOM's loss terms on one image with all its GT masks ``[K, H, W]`` (classes ``[K]``) as one prompt batch
-    (the ``[0, 1]`` ``grid`` comes from :func:`point_grid`); None when no mask is usable."""
+    (the ``[0, 1]`` ``grid`` comes from :func:`point_grid`); None when no mask is usable.
+
+    Args:
+        sam: a :class:`SamSegmenter`; the encoder keeps its graph when any encoder parameter is trainable.
+        head: the :class:`SaomHead` (its ``num_classes`` bounds ``classes``).
+        image: uint8 ``[H, W, 3]`` RGB.
+        masks: bool / {0, 1} GT object masks, one prompt each.
+        classes: their integer class ids, in ``[0, head.num_classes)``.
+        min_fraction: as in :func:`oodseg.models.saom.mask_cells`.
+
+    Returns:
+        :func:`saom_loss`'s scalar ``dice``, ``focal``, ``ce``, ``loss`` plus ``n_masks`` (masks prompted, float).
+    """
     encoder_grad = any(p.requires_grad for p in sam.param_groups()["encoder"])
     img = sam.embed(image, grad=encoder_grad)
     points, keep = saom_prompts(sam, img, masks, grid, min_fraction)
@@ -171,7 +183,17 @@ def saom_image_loss(sam: Any, head: nn.Module, image: np.ndarray, masks: torch.T
 def box_prompt_loss(sam: SamSegmenter, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
                     grad_encoder: bool) -> torch.Tensor | None:
     """SAM's promptable objective on one image: per GT mask a box prompt (one mask) and a random interior point
-    (3 masks, the lowest-loss one counts), Dice + BCE (:func:`promptable_mask_loss`; None without masks)."""
+    (3 masks, the lowest-loss one counts), Dice + BCE (:func:`promptable_mask_loss`; None without masks).
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        masks: bool GT masks ``[K, H, W]``; empty ones are skipped.
+        rng: draws each interior point.
+        grad_encoder: keep the encoder's graph (from-scratch training of the encoder).
+
+    Returns:
+        Scalar: mean box-prompt loss + mean best-of-3 point-prompt loss over the masks.
+    """
     keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)
     if not keep.any():
         return None

@@ -32,7 +32,16 @@ def lr_factor(
     steps_per_epoch: Fraction | None = None,
 ) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based); per epoch when ``steps_per_epoch``
-    is given."""
+    is given.
+
+    Args:
+        total: optimizer steps of the whole run (``p`` reaches 1 there).
+        warmup: steps of the linear ramp; 0: none.
+        kind: ``"cosine"``, ``"poly"`` or ``"constant"`` (1 after warmup).
+        power: exponent of ``"poly"``.
+        min_ratio: ``m``, the factor the decay ends at.
+        steps_per_epoch: ``E`` (may be fractional) to hold the decay through each epoch; None: decay every step.
+    """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {kind!r}; known: {', '.join(SCHEDULES)}")
     if total <= 0:
@@ -59,7 +68,11 @@ def build_scheduler(
     steps_per_epoch: Fraction | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group (stepped once per optimizer step; the
-    factor itself moves once an epoch when ``steps_per_epoch`` is given)."""
+    factor itself moves once an epoch when ``steps_per_epoch`` is given).
+
+    Args:
+        total, warmup, kind, power, min_ratio, steps_per_epoch: as in :func:`lr_factor`.
+    """
     fn = partial(lr_factor, total=total, warmup=warmup, kind=kind, power=power, min_ratio=min_ratio,
                  steps_per_epoch=steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -60,7 +60,18 @@ def torch_step(
 ) -> float:
     """Plain torch / DDP step: gradients of all micro-batches accumulate locally; DDP all-reduces on the last one
     (``no_sync``: the DDP wrapper's, entered for the others). With a ``scaler`` (fp16) the loss is scaled before
-    backward and the gradients unscaled before clipping; the scaler skips a step whose gradients overflowed."""
+    backward and the gradients unscaled before clipping; the scaler skips a step whose gradients overflowed.
+
+    Args:
+        model: the module being trained (plain or DDP-wrapped); the gradients of its trainable parameters are clipped.
+        scheduler: LR scheduler stepped once per optimizer step, or None.
+        micro_batches: the step's ``accum`` micro-batches (``collate`` dicts); each loss is divided by their number.
+        compute: micro-batch → scalar loss tensor (the strategy's forward + loss, inside its autocast).
+        grad_clip: max global L2 norm of the trainable gradients; None or 0: no clipping.
+
+    Returns:
+        The mean unscaled micro-batch loss.
+    """
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     total = 0.0

@@ -124,7 +124,15 @@ def build_suite(out: str | os.PathLike[str], seed: int = 0, size: tuple[int, int
                 n_anomaly: int = DEFAULTS["n_anomaly"], n_coco: int = DEFAULTS["n_coco"], workers: int = 1) -> Path:
     """Write the whole suite to ``out`` (must be absent or empty); built in a sibling temp dir and renamed atomically,
     so an interrupted build never leaves a partial suite. ``workers`` > 1 renders frames in that many processes
-    (identical output). Returns ``out``."""
+    (identical output). Returns ``out``.
+
+    Args:
+        seed: base seed; every frame draws from its own ``SeedSequence([seed, stream, index])``.
+        size: frame ``(H, W)`` in pixels.
+        n_train, n_val: Cityscapes-format frames in ``train`` / ``val``.
+        n_anomaly: frames in each of the five anomaly sets (:data:`ANOMALY_SETS`).
+        n_coco: COCO-format outlier images (under ``coco/``).
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: suite output folder exists and is not empty")

@@ -137,7 +137,13 @@ def frame_bins(pos_sorted: Sorted, neg_sorted: Sorted, dtype: type = np.float32)
 def pooled_curve(edges: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> dict[str, np.ndarray]:
     """The toolkit's curve points (after ``curves_from_cmats``' de-duplication and end points) from all frames'
     bin entries: ``threshold``, ``tp``, ``fp`` (float64), high to low thresholds. Order-independent: groups of equal
-    edges are summed, and the partial first point is the tied top entry with the fewest (anomaly, inlier) pixels."""
+    edges are summed, and the partial first point is the tied top entry with the fewest (anomaly, inlier) pixels.
+
+    Args:
+        edges: ``[N]`` float64 lower bin edges of every frame's :func:`frame_bins`, concatenated.
+        tp, fp: ``[N]`` anomaly / inlier pixel counts of those bins.
+        n_pos, n_neg: total anomaly / inlier pixels over all frames (both > 0).
+    """
     thr, inv = np.unique(edges, return_inverse=True)
     g_tp = np.bincount(inv, weights=tp, minlength=thr.size)[::-1]
     g_fp = np.bincount(inv, weights=fp, minlength=thr.size)[::-1]
