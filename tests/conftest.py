@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray per test session; every test that uses it is marked ``slow``."""
+"""Shared fixtures: one local Ray per test session (every test that uses it is marked ``slow``); synthetic suites
+built once per parameter set."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -46,12 +49,43 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory):
-    """A small synthetic road suite (64×128 frames, 2 anomaly frames per set), built once per test session."""
+def suite_factory(tmp_path_factory) -> Iterator[Callable[..., Path]]:
+    """``make(**params)``: a synthetic road suite (``build_suite``'s parameters, defaults filled in) built once per
+    parameter set and test session (per xdist worker), so modules asking for the same suite share one build.
+
+    The suites are shared read-only inputs: a test that changes its data copies it first. At the end of the session
+    every suite's file listing (paths, sizes, modification times) must be as built."""
+    import inspect
+
     from oodseg.data.synthetic import build_suite
 
-    return build_suite(tmp_path_factory.mktemp("tiny") / "suite", seed=2, size=(64, 128), n_train=2, n_val=2,
-                       n_anomaly=2, n_coco=2)
+    root = tmp_path_factory.mktemp("suites")
+    built: dict[str, tuple[Path, list[tuple]]] = {}
+
+    def make(**params) -> Path:
+        bound = inspect.signature(build_suite).bind(root, **params)
+        bound.apply_defaults()
+        args = {k: v for k, v in bound.arguments.items() if k not in ("out", "workers")}  # workers: same output
+        key = ",".join(f"{k}={tuple(v) if k == 'size' else v}" for k, v in args.items())
+        if key not in built:
+            path = build_suite(root / f"suite{len(built)}", **params)
+            built[key] = path, listing(path)
+        return built[key][0]
+
+    yield make
+    changed = [key for key, (path, files) in built.items() if listing(path) != files]
+    assert not changed, f"a test changed the shared synthetic suite(s) {changed}: copy a suite before changing it"
+
+
+def listing(root: Path) -> list[tuple]:
+    """Every file and folder under ``root`` with its size and modification time, sorted."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(suite_factory) -> Path:
+    """A small synthetic road suite (64×128 frames, 2 anomaly frames per set), built once per test session."""
+    return suite_factory(seed=2, size=(64, 128), n_train=2, n_val=2, n_anomaly=2, n_coco=2)
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,8 @@ PLUGIN = "oodseg_test_sources"
 
 
 @pytest.fixture(scope="module")
-def tiny_suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("suite") / "s", seed=0, size=(64, 128), n_train=8, n_val=4,
-                       n_anomaly=4, n_coco=4)
+def tiny_suite(suite_factory) -> Path:
+    return suite_factory(seed=0, size=(64, 128), n_train=8, n_val=4, n_anomaly=4, n_coco=4)
 
 
 @pytest.fixture()

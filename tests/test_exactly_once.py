@@ -116,12 +116,11 @@ COMPARED = {"metrics": ["dataset", "scorer", "temperature"], "per_image": ["data
 
 
 @pytest.mark.slow
-def test_a_killed_scoring_actor_changes_no_metric(tmp_path):
-    from oodseg.data.synthetic import build_suite
+def test_a_killed_scoring_actor_changes_no_metric(tmp_path, suite_factory):
     from oodseg.models import create_model, save_safetensors
     from oodseg.platform.results import ResultsStore
 
-    suite = build_suite(tmp_path / "suite", seed=5, size=(64, 128), n_train=2, n_val=2, n_anomaly=6, n_coco=2)
+    suite = suite_factory(seed=5, size=(64, 128), n_train=2, n_val=2, n_anomaly=6, n_coco=2)
     torch.manual_seed(0)
     model = save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None), tmp_path / "m.safetensors")
     plugins = tmp_path / "plugins"

@@ -87,11 +87,9 @@ def wait_gone(pids: set[int], timeout: float = 30.0) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from oodseg.data.synthetic import build_suite
-
+def setup(tmp_path_factory, suite_factory):
     work = tmp_path_factory.mktemp("interrupt")
-    suite = build_suite(work / "suite", seed=4, size=(64, 128), n_train=2, n_val=2, n_anomaly=4, n_coco=2)
+    suite = suite_factory(seed=4, size=(64, 128), n_train=2, n_val=2, n_anomaly=4, n_coco=2)
     torch.manual_seed(0)
     model = save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None), work / "tiny.safetensors")
     plugins = work / "plugins"

@@ -105,8 +105,7 @@ def token_cluster():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_with_token_auth(token_cluster, tmp_path):
-    from oodseg.data.synthetic import build_suite
+def test_ray_job_submit_with_token_auth(token_cluster, tmp_path, suite_factory):
     from oodseg.models import create_model, save_safetensors
 
     address, env, token_file = token_cluster
@@ -117,7 +116,7 @@ def test_ray_job_submit_with_token_auth(token_cluster, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0
 
-    suite = build_suite(tmp_path / "suite", seed=1, size=(64, 128), n_train=2, n_val=2, n_anomaly=2, n_coco=2)
+    suite = suite_factory(seed=1, size=(64, 128), n_train=2, n_val=2, n_anomaly=2, n_coco=2)
     torch.manual_seed(0)
     model = save_safetensors(create_model("erfnet", channels=[4, 8, 16], input_size=None), tmp_path / "m.safetensors")
     results = tmp_path / "results"

@@ -32,11 +32,8 @@ N_IMAGES = 4  # per dataset = batch_size, so pipeline and reference run the mode
 
 
 @pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("suite") / "suite", seed=3, size=(96, 192), n_train=2,
-                       n_val=N_IMAGES, n_anomaly=N_IMAGES, n_coco=2)
+def tiny_suite(suite_factory) -> Path:
+    return suite_factory(seed=3, size=(96, 192), n_train=2, n_val=N_IMAGES, n_anomaly=N_IMAGES, n_coco=2)
 
 
 @pytest.fixture(scope="session")

@@ -27,11 +27,8 @@ N = 3  # training and test images, = batch_size: the pipeline and the reference 
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("suite") / "suite", seed=5, size=(48, 96), n_train=N, n_val=1,
-                       n_anomaly=N, n_coco=2)
+def suite(suite_factory) -> Path:
+    return suite_factory(seed=5, size=(48, 96), n_train=N, n_val=1, n_anomaly=N, n_coco=2)
 
 
 @pytest.fixture(scope="module")

@@ -435,16 +435,15 @@ def test_refine_s2m_with_tiny_sam() -> None:
     assert len(none) == 0 and torch.equal(empty, torch.zeros(48, 64))
 
 
-def test_detector_task_trains_and_validates_through_the_one_loop(tmp_path, tiny_erfnet):
+def test_detector_task_trains_and_validates_through_the_one_loop(tiny_erfnet, suite_factory):
     """The ``s2m_detector`` task on the shared loop: a finite loss each step and, at the validation step, box recall
     / AP over the evenly spaced validation frames (each with one pasted object) computed by ``BoxMetrics``. (Seed 0's
     COCO-format objects are large enough for the paste's size filter at this frame size.)"""
-    from oodseg.data.synthetic import build_suite
     from oodseg.training.config import TrainConfig
     from oodseg.training.detector_task import DetectorTask
     from oodseg.training.loop import fit
 
-    suite = build_suite(tmp_path / "suite", seed=0, size=(64, 128), n_train=4, n_val=3, n_anomaly=1, n_coco=2)
+    suite = suite_factory(seed=0, size=(64, 128), n_train=4, n_val=3, n_anomaly=1, n_coco=2)
     cfg = TrainConfig(task="s2m_detector", data_root=str(suite), coco_root=str(suite / "coco"),
                       anomaly_set=None, steps=2, global_batch=2, crop=(64, 128), val_every=2, val_images=2,
                       log_every=1, task_cfg={"scorer": "msp", "scoring_model": str(tiny_erfnet),

@@ -345,13 +345,12 @@ def test_remove_small_regions_hand_case():
 
 
 # -- the saom task's box objective (from-scratch demo SAM) ------------------------------------------------------------
-def test_box_objective_samples_objects_with_pasted_outliers(tmp_path):
-    from oodseg.data.synthetic import build_suite
+def test_box_objective_samples_objects_with_pasted_outliers(suite_factory):
     from oodseg.labels import IGNORE_ID
     from oodseg.training.config import TrainConfig
     from oodseg.training.tasks import create_task
 
-    suite = build_suite(tmp_path / "s", seed=0, size=(64, 128), n_train=6, n_val=2, n_anomaly=1, n_coco=3)
+    suite = suite_factory(seed=0, size=(64, 128), n_train=6, n_val=2, n_anomaly=1, n_coco=3)
     cfg = TrainConfig(task="saom", task_cfg={"sam": "tiny", "sam_cfg": {"image_size": 128}, "prompts": "box",
                                              "train_encoder": True, "outliers": 2},
                       data_root=str(suite), coco_root=str(suite / "coco"), val_split=None, anomaly_set=None,

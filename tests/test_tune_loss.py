@@ -21,11 +21,8 @@ STEPS = 4  # = max_t: one validation (Tune iteration) per step
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("tune_loss_suite") / "suite", seed=7, size=(64, 128), n_train=4,
-                       n_val=2, n_anomaly=2, n_coco=4)
+def suite(suite_factory) -> Path:
+    return suite_factory(seed=7, size=(64, 128), n_train=4, n_val=2, n_anomaly=2, n_coco=4)
 
 
 def all_cpus_free(ray, timeout_s: float = 20.0) -> bool:

@@ -39,11 +39,8 @@ GRID = (0.5, 0.75, 1.1)
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory) -> Path:
-    from oodseg.data.synthetic import build_suite
-
-    return build_suite(tmp_path_factory.mktemp("tune_suite") / "suite", seed=5, size=(64, 128), n_train=2, n_val=2,
-                       n_anomaly=4, n_coco=2)
+def suite(suite_factory) -> Path:
+    return suite_factory(seed=5, size=(64, 128), n_train=2, n_val=2, n_anomaly=4, n_coco=2)
 
 
 @pytest.fixture(scope="module")
