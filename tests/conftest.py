@@ -89,6 +89,13 @@ def tiny_suite(suite_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_suite(suite_factory) -> Path:
+    """A suite with 8 training and 4 validation frames (64×128; 4 anomaly frames per set, 4 COCO objects): enough
+    for the demo recipe's short training runs and the evenly spaced validation subsets."""
+    return suite_factory(seed=0, size=(64, 128), n_train=8, n_val=4, n_anomaly=4, n_coco=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_erfnet(tmp_path_factory):
     """A self-describing random ERFNet (channels 4/8/16, seed 0) as a ``.safetensors`` file."""
     import torch

@@ -15,11 +15,6 @@ import torch
 PLUGIN = "oodseg_test_sources"
 
 
-@pytest.fixture(scope="module")
-def tiny_suite(suite_factory) -> Path:
-    return suite_factory(seed=0, size=(64, 128), n_train=8, n_val=4, n_anomaly=4, n_coco=4)
-
-
 @pytest.fixture()
 def plugin(tmp_path, monkeypatch) -> Iterator[str]:
     """A plugin module registering four checkpoint sources, importable here and in child processes."""
@@ -57,41 +52,41 @@ def plugin(tmp_path, monkeypatch) -> Iterator[str]:
             CHECKPOINT_SOURCES.unregister(name)
 
 
-def test_cached_only_refuses_to_train_and_training_pins_the_thread_count(tiny_suite, tmp_path):
+def test_cached_only_refuses_to_train_and_training_pins_the_thread_count(train_suite, tmp_path):
     from oodseg.training.cached import TRAIN_THREADS, NotCached, cached_only
     from oodseg.training.demo import get_demo_checkpoint
 
     cache = tmp_path / "cache"
     with cached_only(), pytest.raises(NotCached, match=r"demo-erfnet-\w+\.safetensors"):
-        get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2, progress=None)
+        get_demo_checkpoint(train_suite, cache, seed=0, steps=2, progress=None)
     assert not list(cache.glob("*.safetensors"))
     threads: list[int] = []
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        path = get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2,
+        path = get_demo_checkpoint(train_suite, cache, seed=0, steps=2,
                                    progress=lambda row: "elapsed_s" in row and threads.append(torch.get_num_threads()))
         assert threads and set(threads) == {TRAIN_THREADS}  # not the caller's 1 thread
         assert torch.get_num_threads() == 1  # restored afterwards
     finally:
         torch.set_num_threads(before)
     with cached_only():
-        assert get_demo_checkpoint(tiny_suite, cache, seed=0, steps=2, progress=None) == path
+        assert get_demo_checkpoint(train_suite, cache, seed=0, steps=2, progress=None) == path
 
 
 @pytest.mark.slow
-def test_a_child_process_builds_the_same_file_the_driver_would(tiny_suite, tmp_path, plugin):
+def test_a_child_process_builds_the_same_file_the_driver_would(train_suite, tmp_path, plugin):
     from safetensors.torch import load_file
 
     from oodseg.training.background import BackgroundBuild
     from oodseg.training.demo import get_demo_checkpoint
 
-    built = Path(BackgroundBuild("test-tiny-demo", cache_dir=tmp_path / "a", data_root=tiny_suite, seed=0,
+    built = Path(BackgroundBuild("test-tiny-demo", cache_dir=tmp_path / "a", data_root=train_suite, seed=0,
                                  plugins=[plugin]).wait())
     stamp = built.stat().st_mtime_ns
-    assert get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None) == built
+    assert get_demo_checkpoint(train_suite, tmp_path / "a", seed=0, steps=2, progress=None) == built
     assert built.stat().st_mtime_ns == stamp  # the driver finds the child's file: not trained twice
-    here = load_file(get_demo_checkpoint(tiny_suite, tmp_path / "b", seed=0, steps=2, progress=None))
+    here = load_file(get_demo_checkpoint(train_suite, tmp_path / "b", seed=0, steps=2, progress=None))
     there = load_file(built)
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
@@ -113,14 +108,14 @@ def test_a_failed_build_is_one_line_and_cancel_stops_the_child(tmp_path, plugin,
 
 
 @pytest.mark.slow
-def test_prepare_leaves_an_unbuilt_model_pending_and_finish_checks_it(tiny_suite, tmp_path, plugin):
+def test_prepare_leaves_an_unbuilt_model_pending_and_finish_checks_it(train_suite, tmp_path, plugin):
     from oodseg.config import build_config
     from oodseg.platform.benchmark import BenchmarkConfig
     from oodseg.platform.benchmark.prepare import prepare
     from oodseg.training.background import BackgroundBuild
 
     cfg = build_config(BenchmarkConfig, overrides=[
-        f"data_root={tiny_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
+        f"data_root={train_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
         f"plugins=[{plugin}]", "datasets=road_anomaly_21", "models=[{name: m, checkpoint: test-tiny-demo}]"])
     plan = prepare(cfg)
     assert isinstance(plan.pending["m"], BackgroundBuild) and "m" not in plan.checkpoints
@@ -148,13 +143,13 @@ def test_the_child_spins_at_openmp_barriers_unless_the_user_chose_a_policy(tmp_p
     assert BackgroundBuild("test-env", **context).wait() == "PASSIVE/None"  # the user's own PASSIVE is kept
 
 
-def test_prepare_starts_one_build_at_a_time(tiny_suite, tmp_path, plugin):
+def test_prepare_starts_one_build_at_a_time(train_suite, tmp_path, plugin):
     from oodseg.config import build_config
     from oodseg.platform.benchmark import BenchmarkConfig
     from oodseg.platform.benchmark.prepare import prepare
 
     cfg = build_config(BenchmarkConfig, overrides=[
-        f"data_root={tiny_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
+        f"data_root={train_suite}", f"cache_dir={tmp_path / 'cache'}", f"results={tmp_path / 'results'}",
         f"plugins=[{plugin}]", "datasets=road_anomaly_21",
         "models=[{name: a, checkpoint: test-tiny-demo}, {name: b, checkpoint: test-tiny-demo}]"])
     plan = prepare(cfg)

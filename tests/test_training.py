@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +30,6 @@ TINY = {"width": 0.25, "input_size": None}
 def tiny_erfnet(seed: int = 0, **cfg) -> nn.Module:
     torch.manual_seed(seed)
     return create_model("erfnet", **{**TINY, **cfg})
-
-
-@pytest.fixture(scope="module")
-def tiny_suite(suite_factory) -> Path:
-    return suite_factory(seed=0, size=(64, 128), n_train=8, n_val=4, n_anomaly=4, n_coco=4)
 
 
 # --- LR schedule ------------------------------------------------------------------------------------------------
@@ -213,15 +207,15 @@ def test_augment_is_deterministic_per_index_and_epoch():
     np.testing.assert_array_equal(a["outlier_mask"], np.where(a["target"] == 255, 255, 0))
 
 
-def test_outlier_paste_pixels_reach_the_oe_loss(tiny_suite):
+def test_outlier_paste_pixels_reach_the_oe_loss(train_suite):
     """Pasted COCO objects show up as 254 / mask 1 and drive the OE loss gradient; CE ignores exactly them."""
     from oodseg.data import create_dataset
     from oodseg.data.coco import CocoObjects
     from oodseg.data.paste import OutlierPaste
     from oodseg.losses import create_loss
 
-    ds = create_dataset("cityscapes", root=tiny_suite, split="train")
-    paste = OutlierPaste(CocoObjects(tiny_suite / "coco"), ood_prob=1.0, road_only=False, seed=0)
+    ds = create_dataset("cityscapes", root=train_suite, split="train")
+    paste = OutlierPaste(CocoObjects(train_suite / "coco"), ood_prob=1.0, road_only=False, seed=0)
     samples = TrainSamples(ds, SegAugment(crop=(48, 96), scale=(0.9, 1.1)), seed=0, paste=paste)
     batch = collate([samples.get(i, 0) for i in range(4)])
     out = batch["outlier_mask"] == 1
@@ -263,21 +257,21 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 # --- demo model -----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, tmp_path):
+def test_demo_checkpoint_is_cached_reproducible_and_self_describing(train_suite, tmp_path):
     from safetensors.torch import load_file
 
     from oodseg.models import create_model
     from oodseg.models.checkpoint import read_safetensors_metadata
     from oodseg.training.demo import DEMO_MODEL_CFG, get_demo_checkpoint
 
-    a = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None)
+    a = get_demo_checkpoint(train_suite, tmp_path / "a", seed=0, steps=2, progress=None)
     stamp = a.stat().st_mtime_ns
-    assert get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=0, steps=2, progress=None) == a
+    assert get_demo_checkpoint(train_suite, tmp_path / "a", seed=0, steps=2, progress=None) == a
     assert a.stat().st_mtime_ns == stamp  # cache hit: not retrained
-    b = get_demo_checkpoint(tiny_suite, tmp_path / "b", seed=0, steps=2, progress=None)
+    b = get_demo_checkpoint(train_suite, tmp_path / "b", seed=0, steps=2, progress=None)
     ta, tb = load_file(a), load_file(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # same seed -> same weights
-    c = get_demo_checkpoint(tiny_suite, tmp_path / "a", seed=1, steps=2, progress=None)
+    c = get_demo_checkpoint(train_suite, tmp_path / "a", seed=1, steps=2, progress=None)
     assert c != a and not torch.equal(load_file(c)["decoder.output_conv.weight"], ta["decoder.output_conv.weight"])
     meta = read_safetensors_metadata(a)
     assert json.loads(meta["oodseg.demo.train_config"])["steps"] == 2 and float(meta["oodseg.demo.train_seconds"]) > 0
@@ -292,25 +286,25 @@ def test_demo_checkpoint_is_cached_reproducible_and_self_describing(tiny_suite, 
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
-def test_every_task_validates_on_the_same_evenly_spaced_subset(tiny_suite):
+def test_every_task_validates_on_the_same_evenly_spaced_subset(train_suite):
     from oodseg.training.evaluate import val_indices
     from oodseg.training.tasks import create_task
 
     assert val_indices(10, 4) == [0, 3, 6, 9] and val_indices(5, 0) == val_indices(5, 7) == [0, 1, 2, 3, 4]
-    seg = create_task(TrainConfig(data_root=str(tiny_suite), val_images=3))
+    seg = create_task(TrainConfig(data_root=str(train_suite), val_images=3))
     data = seg.eval_data()
     assert {k: list(v.indices) for k, v in data.items()} == {"semantic": [0, 2, 3], "anomaly": [0, 2, 3]}
-    saom = create_task(TrainConfig(task="saom", data_root=str(tiny_suite), val_images=3))
+    saom = create_task(TrainConfig(task="saom", data_root=str(train_suite), val_images=3))
     frames = saom.samples(split="val")
     picked = saom.eval_data()["saom"]
     for i, s in zip([0, 2, 3], picked, strict=True):
         np.testing.assert_array_equal(s["image"], frames.get(i, 0)["image"])
 
 
-def test_evaluation_split_over_ranks_merges_to_the_whole(tiny_suite):
+def test_evaluation_split_over_ranks_merges_to_the_whole(train_suite):
     from oodseg.training.tasks import create_task
 
-    task = create_task(TrainConfig(data_root=str(tiny_suite), scorer="msp"))
+    task = create_task(TrainConfig(data_root=str(train_suite), scorer="msp"))
     model = tiny_erfnet()
     model.train()
     data = task.eval_data()
