@@ -99,13 +99,15 @@ def setup(tmp_path_factory, suite_factory):
 
 
 def start(setup, results: Path, run_id: str, tag: str, checkpoint: str = "") -> subprocess.Popen:
-    """The benchmark job in a child process; it and its descendants carry ``OODSEG_TEST_TAG=tag``."""
+    """The benchmark job in a child process; it and its descendants carry ``OODSEG_TEST_TAG=tag``. The slow scorer
+    sleeps 1 s per image (batches of 1, 4 images per set): the last unit commits ≥ 12 s after the first, so the
+    signals land mid-run even on a loaded machine (at 0.4 s a loaded run once committed all five units first)."""
     suite, model, plugins, work = setup
     cmd = [sys.executable, str(ROOT / "jobs" / "benchmark.py"), "--data-root", str(suite), "--results", str(results),
            "--run-id", run_id, "--num-cpus", "2", "--batch-size", "1", "--plots", "false",
            "--datasets", ",".join(DATASETS), "--scorers", "maxlogit,slow_maxlogit", "--plugins", "slow_scorer",
            "--cache-dir", str(work / "cache"), "--set", f"models=[{{name: tiny, checkpoint: {checkpoint or model}}}]",
-           "--set", "scorer_params={slow_maxlogit: {delay: 0.4, scale: 2.0}}"]
+           "--set", "scorer_params={slow_maxlogit: {delay: 1.0, scale: 2.0}}"]
     env = {**os.environ, "PYTHONPATH": f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OODSEG_TEST_TAG": f"{tag}-{os.getpid()}"}
     env.pop("RAY_ADDRESS", None)
