@@ -122,7 +122,8 @@ def test_a_sam_that_cannot_be_loaded_fails_before_ray(tiny_suite, tiny_erfnet, t
 
 
 @pytest.mark.parametrize("option,value", [("--num-actors", "-1"), ("--heatmaps", "-2"), ("--actor-num-cpus", "0"),
-                                          ("--read-num-cpus", "-0.5"), ("--torch-threads", "-1")])
+                                          ("--read-num-cpus", "-0.5"), ("--torch-threads", "-1"),
+                                          ("--actor-memory-gb", "-1")])
 def test_negative_or_zero_resources_are_refused(tiny_suite, tiny_erfnet, tmp_path, capsys, option, value):
     argv = ["--results", str(tmp_path / "r"), "--data-root", str(tiny_suite), option, value,
             "--set", f"models=[{{name: tiny, checkpoint: {tiny_erfnet}}}]"]

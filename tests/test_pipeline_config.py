@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -103,3 +104,42 @@ def test_cpu_budget_keeps_reads_alive_on_two_cores(tmp_path):
         plan(FakeRay(CPU=2), actor_num_cpus=2.0, read_num_cpus=0.5)
     res, n = plan(FakeRay(CPU=8, GPU=2), actor_num_cpus=1.0)
     assert res == {"num_cpus": 1.0, "num_gpus": 1} and n == 2  # one actor per GPU
+
+
+class FakeDataset:
+    def __init__(self, *paths: Path) -> None:
+        self.samples = [SimpleNamespace(image_path=str(p)) for p in paths]
+
+
+def test_cpu_pool_fills_the_cpus_the_reads_leave_within_memory(tmp_path):
+    """A CPU node scores with as many 1-CPU actors as its CPUs allow beside the 2 × 0.5 read CPUs, unless the
+    memory (Ray's ``memory`` resource over the per-actor estimate) allows fewer; on 2 cores that is 1 actor."""
+    from PIL import Image
+
+    from oodseg.platform.benchmark.stage import ACTOR_BASE_BYTES, ACTOR_BYTES_PER_PIXEL, DEFAULT_PIXELS, ModelRun
+
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (1024, 512)).save(big)  # header: 512 x 1024
+    Image.new("RGB", (256, 128)).save(small)
+    datasets = {"a": FakeDataset(small), "b": FakeDataset(big, small), "empty": FakeDataset()}
+
+    def run(**kw):
+        return ModelRun(BenchmarkConfig(results=str(tmp_path), **kw), None, "r", ModelSpec(), None, "pixel",
+                        datasets, {})
+
+    per_actor = ACTOR_BASE_BYTES + 8 * 512 * 1024 * ACTOR_BYTES_PER_PIXEL  # batch 8 of the largest first image
+    assert run().actor_memory() == per_actor
+    assert run(protocol="course").actor_memory() == per_actor  # the course protocol scores at 512 x 1024
+    assert run(actor_memory_gb=3.0).actor_memory() == 3 * 2**30
+    unreadable = ModelRun(BenchmarkConfig(results=str(tmp_path)), None, "r", ModelSpec(), None, "pixel",
+                          {"x": FakeDataset(tmp_path / "missing.png")}, {})
+    assert unreadable.actor_memory() == ACTOR_BASE_BYTES + 8 * DEFAULT_PIXELS * ACTOR_BYTES_PER_PIXEL
+
+    plenty = 100 * per_actor
+    assert run().resources(FakeRay(CPU=2, memory=plenty)) == ({"num_cpus": 1.0, "num_gpus": 0}, 1)
+    assert run().resources(FakeRay(CPU=16, memory=plenty))[1] == 15  # 16 − 2 × 0.5 read CPUs
+    assert run().resources(FakeRay(CPU=16, memory=4.5 * per_actor))[1] == 4  # memory bound
+    assert run().resources(FakeRay(CPU=16, memory=0.5 * per_actor))[1] == 1  # never fewer than one
+    assert run(num_actors=6).resources(FakeRay(CPU=16, memory=plenty))[1] == 6  # a maximum of the user's
+    assert run(actor_memory_gb=1.0).resources(FakeRay(CPU=16, memory=3.5 * 2**30))[1] == 3
+    assert run(actor_num_cpus=2.0).resources(FakeRay(CPU=16))[1] == 7  # no memory figure: the CPUs decide

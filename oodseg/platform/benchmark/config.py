@@ -150,8 +150,12 @@ class BenchmarkConfig:
         "modules to import in the driver and every worker (user-registered scorers, models, datasets); on "
         "PYTHONPATH or in the job's --working-dir"), "on_parse": import_plugins})
     batch_size: int = field(default=8, metadata=_h("images per actor call (model batch)"))
-    num_actors: int = field(default=0, metadata=_h("max scoring actors (0: #GPUs, or 1 on CPU)"))
+    num_actors: int = field(default=0, metadata=_h(
+        "max actors per pass (0: one per GPU; on CPU as many as the CPUs beside the read tasks and the memory allow)"))
     actor_num_cpus: float = field(default=1.0, metadata=_h("CPUs reserved per scoring actor"))
+    actor_memory_gb: float = field(default=0.0, metadata=_h(
+        "memory per CPU actor in GiB, bounding the pool by the cluster's memory (0: estimated from the batch: "
+        "0.75 GiB + batch_size × the largest image's pixels × 320 B)"))
     read_num_cpus: float = field(default=0.5, metadata=_h("CPUs per read/decode task"))
     read_concurrency: int = field(default=2, metadata=_h("max concurrent read tasks"))
     torch_threads: int = field(default=0, metadata=_h("torch CPU threads per actor (0: ceil(actor_num_cpus))"))
@@ -183,6 +187,8 @@ class BenchmarkConfig:
         for name in ("num_actors", "heatmaps", "torch_threads", "num_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.actor_memory_gb < 0:
+            raise ValueError(f"actor_memory_gb must be ≥ 0 (0: estimated), got {self.actor_memory_gb}")
         if self.actor_num_cpus <= 0 or self.read_num_cpus <= 0:
             raise ValueError(f"actor_num_cpus and read_num_cpus must be > 0, got {self.actor_num_cpus} and "
                              f"{self.read_num_cpus}")

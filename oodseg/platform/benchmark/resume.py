@@ -23,9 +23,9 @@ from oodseg.platform.results import ResultsStore
 
 #: options a resume may change: they do not change any result
 RESUMABLE = frozenset({
-    "results", "run_id", "cache_dir", "plugins", "batch_size", "num_actors", "actor_num_cpus", "read_num_cpus",
-    "read_concurrency", "torch_threads", "cache_outputs", "keep_score_cache", "heatmaps", "plots", "ray_address",
-    "num_cpus", "progress", "verbose", "fit",
+    "results", "run_id", "cache_dir", "plugins", "batch_size", "num_actors", "actor_num_cpus", "actor_memory_gb",
+    "read_num_cpus", "read_concurrency", "torch_threads", "cache_outputs", "keep_score_cache", "heatmaps", "plots",
+    "ray_address", "num_cpus", "progress", "verbose", "fit",
 })
 CHECKPOINT = "checkpoint of model "
 

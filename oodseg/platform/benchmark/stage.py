@@ -19,9 +19,32 @@ from typing import Any, ClassVar
 
 from oodseg.data import dataset_info
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
+from oodseg.platform.benchmark.read import COURSE_SIZE
 from oodseg.platform.benchmark.units import UnitInfo, UnitResult
 from oodseg.platform.cache import ShardCache
 from oodseg.platform.results import ResultsStore
+
+#: what a CPU actor holds (:meth:`ModelRun.actor_memory`): its runtime (Python, torch, a model) and, per pixel of a
+#: batch, float32 outputs, maps, metric keys and temporaries at its peak. Measured: a ScoreActor call on 8 images of
+#: 512x1024 (ERFNet, 8 scorers, SMIYC and component state) peaked 1.3 GiB above a 0.6 GiB process (~310 B/pixel).
+ACTOR_BASE_BYTES = 0.75 * 2**30
+ACTOR_BYTES_PER_PIXEL = 320
+DEFAULT_PIXELS = 1024 * 2048  # an image size that cannot be read: Cityscapes' full frame
+
+
+def first_image_pixels(dataset: Any) -> int:
+    """Pixels of a dataset's first image from its file header (no decode): 0 without images, :data:`DEFAULT_PIXELS`
+    if the header cannot be read."""
+    from PIL import Image
+
+    samples = getattr(dataset, "samples", None)
+    if not samples:
+        return 0
+    try:
+        with Image.open(samples[0].image_path) as im:
+            return im.width * im.height
+    except (AttributeError, OSError, ValueError):
+        return DEFAULT_PIXELS
 
 
 @dataclass
@@ -59,19 +82,34 @@ class ModelRun:
         return [k for k in self.infos if (self.spec.name, k, stage) not in self.done]
 
     def resources(self, ray: Any) -> tuple[dict[str, Any], int]:
-        """Actor resources + pool size; the CPU budget must leave room for the read tasks."""
+        """Actor resources + pool size. GPU: one actor per GPU (or ``num_actors``). CPU: as many actors as fit the
+        CPUs left beside the read tasks' slots (reads must always find a CPU) and the cluster's memory (Ray's
+        ``memory`` resource over :meth:`actor_memory`), at most ``num_actors`` when set."""
         cfg = self.cfg
         cluster = ray.cluster_resources()
         n_gpu, n_cpu = int(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
-        use_gpu = n_gpu > 0 and cfg.device in ("auto", "cuda")
-        max_actors = cfg.num_actors or (n_gpu if use_gpu else 1)
-        if not use_gpu:
-            if cfg.actor_num_cpus + cfg.read_num_cpus > n_cpu:
-                raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} + read_num_cpus={cfg.read_num_cpus} exceed the "
-                                 f"cluster's {n_cpu} CPUs: the reads would starve")
-            budget = n_cpu - cfg.read_num_cpus * cfg.read_concurrency  # keep the read slots free
-            max_actors = max(1, min(max_actors, int(budget // max(cfg.actor_num_cpus, 1e-3))))
-        return {"num_cpus": cfg.actor_num_cpus, "num_gpus": 1 if use_gpu else 0}, max_actors
+        if n_gpu > 0 and cfg.device in ("auto", "cuda"):
+            return {"num_cpus": cfg.actor_num_cpus, "num_gpus": 1}, cfg.num_actors or n_gpu
+        if cfg.actor_num_cpus + cfg.read_num_cpus > n_cpu:
+            raise ValueError(f"actor_num_cpus={cfg.actor_num_cpus} + read_num_cpus={cfg.read_num_cpus} exceed the "
+                             f"cluster's {n_cpu} CPUs: the reads would starve")
+        budget = n_cpu - cfg.read_num_cpus * cfg.read_concurrency  # keep the read slots free
+        by_cpu = int(budget // max(cfg.actor_num_cpus, 1e-3))
+        memory = cluster.get("memory")
+        by_memory = int(memory // self.actor_memory()) if memory else by_cpu
+        return {"num_cpus": cfg.actor_num_cpus, "num_gpus": 0}, max(1, min(cfg.num_actors or by_cpu, by_cpu,
+                                                                             by_memory))
+
+    def actor_memory(self) -> float:
+        """Bytes a CPU actor may need: ``actor_memory_gb``, else :data:`ACTOR_BASE_BYTES` + ``batch_size`` × the
+        largest image's pixels (course protocol: its input size) × :data:`ACTOR_BYTES_PER_PIXEL`."""
+        if self.cfg.actor_memory_gb:
+            return self.cfg.actor_memory_gb * 2**30
+        if self.cfg.protocol == "course":
+            pixels = COURSE_SIZE[0] * COURSE_SIZE[1]
+        else:
+            pixels = max((first_image_pixels(ds) for ds in self.datasets.values()), default=DEFAULT_PIXELS)
+        return ACTOR_BASE_BYTES + self.cfg.batch_size * pixels * ACTOR_BYTES_PER_PIXEL
 
 
 @dataclass(frozen=True)
