@@ -32,7 +32,8 @@ N_IMAGES = 4  # per dataset = batch_size, so pipeline and reference run the mode
 
 
 @pytest.fixture(scope="session")
-def tiny_suite(suite_factory) -> Path:
+def pipeline_suite(suite_factory) -> Path:
+    """This module's suite: 96×192 frames, ``N_IMAGES`` per set (conftest's ``tiny_suite`` is smaller)."""
     return suite_factory(seed=3, size=(96, 192), n_train=2, n_val=N_IMAGES, n_anomaly=N_IMAGES, n_coco=2)
 
 
@@ -54,9 +55,9 @@ def make_cfg(results: Path, data_root: Path, model: Path, **kw) -> BenchmarkConf
 
 
 @pytest.fixture(scope="session")
-def benchmark_run(ray_session, tiny_suite, tiny_model, tmp_path_factory):
+def benchmark_run(ray_session, pipeline_suite, tiny_model, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    run_id = run_benchmark(make_cfg(results, tiny_suite, tiny_model, run_id="e2e"))
+    run_id = run_benchmark(make_cfg(results, pipeline_suite, tiny_model, run_id="e2e"))
     return ResultsStore(str(results)), run_id
 
 
@@ -107,13 +108,13 @@ def same(a: float | None, b: float) -> bool:
     return a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
-def test_pipeline_matches_single_process_loop(benchmark_run, tiny_suite, tiny_model):
+def test_pipeline_matches_single_process_loop(benchmark_run, pipeline_suite, tiny_model):
     store, run_id = benchmark_run
     df = store.read("metrics")
     df = df[df.run_id == run_id]
     assert set(df.dataset) == set(DATASETS)
     for dataset in DATASETS:
-        ref = reference_metrics(tiny_suite, tiny_model, dataset)
+        ref = reference_metrics(pipeline_suite, tiny_model, dataset)
         rows = df[df.dataset == dataset]
         if dataset == "cityscapes":
             (row,) = rows.itertuples()
@@ -146,14 +147,14 @@ def test_temperature_changes_msp_but_not_maxlogit_ranking(benchmark_run):
     assert msp[1.0] != msp[2.0]
 
 
-def test_per_image_and_output_cache(benchmark_run, tiny_suite, tiny_model):
+def test_per_image_and_output_cache(benchmark_run, pipeline_suite, tiny_model):
     store, run_id = benchmark_run
     per_image = store.read("per_image")
     fs = per_image[(per_image.dataset == "fs_static") & (per_image.scorer == "msp") & (per_image.temperature == 1.0)]
     assert len(fs) == N_IMAGES and (fs.n_anomaly > 0).all()
     # per-image summary against a direct computation for one image
     model = create_model(checkpoint=tiny_model).eval()
-    ds = create_dataset("fs_static", root=str(tiny_suite))
+    ds = create_dataset("fs_static", root=str(pipeline_suite))
     samples = [ds.load(r) for r in ds.samples]
     sample = samples[0]
     with torch.inference_mode():  # the same 4-image batch the actor ran (conv results depend on the batch)
@@ -178,9 +179,9 @@ def test_per_image_and_output_cache(benchmark_run, tiny_suite, tiny_model):
     assert list(Path(store.root, "plots", run_id, "heatmaps").glob("tiny__fs_static__*.png"))
 
 
-def test_bad_inputs_become_failures_and_the_rest_is_intact(ray_session, tiny_suite, tiny_model, tmp_path):
+def test_bad_inputs_become_failures_and_the_rest_is_intact(ray_session, pipeline_suite, tiny_model, tmp_path):
     data = tmp_path / "data"
-    src = tiny_suite / "Validation_Dataset" / "fs_static"
+    src = pipeline_suite / "Validation_Dataset" / "fs_static"
     dst = data / "Validation_Dataset" / "fs_static"
     shutil.copytree(src, dst)
     ds = create_dataset("fs_static", root=str(data))
@@ -208,9 +209,9 @@ def test_bad_inputs_become_failures_and_the_rest_is_intact(ray_session, tiny_sui
         assert row.auprc == pytest.approx(ref[(row.scorer, row.temperature)]["auprc"], rel=1e-9)
 
 
-def test_resume_after_killed_run_skips_committed_units(ray_session, tiny_suite, tiny_model, tmp_path, monkeypatch):
+def test_resume_after_killed_run_skips_committed_units(ray_session, pipeline_suite, tiny_model, tmp_path, monkeypatch):
     results = tmp_path / "results"
-    cfg = make_cfg(results, tiny_suite, tiny_model, datasets=("fs_static", "road_anomaly_21"), run_id="resume",
+    cfg = make_cfg(results, pipeline_suite, tiny_model, datasets=("fs_static", "road_anomaly_21"), run_id="resume",
                    scorers=("msp",), temperatures=(1.0,), component_metrics=False, cache_outputs=True, heatmaps=0)
     real_commit = ResultsStore.commit_tables
     done: list[str] = []  # the units commit in the order they finish, which varies from run to run
@@ -245,7 +246,7 @@ def test_resume_after_killed_run_skips_committed_units(ray_session, tiny_suite, 
     assert sorted(runs.status) == ["finished", "interrupted"]
 
 
-def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_suite, capsys):
+def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, pipeline_suite, capsys):
     from oodseg.__main__ import main as oodseg_main
     from oodseg.report import dataset_title, standard_table
 
@@ -257,7 +258,7 @@ def test_report_reproduces_the_run_and_draws_from_the_cache(benchmark_run, tiny_
         assert cell == pytest.approx(100 * r.auprc, rel=1e-12)
     miou = metrics[metrics.dataset == "cityscapes"].miou.iloc[0]
     assert table[("Cityscapes mIoU", "mIoU")].tolist() == pytest.approx([100 * miou] * len(table))
-    image_id = create_dataset("fs_static", root=str(tiny_suite)).samples[2].id
+    image_id = create_dataset("fs_static", root=str(pipeline_suite)).samples[2].id
     args = ["report", "--results", store.root, "--runs", run_id, "--no-plots", "--scorer", "energy"]
     assert oodseg_main([*args, "--heatmap", f"tiny:fs_static:{image_id}"]) == 0
     (path,) = Path(store.root, "plots", run_id, "heatmaps").glob(f"tiny__fs_static__{image_id}__energy.png")
@@ -272,12 +273,12 @@ TINY_EOMT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ima
                  num_queries=6, num_blocks=1, num_register_tokens=1, num_labels=19, mlp_ratio=2)
 
 
-def test_mask_model_placements_and_cache(ray_session, tiny_suite, tmp_path):
+def test_mask_model_placements_and_cache(ray_session, pipeline_suite, tmp_path):
     """EoMT-style mask outputs (sliding windows → crops): both temperature placements, the fp16 output cache,
     against a loop applying each scorer to the model's batch output."""
     torch.manual_seed(1)
     path = save_safetensors(create_model("eomt", config=TINY_EOMT), tmp_path / "eomt.safetensors")
-    cfg = make_cfg(tmp_path / "results", tiny_suite, path, models=(ModelSpec(name="mask", checkpoint=str(path)),),
+    cfg = make_cfg(tmp_path / "results", pipeline_suite, path, models=(ModelSpec(name="mask", checkpoint=str(path)),),
                    datasets=("fs_static",), scorers=("msp", "energy"), temperatures=(0.5, 1.0),
                    placements=("cl", "pl"), run_id="mask", heatmaps=0, plots=False, cache_outputs=True)
     run_benchmark(cfg)
@@ -285,7 +286,7 @@ def test_mask_model_placements_and_cache(ray_session, tiny_suite, tmp_path):
     rows = store.read("metrics")
     assert len(rows) == 2 * 2 * 2 and set(rows.stage) == {"score"}
     model = create_model(checkpoint=path).eval()
-    ds = create_dataset("fs_static", root=str(tiny_suite))
+    ds = create_dataset("fs_static", root=str(pipeline_suite))
     samples = [ds.load(r) for r in ds.samples]
     with torch.inference_mode():
         out = model.predict(torch.from_numpy(np.stack([s["image"] for s in samples])))
@@ -344,7 +345,7 @@ def reference_s2m(data_root: Path, model_path: Path, sam_path: Path, dataset: st
             "boxes": sum(int(m.max() > 0) for m in refined)}
 
 
-def test_s2m_refine_stage_matches_single_process_loop(ray_session, tiny_suite, tiny_model, tmp_path):
+def test_s2m_refine_stage_matches_single_process_loop(ray_session, pipeline_suite, tiny_model, tmp_path):
     """``refine: s2m`` (components prompter, a tiny SAM file) against :func:`reference_s2m`: same rows, and the
     plain rows of the same run are untouched by the extra stage."""
     from oodseg.models.sam import create_sam, save_sam
@@ -354,7 +355,7 @@ def test_s2m_refine_stage_matches_single_process_loop(ray_session, tiny_suite, t
     sam_path = save_sam(create_sam("tiny", image_size=64), tmp_path / "sam.safetensors")
     prompter_cfg = {"min_area": 4}
     datasets = ("road_anomaly_21", "fs_static")
-    cfg = make_cfg(tmp_path / "results", tiny_suite, tiny_model, datasets=datasets, scorers=("msp", "energy"),
+    cfg = make_cfg(tmp_path / "results", pipeline_suite, tiny_model, datasets=datasets, scorers=("msp", "energy"),
                    temperatures=(1.0,), run_id="s2m", refine="s2m", heatmaps=0, plots=False, cache_outputs=False,
                    refine_cfg=RefineSpec(prompter="components", prompter_cfg=prompter_cfg, sam=str(sam_path),
                                          scorers=("msp",)))
@@ -367,7 +368,7 @@ def test_s2m_refine_stage_matches_single_process_loop(ray_session, tiny_suite, t
     assert store.completed_units("s2m") == {("tiny", d, st) for d in datasets for st in ("score", "s2m")}
     prompted = 0
     for dataset in datasets:
-        ref = reference_s2m(tiny_suite, tiny_model, sam_path, dataset, prompter_cfg)
+        ref = reference_s2m(pipeline_suite, tiny_model, sam_path, dataset, prompter_cfg)
         prompted += ref["boxes"]
         (row,) = rows[(rows.dataset == dataset) & (rows.scorer == "msp+s2m")].itertuples()
         assert row.n_images == N_IMAGES
