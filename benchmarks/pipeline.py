@@ -249,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray (0: all)")
     p.add_argument("--actor-cpus", type=float, default=1.0,
                    help="CPUs per scoring actor; the bare loop uses as many torch threads, for a like-for-like ratio")
+    p.add_argument("--num-actors", type=int, default=1,
+                   help="scoring actors of the job (1: like the bare loop's one model; 0: the job's default pool)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare forward vs in-process work")
@@ -272,7 +274,8 @@ def job_config(a: argparse.Namespace, work: Path, root: str) -> tuple[BenchmarkC
     cfg = BenchmarkConfig(
         results=str(work / "results"), data_root=root, models=(ModelSpec("bench", checkpoint=str(ckpt)),),
         datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
-        progress=False, num_cpus=a.num_cpus, actor_num_cpus=a.actor_cpus, torch_threads=threads,
+        progress=False, num_cpus=a.num_cpus, num_actors=a.num_actors, actor_num_cpus=a.actor_cpus,
+        torch_threads=threads,
         device=a.device, precision=a.precision)
     return cfg, model
 
