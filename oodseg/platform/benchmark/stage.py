@@ -26,7 +26,8 @@ from oodseg.platform.results import ResultsStore
 
 #: what a CPU actor holds (:meth:`ModelRun.actor_memory`): its runtime (Python, torch, a model) and, per pixel of a
 #: batch, float32 outputs, maps, metric keys and temporaries at its peak. Measured: a ScoreActor call on 8 images of
-#: 512x1024 (ERFNet, 8 scorers, SMIYC and component state) peaked 1.3 GiB above a 0.6 GiB process (~310 B/pixel).
+#: 512x1024 (ERFNet, 8 scorers, their metric states and fp16 score shards) peaked 1.3 GiB above the 0.6 GiB of a
+#: process that imported it (~310 B/pixel).
 ACTOR_BASE_BYTES = 0.75 * 2**30
 ACTOR_BYTES_PER_PIXEL = 320
 DEFAULT_PIXELS = 1024 * 2048  # an image size that cannot be read: Cityscapes' full frame
