@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from PIL import Image
+
 from oodseg.data import dataset_info
 from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerKey
 from oodseg.platform.benchmark.read import COURSE_SIZE
@@ -36,15 +38,12 @@ DEFAULT_PIXELS = 1024 * 2048  # an image size that cannot be read: Cityscapes' f
 def first_image_pixels(dataset: Any) -> int:
     """Pixels of a dataset's first image from its file header (no decode): 0 without images, :data:`DEFAULT_PIXELS`
     if the header cannot be read."""
-    from PIL import Image
-
-    samples = getattr(dataset, "samples", None)
-    if not samples:
+    if not dataset.samples:
         return 0
     try:
-        with Image.open(samples[0].image_path) as im:
+        with Image.open(dataset.samples[0].image_path) as im:
             return im.width * im.height
-    except (AttributeError, OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable, not an image (UnidentifiedImageError is an OSError)
         return DEFAULT_PIXELS
 
 
