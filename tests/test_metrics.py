@@ -211,6 +211,19 @@ def test_device_path_bins_exactly_like_the_numpy_path(bits):
             PixelMetrics(bits)._update_torch(s, lab)
 
 
+def test_dense_and_sparse_page_counting_give_the_same_state(monkeypatch):
+    """Scores spanning few pages are counted by one bincount over their span, wider ones page by page: same state."""
+    from oodseg.scoring.metrics import pixel
+
+    scores, labels = realistic_maps(np.random.default_rng(9), 4, offset=-4.0, scale=3.0)
+    assert PixelMetrics().update(scores, labels).state_dict()["state"]["bins"].size > 4096  # several pages
+    dense = PixelMetrics().update(scores, labels).state_dict()["state"]
+    monkeypatch.setattr(pixel, "DENSE_PAGES", 0)
+    sparse = PixelMetrics().update(scores, labels).state_dict()["state"]
+    for key in ("bins", "neg", "pos"):
+        np.testing.assert_array_equal(dense[key], sparse[key])
+
+
 def test_memory_does_not_grow_with_pixels():
     scores, labels = realistic_maps(np.random.default_rng(6), 8)
     m = PixelMetrics().update(scores, labels)

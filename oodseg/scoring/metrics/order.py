@@ -5,8 +5,10 @@
 * :class:`KeyOrder`: what the SMIYC per-frame binning reads of a frame's sorted scores, a few hundred values at
   given ranks (``take``) and the counts below a few hundred edges (``count_below``), answered from a histogram of
   the keys over ≤ 2^20 buckets: only the buckets holding a requested rank or edge are gathered and sorted (a few
-  percent of the pixels on real maps), the rest is counted. Results equal those of the fully sorted array
-  (``np.sort`` + indexing / ``np.searchsorted``), except that −0.0 is returned as +0.0 (they compare equal).
+  percent of the pixels on real maps), the rest is counted; when the keys span no more buckets than that (scores
+  with few distinct values, e.g. near-uniform softmax maps), every bucket is one key and nothing is gathered.
+  Results equal those of the fully sorted array (``np.sort`` + indexing / ``np.searchsorted``), except that −0.0 is
+  returned as +0.0 (they compare equal).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class KeyOrder:
         """The values (float32) at ascending-sort positions ``idx`` (``np.sort(values)[idx]``)."""
         idx = np.asarray(idx, dtype=np.int64)
         buckets = np.searchsorted(self._below, idx, side="right") - 1
+        if not self.shift:  # one key per bucket: the bucket is the value
+            return keys_to_float32((buckets + self.lo).astype(np.uint32))
         got, start = self._gather(buckets)
         return keys_to_float32(got[start + idx - self._below[buckets]])
 
@@ -91,6 +95,9 @@ class KeyOrder:
         out = np.where(t <= self.lo, 0, self.n).astype(np.int64)
         inside = (t > self.lo) & (t <= self.hi)
         buckets = (t[inside] - self.lo) >> self.shift
+        if not self.shift:  # one key per bucket: the keys below t are those of the buckets below
+            out[inside] = self._below[buckets]
+            return out
         got, start = self._gather(buckets)
         out[inside] = self._below[buckets] + np.searchsorted(got, t[inside]) - start
         return out
