@@ -126,8 +126,8 @@ class BenchmarkRunner:
         bar = progress_bar(sum(u.expected for u in units.values()), f"{run.spec.name} {stage.name}",
                            self.cfg.progress)
         reducer = Reducer(units, on_image=lambda _: bar.update(1), on_info=lambda m: log(f"{run.spec.name}: {m}"))
-        stream = stage.stream(ray, pending)
-        try:
+        stream = iter(stage.stream(ray, pending))  # ours to close: on an error its tasks and actors stop here,
+        try:  # before the caller frees their scratch
             for unit in reducer.consume(stream):
                 unit.prune(lambda kind: run.cache(unit.info.key, kind), stage.shard_kinds)
                 if self.components:
@@ -139,6 +139,8 @@ class BenchmarkRunner:
                 log(unit_line(run.spec.name, stage.name, unit, rows))
         finally:
             bar.close()
+            if callable(close := getattr(stream, "close", None)):
+                close()
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> str:

@@ -39,7 +39,7 @@ from oodseg.platform.benchmark.config import BenchmarkConfig, ModelSpec, ScorerK
 from oodseg.platform.benchmark.read import image_items, read_batch
 from oodseg.platform.benchmark.resume import file_digest
 from oodseg.platform.benchmark.rows import pack, unpack
-from oodseg.platform.benchmark.stage import ActorContext
+from oodseg.platform.benchmark.stage import ActorContext, row_batches
 from oodseg.platform.results import ResultsStore
 from oodseg.platform.runs import RunRecord, log
 from oodseg.registry import import_plugins
@@ -204,7 +204,7 @@ def run_fit_pass(ray: Any, run: Any, train: Any, missing: Mapping[str, Mapping[s
         FitActor, fn_constructor_kwargs={"ctx": run.actor_context([]), "fits": missing},
         batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
-    return merge_calls(ds.iter_batches(batch_size=None, batch_format="pyarrow"), list(missing))
+    return merge_calls(row_batches(ds), list(missing))
 
 
 def fit_paths(cfg: BenchmarkConfig, spec: ModelSpec, checkpoint: str | None, keys: Sequence[ScorerKey], root: str

@@ -35,7 +35,7 @@ from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.read import course_resize
 from oodseg.platform.benchmark.rows import Rows
 from oodseg.platform.benchmark.score import F16_MAX, ScoreStage
-from oodseg.platform.benchmark.stage import ActorContext, Stage
+from oodseg.platform.benchmark.stage import ActorContext, Stage, row_batches
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
 from oodseg.registry import import_plugins
@@ -189,7 +189,7 @@ class RefineStage(Stage):
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(RefineActor, fn_constructor_args=(run.actor_context(self.keys()), inputs), batch_size=1,
                             batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
-        return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        return row_batches(ds)
 
     def after_commit(self, unit: UnitResult) -> None:
         if not self.run.cfg.keep_score_cache:

@@ -153,6 +153,13 @@ class ActorContext:
         return ShardCache(self.results_root, self.run_id, self.spec.name, dataset, kind)
 
 
+def row_batches(ds: Any) -> Any:
+    """A stage's output rows, each actor call's table as soon as the call returns. Ray Data's default prefetch window
+    (``prefetch_batches=1``) held every table back until the next call's arrived: a unit was committed one call
+    late, and the driver's component passes ran later than they could."""
+    return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+
+
 class Stage:
     """One pass over a model's pending units: ``stream`` yields their rows, which the driver reduces per unit and
     commits. ``name`` keys its units in the results store."""
