@@ -87,6 +87,24 @@ def test_keep_only_deletes_the_shards_no_taken_call_wrote(tmp_path):
     assert [i.id for i in cache.items()] == ["a", "b"]
 
 
+def test_shards_are_zstd_compressed_and_plain_npz_shards_still_read(tmp_path):
+    """A shard is a zstd frame holding the ``.npz`` (fewer bytes to shared storage); a shard an earlier version wrote,
+    a plain ``.npz``, reads back the same."""
+    cache = ShardCache(str(tmp_path), "run", "m", "fs_static", "scores")
+    rng = np.random.default_rng(0)
+    label = (rng.random((64, 96)) < 0.1).astype(np.uint8)
+    scores = np.repeat(rng.normal(size=(2, 8, 96)), 8, axis=1).astype(np.float16)  # smooth maps compress
+    path = cache.write([{"label": label, "scores": scores}], ["a"])
+    raw = Path(path).read_bytes()
+    assert raw[:4] == bytes.fromhex("28b52ffd") and len(raw) < scores.nbytes / 2
+    np.savez(Path(cache.dir) / "shard-b-0.npz", **{"ids": np.array(["b"]), "0.label": label, "0.scores": -scores})
+    items = {i.id: i for i in cache.items()}
+    assert sorted(items) == ["a", "b"]
+    for id_, sign in (("a", 1), ("b", -1)):
+        np.testing.assert_array_equal(items[id_].label, label)
+        np.testing.assert_array_equal(items[id_].scores, sign * scores)
+
+
 KILLER = '''
 """Test plugin: the first process to write its ``OODSEG_TEST_KILL_AT``-th score shard SIGKILLs itself."""
 import os
