@@ -91,9 +91,10 @@ class ComponentPass:
 
     Why: a Ray task per shard pays for new worker processes importing torch and the package on every unit (Ray keeps
     only ~num_cpus idle workers); a long-lived actor pays its start-up once, which is more than a small set's whole
-    pass in the driver. ``local_bytes`` (64 MiB of fp16 maps) bounds the driver's share to a few seconds per unit;
-    real-size sets go to the actors (the measurements: ``benchmarks/README.md``). The actors reserve no CPU: their
-    work is short, the driver waits on it, and a reserved CPU would queue them behind the streaming reads."""
+    pass in the driver. ``local_bytes`` (64 MiB of stored shards: 64–100 MiB of fp16 maps, by how well they
+    compress) bounds the driver's share to a few seconds per unit; real-size sets go to the actors (the measurements:
+    ``benchmarks/README.md``). The actors reserve no CPU: their work is short, the driver waits on it, and a
+    reserved CPU would queue them behind the streaming reads."""
 
     def __init__(self, ray: Any, n_actors: int | None = None, local_bytes: int = 64 << 20) -> None:
         self.ray = ray
