@@ -360,14 +360,10 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
             continue
         for i in members:
             results[i] = torch.empty((n, h, w), dtype=torch.float32, device=z.device)
-        # a float32 NCHW block is read in place (each channel's rows are one run); other inputs (fp16 caches,
-        # channels-last model outputs) are copied to a float32 NCHW block first
-        in_place = z.dtype == torch.float32 and z.stride(-1) == 1 and z.stride(-2) == w
         for b in range(n):
             for r in range(0, h, rows):
-                block = z[b : b + 1, :, r : r + rows]
-                if not in_place:
-                    block = block.to(torch.float32, memory_format=torch.contiguous_format)
+                # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike)
+                block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
                 shared: dict[tuple[bool, float], SharedStats] = {}
                 for i in members:
                     results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs, shared)[0]
