@@ -110,17 +110,18 @@ class PixelMetrics(MergeableMetric):
         code = code.reshape(-1) if valid.all() else code[valid]
         if code.size == 0:
             return self
+        size = 1 << PAGE_BITS
         first, last = int(code.min()) >> (PAGE_BITS + 1), int(code.max()) >> (PAGE_BITS + 1)
         if last - first < DENSE_PAGES:  # one bincount over the pages from the lowest to the highest
-            counts = np.bincount(code - np.uint32(first << (PAGE_BITS + 1)),
-                                 minlength=(last - first + 1) << (PAGE_BITS + 1)).reshape(-1, 1 << PAGE_BITS, 2)
+            counts = np.bincount(code - np.uint32(first * size * 2),
+                                 minlength=(last - first + 1) * size * 2).reshape(-1, size, 2)
             present = np.flatnonzero(counts.any(axis=(1, 2)))
             return self._add_pages((present + first).tolist(), counts[present])
         page = code >> np.uint32(PAGE_BITS + 1)
         present = np.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
         slot = (np.cumsum(present) - 1).astype(np.uint32)  # compact page numbering: the bincount spans present pages
-        local = (slot[page] << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * (1 << PAGE_BITS) - 1))
-        counts = np.bincount(local, minlength=int(present.sum()) << (PAGE_BITS + 1)).reshape(-1, 1 << PAGE_BITS, 2)
+        local = (slot[page] << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * size - 1))
+        counts = np.bincount(local, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
         return self._add_pages(np.flatnonzero(present).tolist(), counts)
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
