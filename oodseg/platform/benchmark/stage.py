@@ -154,9 +154,10 @@ class ActorContext:
 
 
 def row_batches(ds: Any) -> Any:
-    """A stage's output rows, each actor call's table as soon as the call returns. Ray Data's default prefetch window
-    (``prefetch_batches=1``) held every table back until the next call's arrived: a unit was committed one call
-    late, and the driver's component passes ran later than they could."""
+    """A stage's output rows without Ray Data's prefetch window. With its default (``prefetch_batches=1``) every
+    call's table reached the driver only when the next call ended (a unit committed one call late); without it, on an
+    idle machine, each arrived within 0.2 s of its call's end. Not a bound: in 2 of 4 CI runs under full load a
+    table was still held until the next call ended."""
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
