@@ -7,8 +7,10 @@
     python benchmarks/pipeline.py --scale 1 4 16     # only the whole job at 1x, 4x, 16x the images (scaling.py)
 
 Prints images/s of (a) ``model.predict`` alone over the decoded images in batches (device-synchronised), (w) the same
-per-batch work as the score stage's actors (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric
-states, fp16 score shards) in this process without Ray, (a) and (w) interleaved batch by batch and repeated
+per-batch work as the score stage's actors (``ScoreActor``: predict, every scorer, metric states, fp16 score shards)
+in this process without Ray (decoding, ``read_batch``, which the job runs in Ray Data read tasks beside the actors, is
+in neither timing: it is printed on its own, with what (w) would be with it), (a) and (w) interleaved batch by batch
+and repeated
 (``--repeats``; the median of the per-repeat ratios is printed too, so a change of load on a shared machine hits both
 alike; with the job, the repeats are split between before and after it and their mean is the reference, so a drift of
 the machine's speed during the run hits (a), (w) and the job alike), (b) the Ray Data scoring pass (from the score
@@ -159,14 +161,16 @@ class TimedRunner(BenchmarkRunner):
 
 
 def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runtime: Runtime, repeats: int
-                ) -> tuple[float, float, float, float]:
+                ) -> tuple[float, float, float, float, float]:
     """(bare images/s, in-process images/s, median per-repeat ratio in-process / bare of the wall and of the CPU
-    seconds of this process), measured interleaved.
+    seconds of this process, decode seconds per image), measured interleaved.
 
     Bare: ``model.predict`` alone over the decoded images in the actors' batches (device-synchronised). In-process:
-    the score stage's per-batch work (``read_batch`` decode, ``ScoreActor``: predict, every scorer, metric states,
-    fp16 score shards) by one :class:`ScoreActor` in this process without Ray. Each repeat times every batch both
-    ways, one right after the other, so a change of machine load hits both alike; one warm-up batch each, untimed.
+    one :class:`ScoreActor` call per batch in this process without Ray (predict, every scorer, metric states, fp16
+    score shards): the actor's work in the job. Decoding (``read_batch``) is left out of both timings, as the job
+    runs it in Ray Data read tasks beside the actor; its seconds are returned on their own. Each repeat times every
+    batch both ways, one right after the other, so a change of machine load hits both alike; one warm-up batch
+    each, untimed.
     """
     spec = cfg.models[0]
     run = ModelRun(replace(cfg, torch_threads=threads), plan.store, "inproc", spec, plan.checkpoints[spec.name],
@@ -187,20 +191,25 @@ def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runt
             sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
+    decode_s = [0.0]
+
     def work(table: pa.Table) -> tuple[float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        actor(read_batch(table, plan.datasets, cfg.protocol))
-        return time.perf_counter() - t0, time.process_time() - c0
+        t0 = time.perf_counter()
+        decoded = read_batch(table, plan.datasets, cfg.protocol)  # the read tasks' work, not the actor's
+        t1, c1 = time.perf_counter(), time.process_time()
+        actor(decoded)
+        decode_s[0] += t1 - t0
+        return time.perf_counter() - t1, time.process_time() - c1
 
     bare(batches[0]), work(batches[0])  # warm-up
-    totals, ratios = np.zeros(2), []
+    totals, ratios, decode_s[0] = np.zeros(2), [], 0.0
     for _ in range(repeats):
         pair = np.array([[bare(b), work(b)] for b in batches]).sum(axis=0)  # [bare, work] x [wall, cpu]
         totals += pair[:, 0]
         ratios.append(pair[0] / pair[1])
     n = len(rows) * repeats
     wall, cpu = np.median(ratios, axis=0)
-    return n / totals[0], n / totals[1], float(wall), float(cpu)
+    return n / totals[0], n / totals[1], float(wall), float(cpu), decode_s[0] / n
 
 
 def whole_job(cfg: BenchmarkConfig) -> tuple[float, TimedRunner, float]:
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{tuple(a.input_size) if a.input_size else 'native size'}, {n} images of "
               f"{sorted({im.shape[:2] for im in images})}, batch {a.batch_size}, {threads} thread(s)", file=sys.stderr)
         before = a.repeats if a.skip_job else max(1, (a.repeats + 1) // 2)
-        bare, work_rate, work_ratio, cpu_ratio = interleaved(model, cfg, plan, threads, runtime, before)
+        bare, work_rate, work_ratio, cpu_ratio, decode = interleaved(model, cfg, plan, threads, runtime, before)
         print(f"[{load()}] bare vs in-process done", file=sys.stderr)
         if not a.skip_job:
             job_s, runner, peak = whole_job(cfg)
@@ -310,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{bare:.2f} / {after[0]:.2f}); their mean is compared with the job", file=sys.stderr)
             bare, work_rate = (bare + after[0]) / 2, (work_rate + after[1]) / 2
             work_ratio, cpu_ratio = (work_ratio + after[2]) / 2, (cpu_ratio + after[3]) / 2
+            decode = (decode + after[4]) / 2
     print(f"bare batched forward        : {bare:8.2f} images/s")
     print(f"same work in-process, no Ray: {work_rate:8.2f} images/s   ratio {work_rate / bare:.2f} (scoring cost; "
           f"median per interleaved repeat {work_ratio:.2f}, of their CPU seconds {cpu_ratio:.2f})")
+    print(f"  decoding, not in either    : {1000 * decode:8.1f} ms/image (Ray Data read tasks in the job; with it "
+          f"in-process would be {1 / (1 / work_rate + decode) / bare:.2f})")
     if a.skip_job:
         print(f"load average at the end      : {load()}")
         return 0

@@ -104,13 +104,15 @@ def test_detector_prompter_loads_s2m_checkpoint_with_threshold_override(tmp_path
     case = fx["cases"][1]
     s = score_map(case["seed"], *case["shape"]).numpy()
     boxes = create_prompter("detector", checkpoint=str(path))(s)
-    assert torch.allclose(boxes.xyxy, torch.tensor(case["boxes"]), atol=1e-4)
+    # boxes to 1e-3 px as in _check_parity: float32 conv sums depend on the threads and the CPU's kernels (up to
+    # 6.6e-4 px from the fixture on another machine, measured with 1 and 2 threads)
+    torch.testing.assert_close(boxes.xyxy, torch.tensor(case["boxes"]), rtol=0, atol=1e-3)
     ref_scores = torch.tensor(case["scores"])
     thr = float(ref_scores[len(ref_scores) // 3])  # a prefix of the 100 survives: same boxes, nothing new
     high = create_prompter("detector", checkpoint=str(path), score_thresh=thr)(s)
     keep = ref_scores > thr
     assert 0 < len(high) == int(keep.sum()) < len(ref_scores)
-    assert torch.allclose(high.xyxy, torch.tensor(case["boxes"])[keep], atol=1e-4)
+    torch.testing.assert_close(high.xyxy, torch.tensor(case["boxes"])[keep], rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="resize_test"):
         create_prompter("detector", checkpoint=str(path), resize_test=True)
 
@@ -153,5 +155,5 @@ def test_model_zoo_style_pkl_loads_like_the_pth(tmp_path) -> None:
         pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f, protocol=2)
     case = fx["cases"][0]
     got = load_detector(pkl).detect(score_map(case["seed"], *case["shape"]))
-    assert torch.allclose(got.xyxy, torch.tensor(case["boxes"]), atol=1e-4)
+    torch.testing.assert_close(got.xyxy, torch.tensor(case["boxes"]), rtol=0, atol=1e-3)  # as above
     assert torch.allclose(got.scores, torch.tensor(case["scores"]), atol=1e-4)

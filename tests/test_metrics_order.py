@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oodseg.scoring.metrics import SmiycPixelMetrics
-from oodseg.scoring.metrics.order import KeyOrder, float32_bounds, float32_keys
+from oodseg.scoring.metrics.order import KeyOrder, count_values, float32_bounds, float32_keys
 
 
 def values(rng: np.random.Generator, kind: int, n: int) -> np.ndarray:
@@ -40,6 +40,28 @@ def test_key_order_equals_the_sorted_array(kind):
                                 -1e300, 0.0])
         ref = np.r_[np.searchsorted(srt, edges[:-1], "left"), np.searchsorted(srt, edges[-1:], "right")]
         assert np.array_equal(order.count_below(edges), ref)
+
+
+@pytest.mark.parametrize("kind", range(6))
+@pytest.mark.parametrize("sign", [1, -1, 0])
+def test_float32_keys_order_like_the_floats(kind, sign):
+    """Keys sort like their floats (one-signed arrays take the one-pass path) and equal the radix-sort map written
+    out bit by bit: sign bit set for ``v ≥ +0``, every bit flipped below; −0.0 keys as +0.0."""
+    x = values(np.random.default_rng(kind), kind, 4000)
+    x = np.abs(x) + np.float32(1e-30) if sign == 1 else -np.abs(x) - np.float32(1e-30) if sign == -1 else x
+    keys = float32_keys(x)
+    bits = (x + np.float32(0.0)).view(np.uint32)
+    ref = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31)).astype(np.uint32)
+    assert keys.dtype == np.uint32 and np.array_equal(keys, ref)
+    assert np.array_equal(np.argsort(keys, kind="stable"), np.argsort(x + np.float32(0.0), kind="stable"))
+
+
+def test_count_values_equals_numpy_bincount():
+    rng = np.random.default_rng(0)
+    for x, n in ((rng.integers(0, 5000, 100_000).astype(np.uint32), 6000), (np.array([], np.uint32), 7),
+                 (np.array([2**20 + 3, 0, 0], np.uint32), 1), (rng.integers(0, 9, (40, 30)).astype(np.uint32), 0)):
+        got = count_values(x, n)
+        assert got.dtype == np.int64 and np.array_equal(got, np.bincount(x.reshape(-1), minlength=n))
 
 
 def test_float32_bounds_compare_float64_edges_exactly():

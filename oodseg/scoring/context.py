@@ -116,8 +116,9 @@ class SharedStats:
       (whose own call it falls back to where the max is infinite);
     * ``below()`` is ``1`` where ``d < 0`` and ``0`` at the maxima (``−sign(d)``: float ops, several times faster on
       the CPU than a boolean mask and ``masked_fill``);
-    * ``rest()`` is ``Σ_c e_c`` over every class but one maximal one, ``Σ_c e_c·below_c + (#maxima − 1)``: the
-      softmax mass off the top class is ``rest / (1 + rest)``, exact where ``1 − p_max`` would round to 0.
+    * ``exp_below()`` is ``e·below`` and ``rest()`` is ``Σ_c e_c`` over every class but one maximal one,
+      ``Σ_c e_c·below_c + (#maxima − 1)``: the softmax mass off the top class is ``rest / (1 + rest)``, exact where
+      ``1 − p_max`` would round to 0.
     """
 
     def __init__(self, z: torch.Tensor) -> None:
@@ -155,12 +156,15 @@ class SharedStats:
         """``[B, C, H, W]`` float: 1 below the pixel's max, 0 at it (NaN where ``z`` is NaN)."""
         return self._get("below", lambda: self.shifted().sign().neg_())
 
+    def exp_below(self) -> torch.Tensor:
+        """``[B, C, H, W]``: ``e_c · below_c``, the exponentials off the maxima (0 at them)."""
+        return self._get("exp_below", lambda: self.exp() * self.below())
+
     def rest(self) -> torch.Tensor:
         """``[B, H, W]``: ``Σ_c e_c`` over all classes but one maximal one."""
         def make() -> torch.Tensor:
-            below = self.below()
-            ties = below.sum(dim=1).neg_().add_(self.z.shape[1] - 1)  # #maxima − 1, an exact small integer
-            return (self.exp() * below).sum(dim=1).add_(ties)
+            ties = self.below().sum(dim=1).neg_().add_(self.z.shape[1] - 1)  # #maxima − 1, an exact small integer
+            return self.exp_below().sum(dim=1).add_(ties)
 
         return self._get("rest", make)
 

@@ -154,7 +154,7 @@ def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
 
     Computed as ``C − 2·Σ_c σ(2·L_c)`` (``tanh x = 2σ(2x) − 1``): the same function and gradient within 2e-7 per
     class, and on the CPU ~4× faster than ``torch.tanh`` (whose vectorised kernel is 6× slower than ``sigmoid``)."""
-    return torch.sigmoid(class_scores * 2.0).sum(dim=1).mul(-2.0).add(class_scores.shape[1])
+    return class_scores.mul(2.0).sigmoid_().sum(dim=1).mul_(-2.0).add_(class_scores.shape[1])
 
 
 @register_scorer("rba")

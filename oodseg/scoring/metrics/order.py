@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 _SIGN = np.uint32(0x80000000)
 BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the largest key (~ one per value)
@@ -22,11 +23,26 @@ BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the 
 def float32_keys(x: np.ndarray) -> np.ndarray:
     """Order-preserving map float32 → uint32: ``a < b ⇔ key(a) < key(b)`` for finite floats (−0.0 folded to +0.0).
 
-    Positive floats get their sign bit set, negative floats have all bits flipped (the usual radix-sort trick).
+    Positive floats get their sign bit set, negative floats have all bits flipped (the usual radix-sort trick). An
+    array of one sign (no zero) takes one pass: the sign bit set, or every bit flipped.
     """
-    bits = (np.asarray(x, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # + 0.0 turns −0.0 into +0.0
+    x = np.asarray(x, dtype=np.float32)
+    if x.size:
+        lo, hi = x.min(), x.max()  # NaN fails both tests: the general path
+        if lo > 0:
+            return x.view(np.uint32) | _SIGN
+        if hi < 0:
+            return ~x.view(np.uint32)
+    bits = (x + np.float32(0.0)).view(np.uint32)  # + 0.0 turns −0.0 into +0.0
     flip = (bits.view(np.int32) >> 31).view(np.uint32) | _SIGN  # all ones for negatives, sign bit for positives
     return bits ^ flip
+
+
+def count_values(x: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount(x, minlength=minlength)`` (int64) of a uint32 array whose values are below 2^31, by torch's
+    kernel on its int32 view: numpy's first copies the whole array to int64 (~1.8× the time on 4M values)."""
+    return torch.bincount(torch.from_numpy(np.ascontiguousarray(x).view(np.int32).reshape(-1)),
+                          minlength=minlength).numpy()
 
 
 def keys_to_float32(keys: np.ndarray) -> np.ndarray:
@@ -66,8 +82,8 @@ class KeyOrder:
         self.lo, self.hi = int(keys.min()), int(keys.max())
         buckets_bits = min(BUCKET_BITS, max(8, self.n.bit_length()))  # about as many buckets as values
         self.shift = max(0, (self.hi - self.lo).bit_length() - buckets_bits)
-        self._bucket = ((keys - np.uint32(self.lo)) >> np.uint32(self.shift)).astype(np.intp)
-        hist = np.bincount(self._bucket, minlength=((self.hi - self.lo) >> self.shift) + 1)
+        self._bucket = (keys - np.uint32(self.lo)) >> np.uint32(self.shift)  # < 2^20
+        hist = count_values(self._bucket, ((self.hi - self.lo) >> self.shift) + 1)
         self._below = np.concatenate([[0], np.cumsum(hist)])  # keys in buckets < b
 
     def _gather(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

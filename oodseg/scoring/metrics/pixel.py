@@ -22,7 +22,7 @@ from oodseg.scoring.metrics.base import (
     torch_scores_and_labels,
 )
 from oodseg.scoring.metrics.functional import curve_metrics
-from oodseg.scoring.metrics.order import float32_keys, keys_to_float32
+from oodseg.scoring.metrics.order import count_values, float32_keys, keys_to_float32
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
@@ -113,15 +113,15 @@ class PixelMetrics(MergeableMetric):
         size = 1 << PAGE_BITS
         first, last = int(code.min()) >> (PAGE_BITS + 1), int(code.max()) >> (PAGE_BITS + 1)
         if last - first < DENSE_PAGES:  # one bincount over the pages from the lowest to the highest
-            counts = np.bincount(code - np.uint32(first * size * 2),
-                                 minlength=(last - first + 1) * size * 2).reshape(-1, size, 2)
+            span = (last - first + 1) * size * 2
+            counts = count_values(code - np.uint32(first * size * 2), span).reshape(-1, size, 2)
             present = np.flatnonzero(counts.any(axis=(1, 2)))
             return self._add_pages((present + first).tolist(), counts[present])
         page = code >> np.uint32(PAGE_BITS + 1)
-        present = np.bincount(page, minlength=1 << (self.bits - PAGE_BITS)) > 0
+        present = count_values(page, 1 << (self.bits - PAGE_BITS)) > 0
         slot = (np.cumsum(present) - 1).astype(np.uint32)  # compact page numbering: the bincount spans present pages
         local = (slot[page] << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * size - 1))
-        counts = np.bincount(local, minlength=int(present.sum()) * size * 2).reshape(-1, size, 2)
+        counts = count_values(local, int(present.sum()) * size * 2).reshape(-1, size, 2)
         return self._add_pages(np.flatnonzero(present).tolist(), counts)
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:

@@ -26,12 +26,12 @@ def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -
     :func:`power`."""
     st = stats(z)
     s = st.sumexp().unsqueeze(1)
-    below = st.below()
-    p = st.exp().mul(below).div_(s)  # softmax off the maxima, 0 at them
+    top = torch.rsub(st.below(), 1.0)  # 1 at the maxima, 0 elsewhere
+    p = st.exp_below().div(s)  # softmax off the maxima, 0 at them
     at_max = st.rest().unsqueeze(1).div(s).div_(s)  # p (1 − p) at a maximum: (1 / S) · (rest / S)
-    x = torch.rsub(p, 1.0).mul_(p).add_((1.0 - below).mul_(at_max))  # p (1 − p) at every class
+    x = torch.addcmul(p, p, p, value=-1.0).addcmul_(top, at_max)  # p (1 − p) at every class
     if m < z.shape[1]:  # the M largest probabilities
-        x = x.gather(1, p.add_((1.0 - below).div_(s)).topk(int(m), dim=1).indices)
+        x = x.gather(1, p.addcmul_(top, s.reciprocal()).topk(int(m), dim=1).indices)
     return power(x, gamma).sum(dim=1)
 
 
