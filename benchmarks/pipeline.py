@@ -181,35 +181,40 @@ def interleaved(model: Any, cfg: BenchmarkConfig, plan: Plan, threads: int, runt
     model = runtime.prepare(model).eval()
     sync = torch.cuda.synchronize if runtime.torch_device.type == "cuda" else (lambda: None)
 
-    def bare(table: pa.Table) -> tuple[float, float]:
-        decoded = read_batch(table, plan.datasets, cfg.protocol).to_pylist()  # decoded outside the timing
+    def decode(table: pa.Table) -> tuple[pa.Table, float]:
+        """The read tasks' work, not the actor's: the decoded batch and its seconds."""
+        t0 = time.perf_counter()
+        return read_batch(table, plan.datasets, cfg.protocol), time.perf_counter() - t0
+
+    def bare(decoded: pa.Table) -> tuple[float, float]:
         images = torch.from_numpy(np.stack([np.frombuffer(r["image"], np.uint8).reshape(r["height"], r["width"], 3)
-                                            for r in decoded]))
+                                            for r in decoded.to_pylist()]))
         with torch.inference_mode(), runtime.autocast():
             t0, c0 = time.perf_counter(), time.process_time()
             model.predict(images)
             sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    decode_s = [0.0]
-
-    def work(table: pa.Table) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        decoded = read_batch(table, plan.datasets, cfg.protocol)  # the read tasks' work, not the actor's
-        t1, c1 = time.perf_counter(), time.process_time()
+    def work(decoded: pa.Table) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         actor(decoded)
-        decode_s[0] += t1 - t0
-        return time.perf_counter() - t1, time.process_time() - c1
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    bare(batches[0]), work(batches[0])  # warm-up
-    totals, ratios, decode_s[0] = np.zeros(2), [], 0.0
+    first = decode(batches[0])[0]
+    bare(first), work(first)  # warm-up
+    totals, ratios, decode_s = np.zeros(2), [], 0.0
     for _ in range(repeats):
-        pair = np.array([[bare(b), work(b)] for b in batches]).sum(axis=0)  # [bare, work] x [wall, cpu]
+        pairs = []
+        for b in batches:
+            decoded, seconds = decode(b)  # one decode per batch and repeat, shared by both timings
+            decode_s += seconds
+            pairs.append([bare(decoded), work(decoded)])
+        pair = np.array(pairs).sum(axis=0)  # [bare, work] x [wall, cpu]
         totals += pair[:, 0]
         ratios.append(pair[0] / pair[1])
     n = len(rows) * repeats
     wall, cpu = np.median(ratios, axis=0)
-    return n / totals[0], n / totals[1], float(wall), float(cpu), decode_s[0] / n
+    return n / totals[0], n / totals[1], float(wall), float(cpu), decode_s / n
 
 
 def whole_job(cfg: BenchmarkConfig) -> tuple[float, TimedRunner, float]:
