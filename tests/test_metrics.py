@@ -211,17 +211,43 @@ def test_device_path_bins_exactly_like_the_numpy_path(bits):
             PixelMetrics(bits)._update_torch(s, lab)
 
 
+def page_span(scores: np.ndarray, bits: int = 24) -> int:
+    """How many ``PixelMetrics`` pages lie between the lowest and the highest score."""
+    from oodseg.scoring.metrics import pixel
+
+    pages = float32_keys(scores) >> np.uint32(32 - bits + pixel.PAGE_BITS)
+    return int(pages.max()) - int(pages.min()) + 1
+
+
 def test_dense_and_sparse_page_counting_give_the_same_state(monkeypatch):
     """Scores spanning few pages are counted by one bincount over their span, wider ones page by page: same state."""
     from oodseg.scoring.metrics import pixel
 
-    scores, labels = realistic_maps(np.random.default_rng(9), 4, offset=-4.0, scale=3.0)
+    scores, labels = realistic_maps(np.random.default_rng(9), 4, offset=50.0, scale=3.0)
     assert PixelMetrics().update(scores, labels).state_dict()["state"]["bins"].size > 4096  # several pages
+    assert page_span(scores) < pixel.DENSE_PAGES  # one-signed scores (ignored ones too): the dense path
     dense = PixelMetrics().update(scores, labels).state_dict()["state"]
     monkeypatch.setattr(pixel, "DENSE_PAGES", 0)
     sparse = PixelMetrics().update(scores, labels).state_dict()["state"]
     for key in ("bins", "neg", "pos"):
         np.testing.assert_array_equal(dense[key], sparse[key])
+
+
+@pytest.mark.parametrize("dense_pages", [256, 0])
+def test_ignored_pixels_add_no_pages(monkeypatch, dense_pages):
+    """Ignored pixels are counted in a slot of their own and dropped: pages only they reach are not kept, on the
+    dense and the sparse path alike; the state equals that of the valid pixels alone."""
+    from oodseg.scoring.metrics import pixel
+
+    scores, labels = realistic_maps(np.random.default_rng(5), 2, offset=50.0, scale=3.0)
+    scores[labels == 255] = 1e6  # far from every valid score: pages of their own
+    assert page_span(scores) < pixel.DENSE_PAGES  # with the default, the dense path
+    monkeypatch.setattr(pixel, "DENSE_PAGES", dense_pages)
+    valid = labels != 255
+    full, alone = PixelMetrics().update(scores, labels), PixelMetrics(smiyc=False).update(scores[valid], labels[valid])
+    assert sorted(full._pages) == sorted(alone._pages)
+    for key in ("bins", "neg", "pos"):
+        np.testing.assert_array_equal(full.state_dict()["state"][key], alone.state_dict()["state"][key])
 
 
 def test_memory_does_not_grow_with_pixels():

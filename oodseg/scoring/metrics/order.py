@@ -4,20 +4,35 @@
   :class:`~oodseg.scoring.metrics.PixelMetrics` bins its scores by the keys' top bits.
 * :class:`KeyOrder`: what the SMIYC per-frame binning reads of a frame's sorted scores, a few hundred values at
   given ranks (``take``) and the counts below a few hundred edges (``count_below``), answered from a histogram of
-  the keys over ≤ 2^20 buckets: only the buckets holding a requested rank or edge are gathered and sorted (a few
-  percent of the pixels on real maps), the rest is counted; when the keys span no more buckets than that (scores
-  with few distinct values, e.g. near-uniform softmax maps), every bucket is one key and nothing is gathered.
+  the keys over ≤ 2^20 buckets of about four keys each: only the buckets holding a requested rank or edge are
+  gathered and sorted (1–2 % of a trained model's frame; all keys are sorted once where the queries crowd into a
+  few buckets), the rest is counted; when the keys span no more buckets than that (scores with few distinct
+  values, e.g. near-uniform softmax maps), every bucket is one key and nothing is gathered.
   Results equal those of the fully sorted array (``np.sort`` + indexing / ``np.searchsorted``), except that −0.0 is
   returned as +0.0 (they compare equal).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 _SIGN = np.uint32(0x80000000)
-BUCKET_BITS = 20  # KeyOrder: at most 2^20 buckets between the smallest and the largest key (~ one per value)
+#: KeyOrder: at most 2^20 buckets between the smallest and the largest key, about 2^2 keys per bucket (a finer
+#: histogram costs more to count and to sum up than the smaller gathers save: benchmarks/README.md)
+BUCKET_BITS = 20
+VALUES_PER_BUCKET_BITS = 2
+
+
+def _read_only(x: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(x)`` for a tensor only read (never written), without torch's warning on read-only arrays."""
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(x)
 
 
 def float32_keys(x: np.ndarray) -> np.ndarray:
@@ -28,7 +43,7 @@ def float32_keys(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     if x.size:
-        lo, hi = x.min(), x.max()  # NaN fails both tests: the general path
+        lo, hi = (float(v) for v in torch.aminmax(_read_only(x)))  # one pass; NaN fails both tests
         if lo > 0:
             return x.view(np.uint32) | _SIGN
         if hi < 0:
@@ -41,8 +56,15 @@ def float32_keys(x: np.ndarray) -> np.ndarray:
 def count_values(x: np.ndarray, minlength: int) -> np.ndarray:
     """``np.bincount(x, minlength=minlength)`` (int64) of a uint32 array whose values are below 2^31, by torch's
     kernel on its int32 view: numpy's first copies the whole array to int64 (~1.8× the time on 4M values)."""
-    return torch.bincount(torch.from_numpy(np.ascontiguousarray(x).view(np.int32).reshape(-1)),
-                          minlength=minlength).numpy()
+    return torch.bincount(_read_only(np.ascontiguousarray(x).view(np.int32).reshape(-1)), minlength=minlength).numpy()
+
+
+def take_u32(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``table[idx]`` for a 1-D ``table`` (bool or 32-bit) and a uint32 ``idx`` below 2^31, by torch's
+    ``index_select`` on the int32 views: numpy first copies the whole index array to int64 (~3x the time on 4M)."""
+    view = table.view(np.int32) if table.dtype == np.uint32 else table
+    out = torch.index_select(_read_only(view), 0, _read_only(np.ascontiguousarray(idx).view(np.int32).reshape(-1)))
+    return out.numpy().view(table.dtype)
 
 
 def keys_to_float32(keys: np.ndarray) -> np.ndarray:
@@ -80,18 +102,29 @@ class KeyOrder:
         if not self.n:
             return
         self.lo, self.hi = int(keys.min()), int(keys.max())
-        buckets_bits = min(BUCKET_BITS, max(8, self.n.bit_length()))  # about as many buckets as values
+        buckets_bits = min(BUCKET_BITS, max(8, self.n.bit_length() - VALUES_PER_BUCKET_BITS))
         self.shift = max(0, (self.hi - self.lo).bit_length() - buckets_bits)
         self._bucket = (keys - np.uint32(self.lo)) >> np.uint32(self.shift)  # < 2^20
         hist = count_values(self._bucket, ((self.hi - self.lo) >> self.shift) + 1)
-        self._below = np.concatenate([[0], np.cumsum(hist)])  # keys in buckets < b
+        self._below = np.zeros(hist.size + 1, np.int64)  # keys in buckets < b
+        np.cumsum(hist, out=self._below[1:])
+        self._sorted: np.ndarray | None = None
 
     def _gather(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The keys of ``buckets``, sorted, and where each bucket starts in them (one pass over the keys)."""
-        need = np.zeros(self._below.size - 1, bool)
-        need[buckets] = True
-        got = np.sort(self._keys[need[self._bucket]])
-        return got, np.searchsorted(got, (buckets.astype(np.int64) << self.shift) + self.lo)
+        """The keys of ``buckets``, sorted, and where each bucket starts in them: one pass over the keys; or, when
+        those buckets hold over a quarter of the keys (values crowded in a few buckets), all keys sorted once and
+        kept for the next query."""
+        if self._sorted is None:
+            held = np.unique(buckets)
+            if int((self._below[held + 1] - self._below[held]).sum()) > self.n >> 2:
+                self._sorted = np.sort(self._keys)
+        if self._sorted is not None:
+            got = self._sorted
+        else:
+            need = np.zeros(self._below.size - 1, bool)
+            need[buckets] = True
+            got = np.sort(self._keys[take_u32(need, self._bucket)])
+        return got, np.searchsorted(got, ((buckets.astype(np.int64) << self.shift) + self.lo).astype(np.uint32))
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """The values (float32) at ascending-sort positions ``idx`` (``np.sort(values)[idx]``)."""
@@ -115,5 +148,5 @@ class KeyOrder:
             out[inside] = self._below[buckets]
             return out
         got, start = self._gather(buckets)
-        out[inside] = self._below[buckets] + np.searchsorted(got, t[inside]) - start
+        out[inside] = self._below[buckets] + np.searchsorted(got, t[inside].astype(np.uint32)) - start  # t ≤ hi
         return out

@@ -22,7 +22,7 @@ from oodseg.scoring.metrics.base import (
     torch_scores_and_labels,
 )
 from oodseg.scoring.metrics.functional import curve_metrics
-from oodseg.scoring.metrics.order import count_values, float32_keys, keys_to_float32
+from oodseg.scoring.metrics.order import count_values, float32_keys, keys_to_float32, take_u32
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
@@ -120,7 +120,7 @@ class PixelMetrics(MergeableMetric):
         page = code >> np.uint32(PAGE_BITS + 1)
         present = count_values(page, 1 << (self.bits - PAGE_BITS)) > 0
         slot = (np.cumsum(present) - 1).astype(np.uint32)  # compact page numbering: the bincount spans present pages
-        local = (slot[page] << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * size - 1))
+        local = (take_u32(slot, page) << np.uint32(PAGE_BITS + 1)) | (code & np.uint32(2 * size - 1))
         counts = count_values(local, int(present.sum()) * size * 2).reshape(-1, size, 2)
         return self._add_pages(np.flatnonzero(present).tolist(), counts)
 
