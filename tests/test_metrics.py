@@ -235,8 +235,8 @@ def test_dense_and_sparse_page_counting_give_the_same_state(monkeypatch):
 
 @pytest.mark.parametrize("dense_pages", [256, 0])
 def test_ignored_pixels_add_no_pages(monkeypatch, dense_pages):
-    """Ignored pixels are counted in a slot of their own and dropped: pages only they reach are not kept, on the
-    dense and the sparse path alike; the state equals that of the valid pixels alone."""
+    """Ignored pixels are left out before counting: pages only they would reach are not kept, on the dense and the
+    sparse path alike; the state equals that of the valid pixels alone."""
     from oodseg.scoring.metrics import pixel
 
     scores, labels = realistic_maps(np.random.default_rng(5), 2, offset=50.0, scale=3.0)
