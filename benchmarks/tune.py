@@ -7,13 +7,14 @@ Builds a synthetic suite at the requested size in a temporary directory, saves a
 runs the temperature search (``oodseg.platform.tuning.temperature.run_temperature_search``) in grid mode on an empty
 results store, so it first runs the benchmark once to create the output cache (the only forward pass of the search),
 then one Ray Tune trial per grid temperature: by default 24, the trials of the job's default (Optuna) search, over
-``geomspace(0.25, 4)``. A trial's cost is its ``eval_s`` (scoring every cached validation image and its pixel
-metrics) and its ``time_total_s`` (Tune's trial wall time: the object-store read included), from the ``trials`` rows
-(trials run concurrently, one per ``trial_cpus``, on reused actors), and ``evaluate_temperature`` over the grid in
-this process right after the forward pass (same load conditions); the means over the search, and the medians (a
-shared machine's noise hits single trials). The forward pass is timed here: ``model.predict`` over the same
-validation images, batched, with as many torch threads as a trial has (``ceil(trial_cpus)``), one warm-up batch
-untimed. Prints each and its ratio to the forward pass (target: a trial ≤ 10 % of a forward pass).
+``geomspace(0.25, 4)``. A trial's cost is its ``eval_s`` (scoring every cached validation image and its pixel metrics)
+and its ``time_total_s`` (Tune's wall time of the trial's step; each actor reads the cached set from the object store
+once, zero-copy), from the ``trials`` rows (trials run concurrently, one per ``trial_cpus``, on reused actors), and
+``evaluate_temperature`` over the grid in this process right after the forward pass (same load conditions); the means
+over the search, and the medians (a shared machine's noise hits single trials). The forward pass is timed here:
+``model.predict`` over the same validation images, batched, with as many torch threads as a trial has
+(``ceil(trial_cpus)``), one warm-up batch untimed. Prints each and its ratio to the forward pass (target: a trial ≤ 10 %
+of a forward pass).
 Weights are random: only the timing is meaningful. Ray is shut down at the end.
 """
 
@@ -35,13 +36,9 @@ from common import bench_suite, forward_seconds  # benchmarks/common.py: the scr
 from oodseg.data import create_dataset
 from oodseg.models import Runtime, create_model, save_safetensors, setup_worker
 from oodseg.platform.benchmark import ModelSpec
-from oodseg.platform.output_cache import load_cached_set
+from oodseg.platform.output_cache import evaluate_temperature, load_cached_set
 from oodseg.platform.results import ResultsStore
-from oodseg.platform.tuning.temperature import (
-    TemperatureSearchConfig,
-    evaluate_temperature,
-    run_temperature_search,
-)
+from oodseg.platform.tuning.temperature import TemperatureSearchConfig, run_temperature_search
 
 VAL_SET = "road_anomaly_21"
 

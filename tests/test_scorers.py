@@ -407,7 +407,48 @@ def test_confident_pixels_keep_their_entropy_and_gen_resolution():
         np.testing.assert_allclose(create_scorer(name)(z).double().numpy(), ref, rtol=1e-5, err_msg=name)
 
 
-def test_shared_stats_fall_back_to_torch_on_infinite_maxima():
-    z = torch.tensor([[0.0, float("inf")], [1.0, -float("inf")], [2.0, 1.0]]).T.reshape(1, 2, 1, 3)
-    st = SharedStats(z)
-    assert torch.equal(st.logsumexp(), torch.logsumexp(z, dim=1))
+def test_shared_logsumexp_is_torchs_on_infinite_and_nan_maxima():
+    inf, nan = float("inf"), float("nan")
+    z = torch.tensor([[0.0, inf], [1.0, -inf], [2.0, 1.0], [-inf, -inf], [nan, 1.0]]).T.reshape(1, 2, 1, 5)
+    for uses in (None, ("logsumexp",)):
+        torch.testing.assert_close(SharedStats(z.clone(), uses, owns_z=True).logsumexp(), torch.logsumexp(z, dim=1),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
+PIXELWISE = [n for n in list_scorers() if SCORERS.meta(n)["reads"] == "classes"]
+
+
+@pytest.mark.parametrize("name", PIXELWISE)
+def test_reductions_overwritten_after_their_last_use_keep_the_bits(name, monkeypatch):
+    """A scorer alone, its block's reductions overwritten in place once nothing it declares (``uses``) reads them
+    (the temperature-divided block, a fp16 input's float32 copy), gives the bits it gives with every reduction
+    kept, whole or in blocks; the caller's logits, float32 or fp16, NCHW or channels-last, are left as they were."""
+    ood = (2,) if SCORERS.meta(name)["ood"] else ()
+    z = tied_logits()
+    for logits in (z, z.half(), z.contiguous(memory_format=torch.channels_last)):
+        before = logits.clone()
+        for t, chunk in ((1.0, 0), (0.5, 0), (1.0, 70), (0.5, 70)):
+            got = score_many(PixelLogits(logits, ood_channels=ood), [create_scorer(name, t)], chunk_pixels=chunk)
+            with monkeypatch.context() as m:
+                m.setitem(SCORERS.meta(name), "uses", None)
+                kept = score_many(PixelLogits(logits, ood_channels=ood), [create_scorer(name, t)], chunk_pixels=chunk)
+            assert torch.equal(got[0], kept[0]), (name, logits.dtype, t, chunk)
+        assert torch.equal(logits, before)
+
+
+def test_shared_stats_overwrite_only_what_nobody_reads_again():
+    """With ``uses=("rest",)`` an owned ``z`` takes ``z − max``, then ``below``, and ``exp`` takes ``e·below``;
+    reading an entry after its last use raises; what a scorer declares, and an unowned ``z``, stay as they are."""
+    z = tied_logits()
+    st = SharedStats(z.clone(), ("rest",), owns_z=True)
+    ref = SharedStats(z.clone())
+    assert torch.equal(st.rest(), ref.rest())
+    assert torch.equal(st.z, ref.below())  # z's storage: z − max, then −sign of it
+    for spent in ("shifted", "exp", "below", "exp_below"):
+        with pytest.raises(RuntimeError, match=f"{spent}\\(\\) read after its last declared use"):
+            getattr(st, spent)()
+    kept = SharedStats(z.clone(), ("rest", "below"))
+    assert torch.equal(kept.rest(), ref.rest()) and torch.equal(kept.below(), ref.below())
+    assert torch.equal(kept.z, z)
+    with pytest.raises(ValueError, match="unknown shared reductions.*'softmax'"):
+        SharedStats(z, ("softmax",))

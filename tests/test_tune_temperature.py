@@ -24,14 +24,9 @@ from oodseg.models import create_model, save_safetensors
 from oodseg.models.erfnet import ERFNet
 from oodseg.platform.benchmark import ModelSpec, driver
 from oodseg.platform.cache import ShardCache
-from oodseg.platform.output_cache import CachedSet, find_source_run
+from oodseg.platform.output_cache import CachedSet, evaluate_temperature, find_source_run
 from oodseg.platform.results import ResultsStore
-from oodseg.platform.tuning.temperature import (
-    TemperatureSearchConfig,
-    evaluate_temperature,
-    format_result,
-    run_temperature_search,
-)
+from oodseg.platform.tuning.temperature import TemperatureSearchConfig, format_result, run_temperature_search
 from oodseg.scoring.metrics import PixelMetrics, float32_keys, keys_to_float32
 
 VAL, OTHER = "road_anomaly_21", "fs_static"

@@ -1,22 +1,26 @@
-"""Finding and loading the benchmark's output cache (fp16 model outputs per image) for searches that never run
-the model (the temperature search).
+"""Finding, loading and scoring the benchmark's output cache (fp16 model outputs per image) for searches that never
+run the model (the temperature search).
 
 :func:`find_source_run` picks the benchmark run whose cache covers the needed sets for a model spec (a given
 ``source_run``, else the newest finished ``benchmark`` run with the same model name, arch, checkpoint and cfg);
-:func:`load_cached_set` reads one set's records and labels into a :class:`CachedSet`.
+:func:`load_cached_set` reads one set's records and labels into a :class:`CachedSet`; :func:`score_cached_set` and
+:func:`evaluate_temperature` score it with one scorer (a temperature-search trial's work).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from oodseg.platform.benchmark.config import ModelSpec
-from oodseg.platform.cache import ShardCache
+from oodseg.platform.cache import ShardCache, record_outputs
 from oodseg.platform.results import ResultsStore
+from oodseg.scoring import create_scorer
+from oodseg.scoring.metrics import PixelMetrics
 
 
 @dataclass(frozen=True)
@@ -80,3 +84,22 @@ def find_source_run(store: ResultsStore, spec: ModelSpec, datasets: tuple[str, .
                 set(datasets) <= cached_sets(store, row.run_id, spec.name):
             return str(row.run_id)
     return ""
+
+
+def score_cached_set(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
+                     params: dict[str, Any] | None = None, bits: int = 24) -> tuple[PixelMetrics, float]:
+    """The pixel metrics of ``create_scorer(scorer, temperature, placement, **params)`` over a cached set and the
+    wall seconds of this scoring pass."""
+    t0 = time.perf_counter()
+    score = create_scorer(scorer, temperature=temperature, placement=placement, **(params or {}))
+    pm = PixelMetrics(bits=bits, smiyc=False, validate=False)
+    for rec, label in zip(data.records, data.labels):
+        pm.update(score(record_outputs(rec, size=label.shape), size=label.shape)[0].numpy(), label)
+    return pm, time.perf_counter() - t0
+
+
+def evaluate_temperature(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
+                         params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, float]:
+    """:func:`score_cached_set`'s metric values (what a trial reports), plus ``n_images`` and ``eval_s``."""
+    pm, seconds = score_cached_set(data, scorer, temperature, placement, params, bits)
+    return {**pm.compute(warn=False), "n_images": len(data.labels), "eval_s": seconds}

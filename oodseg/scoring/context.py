@@ -18,7 +18,9 @@ the same ops, so a scorer's map is the same bits either way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import math
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -107,64 +109,129 @@ def stitch_windows(maps: torch.Tensor, outputs: Any) -> torch.Tensor:
     return out / count.clamp(min=1)
 
 
+#: What each shared reduction is computed from (``"z"``: the class scores themselves).
+INPUTS: dict[str, tuple[str, ...]] = {
+    "max": ("z",), "shifted": ("z", "max"), "exp": ("shifted",), "sumexp": ("exp",), "logsumexp": ("max", "sumexp"),
+    "below": ("shifted",), "exp_below": ("exp", "below"), "rest": ("below", "exp_below"),
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _last_uses(uses: frozenset[str], owns_z: bool) -> dict[str, float] | None:
+    """How often each entry will be read while computing the reductions in ``uses`` (those, and ``z`` unless it is
+    owned, are kept: infinite); None when every entry is kept. Cached: callers copy it."""
+    unknown = set(uses) - {"z", *INPUTS}
+    if unknown:
+        raise ValueError(f"unknown shared reductions {sorted(unknown)}; known: {['z', *INPUTS]}")
+    needed, todo = set(), list(uses)
+    while todo:
+        if (name := todo.pop()) not in needed:
+            needed.add(name)
+            todo.extend(INPUTS.get(name, ()))
+    left: dict[str, float] = {e: sum(e in INPUTS.get(y, ()) for y in needed) for e in needed}
+    for kept in (*uses, *(() if owns_z else ("z",))):
+        left[kept] = math.inf
+    return left if any(n < math.inf for n in left.values()) else None
+
+
 class SharedStats:
-    """Per-pixel reductions over the class dim of one class-score tensor ``z [B, C, H, W]``, each computed once
-    (read-only: scorers must not modify them in place).
+    """Per-pixel reductions over the class dim of one class-score tensor ``z [B, C, H, W]``, each computed once.
 
     * ``max()`` is ``m = z.amax(1, keepdim=True)``, ``shifted()`` is ``d = z − m``, ``exp()`` is ``e = exp(d)``;
     * ``sumexp()`` is ``S = Σ_c e_c`` and ``logsumexp()`` is ``log S + m``, the op sequence of ``torch.logsumexp``
-      (whose own call it falls back to where the max is infinite);
+      (and, as it, ``m`` where the max is infinite or NaN);
     * ``below()`` is ``1`` where ``d < 0`` and ``0`` at the maxima (``−sign(d)``: float ops, several times faster on
       the CPU than a boolean mask and ``masked_fill``);
     * ``exp_below()`` is ``e·below`` and ``rest()`` is ``Σ_c e_c`` over every class but one maximal one,
       ``Σ_c e_c·below_c + (#maxima − 1)``: the softmax mass off the top class is ``rest / (1 + rest)``, exact where
       ``1 − p_max`` would round to 0.
+
+    Scorers must not modify what they read in place. ``uses``: every reduction (and ``"z"``) the scorers of this
+    block will read (their registrations' ``uses``); with it, an entry is released after its last use as an input
+    and that use may write its result into the entry's storage (``d = z − m`` into ``z``'s where ``owns_z``: ``z``
+    is this object's own, e.g. the temperature-divided copy): the same bits, and ``msp`` alone writes one fresh
+    ``[C, P]`` tensor instead of four. None keeps every entry. Reading a released entry raises.
     """
 
-    def __init__(self, z: torch.Tensor) -> None:
+    def __init__(self, z: torch.Tensor, uses: Collection[str] | None = None, owns_z: bool = False) -> None:
         self.z = z
         self._memo: dict[str, torch.Tensor] = {}
+        left = None if uses is None else _last_uses(frozenset(uses), owns_z)
+        self._left = None if left is None else dict(left)
+        self._spent: set[str] = set()
 
     def _get(self, name: str, make: Any) -> torch.Tensor:
         if name not in self._memo:
+            if name in self._spent:
+                raise RuntimeError(f"SharedStats.{name}() read after its last declared use (its storage may hold "
+                                   f"another reduction now): declare {name!r} in register_scorer(uses=...)")
             self._memo[name] = make()
         return self._memo[name]
 
+    def _input(self, name: str) -> tuple[torch.Tensor, bool]:
+        """Entry ``name`` read as an input, and whether this was its last use (its storage may then be reused)."""
+        value = self.z if name == "z" else getattr(self, name)()
+        if self._left is None:
+            return value, False
+        self._left[name] = self._left.get(name, math.inf) - 1  # an entry no declared use needs: kept
+        last = self._left[name] == 0
+        if last and name != "z":
+            self._spent.add(name)
+            del self._memo[name]
+        return value, last
+
     def max(self) -> torch.Tensor:
-        return self._get("max", lambda: self.z.amax(dim=1, keepdim=True))
+        return self._get("max", lambda: self._input("z")[0].amax(dim=1, keepdim=True))
 
     def shifted(self) -> torch.Tensor:
-        return self._get("shifted", lambda: self.z - self.max())
+        def make() -> torch.Tensor:
+            m = self._input("max")[0]
+            z, last = self._input("z")
+            return z.sub_(m) if last else z - m
+
+        return self._get("shifted", make)
 
     def exp(self) -> torch.Tensor:
-        return self._get("exp", lambda: self.shifted().exp())
+        def make() -> torch.Tensor:
+            d, last = self._input("shifted")
+            return d.exp_() if last else d.exp()
+
+        return self._get("exp", make)
 
     def sumexp(self) -> torch.Tensor:
         """``[B, H, W]``."""
-        return self._get("sumexp", lambda: self.exp().sum(dim=1))
+        return self._get("sumexp", lambda: self._input("exp")[0].sum(dim=1))
 
     def logsumexp(self) -> torch.Tensor:
         def make() -> torch.Tensor:
-            m = self.max().squeeze(1)
-            if not all_finite(m):
-                return torch.logsumexp(self.z, dim=1)
-            return self.sumexp().log().add_(m)
+            m = self._input("max")[0].squeeze(1)
+            lse = self._input("sumexp")[0].log().add_(m)
+            return lse if all_finite(m) else torch.where(torch.isfinite(m), lse, m)
 
         return self._get("logsumexp", make)
 
     def below(self) -> torch.Tensor:
         """``[B, C, H, W]`` float: 1 below the pixel's max, 0 at it (NaN where ``z`` is NaN)."""
-        return self._get("below", lambda: self.shifted().sign().neg_())
+        def make() -> torch.Tensor:
+            d, last = self._input("shifted")
+            return (d.sign_() if last else d.sign()).neg_()
+
+        return self._get("below", make)
 
     def exp_below(self) -> torch.Tensor:
         """``[B, C, H, W]``: ``e_c · below_c``, the exponentials off the maxima (0 at them)."""
-        return self._get("exp_below", lambda: self.exp() * self.below())
+        def make() -> torch.Tensor:
+            (e, e_last), (b, b_last) = self._input("exp"), self._input("below")
+            return b.mul_(e) if b_last else e.mul_(b) if e_last else e * b
+
+        return self._get("exp_below", make)
 
     def rest(self) -> torch.Tensor:
         """``[B, H, W]``: ``Σ_c e_c`` over all classes but one maximal one."""
         def make() -> torch.Tensor:
-            ties = self.below().sum(dim=1).neg_().add_(self.z.shape[1] - 1)  # #maxima − 1, an exact small integer
-            return self.exp_below().sum(dim=1).add_(ties)
+            off = self._input("exp_below")[0].sum(dim=1)  # first: e to fresh memory, below into d's (the faster way)
+            ties = self._input("below")[0].sum(dim=1).neg_().add_(self.z.shape[1] - 1)  # #maxima − 1, exact
+            return off.add_(ties)
 
         return self._get("rest", make)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,8 @@ TEMPERATURE_SPACE: dict[str, dict[str, Any]] = {"temperature": {"type": "logunif
 
 def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | None = None, ood: bool = False,
                     reads: str = "classes", fit: str | None = None, needs: Sequence[str] = (),
-                    kinds: Sequence[str] = ("pixel", "mask"), blur: tuple[int, float] | None = None):
+                    kinds: Sequence[str] = ("pixel", "mask"), blur: tuple[int, float] | None = None,
+                    uses: Sequence[str] | None = None):
     """Decorator registering a scorer with its Tune search ``space`` and the facts the platform reads.
 
     Args:
@@ -64,11 +65,15 @@ def register_scorer(name: str | None = None, space: dict[str, dict[str, Any]] | 
             input images at scoring time: the scorer runs the network itself).
         kinds: the model output kinds it applies to (``"pixel"``, ``"mask"``, ``"score"``).
         blur: a default ``(kernel, σ)`` Gaussian blur of the map; None: none.
+        uses: every shared reduction of :class:`~oodseg.scoring.context.SharedStats` a pixel-wise scorer reads
+            (``"z"``: it reads its input's values); None: unknown. Where all scorers of a block declare theirs,
+            the reductions nobody reads again are overwritten in place (same bits, fewer passes to fresh memory).
     """
     if reads not in ("classes", "map"):
         raise ValueError(f"register_scorer: reads must be 'classes' or 'map', got {reads!r}")
     return SCORERS.register(name, space=dict(TEMPERATURE_SPACE if space is None else space), ood=ood, reads=reads,
-                            fit=fit, needs=tuple(needs), kinds=tuple(kinds), blur=blur)
+                            fit=fit, needs=tuple(needs), kinds=tuple(kinds), blur=blur,
+                            uses=None if uses is None else tuple(uses))
 
 
 def scorer_applies(name: str, ood_channels: Sequence[int], kind: str | None = None, features: bool = True) -> bool:
@@ -104,7 +109,7 @@ def scorer_space(name: str) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@register_scorer("msp")
+@register_scorer("msp", uses=("rest",))
 def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Maximum softmax probability, ``s = 1 − max_c softmax(z)_c`` (Hendrycks & Gimpel, ICLR 2017; the
     ``1 − MSP`` form is the one SMIYC and the ERFNet anomaly-eval code report).
@@ -116,13 +121,13 @@ def msp(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return rest / (1.0 + rest)
 
 
-@register_scorer("maxlogit")
+@register_scorer("maxlogit", uses=("max",))
 def maxlogit(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Max logit, ``s = −max_c z_c`` (Hendrycks et al., "Scaling OOD detection to real-world settings", ICML 2022)."""
     return -stats(z).max().squeeze(1)
 
 
-@register_scorer("eim")
+@register_scorer("eim", uses=("max",))
 def eim(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Enhanced IsoMax+ score, ``s = −max_c z_c`` with ``z_c = −scaled distance to prototype c`` (Macêdo &
     Ludermir, "Enhanced Isotropy Maximization Loss", 2021): the max-logit function over an IsoMax+ head, kept as
@@ -130,7 +135,7 @@ def eim(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return maxlogit(z, temperature)
 
 
-@register_scorer("maxentropy")
+@register_scorer("maxentropy", uses=("rest", "exp", "shifted", "sumexp"))
 def maxentropy(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax entropy, ``s = −Σ_c p_c log p_c`` with ``p = softmax(z)`` (max-entropy / entropy baseline).
 
@@ -141,7 +146,7 @@ def maxentropy(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log1p(st.rest()).sub_((st.exp() * st.shifted()).sum(dim=1).div_(st.sumexp()))
 
 
-@register_scorer("energy")
+@register_scorer("energy", uses=("logsumexp",))
 def energy(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Free energy, ``s = −T·logsumexp_c(L_c / T)`` (Liu et al., "Energy-based OOD detection", NeurIPS 2020);
     ``z = L / T`` so ``s = −T·logsumexp(z)``."""
@@ -157,13 +162,13 @@ def rba_score(class_scores: torch.Tensor) -> torch.Tensor:
     return class_scores.mul(2.0).sigmoid_().sum(dim=1).mul_(-2.0).add_(class_scores.shape[1])
 
 
-@register_scorer("rba")
+@register_scorer("rba", uses=("z",))
 def rba(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Rejected by All, ``s = −Σ_c tanh(z_c)``; with ``placement="pl"`` this is ``−Σ_c tanh(L_c / T)``."""
     return rba_score(z)
 
 
-@register_scorer("p_ood", ood=True)
+@register_scorer("p_ood", ood=True, uses=("z",))
 def p_ood(z: torch.Tensor, temperature: float, ood_channels: Sequence[int]) -> torch.Tensor:
     """Probability of the OOD class(es), ``s = Σ_{c ∈ ood} softmax(z)_c`` over all channels (TDOS's read-out:
     ``softmax`` of the 20 per-pixel class scores, channel ``ood``; Song & Lee, IROS 2025)."""
@@ -235,21 +240,30 @@ class Scorer:
     def t_cl(self, outputs: Outputs) -> float:
         return _temperatures(outputs, self.temperature, self.placement)[0]
 
+    def input_key(self, outputs: Outputs) -> tuple[bool, float]:
+        """What its class scores are, as :meth:`from_class_scores` shares them: (reads the OOD channels, ``T_pl``)."""
+        return bool(SCORERS.meta(self.name)["ood"]), _temperatures(outputs, self.temperature, self.placement)[1]
+
     def from_class_scores(self, scores: torch.Tensor, outputs: Outputs,
-                          shared: dict[tuple[bool, float], SharedStats] | None = None) -> torch.Tensor:
+                          shared: dict[tuple[bool, float], SharedStats] | None = None,
+                          uses: Collection[str] | None = None, owns_scores: bool = False) -> torch.Tensor:
         """Apply the scorer to ``pixel_class_scores(outputs, self.t_cl(outputs))`` (all channels; the scorer's
-        channels are selected here). ``shared``: the :class:`SharedStats` of this block's scorer inputs, by (reads
-        the OOD channels, ``T_pl``), filled on first use, so scorers with the same input share its reductions."""
-        t_pl = _temperatures(outputs, self.temperature, self.placement)[1]
+        channels are selected here). ``shared``: the :class:`SharedStats` of this block's scorer inputs, by
+        :meth:`input_key`, filled on first use, so scorers with the same input share its reductions; ``uses``: every
+        reduction the scorers that share them read (:func:`declared_uses`), None: unknown; ``owns_scores``:
+        ``scores`` is the caller's own copy and no scorer of another input key reads it (it may be overwritten)."""
         ood = tuple(getattr(outputs, "ood_channels", ()))
         if not scorer_applies(self.name, ood):
             raise ValueError(f"scorer {self.name!r} needs a model with OOD class channels; these outputs have none")
-        reads_ood = bool(SCORERS.meta(self.name)["ood"])
+        key = reads_ood, t_pl = self.input_key(outputs)
         shared = {} if shared is None else shared
-        if (reads_ood, t_pl) not in shared:
+        if key not in shared:
             z = scores[:, inlier_channels(outputs)] if ood and not reads_ood else scores
-            shared[(reads_ood, t_pl)] = SharedStats(z if t_pl == 1.0 else z / t_pl)
-        st = shared[(reads_ood, t_pl)]
+            own = owns_scores or z is not scores  # the channel selection is a copy
+            if t_pl != 1.0:
+                z, own = (z.div_(t_pl) if own else z / t_pl), True
+            shared[key] = SharedStats(z, uses, owns_z=own)
+        st = shared[key]
         with sharing(st):
             return SCORERS.get(self.name)(st.z, t_pl, **({"ood_channels": ood} if reads_ood else {}), **self.params)
 
@@ -338,6 +352,13 @@ def score_many(
     return results  # type: ignore[return-value]
 
 
+def declared_uses(scorers: Iterable[Scorer]) -> frozenset[str] | None:
+    """Every shared reduction these pixel-wise scorers read (their registrations' ``uses``); None if one is
+    undeclared."""
+    declared = [SCORERS.meta(s.name)["uses"] for s in scorers]
+    return None if any(u is None for u in declared) else frozenset().union(*declared)
+
+
 def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int] | None, chunk_pixels: int | None,
                results: list[torch.Tensor | None]) -> None:
     """The pixel-wise scorers of :func:`score_many`, grouped by ``T_cl``, whole or in row blocks (its docstring)."""
@@ -346,6 +367,7 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
         if not scorer.reads_map:
             groups.setdefault(scorer.t_cl(outputs), []).append(i)
     for t_cl, members in groups.items():
+        uses = declared_uses(scorers[i] for i in members)
         z = _raw_logits(outputs, size)
         if z is None:
             z = pixel_class_scores(outputs, t_cl, size)  # one group alive at a time
@@ -353,17 +375,20 @@ def _pixelwise(outputs: Outputs, scorers: Sequence[Scorer], size: tuple[int, int
             chunk_pixels = CPU_CHUNK_PIXELS if z.device.type == "cpu" else 0
         n, _, h, w = z.shape
         rows = max(1, chunk_pixels // w) if chunk_pixels else h
+        one_input = len({scorers[i].input_key(outputs) for i in members}) == 1  # a copy of z may be overwritten
         if rows >= h:
-            z, shared = z.float(), {}
+            zf, shared = z.float(), {}
             for i in members:
-                results[i] = scorers[i].from_class_scores(z, outputs, shared).float()
+                results[i] = scorers[i].from_class_scores(zf, outputs, shared, uses, one_input and zf is not z).float()
             continue
         for i in members:
             results[i] = torch.empty((n, h, w), dtype=torch.float32, device=z.device)
         for b in range(n):
             for r in range(0, h, rows):
-                # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike)
+                # float32 NCHW copy of the block (fp16 caches and channels-last model outputs alike; a view where z
+                # is float32 NCHW already)
                 block = z[b : b + 1, :, r : r + rows].to(torch.float32, memory_format=torch.contiguous_format)
+                copy = one_input and block.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()
                 shared: dict[tuple[bool, float], SharedStats] = {}
                 for i in members:
-                    results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs, shared)[0]
+                    results[i][b, r : r + rows] = scorers[i].from_class_scores(block, outputs, shared, uses, copy)[0]

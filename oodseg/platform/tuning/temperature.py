@@ -23,25 +23,20 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-
-import numpy as np
 
 from oodseg.config import ConfigError, to_json
 from oodseg.config import help_meta as _h
 from oodseg.data import default_datasets, list_datasets
 from oodseg.platform.benchmark import BenchmarkConfig, BenchmarkRunner, DatasetSpec, ModelSpec
-from oodseg.platform.cache import record_outputs
-from oodseg.platform.output_cache import CachedSet, find_source_run, load_cached_set
+from oodseg.platform.output_cache import CachedSet, find_source_run, load_cached_set, score_cached_set
 from oodseg.platform.results import ResultsStore, safe_key
 from oodseg.platform.runs import RunRecord, init_ray, log, new_run_id
 from oodseg.platform.tuning.spaces import at_bound, in_space, tune_space
 from oodseg.platform.tuning.trials import hints, trial_rows, write_trials
-from oodseg.scoring import PLACEMENTS, create_scorer, list_scorers, scorer_applies, scorer_space
-from oodseg.scoring.metrics import PixelMetrics
+from oodseg.scoring import PLACEMENTS, list_scorers, scorer_applies, scorer_space
 
 OBJECTIVES = {"auprc": "max", "fpr95": "min"}
 
@@ -113,45 +108,11 @@ class TemperatureSearchConfig:
         return declared
 
 
-def score_cached_set(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
-                     params: dict[str, Any] | None = None, bits: int = 24) -> tuple[PixelMetrics, float]:
-    """The pixel metrics of ``create_scorer(scorer, temperature, placement, **params)`` over a cached set and the
-    wall seconds of this scoring pass."""
-    t0 = time.perf_counter()
-    score = create_scorer(scorer, temperature=temperature, placement=placement, **(params or {}))
-    pm = PixelMetrics(bits=bits, smiyc=False, validate=False)
-    for rec, label in zip(data.records, data.labels):
-        pm.update(score(record_outputs(rec, size=label.shape), size=label.shape)[0].numpy(), label)
-    return pm, time.perf_counter() - t0
-
-
-def evaluate_temperature(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
-                         params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, float]:
-    """:func:`score_cached_set`'s metric values (what a trial reports), plus ``n_images`` and ``eval_s``."""
-    pm, seconds = score_cached_set(data, scorer, temperature, placement, params, bits)
-    return {**pm.compute(warn=False), "n_images": len(data.labels), "eval_s": seconds}
-
-
 def metric_columns(data: CachedSet, scorer: str, temperature: float, placement: str = "cl",
                    params: dict[str, Any] | None = None, bits: int = 24) -> dict[str, Any]:
     """:func:`score_cached_set`'s ``metrics`` table columns, as the benchmark writes them (``PixelMetrics.row``)."""
     pm, seconds = score_cached_set(data, scorer, temperature, placement, params, bits)
     return {**pm.row(), "n_images": len(data.labels), "wall_s": seconds}
-
-
-def temperature_trial(config: dict[str, Any], data: list, bits: int, threads: int) -> None:
-    """Tune trial: score the cached validation set at ``config["temperature"]`` and report its pixel metrics
-    (``data`` = ``[ObjectRef]``, wrapped so ``with_parameters`` stores the reference, not a copy)."""
-    import ray
-    from ray import tune
-
-    from oodseg.models import setup_worker
-
-    setup_worker(threads)  # cached outputs are scored on the CPU
-    params = {k: v for k, v in config.items() if k not in ("temperature", "scorer", "placement")}
-    metrics = evaluate_temperature(ray.get(data[0]), config["scorer"], config["temperature"], config["placement"],
-                                   params, bits=bits)
-    tune.report({k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()})
 
 
 @dataclass
@@ -186,6 +147,8 @@ def _run_study(cfg: TemperatureSearchConfig, placement: str, val_ref: Any, stora
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
+    from oodseg.platform.tuning.temperature_trial import TemperatureTrial  # imports Ray Tune
+
     objective, mode = cfg.objective, OBJECTIVES[cfg.objective]
     study = f"temperature__{cfg.model.name}__{cfg.scorer}__{placement}__{objective}"
     declared = cfg.space()
@@ -203,7 +166,7 @@ def _run_study(cfg: TemperatureSearchConfig, placement: str, val_ref: Any, stora
         search_alg = OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
         num_samples = cfg.num_samples
     trainable = tune.with_resources(
-        tune.with_parameters(temperature_trial, data=[val_ref], bits=cfg.bits, threads=max(1, math.ceil(
+        tune.with_parameters(TemperatureTrial, data=[val_ref], bits=cfg.bits, threads=max(1, math.ceil(
             cfg.trial_cpus))), {"cpu": cfg.trial_cpus})
     concurrent = cfg.max_concurrent_trials or max(1, int(n_cpus // max(cfg.trial_cpus, 1e-3)))
     grid = tune.Tuner(

@@ -14,7 +14,7 @@ from oodseg.scoring.scorers import energy, register_scorer
 S2M_BLUR = (7, 1.0)
 
 
-@register_scorer("energy_blur", blur=S2M_BLUR)
+@register_scorer("energy_blur", blur=S2M_BLUR, uses=("logsumexp",))
 def energy_blur(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """Free energy; the registration's ``blur`` smooths the finished map."""
     return energy(z, temperature)

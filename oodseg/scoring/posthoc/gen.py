@@ -17,7 +17,7 @@ GEN_SPACE = {**TEMPERATURE_SPACE, "gamma": {"type": "loguniform", "low": 0.01, "
              "m": {"type": "choice", "values": [1, 3, 5, 10, 19]}}
 
 
-@register_scorer("gen", space=GEN_SPACE)
+@register_scorer("gen", space=GEN_SPACE, uses=("sumexp", "below", "exp_below", "rest"))
 def gen(z: torch.Tensor, temperature: float, gamma: float = 0.1, m: int = 100) -> torch.Tensor:
     """``Σ_{top-M} (p (1 − p))^γ`` of ``p = softmax(z) = e / S`` from the block's shared reductions.
 
