@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -434,6 +435,21 @@ def test_reductions_overwritten_after_their_last_use_keep_the_bits(name, monkeyp
                 kept = score_many(PixelLogits(logits, ood_channels=ood), [create_scorer(name, t)], chunk_pixels=chunk)
             assert torch.equal(got[0], kept[0]), (name, logits.dtype, t, chunk)
         assert torch.equal(logits, before)
+
+
+def test_scorer_pairs_sharing_released_reductions_keep_the_bits(monkeypatch):
+    """Every pair of pixel-wise scorers on one block (the fp16 block's own float32 copy, T = 1 and 0.5): each map
+    has the bits it has alone with every reduction kept."""
+    z = tied_logits().half()
+    names = [n for n in PIXELWISE if not SCORERS.meta(n)["ood"]]
+    for t in (1.0, 0.5):
+        with monkeypatch.context() as m:
+            for n in names:
+                m.setitem(SCORERS.meta(n), "uses", None)
+            kept = {n: score_many(z, [create_scorer(n, t)], chunk_pixels=70)[0] for n in names}
+        for a, b in itertools.combinations(names, 2):
+            got = score_many(z, [create_scorer(a, t), create_scorer(b, t)], chunk_pixels=70)
+            assert torch.equal(got[0], kept[a]) and torch.equal(got[1], kept[b]), (a, b, t)
 
 
 def test_shared_stats_overwrite_only_what_nobody_reads_again():
