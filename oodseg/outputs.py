@@ -23,6 +23,7 @@ embeddings of the last layer at the mask logits' resolution). Feature-reading sc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -122,6 +123,16 @@ class ScoreMaps:
 
 
 ModelOutputs = PixelLogits | MaskOutputs | ScoreMaps
+
+
+def read_only_tensor(x: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(x)`` for a tensor that is only read, never written (arrays from Arrow buffers and Ray's
+    object store are read-only), without torch's warning on read-only arrays."""
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(x)
 
 
 def inlier_channels(outputs: ModelOutputs) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -235,6 +236,25 @@ def test_evaluate_temperature_energy_matches_sklearn_without_ray():
         s, y = np.concatenate(s), np.concatenate(y)
         assert got["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-4)
         assert got["n_images"] == 3 and got["n_pixels"] == int((np.concatenate(labels) != 255).sum())
+
+
+def test_read_only_cached_outputs_are_scored_without_a_copy_warning_or_a_write():
+    """Cached records read from the object store are read-only arrays: every pixel-wise scorer scores them (T = 0.5:
+    the block divided in place) without torch's not-writable warning, and leaves their bytes as they were."""
+    rng = np.random.default_rng(1)
+    records = []
+    for dtype in (np.float16, np.float32):
+        logits = (3 * rng.standard_normal((19, 16, 32))).astype(dtype)
+        logits.flags.writeable = False
+        records.append({"logits": logits})
+    labels = tuple((rng.random((16, 32)) < 0.2).astype(np.uint8) for _ in records)
+    before = [r["logits"].copy() for r in records]
+    data = CachedSet("ro", ("a", "b"), tuple(records), labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("msp", "maxentropy", "energy", "gen", "rba"):
+            assert evaluate_temperature(data, name, 0.5)["n_pixels"] == 2 * 16 * 32
+    assert all(np.array_equal(r["logits"], b) for r, b in zip(records, before))
 
 
 def test_source_run_without_cache_is_a_clear_error(tmp_path):

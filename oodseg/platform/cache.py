@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from oodseg.outputs import MaskOutputs, ModelOutputs, PixelLogits
+from oodseg.outputs import MaskOutputs, ModelOutputs, PixelLogits, read_only_tensor
 from oodseg.platform.results import resolve_fs, safe_key
 
 KINDS = ("outputs", "scores", "refined")
@@ -86,16 +86,17 @@ def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
 
 
 def record_outputs(record: dict[str, np.ndarray], size: tuple[int, int] | None = None) -> ModelOutputs:
-    """Rebuild a single-image ``PixelLogits``/``MaskOutputs`` (fp16 tensors) from a cached record."""
+    """Rebuild a single-image ``PixelLogits``/``MaskOutputs`` (fp16 tensors) from a cached record. The tensors are
+    views of the record's arrays (read-only where they live in the object store): scorers only read them."""
     ood = tuple(int(c) for c in record.get("ood_channels", ()))
     if "logits" in record:
-        return PixelLogits(torch.from_numpy(np.asarray(record["logits"]))[None], size=size, ood_channels=ood)
+        return PixelLogits(read_only_tensor(np.asarray(record["logits"]))[None], size=size, ood_channels=ood)
     crops = record.get("crops")
     return MaskOutputs(
-        class_logits=torch.from_numpy(np.asarray(record["class_logits"])),
-        mask_logits=torch.from_numpy(np.asarray(record["mask_logits"])),
+        class_logits=read_only_tensor(np.asarray(record["class_logits"])),
+        mask_logits=read_only_tensor(np.asarray(record["mask_logits"])),
         size=size,
-        crops=None if crops is None else torch.from_numpy(np.asarray(crops, dtype=np.int64)),
+        crops=None if crops is None else read_only_tensor(np.asarray(crops, dtype=np.int64)),
         frame_size=None if crops is None else tuple(int(s) for s in record["frame_size"]),
         n_images=None if crops is None else 1,
         ood_channels=ood,

@@ -14,10 +14,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
+
+from oodseg.outputs import read_only_tensor
 
 _SIGN = np.uint32(0x80000000)
 #: KeyOrder: at most 2^20 buckets between the smallest and the largest key, about 2^2 keys per bucket (a finer
@@ -26,18 +26,9 @@ BUCKET_BITS = 20
 VALUES_PER_BUCKET_BITS = 2
 
 
-def _read_only(x: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy(x)`` for a tensor only read (never written), without torch's warning on read-only arrays."""
-    if x.flags.writeable:
-        return torch.from_numpy(x)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-        return torch.from_numpy(x)
-
-
 def _int32(x: np.ndarray) -> torch.Tensor:
     """A uint32 array whose values are below 2^31 as a flat int32 tensor (the same values, no copy if contiguous)."""
-    return _read_only(np.ascontiguousarray(x).view(np.int32).reshape(-1))
+    return read_only_tensor(np.ascontiguousarray(x).view(np.int32).reshape(-1))
 
 
 def float32_keys(x: np.ndarray) -> np.ndarray:
@@ -48,7 +39,7 @@ def float32_keys(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     if x.size:
-        lo, hi = (float(v) for v in torch.aminmax(_read_only(x)))  # one pass; NaN fails both tests
+        lo, hi = (float(v) for v in torch.aminmax(read_only_tensor(x)))  # one pass; NaN fails both tests
         if lo > 0:
             return x.view(np.uint32) | _SIGN
         if hi < 0:
@@ -68,7 +59,7 @@ def take_u32(table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``table[idx]`` for a 1-D ``table`` (bool or 32-bit) and a uint32 ``idx`` below 2^31, by torch's
     ``index_select`` on the int32 views: numpy first copies the whole index array to int64 (~3x the time on 4M)."""
     view = table.view(np.int32) if table.dtype == np.uint32 else table
-    out = torch.index_select(_read_only(view), 0, _int32(idx))
+    out = torch.index_select(read_only_tensor(view), 0, _int32(idx))
     return out.numpy().view(table.dtype)
 
 
