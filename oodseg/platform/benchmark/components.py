@@ -15,6 +15,7 @@ on fp16-rounded score maps (a documented part of the metric definition).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,14 +65,22 @@ def shard_metrics(scores: np.ndarray, label: np.ndarray, configs: Mapping[str, M
 
 def component_shard(path: str, cache: Mapping[str, str], configs: Mapping[int, Mapping[str, Any]],
                     refined: bool) -> bytes:
-    """The post metrics of every image × key of one score shard, merged per key and packed."""
+    """The post metrics of every image × key of one score shard, merged per key and packed. A key whose map and
+    configs equal an earlier key's in the same image (``eim`` and ``maxlogit`` of a model without an IsoMax+ head)
+    takes a copy of that key's metrics instead of computing them again."""
     merged: dict[tuple[int, str], Any] = {}
     for item in ShardCache(**cache).items([path]):
         gt: dict[int, GroundTruth] = {}
+        done: list[tuple[int, Mapping[str, Any], dict[str, Any]]] = []  # (row, configs, metrics) of this image
         for j, i in enumerate(item.keys.tolist()):
             if i not in configs:
                 continue
-            for slot, metric in shard_metrics(item.scores[j], item.label, configs[i], refined, gt).items():
+            same = next((out for k, cfg, out in done
+                         if cfg == configs[i] and np.array_equal(item.scores[k], item.scores[j])), None)
+            out = copy.deepcopy(same) if same is not None else shard_metrics(item.scores[j], item.label, configs[i],
+                                                                             refined, gt)
+            done.append((j, configs[i], out))
+            for slot, metric in out.items():
                 merged[(i, slot)] = merged[(i, slot)].merge(metric) if (i, slot) in merged else metric
     return pack(metric_states(merged))
 
