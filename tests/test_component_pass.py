@@ -72,37 +72,26 @@ def test_component_pass_matches_direct_metrics(ray_session, tmp_path, local_byte
 
 
 def test_a_key_with_the_same_maps_as_another_is_computed_once(ray_session, tmp_path, monkeypatch):
-    """``eim`` and ``maxlogit`` of a plain head are one map twice: the pass computes it once per image and gives the
-    second key the first key's metrics; a key with other maps (``energy``) is computed as before."""
+    """``eim`` and ``maxlogit`` of a plain head are one map twice: with a third key whose maps are the first key's,
+    the pass computes each image's map once and gives the third key the first key's metrics; every key's metrics
+    equal those of the two-key pass (:func:`cached_unit`)."""
     from oodseg.platform.benchmark import components
 
-    data = frames()
-    cache = ShardCache(str(tmp_path), "run", "m", "fs_static", "scores")
-    keys = [*KEYS, ScorerKey("maxlogit", "cl", 1.0)]
-    cache.write([{"label": lab, "scores": np.concatenate([s, s[:1]]), "keys": np.arange(3)} for _, lab, s in data],
-                [i for i, _, _ in data])
-
-    def unit() -> UnitResult:
-        u = UnitResult(UnitInfo("fs_static", "fs_static", "FS Static", "anomaly", "obstacle", 19), list(keys),
-                       expected=len(data))
-        for k in range(3):
-            u.metrics[(k, "pixel")] = PixelMetrics()
-            for _, lab, s in data:
-                u.metrics[(k, "pixel")].update(s[(0, 1, 0)[k]].astype(np.float32), lab)
-        return u
-
+    reference, cache2, data = cached_unit(str(tmp_path / "two"))
+    ComponentPass(ray_session, local_bytes=1 << 30).run(reference, cache2)
+    cache = ShardCache(str(tmp_path / "three"), "run", "m", "fs_static", "scores")
+    for start in (0, 2, 4):  # the shards of cached_unit, so per-shard sums merge in the same order
+        chunk = data[start:start + 2]
+        cache.write([{"label": lab, "scores": np.concatenate([s, s[:1]]), "keys": np.arange(3)} for _, lab, s in chunk],
+                    [i for i, _, _ in chunk])
+    unit = UnitResult(reference.info, [*KEYS, ScorerKey("maxlogit", "cl", 1.0)], expected=len(data))
+    for k, row in enumerate((0, 1, 0)):
+        unit.metrics[(k, "pixel")] = reference.metrics[(row, "pixel")]
     real, calls = components.shard_metrics, []
     monkeypatch.setattr(components, "shard_metrics", lambda *a: calls.append(1) or real(*a))
-    deduped = unit()
-    ComponentPass(ray_session, local_bytes=1 << 30).run(deduped, cache)
+    ComponentPass(ray_session, local_bytes=1 << 30).run(unit, cache)
     assert len(calls) == 2 * len(data)
-    monkeypatch.setattr(components.np, "array_equal", lambda *a: False)  # every key computed: the reference
-    every = unit()
-    ComponentPass(ray_session, local_bytes=1 << 30).run(every, cache)
-    assert len(calls) == 5 * len(data)
-    for k in range(3):
+    for k, row in enumerate((0, 1, 0)):
         for slot in ("components", "components_smiyc", "s2m"):
-            np.testing.assert_equal(deduped.metrics[(k, slot)].state_dict(), every.metrics[(k, slot)].state_dict())
-    np.testing.assert_equal(deduped.metrics[(2, "components")].state_dict(),
-                            deduped.metrics[(0, "components")].state_dict())
-    assert deduped.metrics[(0, "components")].compute()["mean_f1"] == pytest.approx(0.8)
+            np.testing.assert_equal(unit.metrics[(k, slot)].state_dict(), reference.metrics[(row, slot)].state_dict())
+    assert unit.metrics[(2, "components")].compute()["mean_f1"] == pytest.approx(0.8)
