@@ -239,8 +239,9 @@ def test_evaluate_temperature_energy_matches_sklearn_without_ray():
 
 
 def test_read_only_cached_outputs_are_scored_without_a_copy_warning_or_a_write():
-    """Cached records read from the object store are read-only arrays: every pixel-wise scorer scores them (T = 0.5:
-    the block divided in place) without torch's not-writable warning, and leaves their bytes as they were."""
+    """Cached records read from the object store are read-only arrays: five pixel-wise scorers score fp16 and float32
+    ones (T = 0.5: an owned copy is divided in place) without torch's not-writable warning, and leave their bytes as
+    they were."""
     rng = np.random.default_rng(1)
     records = []
     for dtype in (np.float16, np.float32):
