@@ -77,11 +77,11 @@ def test_local_ray_env_keeps_what_the_user_set(monkeypatch):
     assert os.environ["MALLOC_ARENA_MAX"] == "4"
 
 
-def test_session_ray_workers_have_one_malloc_arena(ray_session):
-    """The test session's Ray starts as a job's local Ray does: its workers see ``MALLOC_ARENA_MAX=1``."""
-
+def test_session_ray_workers_get_the_local_ray_environment(ray_session):
+    """The test session's Ray starts as a job's local Ray does: its workers see ``MALLOC_ARENA_MAX=1`` and Ray Train's
+    0.5 s health-check interval (where Train's controller, itself a worker, reads it)."""
     @ray_session.remote(num_cpus=0)
-    def arena() -> str | None:
-        return os.environ.get("MALLOC_ARENA_MAX")
+    def env() -> dict[str, str | None]:
+        return {k: os.environ.get(k) for k in ("MALLOC_ARENA_MAX", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
 
-    assert ray_session.get(arena.remote()) == "1"
+    assert ray_session.get(env.remote()) == {"MALLOC_ARENA_MAX": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
