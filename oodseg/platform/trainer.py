@@ -3,9 +3,12 @@
 The loop itself is :func:`oodseg.training.loop.fit`, written once; here only what Ray adds (Ray's DeepSpeed example
 shape): each worker builds its :class:`~oodseg.training.strategy.Strategy` from its rank and device, restores from
 ``ray.train.get_checkpoint()`` (a retry after a worker failure, or a rerun with the same ``name`` + ``storage_path``)
-and reports rows and checkpoint directories with ``ray.train.report`` (DeepSpeed: every rank saves its ZeRO partition
-and Ray merges the directories; rank 0 adds ``history.json``, ``run.json`` and, at the end, ``model.safetensors``).
-Rank 0 also puts each row on a queue the driver prints from (one progress line per ``log_every`` steps).
+and reports validation rows and checkpoint directories with ``ray.train.report`` (DeepSpeed: every rank saves its
+ZeRO partition and Ray merges the directories; rank 0 adds ``history.json``, ``run.json`` and, at the end,
+``model.safetensors``). Rank 0 also puts each row on a queue the driver prints from (one progress line per
+``log_every`` steps); the rows in between are not Train reports, because a worker's report waits until the
+controller has collected its previous one, at its next poll of the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
+Ray's default 2 s): progress lines closer together than that throttled training.
 
 Before Ray starts, :func:`check_resume` compares the newest checkpoint of ``<storage_path>/<name>`` with this run:
 any difference in its fingerprint (:func:`oodseg.training.loop.run_fingerprint`: the strategy and every
@@ -15,6 +18,7 @@ resume; so is asking for fewer steps than the checkpoint has trained.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -96,14 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     setup_worker(cfg.cpus_per_worker, "cuda" if cfg.use_gpu else "cpu")
     strategy = create_strategy(cfg.strategy, zero_stage=cfg.zero_stage, shm_comm=cfg.shm_comm,
                                device=ray.train.torch.get_device(), rank=rank, world=ctx.get_world_size())
-    progress = config.get("progress")
-
-    def report(row: dict[str, Any], directory: Path | None) -> None:
-        if progress is not None and rank == 0:
-            progress.put_nowait(row)
-        has_files = directory is not None and any(directory.iterdir())
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if has_files else None)
-
+    report = functools.partial(report_row, rank=rank, progress=config.get("progress"))
     checkpoint = ray.train.get_checkpoint()
     export = {"oodseg.finetune.config": to_json(cfg)}
     if checkpoint is None:
@@ -115,6 +112,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                          checkpoint_every=cfg.checkpoint_every, export=export, step_hook=config.get("step_hook"))
     strategy.close()
     return result.history
+
+
+def report_row(row: dict[str, Any], directory: Path | None, rank: int, progress: Any = None) -> None:
+    """A worker's ``fit`` report: rank 0 puts ``row`` on the driver's ``progress`` queue (if any); a row with
+    validation metrics (``val_*``: all-gathered, so every rank decides alike) or a checkpoint ``directory`` is also a
+    ``ray.train.report``, a progress row is not (the module docstring)."""
+    import ray.train
+
+    if progress is not None and rank == 0:
+        progress.put_nowait(row)
+    if directory is None and not any(k.startswith("val_") for k in row):
+        return
+    has_files = directory is not None and any(directory.iterdir())
+    ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if has_files else None)
 
 
 def resolve_data(cfg: FinetuneConfig, cache_dir: str | os.PathLike[str] | None = None) -> FinetuneConfig:
