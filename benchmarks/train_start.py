@@ -6,9 +6,10 @@ Ray Train's controller collects its workers' reports and notices a finished run 
 (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), and a worker's next ``ray.train.report`` waits until the previous one was
 collected; a local Ray's processes get 0.5 s (``oodseg/process.py``). Each variant is a fresh process that starts
 its local Ray with its interval, as a job starts one (the controller reads it when it starts), and runs ``--runs``
-README-size fine-tunes one after the other (``configs/finetune.yaml``, 4 steps, one report per step, a random ERFNet:
-nothing to cache first), printing each run's wall seconds. The variants take turns, ``--repeats`` processes each,
-because this machine's speed drifts. Prints the median run per variant and the ratio 0.5 s / 2 s.
+README-size fine-tunes one after the other (``configs/finetune.yaml``, 4 steps, a progress line each, validation
+and a checkpoint every 2, a random ERFNet: nothing to cache first), printing each run's wall seconds. The variants
+take turns, ``--repeats`` processes each, because this machine's speed drifts. Prints the median run per variant and
+the ratio 0.5 s / 2 s.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ torch is imported; importing oodseg changes nothing in the process.
 * ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5`` for the same processes. Ray Train's controller polls its workers at this
   interval (Ray's default: 2 s); it sees a finished run only at a poll, and a worker's ``ray.train.report`` waits
   until the controller has collected its previous one (a queue of one), so reports closer together than a poll
-  throttle training. A README-size fine-tune (4 steps, one report each) took 23.4 s with 2 s and 18.9 s with
-  0.5 s (medians, ``benchmarks/train_start.py``). A poll is one small call per worker; one that is late is awaited
-  at the next poll, not counted as a failure. On a cluster Ray's default stays, unless ``ray start`` or the driver
-  sets it.
+  throttle training. A README-size fine-tune (4 steps; validation and a checkpoint every 2) took 20.5 s with 2 s
+  and 18.1 s with 0.5 s (medians, ``benchmarks/train_start.py``). A poll is one small call per worker; one that is
+  late is awaited at the next poll, not counted as a failure. On a cluster Ray's default stays, unless ``ray start``
+  or the driver sets it.
 """
 
 from __future__ import annotations
