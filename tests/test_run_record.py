@@ -80,6 +80,7 @@ def test_local_ray_env_keeps_what_the_user_set(monkeypatch):
 def test_session_ray_workers_get_the_local_ray_environment(ray_session):
     """The test session's Ray starts as a job's local Ray does: its workers see ``MALLOC_ARENA_MAX=1`` and Ray Train's
     0.5 s health-check interval (where Train's controller, itself a worker, reads it)."""
+
     @ray_session.remote(num_cpus=0)
     def env() -> dict[str, str | None]:
         return {k: os.environ.get(k) for k in ("MALLOC_ARENA_MAX", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
