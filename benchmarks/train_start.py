@@ -29,11 +29,10 @@ SHORT = ["--steps", "4", "--set", "train.init=scratch", "--set", "train.log_ever
          "--set", "train.val_images=2"]
 CHILD = """
 import contextlib, io, json, sys, time
-from oodseg.process import apply_job_settings
+from oodseg.process import LOCAL_RAY_ENV, apply_job_settings
 apply_job_settings()
 from oodseg.platform.jobs import finetune
 from oodseg.platform.runs import init_ray
-from oodseg.process import LOCAL_RAY_ENV
 import ray
 storage, runs, short, interval = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 LOCAL_RAY_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval  # given to the local Ray's processes as a job's is

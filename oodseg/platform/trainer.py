@@ -6,9 +6,8 @@ shape): each worker builds its :class:`~oodseg.training.strategy.Strategy` from 
 and reports validation rows and checkpoint directories with ``ray.train.report`` (DeepSpeed: every rank saves its
 ZeRO partition and Ray merges the directories; rank 0 adds ``history.json``, ``run.json`` and, at the end,
 ``model.safetensors``). Rank 0 also puts each row on a queue the driver prints from (one progress line per
-``log_every`` steps); the rows in between are not Train reports, because a worker's report waits until the
-controller has collected its previous one, at its next poll of the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``,
-Ray's default 2 s): progress lines closer together than that throttled training.
+``log_every`` steps); the rows in between are not Train reports: a worker's report waits for the controller's next
+poll of the workers, so progress lines closer together than its interval throttled training (``oodseg/process.py``).
 
 Before Ray starts, :func:`check_resume` compares the newest checkpoint of ``<storage_path>/<name>`` with this run:
 any difference in its fingerprint (:func:`oodseg.training.loop.run_fingerprint`: the strategy and every
