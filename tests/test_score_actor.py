@@ -1,5 +1,5 @@
 """The score actor's metric updates: keys with bit-identical maps are binned once, and each key's state is the one an
-update of its own map gives."""
+update of its own map gives; its per-image summaries and fp16 score shards, on the host and by the accelerator path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from oodseg.platform.benchmark.score import ScoreActor, identical_groups
+from oodseg.platform.benchmark.config import ScorerKey
+from oodseg.platform.benchmark.score import (
+    F16_MAX,
+    ScoreActor,
+    fp16_maps,
+    identical_groups,
+    image_summaries,
+    summary_sums,
+    summary_sums_torch,
+)
 from oodseg.scoring.metrics import PixelMetrics
 
 
@@ -35,7 +44,7 @@ def test_identical_maps_are_binned_once_and_every_key_gets_its_own_state():
     actor.cfg = SimpleNamespace(smiyc=True)
     states: dict = {}
     for _ in range(2):  # a second chunk adds to the same states
-        actor._update_pixel(scores, labels, states)
+        actor._update_pixel(scores, torch.from_numpy(labels), states)
     assert sorted(states) == [(i, "pixel") for i in range(len(scores))]
     assert len({id(m) for m in states.values()}) == len(scores)
     for i, s in enumerate(scores):
@@ -45,3 +54,36 @@ def test_identical_maps_are_binned_once_and_every_key_gets_its_own_state():
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"key {i}: {k}")
 
+
+
+def test_image_summaries_match_numpy_on_the_host_and_by_the_accelerator_path():
+    """Means over each image's inlier / anomaly pixels (255 ignored), as numpy's float64 mean; an image without anomaly
+    pixels has none. The torch path (what an accelerator actor runs; device-agnostic ops) gives the same numbers."""
+    scores, labels = maps(2)
+    labels[1][labels[1] == 1] = 0
+    keys = [ScorerKey(f"s{i}", "cl", 1.0) for i in range(len(scores))]
+    lab = torch.from_numpy(labels)
+    rows = image_summaries(scores, lab, keys)
+    for j in range(labels.shape[0]):
+        for key, s, row in zip(keys, scores, rows[j]):
+            s64 = s[j].numpy().astype(np.float64)
+            assert row["scorer"] == key.method and row["n_valid"] == int((labels[j] != 255).sum())
+            assert row["n_anomaly"] == int((labels[j] == 1).sum())
+            assert row["score_mean_inlier"] == s64[labels[j] == 0].mean()
+            assert row["score_max"] == float(s[j].max())
+            if j == 1:
+                assert row["score_mean_anomaly"] is None
+            else:
+                assert row["score_mean_anomaly"] == s64[labels[j] == 1].mean()
+    host = summary_sums(scores, labels == 0, labels == 1)
+    dev = summary_sums_torch(scores, lab == 0, lab == 1)
+    np.testing.assert_allclose(np.array(dev, dtype=np.float64), np.array(host, dtype=np.float64), rtol=1e-12)
+
+
+def test_fp16_maps_clip_to_the_fp16_range_and_round_as_numpy():
+    g = torch.Generator().manual_seed(3)
+    maps_ = [torch.randn(40, 56, generator=g) * 10.0 ** e for e in (0, 3, 6)]
+    got = fp16_maps(maps_)
+    ref = np.clip(np.stack([m.numpy() for m in maps_]), -F16_MAX, F16_MAX).astype(np.float16)
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    np.testing.assert_array_equal(got.view(np.uint16), ref.view(np.uint16))

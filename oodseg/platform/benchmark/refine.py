@@ -34,7 +34,7 @@ from oodseg.models.sam import create_sam
 from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.read import course_resize
 from oodseg.platform.benchmark.rows import Rows
-from oodseg.platform.benchmark.score import F16_MAX, ScoreStage
+from oodseg.platform.benchmark.score import ScoreStage, fp16_maps
 from oodseg.platform.benchmark.stage import ActorContext, Stage, row_batches
 from oodseg.platform.benchmark.units import UnitResult
 from oodseg.refine import ScoreCalibration, create_prompter, refine_s2m
@@ -108,7 +108,7 @@ class RefineActor:
                 cal = self.inputs.calibrations.get(dataset, {}).get(key.scorer)
                 refined, boxes = refine_s2m(image, score, self.prompters[key.scorer], self.sam,
                                             ScoreCalibration(**cal) if cal else None)
-                maps.append(refined.numpy())
+                maps.append(refined)
                 summary.append({"scorer": key.method, "placement": key.placement, "temperature": key.temperature,
                                 "n_valid": int((item.label != 255).sum()), "n_anomaly": int((item.label == 1).sum()),
                                 "score_max": float(refined.max()) if refined.numel() else 0.0})
@@ -118,7 +118,7 @@ class RefineActor:
         for i, m in enumerate(maps):
             states.setdefault((i, "pixel"), PixelMetrics(smiyc=self.ctx.cfg.smiyc)).update(m, item.label)
         rows.image(src, summary)
-        return np.clip(np.stack(maps), -F16_MAX, F16_MAX).astype(np.float16)
+        return fp16_maps(maps)
 
 
 class RefineStage(Stage):
