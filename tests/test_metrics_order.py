@@ -75,13 +75,17 @@ def test_float32_bounds_compare_float64_edges_exactly():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_smiyc_frames_from_key_order_equal_sorted_frames(fp16):
     """Host input (``KeyOrder`` for the ≥ 2^15 inlier pixels of a frame, a key sort for the anomaly pixels) and CPU
-    torch input (full sort) give the same per-frame bins, to the bit."""
+    torch input (what an accelerator runs: every frame in one batched sort, ``device_frames``) give the same
+    per-frame bins, to the bit; frames without anomaly, without inlier or without any valid pixel included."""
     rng = np.random.default_rng(3)
-    s = (rng.standard_normal((3, 192, 256)) * 3).astype(np.float32)
+    s = (rng.standard_normal((5, 192, 256)) * 3).astype(np.float32)
     s[1] = np.round(s[1])  # ties
-    lab = (rng.random((3, 192, 256)) < 0.05).astype(np.uint8)
+    s[0, 10, :3] = [-0.0, 0.0, -1e-40]  # signed zeros and a denormal
+    lab = (rng.random((5, 192, 256)) < 0.05).astype(np.uint8)
     lab[:, :4] = 255
     lab[2] = 0  # a frame without anomaly pixels
+    lab[3] = np.where(lab[3] == 0, 1, lab[3])  # one without inlier pixels
+    lab[4] = 255  # one without any valid pixel
     host = SmiycPixelMetrics(fp16=fp16).add_frames(s, lab)
     ref = SmiycPixelMetrics(fp16=fp16).add_frames(torch.from_numpy(s), torch.from_numpy(lab))
     a, b = host._state(), ref._state()

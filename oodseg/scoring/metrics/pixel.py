@@ -66,7 +66,8 @@ class PixelMetrics(MergeableMetric):
     numbers are the ones to quote; the leaderboard ones are binned per frame (AuPRC mostly overstated, by up to a
     few 1e-2 when frames have few or no anomaly pixels; see the smiyc module). Cost: memory grows with frames ×
     ≤ 768 bins (~18 KiB a frame); ``update`` also ranks each frame's anomaly and inlier scores (host arrays: from
-    a histogram of the keys, :class:`~oodseg.scoring.metrics.order.KeyOrder`; accelerator tensors: a sort).
+    a histogram of the keys, :class:`~oodseg.scoring.metrics.order.KeyOrder`; accelerator tensors: one sort of all
+    frames, :func:`~oodseg.scoring.metrics.smiyc.device_frames`).
     """
 
     columns = {

@@ -40,7 +40,7 @@ grows with frames × bins, never with pixels, and merging concatenates.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,14 +53,15 @@ from oodseg.scoring.metrics.base import (
     scores_and_labels,
     torch_scores_and_labels,
 )
-from oodseg.scoring.metrics.order import KeyOrder, float32_keys, keys_to_float32
+from oodseg.scoring.metrics.order import KeyOrder, float32_bounds, float32_keys, keys_to_float32
 
 NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
 QUANTILES_PER_CLASS = NUM_BINS // 2
 TPR_TARGET = 0.95
 Array = np.ndarray | torch.Tensor
 Bins = tuple[np.ndarray, np.ndarray, np.ndarray]
-Sorted = np.ndarray | torch.Tensor | KeyOrder  # a frame's scores of one class, sorted (or their KeyOrder)
+Frame = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]  # a frame's Bins and its anomaly / inlier pixel counts
+Sorted = np.ndarray | KeyOrder  # a frame's scores of one class, sorted (or their KeyOrder)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -69,12 +70,8 @@ Sorted = np.ndarray | torch.Tensor | KeyOrder  # a frame's scores of one class, 
 
 
 def _take(sorted_vals: Sorted, idx: np.ndarray) -> np.ndarray:
-    """``sorted_vals[idx]`` on the host, in the scores' dtype (a small gather; torch input stays on its device)."""
-    if isinstance(sorted_vals, KeyOrder):
-        return sorted_vals.take(idx)
-    if isinstance(sorted_vals, torch.Tensor):
-        return sorted_vals[torch.from_numpy(idx).to(sorted_vals.device)].cpu().numpy()
-    return sorted_vals[idx]
+    """``sorted_vals[idx]`` (a small gather)."""
+    return sorted_vals.take(idx) if isinstance(sorted_vals, KeyOrder) else sorted_vals[idx]
 
 
 def _count_below(sorted_vals: Sorted, edges: np.ndarray) -> np.ndarray:
@@ -82,30 +79,26 @@ def _count_below(sorted_vals: Sorted, edges: np.ndarray) -> np.ndarray:
     comparing exactly (scores promoted to float64)."""
     if isinstance(sorted_vals, KeyOrder):
         return sorted_vals.count_below(edges)
-    if isinstance(sorted_vals, torch.Tensor):
-        vals = sorted_vals.double()
-        e = torch.from_numpy(edges).to(vals.device)
-        left = torch.searchsorted(vals, e[:-1])
-        last = torch.searchsorted(vals, e[-1:], right=True)
-        return torch.cat([left, last]).cpu().numpy().astype(np.int64)
     left = np.searchsorted(sorted_vals, edges[:-1], side="left")
     last = np.searchsorted(sorted_vals, edges[-1:], side="right")
     return np.concatenate([left, last]).astype(np.int64)
 
 
-def linear_quantiles(sorted_vals: Sorted, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """``np.quantile(x, np.linspace(0, 1, min(384, n)))`` (float64) from ``x`` sorted ascending, rounding exactly as
-    numpy's ``'linear'`` method (``_lerp``): the neighbour difference ``b − a`` in the scores' dtype, then
-    ``a + (b − a)·γ`` in float64, or ``b − (b − a)·(1 − γ)`` when ``γ ≥ 0.5``. Also returns ``[min, max]`` in the
-    scores' dtype ``dtype`` (float16 scores may be held as float32: numpy sorts float16 ~6x slower). Sorting (not
-    ``torch.quantile``, which caps its input size) keeps it usable on any device."""
-    n = int(sorted_vals.shape[0])
+def quantile_ranks(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``np.quantile(x, np.linspace(0, 1, min(384, n)))`` (``'linear'``) reads of ``n`` sorted values: the
+    positions ``[lo…, hi…]`` of each quantile's two neighbours, and the weights ``γ``."""
     virtual = (n - 1) * np.linspace(0.0, 1.0, min(QUANTILES_PER_CLASS, n))
     lo = np.floor(virtual).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    gamma = virtual - lo
-    vals = _take(sorted_vals, np.concatenate([lo, hi])).astype(dtype, copy=False)  # lo[0] = 0, hi[-1] = n − 1
-    a, b = vals[: lo.size], vals[lo.size :]
+    return np.concatenate([lo, np.minimum(lo + 1, n - 1)]), virtual - lo
+
+
+def quantiles_at(vals: np.ndarray, gamma: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The quantiles (float64) from the values at :func:`quantile_ranks`, rounding exactly as numpy's ``'linear'``
+    method (``_lerp``): the neighbour difference ``b − a`` in the scores' dtype, then ``a + (b − a)·γ`` in float64,
+    or ``b − (b − a)·(1 − γ)`` when ``γ ≥ 0.5``; and ``[min, max]`` in the scores' dtype ``dtype`` (float16 scores
+    may be held as float32: numpy sorts float16 ~6x slower)."""
+    vals = vals.astype(dtype, copy=False)
+    a, b = vals[: gamma.size], vals[gamma.size :]  # lo[0] = 0, hi[-1] = n − 1
     diff = b - a  # in the scores' dtype, as numpy
     out = a + diff * gamma
     upper = gamma >= 0.5
@@ -113,20 +106,67 @@ def linear_quantiles(sorted_vals: Sorted, dtype: type = np.float32) -> tuple[np.
     return out, np.array([a[0], b[-1]])
 
 
+def linear_quantiles(sorted_vals: Sorted, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """``np.quantile(x, np.linspace(0, 1, min(384, n)))`` (float64) and ``[min, max]`` from ``x`` sorted ascending
+    (:func:`quantile_ranks`, :func:`quantiles_at`)."""
+    idx, gamma = quantile_ranks(int(sorted_vals.shape[0]))
+    return quantiles_at(_take(sorted_vals, idx), gamma, dtype)
+
+
+def bin_edges(quantiles: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A frame's ascending bin edges (float64) from the :func:`linear_quantiles` of its classes that have pixels:
+    ``unique([vmin − eps, vmax + eps] ∪ quantiles)``, ``eps = max(0.01·(vmax − vmin), 0.01)``."""
+    vmin, vmax = min(q[1][0] for q in quantiles), max(q[1][1] for q in quantiles)  # in the scores' dtype
+    with np.errstate(over="ignore"):  # vmax − vmin in the scores' dtype (may overflow to inf, as in the toolkit)
+        vrange = float(vmax - vmin)
+    eps = max(vrange * 1e-2, 1e-2)  # float64: numpy 1.23 (the toolkit's pin) promotes float32 scalar * float
+    return np.unique(np.concatenate([np.array([float(vmin) - eps, float(vmax) + eps]), *(q[0] for q in quantiles)]))
+
+
 def frame_bins(pos_sorted: Sorted, neg_sorted: Sorted, dtype: type = np.float32) -> Bins:
     """One frame's ``binary_confusion_matrix(..., bin_strategy='percentiles', num_bins=768)``: (ascending lower bin
     edges float64, anomaly counts, inlier counts) from the frame's sorted anomaly and inlier scores (not both empty)
     whose values are of dtype ``dtype``.
     """
-    quantiles, extremes = zip(*(linear_quantiles(v, dtype) for v in (pos_sorted, neg_sorted) if v.shape[0]))
-    vmin, vmax = min(e[0] for e in extremes), max(e[1] for e in extremes)  # numpy scalars of the scores' dtype
-    with np.errstate(over="ignore"):  # vmax − vmin in the scores' dtype (may overflow to inf, as in the toolkit)
-        vrange = float(vmax - vmin)
-    eps = max(vrange * 1e-2, 1e-2)  # float64: numpy 1.23 (the toolkit's pin) promotes float32 scalar * float
-    edges = np.unique(np.concatenate([np.array([float(vmin) - eps, float(vmax) + eps]), *quantiles]))
+    edges = bin_edges([linear_quantiles(v, dtype) for v in (pos_sorted, neg_sorted) if v.shape[0]])
     counts = [np.diff(_count_below(v, edges)).astype(np.int32) if v.shape[0] else np.zeros(edges.size - 1, np.int32)
               for v in (pos_sorted, neg_sorted)]
     return edges[:-1], counts[0], counts[1]
+
+
+def device_frames(s: torch.Tensor, lab: torch.Tensor, dtype: type = np.float32) -> list[Frame | None]:
+    """:func:`frame_bins` and pixel counts of every frame of ``[F, P]`` scores and labels on their device (``None``
+    for a frame without valid pixels), in three host round trips for the whole batch instead of several per frame:
+    one sort of every frame's (frame, class, score key) as int64 (class segments in frame order, ignored pixels
+    last), one gather of the values at every segment's :func:`quantile_ranks`, one search of every segment's bin
+    edges (:func:`~oodseg.scoring.metrics.order.float32_bounds`: exact float32 comparisons on the keys)."""
+    f = s.shape[0]
+    frame = torch.arange(f, device=s.device).unsqueeze(1)
+    seg = torch.where(lab == ANOMALY, 2 * frame, torch.where(lab == INLIER, 2 * frame + 1, 2 * f)).reshape(-1)
+    bits = (s + 0.0).reshape(-1).view(torch.int32)  # + 0.0 turns −0.0 into +0.0
+    keys = (bits ^ ((bits >> 31) | torch.iinfo(torch.int32).min)).long() & 0xFFFFFFFF  # float32_keys, as int64
+    ordered = torch.sort((seg << 32) + keys).values
+    n = torch.bincount(seg, minlength=2 * f + 1)[: 2 * f].cpu().numpy()
+    start = np.cumsum(n) - n
+    ranks = {g: quantile_ranks(int(n[g])) for g in range(2 * f) if n[g]}
+    idx = np.concatenate([start[g] + r[0] for g, r in ranks.items()]) if ranks else np.zeros(0, np.int64)
+    taken = (ordered[torch.from_numpy(idx).to(s.device)] & 0xFFFFFFFF).cpu().numpy().astype(np.uint32)
+    vals = dict(zip(ranks, np.split(keys_to_float32(taken), np.cumsum([r[0].size for r in ranks.values()])[:-1])))
+    edges = {i: bin_edges([quantiles_at(vals[g], ranks[g][1], dtype) for g in (2 * i, 2 * i + 1) if g in ranks])
+             for i in range(f) if n[2 * i] + n[2 * i + 1]}
+    bounds = {g: float32_bounds(edges[g // 2], last_inclusive=True) + (g << 32) for g in ranks}
+    flat = np.concatenate(list(bounds.values())) if bounds else np.zeros(0, np.int64)
+    found = torch.searchsorted(ordered, torch.from_numpy(flat).to(s.device)).cpu().numpy()
+    below = dict(zip(bounds, np.split(found, np.cumsum([b.size for b in bounds.values()])[:-1])))
+    out: list[Frame | None] = []
+    for i in range(f):
+        if i not in edges:
+            out.append(None)
+            continue
+        counts = [np.diff(below[g] - start[g]).astype(np.int32) if g in below else
+                  np.zeros(edges[i].size - 1, np.int32) for g in (2 * i, 2 * i + 1)]
+        out.append((edges[i][:-1], counts[0], counts[1], int(n[2 * i]), int(n[2 * i + 1])))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -190,10 +230,6 @@ def key_order(keys: np.ndarray) -> KeyOrder | np.ndarray:
     return KeyOrder(keys) if keys.size >= 1 << 15 else keys_to_float32(np.sort(keys))
 
 
-def _sorted(x: Array) -> Array:
-    return torch.sort(x.reshape(-1)).values if isinstance(x, torch.Tensor) else np.sort(x.reshape(-1))
-
-
 def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
@@ -244,33 +280,43 @@ class SmiycPixelMetrics(MergeableMetric):
     def add_frames(self, scores: Array, labels: Array, keys: np.ndarray | None = None) -> SmiycPixelMetrics:
         """Add already validated float32 scores and 0/1/255 labels (numpy, or torch on any device) of one or more
         frames (:func:`split_frames`); all frames are binned before any is added, so a failing batch adds nothing.
-        ``keys``: the scores' :func:`float32_keys` when the caller has them (numpy input)."""
-        key_frames = split_frames(keys) if keys is not None else [None] * len(split_frames(labels))
-        frames = [self._frame(s, lab, k) for s, lab, k in zip(split_frames(scores), split_frames(labels), key_frames)]
+        ``keys``: the scores' :func:`float32_keys` when the caller has them (numpy input). Torch input is binned
+        batch-wise on its device (:func:`device_frames`)."""
+        dtype = np.float16 if self.fp16 else np.float32
+        if isinstance(scores, torch.Tensor):
+            rows = scores.shape[0] if scores.ndim >= 3 else 1
+            frames = device_frames(self._rounded(scores).reshape(rows, -1), labels.reshape(rows, -1), dtype)
+        else:
+            given = keys is not None and not self.fp16  # fp16 rounding changes the keys
+            key_frames = split_frames(keys) if given else [None] * len(split_frames(labels))
+            frames = [self._frame(s, lab, k, dtype) for s, lab, k in zip(split_frames(self._rounded(scores)),
+                                                                         split_frames(labels), key_frames)]
         for f in frames:
             if f is not None:
                 self._add(*f)
         return self
 
-    def _frame(self, s: Array, lab: Array, keys: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None:
-        """One frame's bins and pixel counts (``None`` if it has no valid pixel). Host scores are not sorted: their
+    def _rounded(self, s: Array) -> Array:
+        """With ``fp16``: the scores rounded to float16, kept in float32 storage (exact; numpy sorts float16 slowly);
+        a score that overflows float16 raises ``ValueError``."""
+        if not self.fp16:
+            return s
+        with np.errstate(over="ignore"):  # overflow is reported just below
+            s = s.half().float() if isinstance(s, torch.Tensor) else s.astype(np.float16).astype(np.float32)
+        n_inf = int((s.isinf() if isinstance(s, torch.Tensor) else np.isinf(s)).sum())
+        if n_inf:
+            raise ValueError(f"SMIYC fp16: {n_inf} scores overflow float16 (|score| >= 65520; the toolkit would "
+                             "store inf); rescale or clip the scores, or use smiyc_fp16=False")
+        return s
+
+    @staticmethod
+    def _frame(s: np.ndarray, lab: np.ndarray, keys: np.ndarray | None, dtype: type) -> Frame | None:
+        """One host frame's bins and pixel counts (``None`` if it has no valid pixel). The scores are not sorted: their
         :class:`~oodseg.scoring.metrics.order.KeyOrder` answers the few ranks and counts the binning reads."""
-        if self.fp16:  # round to float16, keep float32 storage (exact; numpy sorts float16 slowly)
-            with np.errstate(over="ignore"):  # overflow is reported just below
-                s = s.half().float() if isinstance(s, torch.Tensor) else s.astype(np.float16).astype(np.float32)
-            n_inf = int((s.isinf() if isinstance(s, torch.Tensor) else np.isinf(s)).sum())
-            if n_inf:
-                raise ValueError(f"SMIYC fp16: {n_inf} scores overflow float16 (|score| >= 65520; the toolkit would "
-                                 "store inf); rescale or clip the scores, or use smiyc_fp16=False")
-        if isinstance(s, torch.Tensor):
-            pos, neg = _sorted(s[lab == ANOMALY]), _sorted(s[lab == INLIER])
-        else:
-            k = float32_keys(s) if keys is None or self.fp16 else keys
-            pos, neg = key_order(k[lab == ANOMALY]), key_order(k[lab == INLIER])
+        k = float32_keys(s) if keys is None else keys
+        pos, neg = key_order(k[lab == ANOMALY]), key_order(k[lab == INLIER])
         if pos.shape[0] + neg.shape[0] == 0:
             return None
-        dtype = np.float16 if self.fp16 else np.float32
         return (*frame_bins(pos, neg, dtype), int(pos.shape[0]), int(neg.shape[0]))
 
     def _add(self, edges: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> None:
