@@ -40,7 +40,8 @@ def call_table(ids: list[str], seed: int) -> tuple[pa.Table, PixelMetrics]:
         label = (rng.random((8, 8)) < 0.2).astype(np.uint8)
         pm.update(rng.random((8, 8)).astype(np.float32), label)
         rows.image({"dataset": "fs_static", "id": i, "image_path": f"{i}.png"}, [{"scorer": "msp"}])
-    rows.state("fs_static", {(0, "pixel"): pm}, ids, {"scores": [f"/x/shard-{seed}.npz"]})
+    rows.shard("fs_static", "scores", f"/x/shard-{seed}.npz")
+    rows.state("fs_static", {(0, "pixel"): pm}, ids)
     return rows.table(), pm
 
 

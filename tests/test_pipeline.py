@@ -138,6 +138,25 @@ def test_pipeline_matches_single_process_loop(benchmark_run, pipeline_suite, tin
     assert df[df.kind == "anomaly"]["siou"].notna().any()
 
 
+def test_concurrent_actor_calls_give_the_same_rows(benchmark_run, pipeline_suite, tiny_model, tmp_path):
+    """``actor_concurrency=2`` (a GPU actor's default: calls overlap, each call's rows and shards its own): the
+    metric and per-image rows equal the one-call-at-a-time run's, component metrics (read from each call's shards)
+    and the output cache included."""
+    store, run_id = benchmark_run
+    run_benchmark(make_cfg(tmp_path, pipeline_suite, tiny_model, run_id="concurrent", actor_concurrency=2))
+    got = ResultsStore(str(tmp_path))
+    for table, by in (("metrics", ["dataset", "scorer", "temperature"]),
+                      ("per_image", ["dataset", "image_id", "scorer", "temperature"])):
+        a = store.read(table).query("run_id == @run_id").sort_values(by).reset_index(drop=True)
+        b = got.read(table).sort_values(by).reset_index(drop=True)
+        numeric = [c for c in a.columns if a[c].dtype.kind in "fi" and c != "wall_s"]  # all but the timing
+        assert len(a) == len(b) > 0 and a[by].equals(b[by])
+        np.testing.assert_array_equal(a[numeric].to_numpy(), b[numeric].to_numpy(), err_msg=table)
+    assert got.read("metrics")["siou"].notna().any()
+    cache = ShardCache(str(tmp_path), "concurrent", "tiny", "fs_static", "outputs")
+    assert len(list(cache.items())) == N_IMAGES
+
+
 def test_temperature_changes_msp_but_not_maxlogit_ranking(benchmark_run):
     """Sanity of the sweep bookkeeping: MSP's ranking depends on T, energy/rba rows exist per T."""
     store, run_id = benchmark_run

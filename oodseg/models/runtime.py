@@ -93,6 +93,22 @@ class Runtime:
         return model
 
     @contextlib.contextmanager
+    def stream(self) -> Iterator[torch.cuda.Stream | None]:
+        """On CUDA: run the block on a stream of its own (from torch's pool) and yield it, so threads that each use one
+        (concurrent actor calls) wait at a host sync for their own kernels only; elsewhere a no-op yielding None."""
+        if self.torch_device.type != "cuda":
+            yield None
+            return
+        stream = torch.cuda.Stream(self.torch_device)
+        with torch.cuda.stream(stream):
+            yield stream
+
+    def synchronize(self) -> None:
+        """Wait for the current stream's kernels on CUDA (a no-op elsewhere)."""
+        if self.torch_device.type == "cuda":
+            torch.cuda.current_stream(self.torch_device).synchronize()
+
+    @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """Autocast to ``self.dtype`` on ``self.device`` (a no-op for fp32)."""
         if self.dtype == torch.float32:

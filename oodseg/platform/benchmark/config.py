@@ -153,6 +153,9 @@ class BenchmarkConfig:
     num_actors: int = field(default=0, metadata=_h(
         "max actors per pass (0: one per GPU; on CPU as many as the CPUs beside the read tasks and the memory allow)"))
     actor_num_cpus: float = field(default=1.0, metadata=_h("CPUs reserved per scoring actor"))
+    actor_concurrency: int = field(default=0, metadata=_h(
+        "calls a scoring actor runs at once (0: 2 on a GPU, where one call's forward overlaps the other's metric "
+        "updates and shard writes; 1 on CPU, where an actor's threads are its reserved CPUs)"))
     actor_memory_gb: float = field(default=0.0, metadata=_h(
         "memory per CPU actor in GiB, bounding the pool by the cluster's memory (0: estimated from the batch: "
         "0.75 GiB + batch_size × the largest image's pixels × 320 B)"))
@@ -184,7 +187,7 @@ class BenchmarkConfig:
             raise ValueError("models: at least one model is needed")
         if self.batch_size < 1 or self.read_concurrency < 1:
             raise ValueError("batch_size and read_concurrency must be ≥ 1")
-        for name in ("num_actors", "heatmaps", "torch_threads", "num_cpus"):
+        for name in ("num_actors", "actor_concurrency", "heatmaps", "torch_threads", "num_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.actor_memory_gb < 0:

@@ -69,7 +69,6 @@ class RefineActor:
         self.prompters = {name: create_prompter(**{**({"device": dev} if "checkpoint" in cfg else {}), **cfg})
                           for name, cfg in inputs.prompters.items()}
         self.refs = {k: {r.id: r for r in ds.samples} for k, ds in inputs.datasets.items()}
-        self.calls = 0
 
     def _image(self, dataset: str, image_id: str, label: np.ndarray) -> np.ndarray:
         image = self.inputs.datasets[dataset].load(self.refs[dataset][image_id])["image"]
@@ -77,11 +76,9 @@ class RefineActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         setup_worker(self.threads, self.device)  # this call's thread (setup_worker)
-        self.calls += 1
         rows = Rows()
         states: dict[str, dict] = defaultdict(dict)
         covered: dict[str, list[str]] = defaultdict(list)
-        written: dict[str, list[str]] = defaultdict(list)
         for row in batch.to_pylist():
             dataset = row["dataset"]
             source = self.ctx.cache(dataset, "scores")
@@ -93,9 +90,9 @@ class RefineActor:
                     records.append({"label": item.label, "scores": refined, "keys": np.arange(len(self.keys))})
                     ids.append(item.id)
             if records:
-                written[dataset].append(self.ctx.cache(dataset, "refined").write(records, ids))
+                rows.shard(dataset, "refined", self.ctx.cache(dataset, "refined").write(records, ids))
         for dataset, ids in covered.items():
-            rows.state(dataset, states[dataset], ids, {"refined": written[dataset]})
+            rows.state(dataset, states[dataset], ids)
         return rows.table()
 
     def _refine(self, dataset: str, item: Any, rows: Rows, states: dict) -> np.ndarray | None:

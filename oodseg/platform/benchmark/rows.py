@@ -59,6 +59,7 @@ class Rows:
     def __init__(self) -> None:
         self.cols: dict[str, list[Any]] = {f.name: [] for f in ROW_SCHEMA}
         self.call = uuid.uuid4().hex
+        self.shards: dict[str, dict[str, list[str]]] = {}  # dataset → cache kind → the shards this call wrote
 
     def _add(self, kind: str, src: Mapping[str, Any], summary: Any = None, state: bytes = b"", stage: str = "",
              error: str = "", file: str = "") -> None:
@@ -79,11 +80,15 @@ class Rows:
     def failure(self, src: Mapping[str, Any], stage: str, error: str) -> None:
         self._add("failure", src, stage=stage, error=error)
 
-    def state(self, dataset: str, metrics: Mapping[tuple[int, str], Any], covered: Sequence[str],
-              shards: Mapping[str, Sequence[str]] | None = None) -> None:
+    def shard(self, dataset: str, kind: str, path: str) -> None:
+        """Record a cache shard of ``kind`` that this call wrote for ``dataset`` (listed in its :meth:`state` row)."""
+        self.shards.setdefault(dataset, {}).setdefault(kind, []).append(path)
+
+    def state(self, dataset: str, metrics: Mapping[tuple[int, str], Any], covered: Sequence[str]) -> None:
         """The merged ``{(key index, slot): metric}`` of one dataset in this call, the ids of the images it covers and
-        the cache shards (``{kind: [path]}``) it wrote for them."""
-        self._add("state", {"dataset": dataset}, summary={"covered": list(covered), "shards": dict(shards or {})},
+        the cache shards (``{kind: [path]}``, :meth:`shard`) it wrote for them."""
+        self._add("state", {"dataset": dataset}, summary={"covered": list(covered),
+                                                          "shards": self.shards.get(dataset, {})},
                   state=pack(metric_states(metrics)))
 
     def info(self, dataset: str, message: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -90,10 +91,13 @@ def fp16_maps(maps: Sequence[torch.Tensor]) -> np.ndarray:
     return torch.stack(list(maps)).clamp_(-F16_MAX, F16_MAX).to("cpu", torch.float16).numpy()
 
 
-def scores_shard(cache: ShardCache, scores: Sequence[torch.Tensor], labels: np.ndarray, ids: list[str]) -> str:
-    """Write one shard of the chunk's ``[B, H, W]`` score maps: per image ``[S, H, W]`` fp16 (:func:`fp16_maps`)."""
-    records = [{"label": labels[j], "scores": fp16_maps([s[j] for s in scores]), "keys": np.arange(len(scores))}
-               for j in range(len(ids))]
+def scores_shard(cache: ShardCache, scores: Sequence[torch.Tensor], labels: np.ndarray, ids: list[str],
+                 stream: torch.cuda.Stream | None = None) -> str:
+    """Write one shard of the chunk's ``[B, H, W]`` score maps: per image ``[S, H, W]`` fp16 (:func:`fp16_maps`);
+    ``stream``: the CUDA stream the maps were made on (this runs in the writer thread), None elsewhere."""
+    with torch.cuda.stream(stream):  # a no-op for None
+        records = [{"label": labels[j], "scores": fp16_maps([s[j] for s in scores]), "keys": np.arange(len(scores))}
+                   for j in range(len(ids))]
     return cache.write(records, ids)
 
 
@@ -136,16 +140,20 @@ class ScoreActor:
         self.features, self.network = "features" in needs, "network" in needs
         self.write_scores = writes_scores(cfg)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-shards")
-        self.calls = 0
+        self.forward_lock = threading.Lock()  # concurrent calls (actor_concurrency): one forward at a time
         self.announced = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """One call's rows. Calls may run concurrently (``actor_concurrency``): what a call builds lives in it, and
+        on CUDA it runs on a stream of its own (``Runtime.stream``)."""
         setup_worker(self.threads, self.device)  # this call's thread (setup_worker)
-        self.calls += 1
+        with self.runtime.stream():
+            return self._call(batch)
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         rows = Rows()
         groups: dict[tuple[str, int, int], list[dict]] = defaultdict(list)
         covered: dict[str, list[str]] = defaultdict(list)
-        self.written: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for r in batch.to_pylist():
             covered[r["dataset"]].append(r["id"])
             if r["error"]:
@@ -164,11 +172,8 @@ class ScoreActor:
                     for r in chunk:
                         rows.failure(r, "predict", f"{r['image_path']}: {type(e).__name__}: {e}")
         for dataset, ids in covered.items():
-            rows.state(dataset, states[dataset], ids, self.written[dataset])
+            rows.state(dataset, states[dataset], ids)
         return rows.table()
-
-    def _write(self, dataset: str, kind: str, records: list[dict], ids: list[str]) -> None:
-        self.written[dataset][kind].append(self.ctx.cache(dataset, kind).write(records, ids))
 
     def _score_chunk(self, dataset: str, chunk: list[dict], h: int, w: int, states: dict, rows: Rows) -> None:
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(h, w, 3) for r in chunk])
@@ -194,8 +199,10 @@ class ScoreActor:
         if self.model.reads_sources:
             kw["sources"] = [ImageSource(r["dataset"], r["id"], r["image_path"]) for r in chunk]
         try:
-            with torch.inference_mode(), self.runtime.autocast():
-                return self.model.predict(torch.from_numpy(images), **kw), list(range(len(chunk)))
+            with self.forward_lock, torch.inference_mode(), self.runtime.autocast():
+                outputs = self.model.predict(torch.from_numpy(images), **kw)
+                self.runtime.synchronize()  # a concurrent call's forward starts when this one's kernels are done
+            return outputs, list(range(len(chunk)))
         except SourceError as e:
             for i, (file, error) in e.failed.items():
                 rows.failure({**chunk[i], "file": file}, "predict", error)
@@ -228,7 +235,8 @@ class ScoreActor:
             scores, labels = [s[keep] for s in scores], labels[keep]
         label_t = torch.from_numpy(labels).to(scores[0].device if scores else "cpu")  # maps, labels: one device
         ids = [chunk[b]["id"] for b in keep]
-        shard = self.writer.submit(scores_shard, self.ctx.cache(dataset, "scores"), scores, labels, ids) \
+        stream = torch.cuda.current_stream(label_t.device) if label_t.is_cuda else None  # this call's (Runtime.stream)
+        shard = self.writer.submit(scores_shard, self.ctx.cache(dataset, "scores"), scores, labels, ids, stream) \
             if self.write_scores else None  # fp16 maps written while the metrics update
         try:
             self._update_pixel(scores, label_t, states)
@@ -237,7 +245,7 @@ class ScoreActor:
         finally:  # the write ends within the call either way; its shard is recorded only if the chunk is
             path = shard.result() if shard is not None else None
         if path is not None:
-            self.written[dataset]["scores"].append(path)
+            rows.shard(dataset, "scores", path)
 
     def _update_pixel(self, scores: list[torch.Tensor], label_t: torch.Tensor, states: dict) -> None:
         """Every key's ``PixelMetrics`` over the whole chunk, on the scores' device; the labels are checked once.
@@ -265,7 +273,7 @@ class ScoreActor:
             per_image = sum(a.nbytes for a in records[0].values())
             rows.info(dataset, f"output cache: {per_image / 2**20:.1f} MiB per image (fp16 model outputs)")
             self.announced = True
-        self._write(dataset, "outputs", records, [r["id"] for r in chunk])
+        rows.shard(dataset, "outputs", self.ctx.cache(dataset, "outputs").write(records, [r["id"] for r in chunk]))
 
 
 class ScoreStage(Stage):
@@ -294,6 +302,9 @@ class ScoreStage(Stage):
                 run.cache(k, kind).delete()
         items = image_items({k: run.datasets[k] for k in pending})
         res, max_actors = run.resources(ray)
+        calls = cfg.actor_concurrency or (2 if res["num_gpus"] else 1)  # a call's forward overlaps another's tail
+        pool = ActorPoolStrategy(min_size=1, max_size=max_actors, max_concurrent_calls_per_actor=calls,
+                                 enable_true_multi_threading=calls > 1)
         blocks = max(1, math.ceil(len(items) / cfg.batch_size))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(read_batch, fn_kwargs={"datasets": {k: run.datasets[k] for k in pending},
@@ -301,8 +312,7 @@ class ScoreStage(Stage):
                             batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.read_num_cpus,
                             compute=TaskPoolStrategy(size=min(cfg.read_concurrency, blocks)))
         ds = ds.map_batches(ScoreActor, fn_constructor_args=(run.actor_context(self.keys()),),
-                            batch_size=cfg.batch_size, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(min_size=1, max_size=max_actors), **res)
+                            batch_size=cfg.batch_size, batch_format="pyarrow", compute=pool, **res)
         return row_batches(ds)
 
     def after_commit(self, unit: UnitResult) -> None:
