@@ -243,6 +243,54 @@ def test_tiny_width_and_safetensors_round_trip(tmp_path: Path):
         load_checkpoint(model, cut)
 
 
+def test_inference_folds_each_bn_into_its_convolution_and_follows_weight_changes():
+    """Eval mode without autograd runs each BN that follows a conv folded into it: no such BN module runs, the
+    logits equal BN run as it is (autograd on) up to float rounding, and the fold follows in-place changes of the
+    weights and statistics (an optimiser step) and a state-dict load."""
+    torch.manual_seed(0)
+    model = create_model("erfnet", width=0.25, input_size=None).eval()
+
+    def perturb(m: torch.nn.Module) -> None:  # non-trivial statistics (a fresh BN is the identity)
+        with torch.no_grad():
+            for bn in (b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    perturb(model)
+    x = torch.rand(2, 3, 32, 64)
+    folded_bns = [model.encoder.layers[1].bn1, model.encoder.layers[1].bn2, model.decoder.layers[0].bn]
+    ran: list[int] = []
+    for bn in folded_bns:
+        bn.register_forward_hook(lambda *_: ran.append(1))
+
+    def check() -> torch.Tensor:
+        with torch.enable_grad():
+            ref = model(x).logits.detach()
+        assert len(ran) == len(folded_bns)  # BN as it is with autograd on
+        ran.clear()
+        with torch.inference_mode():
+            got = model(x).logits
+        assert not ran  # folded
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        return got
+
+    first = check()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).logits, first, rtol=0, atol=0)  # the cached fold: the same bits
+    with torch.no_grad():  # an optimiser step: weights and statistics change in place
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.mul_(1.1)
+    assert not torch.allclose(check(), first)
+    other = create_model("erfnet", width=0.25, input_size=None)
+    perturb(other)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(check(), other.eval()(x).logits, rtol=0, atol=0)
+
+
 def test_preprocess_and_predict_conventions():
     model = create_model("erfnet", width=0.25, input_size=(32, 64)).eval()
     rng = np.random.default_rng(0)
