@@ -32,10 +32,10 @@ which it predicts the same classes as the logits below it: EIM fine-tuning start
 Inputs whose sides are not multiples of 8 are zero-padded at the bottom/right (three stride-2 stages need it: the
 conv and the max-pool of a downsampler disagree on odd sizes) and the logits are cropped back.
 
-Inference (eval mode, autograd off) runs each BN that follows a convolution folded into it (:func:`conv_bn`) and
-every ReLU in place: the same function up to float rounding (logits within ~1e-7), a quarter fewer passes over the
-activations (the forward at 512×1024 on one CPU thread ~12 % faster, ``benchmarks/README.md``). Training and
-autograd-enabled passes (ODIN's input gradient) run BN as it is.
+Inference (eval mode, autograd off) runs each BN that follows a convolution folded into it (:func:`conv_bn`: two
+passes over the activations fewer per non-bottleneck block) and every ReLU in place: the same function up to float
+rounding (logits within ~1e-7), the forward at 512×1024 on one CPU thread ~13 % faster (``benchmarks/README.md``).
+Training and autograd-enabled passes (ODIN's input gradient) run BN as it is.
 """
 
 from __future__ import annotations
