@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU paths end to end on one GPU, in about 10 minutes, with every ratio on one screen at the end:
 #   1. bare forward (images/s) of ERFNet, EoMT-L and Mask2Former Swin-L-sized configs (random weights), fp32 and bf16;
-#   2. the benchmark's Ray Data pass vs the bare forward (ERFNet at 512x1024; target: pass >= 0.9 of in-process);
+#   2. the benchmark's Ray Data pass vs the bare forward (ERFNet at 512x1024; target: pass >= 0.9 of in-process),
+#      in bf16 also with one call per actor at a time (pipeline-bf16-serial: what the default two overlap gains);
 #   3. a DeepSpeed (ZeRO-1) training step vs DDP on Ray Train, one GPU worker;
 #   4. the S2M refine stage with a SAM-B-sized random SAM (1024 input, 768 hidden, 12 layers) vs the score stage.
 #
@@ -49,6 +50,7 @@ for p in "${PRECISIONS[@]}"; do
   step "models-$p" benchmarks/models.py --models erfnet,eomt,mask2former --precision "$p" "${MODELS[@]}"
   step "pipeline-$p" benchmarks/pipeline.py --precision "$p" "${PIPE[@]}"
 done
+[ "${SMALL:-0}" = 1 ] || step pipeline-bf16-serial benchmarks/pipeline.py --precision bf16 --actor-concurrency 1 "${PIPE[@]}"
 step train benchmarks/train.py "${TRAIN[@]}"
 step refine benchmarks/refine.py "${REFINE[@]}"
 

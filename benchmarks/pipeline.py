@@ -265,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPUs per scoring actor; the bare loop uses as many torch threads, for a like-for-like ratio")
     p.add_argument("--num-actors", type=int, default=1,
                    help="scoring actors of the job (1: like the bare loop's one model; 0: the job's default pool)")
+    p.add_argument("--actor-concurrency", type=int, default=0,
+                   help="calls each scoring actor runs at once (0: the job's default, 2 on a GPU and 1 on CPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of bare forward vs in-process work")
@@ -289,6 +291,7 @@ def job_config(a: argparse.Namespace, work: Path, root: str) -> tuple[BenchmarkC
         results=str(work / "results"), data_root=root, models=(ModelSpec("bench", checkpoint=str(ckpt)),),
         datasets=tuple(a.datasets), batch_size=a.batch_size, cache_outputs=False, heatmaps=0, plots=False,
         progress=False, num_cpus=a.num_cpus, num_actors=a.num_actors, actor_num_cpus=a.actor_cpus,
+        actor_concurrency=a.actor_concurrency,
         torch_threads=threads,
         device=a.device, precision=a.precision)
     return cfg, model
