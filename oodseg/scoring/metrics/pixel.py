@@ -22,7 +22,7 @@ from oodseg.scoring.metrics.base import (
     torch_scores_and_labels,
 )
 from oodseg.scoring.metrics.functional import curve_metrics
-from oodseg.scoring.metrics.order import count_values, float32_keys, keys_to_float32, take_u32
+from oodseg.scoring.metrics.order import count_values, float32_keys, float32_keys_torch, keys_to_float32, take_u32
 from oodseg.scoring.metrics.smiyc import SmiycPixelMetrics
 
 PAGE_BITS = 12  # PixelMetrics pages hold 2^12 consecutive bins
@@ -127,16 +127,15 @@ class PixelMetrics(MergeableMetric):
 
     def _update_torch(self, scores: torch.Tensor, labels: Any) -> PixelMetrics:
         """:meth:`update` with torch ops on the scores' device: the same validation (shared with the numpy path),
-        keys, bins and counts as the numpy path, ``float32_keys`` done on the int32 view as int64."""
+        keys, bins and counts as the numpy path (the keys once, for the histogram and the SMIYC frames)."""
         s, lab = torch_scores_and_labels(scores, labels, self.validate)
+        keys = float32_keys_torch(s)
         if self._smiyc is not None:
-            self._smiyc.add_frames(s, lab)
+            self._smiyc.add_frames(s, lab, keys)
         valid = lab != IGNORE_ID
-        s, lab = s[valid], lab[valid].long()
-        if s.numel() == 0:
+        keys, lab = keys[valid], lab[valid].long()
+        if keys.numel() == 0:
             return self
-        bits = (s + 0.0).contiguous().view(torch.int32)  # + 0.0 turns −0.0 into +0.0
-        keys = (bits ^ ((bits >> 31) | torch.iinfo(torch.int32).min)).long() & 0xFFFFFFFF  # float32_keys, as int64
         bins = keys >> (32 - self.bits)
         size = 1 << PAGE_BITS
         page = bins >> PAGE_BITS

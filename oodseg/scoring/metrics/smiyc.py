@@ -53,7 +53,7 @@ from oodseg.scoring.metrics.base import (
     scores_and_labels,
     torch_scores_and_labels,
 )
-from oodseg.scoring.metrics.order import KeyOrder, float32_bounds, float32_keys, keys_to_float32
+from oodseg.scoring.metrics.order import KeyOrder, float32_bounds, float32_keys, float32_keys_torch, keys_to_float32
 
 NUM_BINS = 768  # PixBinaryClass num_bins; num_bins // 2 quantiles per class
 QUANTILES_PER_CLASS = NUM_BINS // 2
@@ -134,29 +134,28 @@ def frame_bins(pos_sorted: Sorted, neg_sorted: Sorted, dtype: type = np.float32)
     return edges[:-1], counts[0], counts[1]
 
 
-def device_frames(s: torch.Tensor, lab: torch.Tensor, dtype: type = np.float32) -> list[Frame | None]:
-    """:func:`frame_bins` and pixel counts of every frame of ``[F, P]`` scores and labels on their device (``None``
-    for a frame without valid pixels), in three host round trips for the whole batch instead of several per frame:
+def device_frames(keys: torch.Tensor, lab: torch.Tensor, dtype: type = np.float32) -> list[Frame | None]:
+    """:func:`frame_bins` and pixel counts of every frame of ``[F, P]`` score keys (int64
+    :func:`~oodseg.scoring.metrics.order.float32_keys_torch`) and labels on their device (``None`` for a frame
+    without valid pixels), in three host round trips for the whole batch instead of several per frame:
     one sort of every frame's (frame, class, score key) as int64 (class segments in frame order, ignored pixels
     last), one gather of the values at every segment's :func:`quantile_ranks`, one search of every segment's bin
     edges (:func:`~oodseg.scoring.metrics.order.float32_bounds`: exact float32 comparisons on the keys)."""
-    f = s.shape[0]
-    frame = torch.arange(f, device=s.device).unsqueeze(1)
+    f = keys.shape[0]
+    frame = torch.arange(f, device=keys.device).unsqueeze(1)
     seg = torch.where(lab == ANOMALY, 2 * frame, torch.where(lab == INLIER, 2 * frame + 1, 2 * f)).reshape(-1)
-    bits = (s + 0.0).reshape(-1).view(torch.int32)  # + 0.0 turns −0.0 into +0.0
-    keys = (bits ^ ((bits >> 31) | torch.iinfo(torch.int32).min)).long() & 0xFFFFFFFF  # float32_keys, as int64
-    ordered = torch.sort((seg << 32) + keys).values
+    ordered = torch.sort((seg << 32) + keys.reshape(-1)).values
     n = torch.bincount(seg, minlength=2 * f + 1)[: 2 * f].cpu().numpy()
     start = np.cumsum(n) - n
     ranks = {g: quantile_ranks(int(n[g])) for g in range(2 * f) if n[g]}
     idx = np.concatenate([start[g] + r[0] for g, r in ranks.items()]) if ranks else np.zeros(0, np.int64)
-    taken = (ordered[torch.from_numpy(idx).to(s.device)] & 0xFFFFFFFF).cpu().numpy().astype(np.uint32)
+    taken = (ordered[torch.from_numpy(idx).to(keys.device)] & 0xFFFFFFFF).cpu().numpy().astype(np.uint32)
     vals = dict(zip(ranks, np.split(keys_to_float32(taken), np.cumsum([r[0].size for r in ranks.values()])[:-1])))
     edges = {i: bin_edges([quantiles_at(vals[g], ranks[g][1], dtype) for g in (2 * i, 2 * i + 1) if g in ranks])
              for i in range(f) if n[2 * i] + n[2 * i + 1]}
     bounds = {g: float32_bounds(edges[g // 2], last_inclusive=True) + (g << 32) for g in ranks}
     flat = np.concatenate(list(bounds.values())) if bounds else np.zeros(0, np.int64)
-    found = torch.searchsorted(ordered, torch.from_numpy(flat).to(s.device)).cpu().numpy()
+    found = torch.searchsorted(ordered, torch.from_numpy(flat).to(keys.device)).cpu().numpy()
     below = dict(zip(bounds, np.split(found, np.cumsum([b.size for b in bounds.values()])[:-1])))
     out: list[Frame | None] = []
     for i in range(f):
@@ -280,14 +279,15 @@ class SmiycPixelMetrics(MergeableMetric):
     def add_frames(self, scores: Array, labels: Array, keys: np.ndarray | None = None) -> SmiycPixelMetrics:
         """Add already validated float32 scores and 0/1/255 labels (numpy, or torch on any device) of one or more
         frames (:func:`split_frames`); all frames are binned before any is added, so a failing batch adds nothing.
-        ``keys``: the scores' :func:`float32_keys` when the caller has them (numpy input). Torch input is binned
-        batch-wise on its device (:func:`device_frames`)."""
+        ``keys``: the scores' :func:`float32_keys` (numpy) or ``float32_keys_torch`` (torch) when the caller has
+        them. Torch input is binned batch-wise on its device (:func:`device_frames`)."""
         dtype = np.float16 if self.fp16 else np.float32
+        given = keys is not None and not self.fp16  # fp16 rounding changes the keys
         if isinstance(scores, torch.Tensor):
             rows = scores.shape[0] if scores.ndim >= 3 else 1
-            frames = device_frames(self._rounded(scores).reshape(rows, -1), labels.reshape(rows, -1), dtype)
+            k = keys if given else float32_keys_torch(self._rounded(scores))
+            frames = device_frames(k.reshape(rows, -1), labels.reshape(rows, -1), dtype)
         else:
-            given = keys is not None and not self.fp16  # fp16 rounding changes the keys
             key_frames = split_frames(keys) if given else [None] * len(split_frames(labels))
             frames = [self._frame(s, lab, k, dtype) for s, lab, k in zip(split_frames(self._rounded(scores)),
                                                                          split_frames(labels), key_frames)]
