@@ -93,15 +93,15 @@ class Runtime:
         return model
 
     @contextlib.contextmanager
-    def stream(self) -> Iterator[torch.cuda.Stream | None]:
-        """On CUDA: run the block on a stream of its own (from torch's pool) and yield it, so threads that each use one
-        (concurrent actor calls) wait at a host sync for their own kernels only; elsewhere a no-op yielding None."""
+    def stream(self) -> Iterator[None]:
+        """On CUDA: run the block on a stream of its own (from torch's pool; ``torch.cuda.current_stream()`` inside),
+        so threads that each use one (concurrent actor calls) wait at a host sync for their own kernels only;
+        elsewhere a no-op."""
         if self.torch_device.type != "cuda":
-            yield None
+            yield
             return
-        stream = torch.cuda.Stream(self.torch_device)
-        with torch.cuda.stream(stream):
-            yield stream
+        with torch.cuda.stream(torch.cuda.Stream(self.torch_device)):
+            yield
 
     def synchronize(self) -> None:
         """Wait for the current stream's kernels on CUDA (a no-op elsewhere)."""
