@@ -87,3 +87,40 @@ def test_fp16_maps_clip_to_the_fp16_range_and_round_as_numpy():
     ref = np.clip(np.stack([m.numpy() for m in maps_]), -F16_MAX, F16_MAX).astype(np.float16)
     assert got.dtype == np.float16 and np.isfinite(got).all()
     np.testing.assert_array_equal(got.view(np.uint16), ref.view(np.uint16))
+
+
+
+def test_a_scorer_that_runs_the_network_holds_the_actors_one_network_pass(tiny_suite, tiny_erfnet, tmp_path,
+                                                                          monkeypatch):
+    """With concurrent calls one network pass runs at a time: ODIN's input-gradient passes take the lock the forward
+    takes; scorers of the forward's outputs alone score without it (so they overlap the next call's forward)."""
+    import pyarrow as pa
+
+    from oodseg.platform.benchmark import BenchmarkConfig, ModelSpec
+    from oodseg.platform.benchmark import score as stage
+    from oodseg.platform.benchmark.prepare import prepare
+    from oodseg.platform.benchmark.read import image_items, read_batch
+    from oodseg.platform.benchmark.stage import ModelRun
+
+    held: list[bool] = []
+    real = stage.score_many
+
+    def score_many(*args, **kw):
+        held.append(actor.forward_lock.locked())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(stage, "score_many", score_many)
+    for scorers in (("msp", "odin"), ("msp",)):
+        cfg = BenchmarkConfig(results=str(tmp_path / "-".join(scorers)), data_root=str(tiny_suite),
+                              models=(ModelSpec("tiny", checkpoint=str(tiny_erfnet)),), datasets=("road_anomaly_21",),
+                              scorers=scorers, batch_size=2, cache_outputs=False, heatmaps=0, plots=False,
+                              progress=False, component_metrics=False, torch_threads=1)
+        plan = prepare(cfg)
+        spec = cfg.models[0]
+        run = ModelRun(cfg, plan.store, "lock", spec, plan.checkpoints[spec.name], plan.keys[spec.name],
+                       plan.datasets, plan.infos)
+        actor = ScoreActor(run.actor_context(stage.ScoreStage(run).keys()))
+        out = actor(read_batch(pa.Table.from_pylist(image_items(plan.datasets)[:2]), plan.datasets, cfg.protocol))
+        assert out.column("row").to_pylist() == ["image", "image", "state"]  # scored, no failure rows
+        assert not actor.forward_lock.locked()
+    assert held == [True, False]

@@ -21,8 +21,9 @@ import errno
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -140,8 +141,17 @@ class ScoreActor:
         self.features, self.network = "features" in needs, "network" in needs
         self.write_scores = writes_scores(cfg)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-shards")
-        self.forward_lock = threading.Lock()  # concurrent calls (actor_concurrency): one forward at a time
+        self.forward_lock = threading.Lock()  # concurrent calls (actor_concurrency): one network pass at a time
         self.announced = False
+
+    @contextmanager
+    def network_pass(self) -> Iterator[None]:
+        """Hold the actor's one network pass (the forward, or a scorer that runs the network: ODIN, ReAct): with
+        concurrent calls the other call waits, and the lock is released once this pass's kernels are done, so one
+        pass's activations are alive at a time."""
+        with self.forward_lock:
+            yield
+            self.runtime.synchronize()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """One call's rows. Calls may run concurrently (``actor_concurrency``): what a call builds lives in it, and
@@ -199,9 +209,8 @@ class ScoreActor:
         if self.model.reads_sources:
             kw["sources"] = [ImageSource(r["dataset"], r["id"], r["image_path"]) for r in chunk]
         try:
-            with self.forward_lock, torch.inference_mode(), self.runtime.autocast():
+            with self.network_pass(), torch.inference_mode(), self.runtime.autocast():
                 outputs = self.model.predict(torch.from_numpy(images), **kw)
-                self.runtime.synchronize()  # a concurrent call's forward starts when this one's kernels are done
             return outputs, list(range(len(chunk)))
         except SourceError as e:
             for i, (file, error) in e.failed.items():
@@ -230,7 +239,8 @@ class ScoreActor:
         if not keep:
             return
         net = {"model": self.model, "images": torch.from_numpy(images)} if self.network else {}
-        scores = score_many(outputs, self.scorers, labels.shape[1:], **net)  # one model pass serves all
+        with self.network_pass() if self.network else nullcontext():  # ODIN / ReAct run the network again
+            scores = score_many(outputs, self.scorers, labels.shape[1:], **net)  # one model pass serves all
         if len(keep) < len(chunk):  # no copy when every frame is kept
             scores, labels = [s[keep] for s in scores], labels[keep]
         label_t = torch.from_numpy(labels).to(scores[0].device if scores else "cpu")  # maps, labels: one device
