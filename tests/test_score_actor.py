@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from oodseg.platform.benchmark import score as score_stage
 from oodseg.platform.benchmark.config import ScorerKey
 from oodseg.platform.benchmark.score import (
     F16_MAX,
@@ -44,7 +45,7 @@ def test_identical_maps_are_binned_once_and_every_key_gets_its_own_state():
     actor.cfg = SimpleNamespace(smiyc=True)
     states: dict = {}
     for _ in range(2):  # a second chunk adds to the same states
-        actor._update_pixel(scores, torch.from_numpy(labels), states)
+        actor._update_pixel(scores, torch.from_numpy(labels), states, identical_groups(scores))
     assert sorted(states) == [(i, "pixel") for i in range(len(scores))]
     assert len({id(m) for m in states.values()}) == len(scores)
     for i, s in enumerate(scores):
@@ -56,9 +57,10 @@ def test_identical_maps_are_binned_once_and_every_key_gets_its_own_state():
 
 
 
-def test_image_summaries_match_numpy_on_the_host_and_by_the_accelerator_path():
+def test_image_summaries_match_numpy_on_the_host_and_by_the_accelerator_path(monkeypatch):
     """Means over each image's inlier / anomaly pixels (255 ignored), as numpy's float64 mean; an image without anomaly
-    pixels has none. The torch path (what an accelerator actor runs; device-agnostic ops) gives the same numbers."""
+    pixels has none. The torch path (what an accelerator actor runs; device-agnostic ops) gives the same numbers.
+    Keys whose maps are identical share one map's sums and keep a row each."""
     scores, labels = maps(2)
     labels[1][labels[1] == 1] = 0
     keys = [ScorerKey(f"s{i}", "cl", 1.0) for i in range(len(scores))]
@@ -75,6 +77,10 @@ def test_image_summaries_match_numpy_on_the_host_and_by_the_accelerator_path():
                 assert row["score_mean_anomaly"] is None
             else:
                 assert row["score_mean_anomaly"] == s64[labels[j] == 1].mean()
+    summed: list[int] = []
+    monkeypatch.setattr(score_stage, "summary_sums",
+                        lambda maps_, *a: summed.append(len(maps_)) or summary_sums(maps_, *a))
+    assert image_summaries(scores, lab, keys, identical_groups(scores)) == rows and summed == [3]  # 5 keys, 3 maps
     host = summary_sums(scores, labels == 0, labels == 1)
     dev = summary_sums_torch(scores, lab == 0, lab == 1)
     np.testing.assert_allclose(np.array(dev, dtype=np.float64), np.array(host, dtype=np.float64), rtol=1e-12)

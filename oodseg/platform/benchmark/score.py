@@ -53,20 +53,24 @@ def build_model(spec: ModelSpec, checkpoint: str | None, protocol: str = "field"
     return create_model(spec.arch or None, checkpoint=checkpoint, **spec.model_kwargs(protocol)).eval()
 
 
-def image_summaries(scores: Sequence[torch.Tensor], labels: torch.Tensor, keys: Sequence[ScorerKey]
-                    ) -> list[list[dict]]:
+def image_summaries(scores: Sequence[torch.Tensor], labels: torch.Tensor, keys: Sequence[ScorerKey],
+                    groups: Sequence[Sequence[int]] | None = None) -> list[list[dict]]:
     """Per image of a ``[B, H, W]`` batch, per scorer key: the mean inlier and mean anomaly score (float64
-    accumulation) and the max score, from :func:`summary_sums` (host maps) or :func:`summary_sums_torch`."""
+    accumulation) and the max score, from :func:`summary_sums` (host maps) or :func:`summary_sums_torch`.
+    ``groups``: the maps' :func:`identical_groups`, whose sums are computed once per group (None: per map)."""
+    groups = [[i] for i in range(len(scores))] if groups is None else groups
     host = labels.device.type == "cpu"
     lab = labels.numpy() if host else labels
     inl, ano = lab == INLIER, lab == ANOMALY
     n_inl, n_ano = inl.sum((1, 2)).tolist(), ano.sum((1, 2)).tolist()
-    stats = (summary_sums if host else summary_sums_torch)(scores, inl, ano)
+    sums = (summary_sums if host else summary_sums_torch)([scores[g[0]] for g in groups], inl, ano)
+    group_of = {i: k for k, group in enumerate(groups) for i in group}
     return [[{"scorer": key.method, "placement": key.placement, "temperature": key.temperature,
               "n_valid": n_inl[j] + n_ano[j], "n_anomaly": n_ano[j],
               "score_mean_inlier": float(si) / n_inl[j] if n_inl[j] else None,
               "score_mean_anomaly": float(sa) / n_ano[j] if n_ano[j] else None, "score_max": float(mx)}
-             for key, (si, sa, mx) in zip(keys, stats[j])] for j in range(len(n_inl))]
+             for key, (si, sa, mx) in zip(keys, (sums[j][group_of[i]] for i in range(len(keys))))]
+            for j in range(len(n_inl))]
 
 
 def summary_sums(scores: Sequence[torch.Tensor], inl: np.ndarray, ano: np.ndarray) -> list[list[tuple]]:
@@ -249,21 +253,23 @@ class ScoreActor:
         shard = self.writer.submit(scores_shard, self.ctx.cache(dataset, "scores"), scores, labels, ids, stream) \
             if self.write_scores else None  # fp16 maps written while the metrics update
         try:
-            self._update_pixel(scores, label_t, states)
-            for b, summary in zip(keep, image_summaries(scores, label_t, self.keys)):
+            groups = identical_groups(scores)  # eim and maxlogit of a model without an IsoMax+ head: one map
+            self._update_pixel(scores, label_t, states, groups)
+            for b, summary in zip(keep, image_summaries(scores, label_t, self.keys, groups)):
                 rows.image(chunk[b], summary)
         finally:  # the write ends within the call either way; its shard is recorded only if the chunk is
             path = shard.result() if shard is not None else None
         if path is not None:
             rows.shard(dataset, "scores", path)
 
-    def _update_pixel(self, scores: list[torch.Tensor], label_t: torch.Tensor, states: dict) -> None:
+    def _update_pixel(self, scores: list[torch.Tensor], label_t: torch.Tensor, states: dict,
+                      groups: list[list[int]]) -> None:
         """Every key's ``PixelMetrics`` over the whole chunk, on the scores' device; the labels are checked once.
-        Keys with bit-identical maps (``eim`` and ``maxlogit`` of a model without an IsoMax+ head) are binned once and
-        the counts added to each."""
+        Keys with bit-identical maps (``groups``: :func:`identical_groups`) are binned once and the counts added to
+        each."""
         if scores:
             check_anomaly_labels(label_t, tuple(scores[0].shape))
-        for group in identical_groups(scores):
+        for group in groups:
             check_scores(scores[group[0]])
             if len(group) == 1:
                 states.setdefault((group[0], "pixel"), self._pixel_metrics()).update(scores[group[0]], label_t)
