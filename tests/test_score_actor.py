@@ -112,7 +112,7 @@ def test_a_scorer_that_runs_the_network_holds_the_actors_one_network_pass(tiny_s
     real = stage.score_many
 
     def score_many(*args, **kw):
-        held.append(actor.forward_lock.locked())
+        held.append(actor.network_lock.locked())
         return real(*args, **kw)
 
     monkeypatch.setattr(stage, "score_many", score_many)
@@ -128,5 +128,5 @@ def test_a_scorer_that_runs_the_network_holds_the_actors_one_network_pass(tiny_s
         actor = ScoreActor(run.actor_context(stage.ScoreStage(run).keys()))
         out = actor(read_batch(pa.Table.from_pylist(image_items(plan.datasets)[:2]), plan.datasets, cfg.protocol))
         assert out.column("row").to_pylist() == ["image", "image", "state"]  # scored, no failure rows
-        assert not actor.forward_lock.locked()
+        assert not actor.network_lock.locked()
     assert held == [True, False]

@@ -145,7 +145,7 @@ class ScoreActor:
         self.features, self.network = "features" in needs, "network" in needs
         self.write_scores = writes_scores(cfg)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-shards")
-        self.forward_lock = threading.Lock()  # concurrent calls (actor_concurrency): one network pass at a time
+        self.network_lock = threading.Lock()  # concurrent calls (actor_concurrency): one network pass at a time
         self.announced = False
 
     @contextmanager
@@ -153,7 +153,7 @@ class ScoreActor:
         """Hold the actor's one network pass (the forward, or a scorer that runs the network: ODIN, ReAct): with
         concurrent calls the other call waits, and the lock is released once this pass's kernels are done, so one
         pass's activations are alive at a time."""
-        with self.forward_lock:
+        with self.network_lock:
             yield
             self.runtime.synchronize()
 
