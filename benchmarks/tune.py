@@ -9,9 +9,10 @@ results store, so it first runs the benchmark once to create the output cache (t
 then one Ray Tune trial per grid temperature: by default 24, the trials of the job's default (Optuna) search, over
 ``geomspace(0.25, 4)``. A trial's cost is its ``eval_s`` (scoring every cached validation image and its pixel metrics)
 and its ``time_total_s`` (Tune's wall time of the trial's step; each actor reads the cached set from the object store
-once, zero-copy), from the ``trials`` rows (trials run concurrently, one per ``trial_cpus``, on reused actors), and
-``evaluate_temperature`` over the grid in this process right after the forward pass (same load conditions); the means
-over the search, and the medians (a shared machine's noise hits single trials). The forward pass is timed here:
+once, zero-copy), from the ``trials`` rows (as many trials at once as the job runs, ``trial_concurrency``, on reused
+actors), and ``evaluate_temperature`` over the grid in this process right after the forward pass (same load
+conditions); the means over the search, and the medians (a shared machine's noise hits single trials). The forward
+pass is timed here:
 ``model.predict`` over the same validation images, batched, with as many torch threads as a trial has
 (``ceil(trial_cpus)``), one warm-up batch untimed. Prints each and its ratio to the forward pass (target: a trial ≤ 10 %
 of a forward pass).

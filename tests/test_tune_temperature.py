@@ -238,6 +238,46 @@ def test_evaluate_temperature_energy_matches_sklearn_without_ray():
         assert got["n_images"] == 3 and got["n_pixels"] == int((np.concatenate(labels) != 255).sum())
 
 
+def test_cached_images_are_scored_in_batches_of_one_shape_with_the_metrics_of_one_at_a_time():
+    """Consecutive cached images whose per-pixel logits share shape, dtype, OOD channels and label size are stacked,
+    up to the pixel budget; any difference or mask outputs start a new batch. The histogram (all of a trial's
+    metrics) equals that of one image at a time."""
+    from oodseg.outputs import MaskOutputs
+    from oodseg.platform.cache import record_outputs, split_outputs
+    from oodseg.platform.output_cache import cached_batches, score_cached_set
+    from oodseg.scoring import create_scorer
+
+    rng = np.random.default_rng(4)
+
+    def logits(h, w, dtype=np.float16):
+        return {"logits": (3 * rng.standard_normal((19, h // 2, w // 2))).astype(dtype)}
+
+    mask = split_outputs(MaskOutputs(torch.randn(1, 5, 20), torch.randn(1, 5, 8, 16)))[0]
+    records = [logits(16, 32), logits(16, 32), logits(16, 32), logits(16, 32, np.float32), logits(8, 16), mask,
+               logits(16, 32), logits(16, 32)]
+    sizes = [(16, 32)] * 4 + [(8, 16), (16, 32), (16, 32), (16, 32)]
+    labels = [(rng.random(size) < 0.2).astype(np.uint8) for size in sizes]
+    labels[1][:3] = 255
+    data = CachedSet("mixed", tuple("abcdefgh"), tuple(records), tuple(labels))
+    batches = list(cached_batches(data, max_pixels=2 * 16 * 32))
+    assert [lab.shape[0] for _, lab in batches] == [2, 1, 1, 1, 1, 2]
+    assert isinstance(batches[4][0], MaskOutputs) and tuple(batches[0][0].logits.shape) == (2, 19, 8, 16)
+    for name, t in (("msp", 0.7), ("energy", 2.0)):
+        ref = PixelMetrics(smiyc=False)
+        scorer = create_scorer(name, temperature=t)
+        for rec, lab in zip(records, labels):
+            ref.update(scorer(record_outputs(rec, size=lab.shape), size=lab.shape)[0], lab)
+        got = score_cached_set(data, name, t)[0].state_dict()["state"]
+        want = ref.state_dict()["state"]
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_default_trial_concurrency_leaves_a_cpu_to_the_tune_driver():
+    from oodseg.platform.tuning.temperature import trial_concurrency
+
+    assert [trial_concurrency(n, c) for n, c in ((2, 1), (16, 1), (1, 1), (8, 0.5), (4, 2))] == [1, 15, 1, 14, 1]
+
+
 def test_read_only_cached_outputs_are_scored_without_a_copy_warning_or_a_write():
     """Cached records read from the object store are read-only arrays: five pixel-wise scorers score fp16 and float32
     ones (T = 0.5: an owned copy is divided in place) without torch's not-writable warning, and leave their bytes as

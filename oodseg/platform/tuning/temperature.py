@@ -72,7 +72,8 @@ class TemperatureSearchConfig:
     max_images: int = field(default=0, metadata=_h("at most this many cached images per set (0: all)"))
     bits: int = field(default=24, metadata=_h("PixelMetrics histogram bits"))
     trial_cpus: float = field(default=1.0, metadata=_h("CPUs per trial (torch threads = ceil)"))
-    max_concurrent_trials: int = field(default=0, metadata=_h("0: as many as the CPUs allow"))
+    max_concurrent_trials: int = field(default=0, metadata=_h(
+        "0: as many as the CPUs allow with one left to the Tune driver (trial_concurrency)"))
     batch_size: int = field(default=8, metadata=_h("batch size of the benchmark that creates the cache"))
     storage: str = field(default="", metadata=_h("Tune experiment root (empty: <results>/tune)"))
     ray_address: str = field(default="", metadata=_h("Ray address (empty: $RAY_ADDRESS or local)"))
@@ -141,6 +142,15 @@ class TemperatureSearchResult:
     hints: str = ""
 
 
+def trial_concurrency(n_cpus: float, trial_cpus: float) -> int:
+    """Trials run at once by default: the CPUs less one, per trial's CPUs (at least one). A trial scores a cached set
+    in milliseconds, so the Tune driver (search algorithm, result processing, logging) is busy between trials. On a
+    2-CPU machine (``benchmarks/tune.py``, three alternating runs each) one trial at a time beside the driver took a
+    trial's Tune wall from 0.099–0.102 to 0.084–0.094 of a forward pass and the whole search from 16.2–19.9 s to
+    16.2–16.7 s: a second trial actor only added its start-up and competed with the driver for the CPUs."""
+    return max(1, int((n_cpus - 1) // max(trial_cpus, 1e-3)))
+
+
 def _run_study(cfg: TemperatureSearchConfig, placement: str, val_ref: Any, storage: str, run_id: str,
                n_cpus: float) -> StudyResult:
     """One Tune study (one placement): Optuna TPE over the space, grid points first, or a plain grid."""
@@ -168,7 +178,7 @@ def _run_study(cfg: TemperatureSearchConfig, placement: str, val_ref: Any, stora
     trainable = tune.with_resources(
         tune.with_parameters(TemperatureTrial, data=[val_ref], bits=cfg.bits, threads=max(1, math.ceil(
             cfg.trial_cpus))), {"cpu": cfg.trial_cpus})
-    concurrent = cfg.max_concurrent_trials or max(1, int(n_cpus // max(cfg.trial_cpus, 1e-3)))
+    concurrent = cfg.max_concurrent_trials or trial_concurrency(n_cpus, cfg.trial_cpus)
     grid = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=objective, mode=mode, search_alg=search_alg, num_samples=num_samples,
