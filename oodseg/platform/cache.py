@@ -85,10 +85,15 @@ def split_outputs(outputs: ModelOutputs) -> list[dict[str, np.ndarray]]:
     return records
 
 
+def record_ood_channels(record: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """A cached record's OOD class channels (``ood_channels``, absent for closed-set models)."""
+    return tuple(int(c) for c in record.get("ood_channels", ()))
+
+
 def record_outputs(record: dict[str, np.ndarray], size: tuple[int, int] | None = None) -> ModelOutputs:
     """Rebuild a single-image ``PixelLogits``/``MaskOutputs`` (fp16 tensors) from a cached record. The tensors are
     views of the record's arrays (read-only where they live in the object store): scorers only read them."""
-    ood = tuple(int(c) for c in record.get("ood_channels", ()))
+    ood = record_ood_channels(record)
     if "logits" in record:
         return PixelLogits(read_only_tensor(np.asarray(record["logits"]))[None], size=size, ood_channels=ood)
     crops = record.get("crops")

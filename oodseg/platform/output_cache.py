@@ -21,7 +21,7 @@ import torch
 
 from oodseg.outputs import ModelOutputs, PixelLogits
 from oodseg.platform.benchmark.config import ModelSpec
-from oodseg.platform.cache import ShardCache, record_outputs
+from oodseg.platform.cache import ShardCache, record_ood_channels, record_outputs
 from oodseg.platform.results import ResultsStore
 from oodseg.scoring import create_scorer
 from oodseg.scoring.metrics import PixelMetrics
@@ -102,8 +102,7 @@ def _stack_key(data: CachedSet, i: int) -> tuple | None:
     rec = data.records[i]
     if "logits" not in rec:
         return None
-    return rec["logits"].shape, rec["logits"].dtype, tuple(np.asarray(rec.get("ood_channels", ())).tolist()), \
-        data.labels[i].shape
+    return rec["logits"].shape, rec["logits"].dtype, record_ood_channels(rec), data.labels[i].shape
 
 
 def cached_batches(data: CachedSet, max_pixels: int = BATCH_PIXELS) -> Iterator[tuple[ModelOutputs, np.ndarray]]:
